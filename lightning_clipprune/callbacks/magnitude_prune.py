@@ -1,0 +1,457 @@
+r"""
+Magnitude pruning
+^^^^^^^^^^^^^^^^^
+
+Removes the weights that matter least while a LightningModule trains, and keeps them removed: masks are
+applied in place (the state-dict keys never change), pruned weights stay exactly zero after every
+optimizer step, and a mask only ever grows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_clipprune.pruning import (
+    CRITERIA,
+    SCOPES,
+    apply_masks_,
+    compute_masks,
+    mask_optimizer_state_,
+    parse_pattern,
+    select_prunable_parameters,
+)
+from lightning_clipprune.schedules import SCHEDULES, event_due, resolve_position, sparsity_at
+
+_UNITS = ("step", "epoch")
+
+
+def _check_position(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be an int (a step or an epoch) or a float in [0, 1], got {value!r}")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` as a float is a fraction of the training and must be in [0, 1], got {value!r}")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"`{name}` as an int must be >= 0, got {value!r}")
+
+
+class MagnitudePruneCallback(Callback):
+    r"""Prune the weights of ``Linear`` and ``Conv*`` layers during training, on a schedule.
+
+    Each pruning event computes keep-masks from the current weights, zeroes the pruned weights in place
+    together with their optimizer state (momentum, Adam moments), and from then on:
+
+    - gradients of pruned weights are zeroed in ``on_before_optimizer_step`` (:meth:`mask_gradients`),
+      which Lightning runs before its own clipping; ``GradientClipCallback`` also calls
+      :meth:`mask_gradients` first thing, so the clip norm never sees them, whatever the callback order;
+    - the weight masks are re-applied by an ``optimizer.register_step_post_hook`` after every optimizer
+      step (automatic or manual optimization, gradient accumulation, AMP), so they stay exactly zero
+      whatever the optimizer does (weight decay, Adam's epsilon...).
+
+    Events happen at ``start``, every ``frequency`` steps (or epochs) after the previous one, and always at
+    ``end``, where the target is reached. When ``end`` (or a one-shot ``start``) falls at or after the
+    last step (``1.0``), the final event runs in ``on_train_end``: post-training pruning without
+    retraining. Run ``trainer.validate`` afterwards to measure the accuracy after pruning; the metrics
+    before are kept in :attr:`metrics_before_pruning`. (Checkpoints written during training, ``last.ckpt``
+    included, predate that event: save the pruned model after ``fit``.)
+
+    Masks only grow: an entry once pruned stays pruned (it ranks below every live entry at later events).
+    Unstructured masks prune exactly ``round(s * n)`` entries (``n`` all prunable entries for "global",
+    each tensor's for "local"), the count of ``torch.nn.utils.prune``'s ``amount``; ties at the cut are
+    broken by flat index in ``named_parameters`` order, the lower index pruned first.
+
+    Args:
+        sparsity: target fraction of prunable weights that are zero at the end of the schedule, in
+            [0, 1). For pattern "N:M" it may be left out (it is ``1 - N/M``).
+        threshold: instead of a sparsity: at each event prune where ``|w| <= threshold`` (the score
+            ``<= threshold`` for "taylor"). Pattern "unstructured" only.
+        schedule: "oneshot" (everything at ``start``), "linear" or "cubic" (Zhu & Gupta 2017:
+            :math:`s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_1 - t_0))^{power}`).
+        start: the first event. An ``int`` is a step (or an epoch with ``unit="epoch"``); a ``float`` in
+            [0, 1] a fraction of the whole training, resolved from ``trainer.estimated_stepping_batches``
+            (or ``max_epochs``). Note ``1`` is step 1 while ``1.0`` is the end of training.
+        end: where the target is reached, as ``start``. Ignored by "oneshot".
+        unit: "step" (optimizer steps, ``trainer.global_step``) or "epoch".
+        frequency: steps (or epochs) between two events. None (default): 100 steps as in Zhu & Gupta,
+            lowered to ``(end - start) // 10`` (at least 1) when the pruning window is shorter than 1,000
+            steps, so even a run of a few hundred steps gets a gradual ramp; 1 with ``unit="epoch"``.
+            The event at ``end`` always happens.
+        power: the exponent of "cubic".
+        initial_sparsity: :math:`s_i`, the sparsity at ``start``, in ``[0, sparsity]``.
+        scope: "global" (one ranking over all prunable weights) or "local" (each tensor to the same
+            sparsity).
+        pattern: "unstructured", "N:M" such as "2:4" (in each group of M consecutive weights along the
+            input dimension keep N) or "channel" (whole output rows by their L2 norm).
+        criterion: "magnitude" (``|w|``) or "taylor" (``|w * g|``, ``g`` an EMA of the gradient as the
+            optimizer sees it, i.e. after clipping and AMP unscaling; the first event falls back to
+            magnitude when no gradient has been seen yet).
+        include: ``fnmatch`` patterns of parameter names to prune (replaces the default selection).
+        exclude: patterns of parameter names to keep dense.
+        prune_bias: also prune the biases of the default layers.
+        keep_first_and_last: keep the first and the last prunable layer dense.
+        taylor_beta: EMA factor of the gradient for "taylor", in [0, 1).
+        verbose: one ``rank_zero_info`` line at each event.
+
+    Raises:
+        ValueError: for a bad argument (in ``__init__``), or at ``setup()`` when the module has no
+            prunable parameter or a shape does not fit the pattern.
+
+    Attributes:
+        masks: ``{parameter name: bool tensor}``, True = kept.
+        parameter_names: the pruned parameters, in ``named_parameters`` order.
+        current_target: the scheduled sparsity at the last event (0.0 before ``start``); None in
+            threshold mode.
+        metrics_before_pruning: ``trainer.callback_metrics`` (scalars) just before a post-training event,
+            else None.
+
+    Under DDP the masks are identical on every rank: "magnitude" masks are computed from the weights,
+    which DDP keeps identical; "taylor" masks are broadcast from rank 0 (gradient EMAs come from
+    all-reduced gradients, the broadcast makes it hold under any strategy).
+
+    Example::
+
+        >>> from lightning_clipprune import MagnitudePruneCallback
+        >>> prune = MagnitudePruneCallback(sparsity=0.9, schedule="cubic", start=0.1, end=0.7)
+        >>> trainer = pl.Trainer(callbacks=[prune], max_epochs=10)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        threshold: float | None = None,
+        schedule: str = "cubic",
+        *,
+        start: int | float = 0.0,
+        end: int | float = 0.75,
+        unit: str = "step",
+        frequency: int | None = None,
+        power: float = 3.0,
+        initial_sparsity: float = 0.0,
+        scope: str = "global",
+        pattern: str = "unstructured",
+        criterion: str = "magnitude",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        prune_bias: bool = False,
+        keep_first_and_last: bool = False,
+        taylor_beta: float = 0.9,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        kind, n, m = parse_pattern(pattern)
+        if kind == "nm" and sparsity is None and threshold is None:
+            sparsity = 1.0 - n / m
+        if (sparsity is None) == (threshold is None):
+            raise ValueError(
+                f"give exactly one of `sparsity` and `threshold`, got sparsity={sparsity!r}, threshold={threshold!r}"
+            )
+        if sparsity is not None and (
+            isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0
+        ):
+            raise ValueError(f"`sparsity` must be a float in [0, 1), got {sparsity!r}")
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0.0
+        ):
+            raise ValueError(f"`threshold` must be a float >= 0, got {threshold!r}")
+        if threshold is not None and kind != "unstructured":
+            raise ValueError(f"`threshold` works with pattern 'unstructured' only, got pattern={pattern!r}")
+        if kind == "nm" and not math.isclose(sparsity, 1.0 - n / m, abs_tol=1e-9):
+            raise ValueError(
+                f"pattern {pattern!r} keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
+                f" (or left out), got sparsity={sparsity!r}"
+            )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}")
+        if unit not in _UNITS:
+            raise ValueError(f"`unit` must be one of {_UNITS}, got {unit!r}")
+        _check_position("start", start)
+        _check_position("end", end)
+        if schedule != "oneshot" and type(start) is type(end) and start > end:
+            raise ValueError(f"`start` must be <= `end`, got start={start!r}, end={end!r}")
+        if frequency is not None and (isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1):
+            raise ValueError(f"`frequency` must be an int >= 1 (or None), got {frequency!r}")
+        if not (isinstance(power, (int, float)) and power > 0):
+            raise ValueError(f"`power` must be > 0, got {power!r}")
+        if not (isinstance(initial_sparsity, (int, float)) and 0.0 <= initial_sparsity <= (sparsity or 0.0)):
+            raise ValueError(f"`initial_sparsity` must be in [0, sparsity={sparsity}], got {initial_sparsity!r}")
+        if not (isinstance(taylor_beta, (int, float)) and 0.0 <= taylor_beta < 1.0):
+            raise ValueError(f"`taylor_beta` must be in [0, 1), got {taylor_beta!r}")
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise ValueError(f"`include`/`exclude` must be sequences of patterns, got include={include!r}, exclude={exclude!r}")
+
+        self.sparsity = None if sparsity is None else float(sparsity)
+        self.threshold = None if threshold is None else float(threshold)
+        self.schedule = schedule
+        self.start, self.end, self.unit, self.frequency = start, end, unit, frequency
+        self.power, self.initial_sparsity = float(power), float(initial_sparsity)
+        self.scope, self.pattern, self.criterion = scope, pattern, criterion
+        self.include = None if include is None else list(include)
+        self.exclude = list(exclude)
+        self.prune_bias, self.keep_first_and_last = prune_bias, keep_first_and_last
+        self.taylor_beta, self.verbose = float(taylor_beta), verbose
+
+        self.masks: dict[str, Tensor] = {}
+        self.parameter_names: list[str] = []
+        self.current_target: float | None = 0.0 if self.sparsity is not None else None
+        #: ``trainer.callback_metrics`` at post-training pruning (None otherwise).
+        self.metrics_before_pruning: dict[str, float] | None = None
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._grad_avg: dict[str, Tensor] = {}
+        self._ema_steps = 0
+        self._active = False  # True once an event has happened: before that there is nothing to mask
+        self._last_event: int | None = None
+        self._positions: tuple[int, int, int] | None = None  # resolved (start, end, frequency)
+        self._handles: list[Any] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            sparsity=self.sparsity, threshold=self.threshold, schedule=self.schedule, pattern=self.pattern
+        )
+
+    # ------------------------------------------------------------------ public API used by other callbacks
+
+    def mask_gradients(self) -> None:
+        """Zero ``.grad`` of the pruned entries of every masked parameter (foreach, no host sync, idempotent)."""
+        if not self._active:
+            return
+        pairs = [(p.grad, self.masks[n]) for n, p in self._params.items() if p.grad is not None]
+        if pairs:
+            apply_masks_([g for g, _ in pairs], [m for _, m in pairs])
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        params = select_prunable_parameters(
+            pl_module, self.include, self.exclude, self.prune_bias, self.keep_first_and_last
+        )
+        if not params:
+            raise ValueError(
+                f"MagnitudePruneCallback found no prunable parameter in {type(pl_module).__name__} (include="
+                f"{self.include}, exclude={self.exclude}): it prunes the weights of Linear and Conv1d/2d/3d"
+                " layers; name other parameters with `include`"
+            )
+        kind, n, m = parse_pattern(self.pattern)
+        for name, p in params.items():
+            if kind == "nm":
+                width = p.shape[1] if p.dim() >= 2 else p.shape[0]
+                if width % m:
+                    raise ValueError(
+                        f"pattern {self.pattern!r} needs the input dimension of `{name}` (shape {tuple(p.shape)})"
+                        f" to be a multiple of {m}; leave it out with `exclude=[{name!r}]`"
+                    )
+        if self.parameter_names and self.parameter_names != list(params):
+            # this instance pruned another module before: start afresh (a checkpoint restored after setup
+            # is checked against the new names in load_state_dict)
+            rank_zero_warn("MagnitudePruneCallback: new set of prunable parameters, the previous masks are dropped")
+            self.masks, self._grad_avg, self._ema_steps = {}, {}, 0
+            self._active, self._last_event = False, None
+            self.current_target = 0.0 if self.sparsity is not None else None
+        self._params = params
+        self.parameter_names = list(params)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Optimizers exist from here on; hooks on them see every step, whoever calls optimizer.step.
+        self._remove_hooks()
+        ids = {id(p): n for n, p in self._params.items()}
+        for optimizer in trainer.optimizers:
+            names = [ids[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in ids]
+            if not names:
+                continue
+            self._handles.append(optimizer.register_step_post_hook(self._make_post_hook(names)))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._positions = self._resolve(trainer)
+        for name, p in self._params.items():
+            if name in self.masks:
+                self.masks[name] = self.masks[name].to(p.device)
+            else:
+                self.masks[name] = torch.ones_like(p, dtype=torch.bool)
+            if self.criterion == "taylor":
+                avg = self._grad_avg.get(name)
+                self._grad_avg[name] = torch.zeros_like(p) if avg is None else avg.to(p.device, p.dtype)
+        if self._active:  # resumed: weights from the checkpoint are already masked; make sure of it
+            self._apply_weights()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # Before the forward pass, so the whole step trains the pruned network; once per position
+        # (gradient accumulation calls this for each micro-batch).
+        t = self._position(trainer)
+        start, end, frequency = self._positions
+        if event_due(t, self._last_event, start, end, frequency):
+            self._update(trainer, t)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Lightning calls this after backward (and AMP unscaling), before its own gradient clipping.
+        self.mask_gradients()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An event scheduled at or after the last step (post-training pruning) runs here, without
+        # retraining; an early-stopped run that has not reached `end` is left as it is.
+        t = self._position(trainer)
+        start, end, _ = self._positions
+        if t >= end and (self._last_event is None or self._last_event < end):
+            self.metrics_before_pruning = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1
+            }
+            self._update(trainer, t)
+            if self.verbose:
+                rank_zero_info(
+                    "MagnitudePruneCallback: pruned after training, without retraining; metrics before: "
+                    f"{self.metrics_before_pruning}. Run `trainer.validate` for the metrics after."
+                )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {n: m.cpu() for n, m in self.masks.items()} if self._active else {},
+            "parameter_names": list(self.parameter_names),
+            "active": self._active,
+            "last_event": self._last_event,
+            "current_target": self.current_target,
+            "grad_avg": {n: g.detach().to("cpu", copy=True) for n, g in self._grad_avg.items()},  # updated in place
+            "ema_steps": self._ema_steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        names = list(state_dict.get("parameter_names", []))
+        if self._params and names and names != self.parameter_names:
+            raise ValueError(f"the checkpoint's pruned parameters {names} differ from this module's {self.parameter_names}")
+        self.parameter_names = names or self.parameter_names
+        self.masks = dict(state_dict["masks"])
+        self._active = bool(state_dict["active"])
+        self._last_event = state_dict["last_event"]
+        self.current_target = state_dict["current_target"]
+        self._grad_avg = dict(state_dict.get("grad_avg", {}))
+        self._ema_steps = int(state_dict.get("ema_steps", 0))
+
+    # ------------------------------------------------------------------ internals
+
+    def _position(self, trainer: pl.Trainer) -> int:
+        return trainer.global_step if self.unit == "step" else trainer.current_epoch
+
+    def _resolve(self, trainer: pl.Trainer) -> tuple[int, int, int]:
+        if self.unit == "step":
+            needs_total = isinstance(self.start, float) or isinstance(self.end, float)
+            total = float(trainer.estimated_stepping_batches) if needs_total else None
+        else:
+            total = float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else None
+        start = resolve_position(self.start, total, "start")
+        end = start if self.schedule == "oneshot" else resolve_position(self.end, total, "end")
+        if end < start:
+            raise ValueError(
+                f"`start` must be <= `end`, got start={self.start!r} -> {start}, end={self.end!r} -> {end} ({self.unit}s)"
+            )
+        frequency = self.frequency
+        if frequency is None:
+            frequency = 1 if self.unit == "epoch" else max(1, min(100, (end - start) // 10))
+        return start, end, frequency
+
+    def _update(self, trainer: pl.Trainer, t: int) -> None:
+        start, end, _ = self._positions
+        weights = {n: p.detach() for n, p in self._params.items()}
+        criterion, grad_avgs = self.criterion, None
+        if criterion == "taylor":
+            if self._ema_steps == 0:
+                rank_zero_warn("MagnitudePruneCallback: no gradient seen yet, this 'taylor' event uses magnitude")
+                criterion = "magnitude"
+            else:
+                grad_avgs = self._grad_avg
+        target = None
+        if self.sparsity is not None:
+            target = sparsity_at(self.schedule, t, start, end, self.sparsity, self.initial_sparsity, self.power)
+        new = compute_masks(
+            weights,
+            sparsity=target,
+            threshold=self.threshold,
+            scope=self.scope,
+            pattern=self.pattern,
+            criterion=criterion,
+            grad_avgs=grad_avgs,
+            masks=self.masks if self._active else None,
+        )
+        if criterion == "taylor" and trainer.world_size > 1:
+            # taylor scores depend on gradient history: take rank 0's masks so every rank agrees
+            new = {n: m.to(self._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
+        self.masks.update(new)
+        self._active = True
+        self._last_event = t
+        self.current_target = target
+        self._apply_weights()
+        params = list(self._params.values())
+        with torch.no_grad():
+            # the multiply leaves -0.0 where a negative weight was pruned; + 0.0 makes it +0.0, so the sparse
+            # export needs no sign bit (an exact zero then stays +0.0 under SGD, Adam and AdamW updates)
+            torch._foreach_add_(params, 0.0)
+        masks = [self.masks[n] for n in self._params]
+        for optimizer in trainer.optimizers:
+            mask_optimizer_state_(optimizer, params, masks)
+        if criterion == "taylor" or self.criterion == "taylor":
+            apply_masks_(list(self._grad_avg.values()), [self.masks[n] for n in self._grad_avg])
+        if self.verbose:
+            pruned = sum(int((~m).sum()) for m in self.masks.values())
+            total = sum(m.numel() for m in self.masks.values())
+            goal = f"target {target:.4f}" if target is not None else f"threshold {self.threshold:g}"
+            rank_zero_info(
+                f"MagnitudePruneCallback: {self.unit} {t}: {goal}, {pruned}/{total} prunable weights pruned"
+                f" ({pruned / max(total, 1):.4f})"
+            )
+
+    def _apply_weights(self, names: Sequence[str] | None = None) -> None:
+        names = self.parameter_names if names is None else names
+        apply_masks_([self._params[n] for n in names], [self.masks[n] for n in names])
+
+    def _make_post_hook(self, names: list[str]) -> Any:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self.criterion == "taylor":
+                self._accumulate_grad(names)
+            if self._active:
+                self._apply_weights(names)
+
+        return hook
+
+    def _accumulate_grad(self, names: list[str]) -> None:
+        # Runs after optimizer.step: `.grad` is the gradient the step used (backward done, masked, clipped,
+        # AMP-unscaled). A step *pre*-hook would be too early: in automatic optimization Lightning passes
+        # the closure to optimizer.step, so pre-hooks run before that step's backward.
+        pairs = [(self._grad_avg[n], self._params[n].grad) for n in names if self._params[n].grad is not None]
+        if not pairs:
+            return
+        with torch.no_grad():
+            avgs = [a for a, _ in pairs]
+            torch._foreach_mul_(avgs, self.taylor_beta)
+            torch._foreach_add_(avgs, [g for _, g in pairs], alpha=1.0 - self.taylor_beta)
+        self._ema_steps += 1
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
