@@ -1,0 +1,189 @@
+"""SparsityLogger: log how sparse the model is, and print a per-layer table at the end of ``fit``.
+
+The counting lives in :mod:`lightning_clipprune.sparsity`; this file decides when and where to log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from typing_extensions import override
+
+from lightning_clipprune.sparsity import (
+    named_weights,
+    prunable_names,
+    sparsity_metrics,
+    sparsity_report,
+    split_parameters,
+)
+
+
+def _find_prune_callback(trainer: pl.Trainer) -> Any | None:
+    """The first callback that exposes ``parameter_names`` and ``current_target`` (``MagnitudePruneCallback``)."""
+    try:
+        from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
+    except ImportError:
+        MagnitudePruneCallback = None  # noqa: N806
+    for cb in trainer.callbacks:
+        if MagnitudePruneCallback is not None and isinstance(cb, MagnitudePruneCallback):
+            return cb
+    for cb in trainer.callbacks:
+        if hasattr(cb, "parameter_names") and hasattr(cb, "current_target"):
+            return cb
+    return None
+
+
+class SparsityLogger(Callback):
+    r"""Log the sparsity, parameter counts and compressed size of the model through the Trainer's loggers.
+
+    Logged every ``log_every_n_steps`` optimizer steps and at the end of each training epoch, with the
+    step the Trainer uses for its own metrics:
+
+    - ``sparsity/global``: the fraction of zeros over the prunable weights: those of a
+      ``MagnitudePruneCallback`` in the Trainer when there is one, otherwise the weights of every
+      ``Linear`` and ``Conv`` layer (see :func:`~lightning_clipprune.pruning.select_prunable_parameters`);
+      a model pruned some other way, or a dense one, is reported as it is.
+    - ``sparsity/target``: the prune callback's current target (absent without one, or in threshold mode).
+    - ``sparsity/<parameter name>``: per prunable weight, when ``per_layer``.
+    - ``params/total``, ``params/nonzero``: all parameters of the model.
+    - ``size/dense_bytes``, ``size/compressed_bytes``: all parameters, dense and as
+      :func:`lightning_clipprune.export.save_sparse` writes them (bitmask of kept positions plus kept values).
+
+    Each tensor is counted once (tied weights, a module used twice). The counts are computed on the
+    device and reach the host once per logging step; nothing is computed on the other steps, on ranks
+    other than zero, or when the Trainer has no logger. At the end of ``fit``, rank zero prints one table
+    (rich): per layer shape, parameters, non-zeros and sparsity, totals, dense and compressed size.
+
+    Args:
+        per_layer: log ``sparsity/<parameter name>`` for each prunable weight. ``None`` (default): when
+            there are at most ``max_layers_per_layer_logging`` of them.
+        max_layers_per_layer_logging: the limit for ``per_layer=None``.
+        log_every_n_steps: log every this many optimizer steps (``trainer.global_step``); ``None`` follows
+            ``Trainer(log_every_n_steps=...)``; ``0`` logs only at epoch ends.
+        print_table: print the table at the end of ``fit`` (rank zero only).
+
+    Raises:
+        ValueError: an argument is out of range.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_clipprune import SparsityLogger
+        >>> trainer = L.Trainer(callbacks=[SparsityLogger(log_every_n_steps=10)], logger=False)
+    """
+
+    def __init__(
+        self,
+        *,
+        per_layer: bool | None = None,
+        max_layers_per_layer_logging: int = 50,
+        log_every_n_steps: int | None = None,
+        print_table: bool = True,
+    ) -> None:
+        if per_layer is not None and not isinstance(per_layer, bool):
+            raise ValueError(f"`per_layer` must be True, False or None, got {per_layer!r}")
+        if isinstance(max_layers_per_layer_logging, bool) or not isinstance(max_layers_per_layer_logging, int) \
+                or max_layers_per_layer_logging < 0:
+            raise ValueError(
+                f"`max_layers_per_layer_logging` must be an int >= 0, got {max_layers_per_layer_logging!r}"
+            )
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
+        ):
+            raise ValueError(
+                f"`log_every_n_steps` must be None (follow the Trainer) or an int >= 0, got {log_every_n_steps!r}"
+            )
+        if not isinstance(print_table, bool):
+            raise ValueError(f"`print_table` must be True or False, got {print_table!r}")
+        self.per_layer = per_layer
+        self.max_layers_per_layer_logging = max_layers_per_layer_logging
+        self.log_every_n_steps = log_every_n_steps
+        self.print_table = print_table
+        #: The metrics of the last logging step, as Python numbers (rank zero).
+        self.last_metrics: dict[str, float] = {}
+        self._prune_callback: Any | None = None
+        self._names: list[str] | None = None
+        self._log_per_layer = False
+        self._last_step = -1
+
+    def _selected_names(self, pl_module: pl.LightningModule) -> list[str]:
+        names = getattr(self._prune_callback, "parameter_names", None) if self._prune_callback is not None else None
+        if names is None:
+            return prunable_names(pl_module)
+        known = set(named_weights(pl_module))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            rank_zero_warn(f"SparsityLogger: the prune callback names parameters the model lacks, ignored: {unknown}")
+        return [n for n in names if n not in unknown]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._prune_callback = _find_prune_callback(trainer)
+        self._names = None
+        self._last_step = -1
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's setup: the prune callback's parameter list is known by now.
+        self._names = self._selected_names(pl_module)
+        self._log_per_layer = (
+            self.per_layer if self.per_layer is not None else len(self._names) <= self.max_layers_per_layer_logging
+        )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        step = trainer.global_step
+        # global_step stays put across accumulated batches: log once per optimizer step.
+        if not every or step == 0 or step % every or step == self._last_step:
+            return
+        self._last_step = step
+        self._log(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_table:
+            self._print_table(pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.loggers or not trainer.is_global_zero:
+            return
+        if self._names is None:
+            self.on_train_start(trainer, pl_module)
+        selected, rest = split_parameters(pl_module, self._names)
+        if not selected and not rest:
+            return
+        metrics = sparsity_metrics({**selected, **rest}, list(selected), per_layer=self._log_per_layer)
+        target = getattr(self._prune_callback, "current_target", None)
+        # The logging step's only host synchronisation: one transfer for the counts, one for the fractions.
+        counts = [k for k, v in metrics.items() if not v.is_floating_point()]
+        fractions = [k for k, v in metrics.items() if v.is_floating_point()]
+        self.last_metrics = {}
+        for keys in (fractions, counts):
+            if keys:
+                values = torch.stack([metrics[k] for k in keys]).tolist()
+                self.last_metrics.update(zip(keys, values, strict=True))
+        if target is not None:
+            self.last_metrics["sparsity/target"] = float(target)
+        # The step Lightning logs its own metrics at (what LearningRateMonitor uses too).
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(self.last_metrics, step=step)
+
+    @rank_zero_only
+    def _print_table(self, pl_module: pl.LightningModule) -> None:
+        from rich.console import Console
+
+        names = self._names if self._names is not None else prunable_names(pl_module)
+        report = sparsity_report(pl_module, names, title=f"Sparsity of {type(pl_module).__name__} at the end of fit")
+        Console().print(report.to_table())
