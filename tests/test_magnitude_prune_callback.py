@@ -78,6 +78,8 @@ def test_pruned_weights_and_optimizer_state_stay_zero(tmp_path, optimizer: str) 
     for name in prune.parameter_names:
         mask = prune.masks[name]
         assert (params[name][~mask] == 0).all(), name
+        # +0.0, not -0.0: the sparse export then needs no sign bit per zero
+        assert not torch.signbit(params[name][~mask]).any(), name
         assert (params[name][mask] != 0).all(), name  # survivors moved and did not hit zero
         for key, value in opt.state[params[name]].items():
             if torch.is_tensor(value) and value.shape == mask.shape:
