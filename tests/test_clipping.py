@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_clipprune.clipping import (
@@ -322,12 +322,15 @@ def params_from(values: list[list[float]], weight_seed: int = 0) -> list[torch.n
 
 @settings(max_examples=60, deadline=None)
 @given(grads_strategy, st.floats(1e-3, 1e3), st.sampled_from(NORM_TYPES))
+@example([[833.5079956054688]], 833.5080197721541, 1.0)  # a float64 bound within float32 rounding of the norm
 def test_property_norm_never_exceeds_bound(values, max_norm, norm_type):
     params = params_from(values)
     norm, coef = clip_grad_norm(params, max_norm, norm_type)
     assert grad_norm(params, norm_type) <= max_norm * (1 + 1e-5)
     assert 0.0 <= coef.item() <= 1.0
-    if norm.item() + 1e-6 <= max_norm:  # torch's epsilon: a norm right at the bound is scaled by ~1 - 1e-6
+    # torch's epsilon: a norm right at the bound is scaled by ~1 - 1e-6; the coefficient is computed in
+    # float32, so a float64 bound within float32 rounding of the norm may also give 1 - 6e-8
+    if norm.item() + 1e-6 <= max_norm * (1 - 1e-6):
         assert coef.item() == 1.0
 
 

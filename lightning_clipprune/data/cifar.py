@@ -1,0 +1,116 @@
+"""CIFAR-10 from its python pickle batches (``cifar-10-batches-py``): found on disk or downloaded."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_clipprune.data.locate import (
+    cache_dir,
+    candidate_dirs,
+    check_root,
+    download,
+    download_error_text,
+    find_dir,
+    not_found,
+)
+from lightning_clipprune.data.tensors import TensorDataModule
+
+__all__ = ["CIFAR10DataModule", "CIFAR10_URL", "read_cifar_batch"]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST = "test_batch"
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR pickle batch: a dict with ``b"data"`` (``uint8``, ``(N, 3072)``, channel-major) and ``b"labels"``.
+
+    Returns:
+        ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``.
+
+    Raises:
+        ValueError: if the file does not hold such a dict.
+    """
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"read_cifar_batch: {str(path)!r} is not a CIFAR-10 python batch (no b'data'/b'labels')")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.as_tensor(batch[b"labels"], dtype=torch.long)
+
+
+class CIFAR10DataModule(TensorDataModule):
+    """CIFAR-10 (Krizhevsky 2009): 50,000 training and 10,000 test 32x32 colour images, 10 classes.
+
+    The batches ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` are looked for in ``root``,
+    ``root/cifar-10-batches-py``, the same under ``$DATA_DIR``, and the download cache; if absent and
+    ``download`` is set, ``cifar-10-python.tar.gz`` (163 MB) is downloaded and extracted there.
+    Normalised with the usual per-channel mean and std; ``augment=True`` (the default) applies the
+    standard random crop (4 px zero padding) and horizontal flip on the device.
+
+    Args:
+        root: folder holding the batches (``None``: search the default locations).
+        download: try to download the archive when the batches are not found.
+        **kwargs: the :class:`~lightning_clipprune.data.tensors.TensorDataModule` arguments.
+
+    Raises:
+        DataNotFoundError: if the batches are neither found nor downloadable (from ``prepare_data``/``setup``),
+            or ``root`` is not a folder (at construction).
+    """
+
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    num_classes = 10
+    display_name = "CIFAR-10"
+
+    def __init__(self, root: str | None = None, download: bool = True, augment: bool = True, **kwargs) -> None:
+        super().__init__(augment=augment, **kwargs)
+        check_root(root, self.display_name)
+        self.root = root
+        self.download = download
+        self._found: Path | None = None
+
+    def locate(self) -> Path:
+        """The folder holding the six batches; downloads and extracts the archive if needed and allowed.
+
+        Raises:
+            DataNotFoundError: if they are neither found nor downloadable.
+        """
+        if self._found is not None:
+            return self._found
+        required = [(name,) for name in (*_TRAIN, _TEST)]
+        cache = cache_dir("cifar10")
+        dirs = list(dict.fromkeys([*candidate_dirs(self.root, "cifar10", ("cifar-10-batches-py",), ()), cache / "cifar-10-batches-py"]))
+        found = find_dir(dirs, required)
+        error = None
+        if found is None and self.download:
+            dest = Path(self.root) if self.root else (Path(os.environ["DATA_DIR"]) if os.environ.get("DATA_DIR") else cache)
+            archive = dest / "cifar-10-python.tar.gz"
+            try:
+                download(CIFAR10_URL, archive)
+                with tarfile.open(archive) as tar:
+                    tar.extractall(dest, filter="data")
+                found = find_dir([dest / "cifar-10-batches-py"], required)
+            except (OSError, tarfile.TarError) as err:
+                error = f"{CIFAR10_URL}: {download_error_text(err)}"
+        if found is None:
+            files = [f"cifar-10-batches-py/{name}" for name in (*_TRAIN, _TEST)]
+            hint = f"download {CIFAR10_URL} and extract it (tar xzf) into a folder"
+            raise not_found(self.display_name, [files[0], "...", files[-1]], dirs, error if self.download else None, hint)
+        self._found = found
+        return found
+
+    def prepare_data(self) -> None:
+        self.locate()
+
+    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        folder = self.locate()
+        parts = [read_cifar_batch(folder / name) for name in _TRAIN]
+        train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return {"train": train, "test": read_cifar_batch(folder / _TEST)}

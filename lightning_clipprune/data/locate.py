@@ -1,0 +1,114 @@
+"""Finding data files on disk (``root``, ``$DATA_DIR``, system folders, a cache) or downloading them.
+
+When nothing is found and the download fails, :class:`DataNotFoundError` says, in one line, which folders
+were searched, why the download failed and how to provide the data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "DOWNLOAD_TIMEOUT_S",
+    "DataNotFoundError",
+    "cache_dir",
+    "candidate_dirs",
+    "check_root",
+    "download",
+    "download_error_text",
+    "find_dir",
+    "not_found",
+]
+
+#: Seconds to wait for a server before giving up on a download (offline machines fail fast).
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not on disk where we looked, and could not be downloaded."""
+
+
+def cache_dir(name: str) -> Path:
+    """Where downloads go when neither ``root`` nor ``$DATA_DIR`` is set: ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lightning_clipprune" / name
+
+
+def candidate_dirs(root: str | os.PathLike | None, name: str, subdirs: Sequence[str], system_dirs: Sequence[Path]) -> list[Path]:
+    """Folders to search, in order: ``root``, ``$DATA_DIR``, each with ``subdirs``; ``system_dirs``; the cache.
+
+    Args:
+        root: the user's folder (``data.root``), or ``None``.
+        name: the data set's name, for the cache folder.
+        subdirs: sub-folders of ``root`` and ``$DATA_DIR`` that may hold the files.
+        system_dirs: folders where system packages install the data set.
+    """
+    bases = [Path(root).expanduser()] if root else []
+    if os.environ.get("DATA_DIR"):
+        bases.append(Path(os.environ["DATA_DIR"]).expanduser())
+    dirs: list[Path] = []
+    for base in bases:
+        dirs.append(base)
+        dirs.extend(base / s for s in subdirs)
+    dirs.extend(system_dirs)
+    dirs.append(cache_dir(name))
+    return list(dict.fromkeys(dirs))
+
+
+def find_dir(dirs: Sequence[Path], required: Sequence[Sequence[str]]) -> Path | None:
+    """The first folder in ``dirs`` that holds, for each entry of ``required``, one of its alternative names."""
+    for d in dirs:
+        if d.is_dir() and all(any((d / alt).is_file() for alt in alts) for alts in required):
+            return d
+    return None
+
+
+def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Download ``url`` to ``dest`` (atomically: a partial file never has the final name).
+
+    Raises:
+        OSError: on any network or file error (``urllib.error.URLError`` is an ``OSError``).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_root(root: str | os.PathLike | None, what: str) -> None:
+    """Fail early, naming the value, when the user gave a ``root`` folder that does not exist.
+
+    Raises:
+        DataNotFoundError: if ``root`` is given and is not a folder.
+    """
+    if root and not Path(root).expanduser().is_dir():
+        raise DataNotFoundError(
+            f"data.root={str(root)!r} is not a folder: create it and put the {what} files there, "
+            f"or drop data.root to search $DATA_DIR and the default locations"
+        )
+
+
+def not_found(what: str, files: Sequence[str], dirs: Sequence[Path], download_error: str | None, hint: str) -> DataNotFoundError:
+    """The one-line error for data that is neither on disk nor downloadable."""
+    tried = ", ".join(str(d) for d in dirs)
+    dl = f"; download failed ({download_error})" if download_error else "; download disabled (data.download=false)"
+    return DataNotFoundError(
+        f"{what} not found: looked for {', '.join(files)} in {tried}{dl}. "
+        f"To provide it: {hint}, then pass data.root=FOLDER or set DATA_DIR=FOLDER"
+    )
+
+
+def download_error_text(err: BaseException) -> str:
+    """A short reason for a failed download (``URLError`` wraps the interesting part in ``.reason``)."""
+    if isinstance(err, urllib.error.URLError):
+        return f"{err.reason}"
+    return f"{type(err).__name__}: {err}"

@@ -1,0 +1,24 @@
+"""Networks (MLP, LeNet-300-100, LeNet-5, CIFAR ResNet-20/32/56) and the ``Classifier`` LightningModule."""
+
+from lightning_clipprune.models.classifier import LR_SCHEDULES, Classifier
+from lightning_clipprune.models.networks import (
+    MLP,
+    CifarResNet,
+    LeNet5,
+    LeNet300100,
+    resnet20,
+    resnet32,
+    resnet56,
+)
+
+__all__ = [
+    "LR_SCHEDULES",
+    "MLP",
+    "CifarResNet",
+    "Classifier",
+    "LeNet300100",
+    "LeNet5",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+]
