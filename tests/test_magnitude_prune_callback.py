@@ -115,6 +115,37 @@ def test_gradients_masked_before_any_clip_callback_whatever_the_order(tmp_path) 
     assert spy.checked == 7
 
 
+@pytest.mark.parametrize("clip_first", [True, False])
+def test_real_clip_callback_masks_once_per_step_in_either_order(tmp_path, clip_first: bool) -> None:
+    from lightning_clipprune import GradientClipCallback
+
+    class Checker(Callback):
+        """Last in the list: the gradients the optimizer is about to use."""
+
+        def __init__(self) -> None:
+            self.checked = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            if prune._active:
+                params = dict(pl_module.named_parameters())
+                for n in prune.parameter_names:
+                    assert (params[n].grad[~prune.masks[n]] == 0).all(), n
+                self.checked += 1
+
+    prune = MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=1, verbose=False)
+    calls = []
+    mask_gradients = prune.mask_gradients
+    prune.mask_gradients = lambda: (calls.append(1), mask_gradients())[1]
+    clip = GradientClipCallback(clip_val=0.5)
+    checker = Checker()
+    L.seed_everything(0, verbose=False)
+    callbacks = [clip, prune, checker] if clip_first else [prune, clip, checker]
+    trainer = tiny_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
+    trainer.fit(TinyClassifier(), random_loader())
+    assert checker.checked == 7
+    assert len(calls) == trainer.global_step == 8  # one masking pass per optimizer step, not two
+
+
 def test_mask_gradients_is_idempotent_and_zeroes_only_pruned(tmp_path) -> None:
     prune = MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=0, verbose=False)
     model = _fit(tmp_path, prune, max_epochs=1)

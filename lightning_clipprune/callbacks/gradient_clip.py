@@ -119,6 +119,10 @@ class GradientClipCallback(Callback):
         GradientClipCallback(clip_val=5.0, algorithm="autoclip", autoclip_percentile=10.0)
     """
 
+    #: This callback calls ``mask_gradients()`` of every other callback that has one, first thing in its
+    #: ``on_before_optimizer_step``; ``MagnitudePruneCallback`` then skips its own (identical) pass.
+    calls_mask_gradients: bool = True
+
     def __init__(
         self,
         clip_val: float | None = 1.0,

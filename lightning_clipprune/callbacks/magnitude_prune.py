@@ -214,6 +214,7 @@ class MagnitudePruneCallback(Callback):
         self._last_event: int | None = None
         self._positions: tuple[int, int, int] | None = None  # resolved (start, end, frequency)
         self._handles: list[Any] = []
+        self._grads_masked_elsewhere = False  # a GradientClipCallback calls mask_gradients() every step
 
     @property
     @override
@@ -268,6 +269,9 @@ class MagnitudePruneCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Optimizers exist from here on; hooks on them see every step, whoever calls optimizer.step.
         self._remove_hooks()
+        self._grads_masked_elsewhere = any(
+            cb is not self and getattr(cb, "calls_mask_gradients", False) for cb in trainer.callbacks
+        )
         ids = {id(p): n for n, p in self._params.items()}
         for optimizer in trainer.optimizers:
             names = [ids[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in ids]
@@ -300,8 +304,10 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # Lightning calls this after backward (and AMP unscaling), before its own gradient clipping.
-        self.mask_gradients()
+        # Lightning calls this after backward (and AMP unscaling), before its own gradient clipping. A
+        # GradientClipCallback masks first thing in this hook, whatever the order: one pass per step is enough.
+        if not self._grads_masked_elsewhere:
+            self.mask_gradients()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
