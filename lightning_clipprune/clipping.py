@@ -246,7 +246,29 @@ def _cap(threshold: Tensor, max_norm: float | None) -> Tensor:
     return threshold if max_norm is None else torch.clamp(threshold, max=max_norm)
 
 
-class AutoClip:
+class _NormHistoryClipper:
+    """Shared by :class:`AutoClip` and :class:`ZClip`: a ``threshold(norm)`` that updates the statistics."""
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def clip(self, parameters: Iterable[Tensor] | Tensor, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+        """Update the statistics with the gradients' norm, then clip them to the threshold.
+
+        Returns:
+            ``(total_norm, clip_coef)``, both 0-dim tensors on the gradients' device.
+        """
+        grads = _grads(parameters)
+        if not grads:
+            return torch.tensor(0.0), torch.tensor(1.0)
+        norm = total_norm(grads, norm_type)
+        coef = clip_coefficient(self.threshold(norm).to(norm.dtype), norm)
+        scale_grads_(grads, coef)
+        return norm, coef
+
+
+class AutoClip(_NormHistoryClipper):
     r"""AutoClip: clip to a percentile of the recent gradient-norm history.
 
     Seetharaman, Wichern, Pardo, Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for Source
@@ -294,17 +316,6 @@ class AutoClip:
         thr = torch.nan_to_num(thr, nan=math.inf)
         return _cap(thr, self.max_norm)
 
-    @torch.no_grad()
-    def clip(self, parameters: Iterable[Tensor] | Tensor, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
-        """Record the gradients' norm, then clip them to the threshold. Returns ``(total_norm, clip_coef)``."""
-        grads = _grads(parameters)
-        if not grads:
-            return torch.tensor(0.0), torch.tensor(1.0)
-        norm = total_norm(grads, norm_type)
-        coef = clip_coefficient(self.threshold(norm).to(norm.dtype), norm)
-        scale_grads_(grads, coef)
-        return norm, coef
-
     def state_dict(self) -> dict[str, Any]:
         """The history (on CPU) and the ring-buffer position."""
         return {
@@ -325,7 +336,7 @@ class AutoClip:
         self.count = int(state_dict["count"])
 
 
-class ZClip:
+class ZClip(_NormHistoryClipper):
     r"""ZClip: clip gradient-norm spikes detected by a z-score against EMA statistics.
 
     Kumar, Owen, Ashkboos, Hoefler 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training",
@@ -426,17 +437,6 @@ class ZClip:
         self.mean = torch.where(finite, new_mean, mean)
         self.var = torch.where(finite, new_var, var)
         return _cap(thr, self.max_norm)
-
-    @torch.no_grad()
-    def clip(self, parameters: Iterable[Tensor] | Tensor, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
-        """Update the statistics, then clip the gradients. Returns ``(total_norm, clip_coef)``."""
-        grads = _grads(parameters)
-        if not grads:
-            return torch.tensor(0.0), torch.tensor(1.0)
-        norm = total_norm(grads, norm_type)
-        coef = clip_coefficient(self.threshold(norm).to(norm.dtype), norm)
-        scale_grads_(grads, coef)
-        return norm, coef
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, warm-up norms and EMA statistics (tensors on CPU)."""

@@ -11,41 +11,15 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_clipprune import GradientClipCallback
-from tests.helpers import TinyClassifier, random_loader, tiny_trainer
+from tests.helpers import MemoryLogger, TinyClassifier, random_loader, tiny_trainer
 
 # 128 samples / batch 16: 8 optimizer steps per epoch.
 STEPS_PER_EPOCH = 8
-
-
-class MemoryLogger(Logger):
-    """Keeps every `log_metrics` call as (step, metrics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def grad_rows(self, key: str = "grad/norm") -> list[tuple[int | None, dict[str, float]]]:
-        return [(s, m) for s, m in self.rows if key in m]
 
 
 class GradSnapshot(Callback):
@@ -241,7 +215,7 @@ def test_logs_pre_clip_norm_and_coef_every_n_steps(tmp_path):
     before, after, logger = GradSnapshot(), GradSnapshot(), MemoryLogger()
     cb = GradientClipCallback(0.3, "norm", log_every_n_steps=3)
     fit(TinyClassifier(), tmp_path, [before, cb, after], logger=logger)
-    rows = logger.grad_rows()
+    rows = logger.rows_with("grad/norm")
     assert len(rows) == STEPS_PER_EPOCH // 3  # after optimizer steps 3 and 6
     for (step, metrics), k in zip(rows, (2, 5), strict=True):
         assert step == k  # the Trainer's logging step: optimizer steps taken before this one
@@ -261,7 +235,7 @@ def test_logs_pre_clip_norm_and_coef_every_n_steps(tmp_path):
 def test_log_cadence_defaults_to_trainer_and_no_logger_is_fine(tmp_path):
     logger = MemoryLogger()
     fit(TinyClassifier(), tmp_path, [GradientClipCallback(1.0)], logger=logger, log_every_n_steps=2)
-    assert len(logger.grad_rows()) == STEPS_PER_EPOCH // 2
+    assert len(logger.rows_with("grad/norm")) == STEPS_PER_EPOCH // 2
     cb = GradientClipCallback(1.0, log_every_n_steps=1)
     fit(TinyClassifier(), tmp_path, [cb], logger=False)
     assert cb.summary()["steps"] == STEPS_PER_EPOCH
@@ -282,7 +256,7 @@ def test_gradient_accumulation_clips_the_accumulated_gradient_once_per_step(tmp_
             break
         (nn.functional.cross_entropy(start(x), y) / 4).backward()
     expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in start.parameters()])).item()
-    assert logger.grad_rows()[0][1]["grad/norm"] == pytest.approx(expected, rel=1e-5)
+    assert logger.rows_with("grad/norm")[0][1]["grad/norm"] == pytest.approx(expected, rel=1e-5)
     assert calls.norm(0) <= 0.2 * (1 + 1e-5)
 
 
@@ -291,9 +265,9 @@ def test_manual_optimization_is_clipped(tmp_path):
     cb = GradientClipCallback(0.1, log_every_n_steps=1)
     fit(ManualClassifier(), tmp_path, [cb, after], logger=logger)
     assert cb.summary()["steps"] == STEPS_PER_EPOCH
-    assert len(logger.grad_rows()) == STEPS_PER_EPOCH
+    assert len(logger.rows_with("grad/norm")) == STEPS_PER_EPOCH
     assert all(after.norm(k) <= 0.1 * (1 + 1e-5) for k in range(STEPS_PER_EPOCH))
-    assert all(m["grad/norm"] > 0.1 for _, m in logger.grad_rows())  # so every step was clipped
+    assert all(m["grad/norm"] > 0.1 for _, m in logger.rows_with("grad/norm"))  # so every step was clipped
 
 
 def test_two_optimizers_clip_only_the_stepped_parameters(tmp_path):
@@ -309,9 +283,9 @@ def test_two_optimizers_clip_only_the_stepped_parameters(tmp_path):
         if name.startswith("b."):
             assert torch.equal(g, after.steps[0][1][name])
     assert before.norm(1, "b.") > 0.05 and after.norm(1, "b.") <= 0.05 * (1 + 1e-5)
-    first = logger.grad_rows()[0][1]
+    first = logger.rows_with("grad/norm")[0][1]
     assert first["grad/norm"] == pytest.approx(before.norm(0, "a."), rel=1e-5)
-    second = logger.grad_rows("grad/norm_opt1")[0][1]
+    second = logger.rows_with("grad/norm_opt1")[0][1]
     assert second["grad/norm_opt1"] == pytest.approx(before.norm(1, "b."), rel=1e-5)
     assert "grad/clip_coef_opt1" in second
     assert cb.summary()["steps"] == 2 * STEPS_PER_EPOCH
@@ -327,7 +301,7 @@ def test_excluded_parameters_are_not_clipped_nor_counted(tmp_path, algorithm):
         for name in ("net.2.weight", "net.2.bias"):
             assert torch.equal(before.steps[k][1][name], after.steps[k][1][name])
         assert after.norm(k, "net.0.") < before.norm(k, "net.0.")
-        row = logger.grad_rows()[k][1]
+        row = logger.rows_with("grad/norm")[k][1]
         assert row["grad/norm"] == pytest.approx(before.norm(k, "net.0."), rel=1e-5)
         assert row["grad/clip_coef"] == pytest.approx(
             after.norm(k, "net.0.") / before.norm(k, "net.0."), rel=1e-4
@@ -359,7 +333,7 @@ def test_pruning_masks_are_applied_before_the_norm_whatever_the_order(tmp_path):
     cb = GradientClipCallback(0.1, log_every_n_steps=1)
     fit(TinyClassifier(), tmp_path, [before, cb, pruner], logger=logger)  # the pruner comes after the clip
     assert pruner.calls == STEPS_PER_EPOCH
-    for k, (_, row) in enumerate(logger.grad_rows()):
+    for k, (_, row) in enumerate(logger.rows_with("grad/norm")):
         raw = before.steps[k][1]
         masked = [raw["net.0.weight"] * pruner.mask] + [g for n, g in raw.items() if n != "net.0.weight"]
         expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in masked])).item()
@@ -387,7 +361,7 @@ def test_nonfinite_step_is_skipped_params_and_optimizer_state_unchanged(tmp_path
     assert any(not torch.equal(final[n], params_after[n]) for n in final)
     assert cb.summary()["nonfinite_skipped"] == 1.0
     assert cb.summary()["steps"] == 2 * STEPS_PER_EPOCH
-    rows = logger.grad_rows()
+    rows = logger.rows_with("grad/norm")
     assert [m["grad/nonfinite_skipped"] for _, m in rows[:5]] == [0.0, 0.0, 0.0, 1.0, 1.0]
     assert not math.isfinite(rows[3][1]["grad/norm"])
 
@@ -423,7 +397,7 @@ def test_amp_scaler_path_sees_unscaled_gradients_and_leaves_skipping_to_the_scal
     fit(amp_module, tmp_path, [cb, watch], logger=amp_log, plugins=[plugin])
     fit(fp32_module, tmp_path, [GradientClipCallback(100.0, log_every_n_steps=1)], logger=fp32_log)
     # step 0 is identical up to half precision, so the callback saw the unscaled gradient (not 4096x)
-    amp_norm, fp32_norm = amp_log.grad_rows()[0][1]["grad/norm"], fp32_log.grad_rows()[0][1]["grad/norm"]
+    amp_norm, fp32_norm = amp_log.rows_with("grad/norm")[0][1]["grad/norm"], fp32_log.rows_with("grad/norm")[0][1]["grad/norm"]
     assert amp_norm == pytest.approx(fp32_norm, rel=2e-2)
     # the inf step: counted, skipped by the scaler (weights unchanged), scale lowered
     assert cb.summary()["nonfinite_skipped"] == 1.0

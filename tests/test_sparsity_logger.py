@@ -4,47 +4,20 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.utils.prune as tprune
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lightning_clipprune.callbacks.sparsity_logger import SparsityLogger
 from lightning_clipprune.sparsity import parameter_counts
-from tests.helpers import TinyClassifier, random_loader, tiny_trainer
+from tests.helpers import MemoryLogger, TinyClassifier, random_loader, tiny_trainer
 
 TITLE = "Sparsity of"
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def sparsity_records(self) -> list[tuple[int | None, dict[str, float]]]:
-        return [(s, m) for s, m in self.records if "sparsity/global" in m]
 
 
 class FakePrune(Callback):
@@ -89,7 +62,7 @@ def _bitmask_or_dense(numel: int, nonzero: int, itemsize: int = 4) -> int:
 
 def test_metric_names_values_and_cadence(tmp_path):
     logger = _fit(_known_zeros_model(), [SparsityLogger(log_every_n_steps=3, print_table=False)], tmp_path)
-    records = logger.sparsity_records()
+    records = logger.rows_with("sparsity/global")
     # Steps 3, 6, 9, 12, 15 and two epoch ends, at the step Lightning logs its own metrics.
     assert [s for s, _ in records] == [2, 5, 8, 8, 11, 14, 16]
     expected = {
@@ -110,22 +83,22 @@ def test_metric_names_values_and_cadence(tmp_path):
 
 def test_follows_the_trainers_log_every_n_steps(tmp_path):
     logger = _fit(_known_zeros_model(), [SparsityLogger(print_table=False)], tmp_path, log_every_n_steps=4)
-    assert [s for s, _ in logger.sparsity_records()] == [3, 7, 8, 11, 15, 16]
+    assert [s for s, _ in logger.rows_with("sparsity/global")] == [3, 7, 8, 11, 15, 16]
     logger = _fit(_known_zeros_model(), [SparsityLogger(log_every_n_steps=0, print_table=False)], tmp_path)
-    assert [s for s, _ in logger.sparsity_records()] == [8, 16]
+    assert [s for s, _ in logger.rows_with("sparsity/global")] == [8, 16]
 
 
 def test_accumulated_batches_log_once_per_optimizer_step(tmp_path):
     cb = SparsityLogger(log_every_n_steps=1, print_table=False)
     logger = _fit(_known_zeros_model(), [cb], tmp_path, accumulate_grad_batches=2)
     # 4 optimizer steps per epoch, each logged once, plus the two epoch ends.
-    assert len(logger.sparsity_records()) == 4 * 2 + 2
+    assert len(logger.rows_with("sparsity/global")) == 4 * 2 + 2
 
 
 @pytest.mark.parametrize("target", [0.25, None])
 def test_names_and_target_from_a_prune_callback(tmp_path, target):
     cbs = [SparsityLogger(log_every_n_steps=0, print_table=False), FakePrune(["net.2.weight"], target)]
-    records = _fit(_known_zeros_model(), cbs, tmp_path).sparsity_records()
+    records = _fit(_known_zeros_model(), cbs, tmp_path).rows_with("sparsity/global")
     metrics = records[-1][1]
     assert metrics["sparsity/global"] == pytest.approx(32 / 128)
     assert "sparsity/net.2.weight" in metrics and "sparsity/net.0.weight" not in metrics
@@ -143,7 +116,7 @@ def test_with_the_real_magnitude_prune_callback(tmp_path):
     prune = prune_mod.MagnitudePruneCallback(sparsity=0.6, schedule="linear", start=0, end=8, frequency=2,
                                              verbose=False)
     cb = SparsityLogger(log_every_n_steps=2, print_table=False)
-    records = _fit(model, [prune, cb], tmp_path).sparsity_records()
+    records = _fit(model, [prune, cb], tmp_path).rows_with("sparsity/global")
     targets = [m["sparsity/target"] for _, m in records]
     assert targets == sorted(targets) and targets[-1] == pytest.approx(0.6)
     total, nonzero = parameter_counts(model, prune.parameter_names)
@@ -159,7 +132,7 @@ def test_with_the_real_magnitude_prune_callback(tmp_path):
 )
 def test_per_layer_switch(tmp_path, kwargs, per_layer):
     cb = SparsityLogger(log_every_n_steps=0, print_table=False, **kwargs)
-    metrics = _fit(_known_zeros_model(), [cb], tmp_path).sparsity_records()[-1][1]
+    metrics = _fit(_known_zeros_model(), [cb], tmp_path).rows_with("sparsity/global")[-1][1]
     assert ("sparsity/net.0.weight" in metrics) is per_layer
     assert "sparsity/global" in metrics
 
@@ -167,18 +140,18 @@ def test_per_layer_switch(tmp_path, kwargs, per_layer):
 def test_tied_weights_counted_once(tmp_path):
     model = TiedClassifier()
     cb = SparsityLogger(log_every_n_steps=0, print_table=False)
-    metrics = _fit(model, [cb], tmp_path).sparsity_records()[-1][1]
+    metrics = _fit(model, [cb], tmp_path).rows_with("sparsity/global")[-1][1]
     assert metrics["params/total"] == 16 * 16 + 16 + 16 + 16 * 4 + 4  # the tied 16x16 once
     assert "sparsity/net.0.weight" in metrics and "sparsity/net.2.weight" not in metrics
 
 
 def test_dense_and_torch_pruned_models_reported_as_they_are(tmp_path):
     dense = TinyClassifier(lr=0.0)
-    metrics = _fit(dense, [SparsityLogger(log_every_n_steps=0, print_table=False)], tmp_path).sparsity_records()
+    metrics = _fit(dense, [SparsityLogger(log_every_n_steps=0, print_table=False)], tmp_path).rows_with("sparsity/global")
     assert metrics[-1][1]["sparsity/global"] == 0.0
     other = TinyClassifier(lr=0.0)
     tprune.l1_unstructured(other.net[0], "weight", amount=0.5)  # weight_orig + weight_mask, not our pruning
-    metrics = _fit(other, [SparsityLogger(log_every_n_steps=0, print_table=False)], tmp_path).sparsity_records()
+    metrics = _fit(other, [SparsityLogger(log_every_n_steps=0, print_table=False)], tmp_path).rows_with("sparsity/global")
     assert metrics[-1][1]["sparsity/net.0.weight"] == pytest.approx(0.5)
     assert metrics[-1][1]["params/total"] == 676  # weight_orig is not counted beside weight
 
