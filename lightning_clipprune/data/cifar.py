@@ -11,15 +11,14 @@ import numpy as np
 import torch
 
 from lightning_clipprune.data.locate import (
+    FileDataModule,
     cache_dir,
     candidate_dirs,
-    check_root,
     download,
     download_error_text,
     find_dir,
     not_found,
 )
-from lightning_clipprune.data.tensors import TensorDataModule
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_URL", "read_cifar_batch"]
 
@@ -45,7 +44,7 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.as_tensor(batch[b"labels"], dtype=torch.long)
 
 
-class CIFAR10DataModule(TensorDataModule):
+class CIFAR10DataModule(FileDataModule):
     """CIFAR-10 (Krizhevsky 2009): 50,000 training and 10,000 test 32x32 colour images, 10 classes.
 
     The batches ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` are looked for in ``root``,
@@ -70,27 +69,17 @@ class CIFAR10DataModule(TensorDataModule):
     display_name = "CIFAR-10"
 
     def __init__(self, root: str | None = None, download: bool = True, augment: bool = True, **kwargs) -> None:
-        super().__init__(augment=augment, **kwargs)
-        check_root(root, self.display_name)
-        self.root = root
-        self.download = download
-        self._found: Path | None = None
+        super().__init__(root, download, augment=augment, **kwargs)
 
-    def locate(self) -> Path:
-        """The folder holding the six batches; downloads and extracts the archive if needed and allowed.
-
-        Raises:
-            DataNotFoundError: if they are neither found nor downloadable.
-        """
-        if self._found is not None:
-            return self._found
+    def _locate(self) -> Path:
+        """The folder holding the six batches; downloads and extracts the archive if needed and allowed."""
         required = [(name,) for name in (*_TRAIN, _TEST)]
         cache = cache_dir("cifar10")
         dirs = list(dict.fromkeys([*candidate_dirs(self.root, "cifar10", ("cifar-10-batches-py",), ()), cache / "cifar-10-batches-py"]))
         found = find_dir(dirs, required)
         error = None
         if found is None and self.download:
-            dest = Path(self.root) if self.root else (Path(os.environ["DATA_DIR"]) if os.environ.get("DATA_DIR") else cache)
+            dest = self._download_dest(cache)
             archive = dest / "cifar-10-python.tar.gz"
             try:
                 download(CIFAR10_URL, archive)
@@ -103,11 +92,7 @@ class CIFAR10DataModule(TensorDataModule):
             files = [f"cifar-10-batches-py/{name}" for name in (*_TRAIN, _TEST)]
             hint = f"download {CIFAR10_URL} and extract it (tar xzf) into a folder"
             raise not_found(self.display_name, [files[0], "...", files[-1]], dirs, error if self.download else None, hint)
-        self._found = found
         return found
-
-    def prepare_data(self) -> None:
-        self.locate()
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         folder = self.locate()

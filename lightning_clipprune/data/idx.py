@@ -10,14 +10,13 @@ import numpy as np
 import torch
 
 from lightning_clipprune.data.locate import (
+    FileDataModule,
     candidate_dirs,
-    check_root,
     download,
     download_error_text,
     find_dir,
     not_found,
 )
-from lightning_clipprune.data.tensors import TensorDataModule
 
 __all__ = ["IDX_FILES", "FashionMNISTDataModule", "IDXDataModule", "MNISTDataModule", "read_idx"]
 
@@ -51,7 +50,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-class IDXDataModule(TensorDataModule):
+class IDXDataModule(FileDataModule):
     """A data set in MNIST's IDX format: 60,000 training and 10,000 test ``28x28`` images, 10 classes.
 
     The four files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
@@ -76,33 +75,20 @@ class IDXDataModule(TensorDataModule):
     urls: tuple[str, ...] = ("https://ossci-datasets.s3.amazonaws.com/mnist/",)
     hint = "download the four MNIST IDX files (train-images-idx3-ubyte.gz, ...) into a folder"
 
-    def __init__(self, root: str | None = None, download: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
-        check_root(root, self.display_name)
-        self.root = root
-        self.download = download
-        self._found: Path | None = None
-
     def _required(self) -> list[tuple[str, str]]:
         return [(f, f + ".gz") for pair in IDX_FILES.values() for f in pair]
 
     def _dirs(self) -> list[Path]:
         return candidate_dirs(self.root, self.name, self.subdirs, self.system_dirs)
 
-    def locate(self) -> Path:
-        """The folder holding the four files; downloads them if needed and allowed.
-
-        Raises:
-            DataNotFoundError: if they are neither found nor downloadable.
-        """
-        if self._found is not None:
-            return self._found
+    def _locate(self) -> Path:
+        """The folder holding the four files; downloads them if needed and allowed."""
         dirs = self._dirs()
         found = find_dir(dirs, self._required())
         if found is None:
             error = None
             if self.download:
-                dest = Path(self.root) if self.root else (Path(os.environ["DATA_DIR"]) if os.environ.get("DATA_DIR") else dirs[-1])
+                dest = self._download_dest(dirs[-1])
                 for base in self.urls:
                     try:
                         for _, gz in self._required():
@@ -115,11 +101,7 @@ class IDXDataModule(TensorDataModule):
             if found is None:
                 files = [f"{f}[.gz]" for f, _ in self._required()]
                 raise not_found(self.display_name, files, dirs, error if self.download else None, self.hint)
-        self._found = found
         return found
-
-    def prepare_data(self) -> None:
-        self.locate()
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         folder = self.locate()

@@ -13,9 +13,12 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_clipprune.data.tensors import TensorDataModule
+
 __all__ = [
     "DOWNLOAD_TIMEOUT_S",
     "DataNotFoundError",
+    "FileDataModule",
     "cache_dir",
     "candidate_dirs",
     "check_root",
@@ -112,3 +115,48 @@ def download_error_text(err: BaseException) -> str:
     if isinstance(err, urllib.error.URLError):
         return f"{err.reason}"
     return f"{type(err).__name__}: {err}"
+
+
+class FileDataModule(TensorDataModule):
+    """A :class:`~lightning_clipprune.data.tensors.TensorDataModule` whose files are found on disk or downloaded.
+
+    Subclasses implement :meth:`_locate`; :meth:`locate` runs it once and remembers the folder, and
+    ``prepare_data`` calls it, so a missing data set fails before anything trains.
+
+    Args:
+        root: folder holding the files (``None``: search the default locations).
+        download: try to download the files when they are not found.
+        **kwargs: the :class:`~lightning_clipprune.data.tensors.TensorDataModule` arguments.
+
+    Raises:
+        DataNotFoundError: if ``root`` is not a folder (at construction).
+    """
+
+    def __init__(self, root: str | None = None, download: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_root(root, self.display_name)
+        self.root = root
+        self.download = download
+        self._found: Path | None = None
+
+    def locate(self) -> Path:
+        """The folder holding the data set's files, found (or downloaded) on the first call.
+
+        Raises:
+            DataNotFoundError: if they are neither found nor downloadable.
+        """
+        if self._found is None:
+            self._found = self._locate()
+        return self._found
+
+    def _locate(self) -> Path:
+        raise NotImplementedError
+
+    def _download_dest(self, fallback: Path) -> Path:
+        """Where downloads go: ``root``, else ``$DATA_DIR``, else ``fallback``."""
+        if self.root:
+            return Path(self.root)
+        return Path(os.environ["DATA_DIR"]) if os.environ.get("DATA_DIR") else fallback
+
+    def prepare_data(self) -> None:
+        self.locate()
