@@ -151,8 +151,7 @@ def _train(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_info
 
     from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback
-    from lightning_clipprune.pruning import select_prunable_parameters
-    from lightning_clipprune.sparsity import parameter_counts
+    from lightning_clipprune.sparsity import parameter_counts, prunable_names
 
     overrides = list(overrides)
     output_dir = Path(cfg.output_dir)
@@ -212,7 +211,7 @@ def _train(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
     if isinstance(prune_cb, MagnitudePruneCallback) and prune_cb.parameter_names:
         prunable = list(prune_cb.parameter_names)
     else:
-        prunable = list(select_prunable_parameters(model))
+        prunable = prunable_names(model)  # what SparsityLogger reports without a prune callback
     params_total, params_nonzero = parameter_counts(model)
     prunable_total, prunable_nonzero = parameter_counts(model, prunable)
     results: dict[str, Any] = {

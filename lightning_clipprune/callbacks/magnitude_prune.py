@@ -420,7 +420,7 @@ class MagnitudePruneCallback(Callback):
         masks = [self.masks[n] for n in self._params]
         for optimizer in trainer.optimizers:
             mask_optimizer_state_(optimizer, params, masks)
-        if criterion == "taylor" or self.criterion == "taylor":
+        if self.criterion == "taylor":
             apply_masks_(list(self._grad_avg.values()), [self.masks[n] for n in self._grad_avg])
         if self.verbose:
             pruned = sum(int((~m).sum()) for m in self.masks.values())
