@@ -1,0 +1,91 @@
+"""Fit, then evaluate: validation after post-training pruning, the test split once at the end.
+
+Ctrl-C (SIGINT) and SIGTERM (what cluster schedulers send) do not end the process from inside Lightning:
+the run stops at the end of the current batch and :func:`fit_and_evaluate` returns an
+:class:`Outcome` marked ``"interrupted"``, so the caller can still write ``results.json`` and say how to
+resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_clipprune.app.build import Components
+
+__all__ = ["Outcome", "fit_and_evaluate", "scalar"]
+
+
+@dataclass
+class Outcome:
+    """What training and evaluation gave.
+
+    Attributes:
+        status: ``"completed"`` or ``"interrupted"``.
+        val_acc: validation accuracy at the end (after post-training pruning when there was one).
+        val_acc_before_prune: validation accuracy before post-training pruning, else None.
+        test_acc: test accuracy, once at the end, when the data has a test split and ``test`` is on.
+        signal: ``"SIGINT"`` or ``"SIGTERM"`` for an interrupted run.
+    """
+
+    status: str = "completed"
+    val_acc: float | None = None
+    val_acc_before_prune: float | None = None
+    test_acc: float | None = None
+    signal: str | None = None
+
+
+def scalar(value: Any) -> float | None:
+    """A metric (tensor or number) as a float; None stays None."""
+    if value is None:
+        return None
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _interrupt_signal(err: BaseException, trainer: Any) -> str | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(err, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(err, KeyboardInterrupt):
+        return "SIGINT"
+    # Lightning turns Ctrl-C into sys.exit(1) after its own graceful shutdown, with the Trainer marked
+    if isinstance(err, SystemExit) and getattr(trainer, "interrupted", False):
+        return "SIGINT"
+    return None
+
+
+def fit_and_evaluate(parts: Components, *, ckpt_path: str | Path | None = None, test: bool = True) -> Outcome:
+    """``trainer.fit``, validation again after post-training pruning, ``trainer.test`` once.
+
+    Args:
+        parts: what :func:`~lightning_clipprune.app.build.build` made.
+        ckpt_path: a checkpoint to resume from.
+        test: evaluate the test split at the end (when the data module has one).
+
+    Returns:
+        The :class:`Outcome`; an interrupted fit returns at once with ``status="interrupted"``.
+    """
+    import signal as signals
+
+    trainer, model, datamodule = parts.trainer, parts.model, parts.datamodule
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except (KeyboardInterrupt, SystemExit) as err:
+        which = _interrupt_signal(err, trainer)
+        if which is None:
+            raise
+        # Lightning set SIGINT to "ignore" during its shutdown; a later Ctrl-C should work again
+        signals.signal(signals.SIGINT, signals.default_int_handler)
+        return Outcome(status="interrupted", val_acc=scalar(trainer.callback_metrics.get("val/acc")), signal=which)
+    out = Outcome(val_acc=scalar(trainer.callback_metrics.get("val/acc")))
+    before = getattr(parts.prune, "metrics_before_pruning", None)
+    if before is not None:  # post-training pruning happened in on_train_end: measure after it
+        out.val_acc_before_prune = before.get("val/acc")
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        out.val_acc = scalar(trainer.callback_metrics.get("val/acc"))
+    if test and datamodule.has_test:
+        metrics = trainer.test(model, datamodule=datamodule, verbose=False)
+        out.test_acc = scalar(metrics[0].get("test/acc")) if metrics else None
+    return out

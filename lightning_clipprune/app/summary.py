@@ -1,0 +1,162 @@
+"""The run's report: ``results.json`` (written atomically), the console summary, the resume command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_clipprune.app.build import Components
+from lightning_clipprune.app.fit import Outcome
+
+__all__ = ["collect_results", "print_summary", "resume_command", "write_results"]
+
+_NOT_REPEATED = ("ckpt_path", "hydra.run.dir")  # replaced in the resume command
+
+
+def resume_command(overrides: Sequence[str], output_dir: Path) -> str | None:
+    """The command that resumes a run in ``output_dir`` from its ``last.ckpt``, or None when there is none yet.
+
+    The resumed run writes into the same folder, so its metrics stay in one place.
+
+    Example::
+
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); (d / "checkpoints").mkdir(); (d / "checkpoints/last.ckpt").touch()
+        >>> resume_command(["prune.sparsity=0.5"], d).split()[3]
+        'prune.sparsity=0.5'
+    """
+    ckpt = output_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        return None
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in _NOT_REPEATED]
+    args = [*kept, f"hydra.run.dir={output_dir}", f"ckpt_path={ckpt}"]
+    return "python -m lightning_clipprune.run " + " ".join(shlex.quote(a) for a in args)
+
+
+def collect_results(
+    cfg: Any,
+    parts: Components,
+    outcome: Outcome,
+    *,
+    overrides: Sequence[str],
+    output_dir: Path,
+    wall_time_s: float,
+    resumed_from: Path | None = None,
+) -> dict[str, Any]:
+    """The dict written to ``results.json``: accuracies, sparsity, parameter counts, clipping, timing.
+
+    Keys: ``experiment``, ``status`` ("completed" | "interrupted"), ``val_acc``, ``test_acc`` (when
+    measured), ``val_acc_before_prune`` (after post-training pruning), ``sparsity`` (of the prunable
+    weights), ``params_total``, ``params_nonzero``, ``prunable_total``, ``prunable_nonzero``, ``clip``
+    (the clip callback's summary), ``epochs``, ``steps``, ``seed``, ``wall_time_s``, ``overrides``,
+    ``output_dir``; ``resume_command`` for an interrupted run; ``resumed_from`` for a resumed one.
+    """
+    from lightning_clipprune.callbacks.contract import PruneState
+    from lightning_clipprune.sparsity import parameter_counts, prunable_names
+
+    model, trainer = parts.model, parts.trainer
+    if isinstance(parts.prune, PruneState) and parts.prune.parameter_names:
+        prunable = list(parts.prune.parameter_names)
+    else:
+        prunable = prunable_names(model)  # what SparsityLogger reports without a prune callback
+    params_total, params_nonzero = parameter_counts(model)
+    prunable_total, prunable_nonzero = parameter_counts(model, prunable)
+    summary = getattr(parts.clip, "summary", None)
+    results: dict[str, Any] = {
+        "experiment": cfg.get("name") or "run",
+        "status": outcome.status,
+        "val_acc": outcome.val_acc,
+        "val_acc_before_prune": outcome.val_acc_before_prune,
+        "test_acc": outcome.test_acc,
+        "sparsity": 1.0 - prunable_nonzero / prunable_total if prunable_total else 0.0,
+        "params_total": params_total,
+        "params_nonzero": params_nonzero,
+        "prunable_total": prunable_total,
+        "prunable_nonzero": prunable_nonzero,
+        "clip": summary() if callable(summary) else None,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "seed": cfg.get("seed"),
+        "wall_time_s": wall_time_s,
+        "overrides": list(overrides),
+        "output_dir": str(output_dir),
+    }
+    for key in ("val_acc_before_prune", "test_acc"):
+        if results[key] is None:
+            del results[key]
+    if outcome.status == "interrupted":
+        results["signal"] = outcome.signal
+        results["resume_command"] = resume_command(overrides, output_dir)
+    if resumed_from is not None:
+        results["resumed_from"] = str(resumed_from)
+    return results
+
+
+def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
+    """Write ``results.json`` into ``output_dir`` through a temporary file and a rename (never half a file)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "results.json"
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=output_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def print_summary(results: dict[str, Any], job: str | None = None) -> None:
+    """The run's summary table on the console (rich).
+
+    Args:
+        results: what :func:`collect_results` returned.
+        job: which run this is, e.g. the sweep job's overrides; shown in the title.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f} %"
+
+    title = f"lightning-clipprune: {results['experiment']}" + (f" [{job}]" if job else "")
+    if results.get("status") == "interrupted":
+        title += f" (interrupted by {results.get('signal') or 'a signal'})"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("val accuracy", pct(results["val_acc"]))
+    if "val_acc_before_prune" in results:
+        table.add_row("val accuracy before pruning", pct(results["val_acc_before_prune"]))
+    if "test_acc" in results:
+        table.add_row("test accuracy", pct(results["test_acc"]))
+    table.add_row("sparsity (prunable weights)", pct(results["sparsity"]))
+    kept = results["params_nonzero"] / max(results["params_total"], 1)
+    table.add_row("parameters kept", f"{results['params_nonzero']:,} / {results['params_total']:,} ({pct(kept)})")
+    clip = results.get("clip")
+    if clip:
+        skipped = int(clip["nonfinite_skipped"])
+        table.add_row(
+            "gradient clipping",
+            f"{pct(clip['clipped_fraction'])} of {int(clip['steps'])} steps; "
+            f"norm mean {clip['mean_norm']:.3g}, max {clip['max_norm']:.3g}"
+            + (f"; {skipped} non-finite skipped" if skipped else ""),
+        )
+    else:
+        table.add_row("gradient clipping", "off")
+    table.add_row("epochs / steps", f"{results['epochs']} / {results['steps']}")
+    table.add_row("wall time", f"{results['wall_time_s']:.1f} s")
+    if results.get("resumed_from"):
+        table.add_row("resumed from", results["resumed_from"])
+    Console().print(table)
+    if results.get("status") == "interrupted":
+        command = results.get("resume_command")
+        Console(stderr=True).print(
+            f"resume with: {command}" if command else "no checkpoint yet (none before the first epoch ended): run again",
+            soft_wrap=True, highlight=False, markup=False,
+        )
