@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_clipprune._validation import check_choice, check_int, check_real
+
 __all__ = ["Classifier", "LR_SCHEDULES"]
 
 #: Learning-rate schedules that ``Classifier(lr_schedule=...)`` accepts.
@@ -58,14 +60,10 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"Classifier: `lr_schedule` must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"Classifier: `warmup_fraction` must be in [0, 1), got {warmup_fraction!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Classifier: `label_smoothing` must be in [0, 1), got {label_smoothing!r}")
-        if num_classes < 2:
-            raise ValueError(f"Classifier: `num_classes` must be >= 2, got {num_classes!r}")
+        check_choice("Classifier", "lr_schedule", lr_schedule, LR_SCHEDULES)
+        warmup_fraction = check_real("Classifier", "warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_open=True)
+        label_smoothing = check_real("Classifier", "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+        check_int("Classifier", "num_classes", num_classes, low=2)
         self.save_hyperparameters(ignore=["net", "optimizer"])
         self.net = net
         self.optimizer_factory = optimizer
