@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import contextlib
+import functools
 import importlib
 import os
 import pickle
@@ -102,6 +103,7 @@ def _resolve(qualname: str) -> Any | None:
     return obj
 
 
+@functools.cache
 def _allowed_globals() -> list[Any]:
     # Classes registered under a name other than the one pickle records (a re-export) go as (obj, name).
     out: list[Any] = []
@@ -284,10 +286,10 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "x.ckpt")
         >>> _ = open(path, "wb").write(b"\\x00" * 10)
-        >>> check_checkpoint_file(path)
+        >>> check_checkpoint_file(path)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lightning_clipprune.checkpoint.CheckpointError: checkpoint ...x.ckpt: not a torch checkpoint (10 bytes of something else)
+        lightning_clipprune.checkpoint.CheckpointError: checkpoint ...x.ckpt: not a torch checkpoint (10 bytes that are not a pickle)
     """
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("state_dict"), dict):
