@@ -292,12 +292,13 @@ _CRAFTED: list[tuple[str, bytes, str]] = [
     ("name length past end", _craft([struct.pack("<H", 60000) + b"abc"]), "runs past the end"),
     ("no end marker", _craft(_GOOD)[:-8] + b"XXXXXXXX", "end marker is missing"),
     ("checksum wrong", _craft(_GOOD)[:-12] + b"\0\0\0\0" + _END, "checksum mismatch"),
+    ("version 2, checksum wrong", _craft(_GOOD, version=2)[:-12] + b"\0\0\0\0" + _END, "checksum mismatch.*version 2"),
     ("newer version, rest intact", _craft(_GOOD, version=2), "version 2 is newer than this reader"),
     ("foreign", b"PK\x03\x04" + bytes(100), "wrong magic bytes"),
 ]
-for _seed in range(12):  # random bytes after the magic, with and without an end marker
+for _seed in range(12):  # random bytes after the magic (a plausible version for half), with and without an end marker
     _rng = np.random.default_rng(_seed)
-    _noise = _MAGIC + _rng.bytes(int(_rng.integers(0, 3000)))
+    _noise = _MAGIC + (struct.pack("<H", 2 + _seed) if _seed % 2 else b"") + _rng.bytes(int(_rng.integers(0, 3000)))
     _CRAFTED.append((f"random bytes {_seed}", _noise, "truncated|end marker"))
     _CRAFTED.append((f"random bytes {_seed} + end marker", _noise + _END, "corrupt|truncated|malformed"))
 

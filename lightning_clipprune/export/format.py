@@ -18,6 +18,9 @@ File layout (little-endian; version 1)::
              3 alias          u16 length | name of an earlier record holding the same tensor (tied weights)
     footer   u32 CRC-32 of every byte before it | magic b"LCPSEND\\0"
 
+Every later version keeps the header and the footer as they are, so that a reader can tell an intact file of
+a newer version ("upgrade") from a damaged one.
+
 Loading reads no pickle and trusts no field: every header field and record is checked against the file's
 size before anything is allocated, so a corrupt, truncated, foreign or crafted file raises
 :class:`SparseFormatError` (one line naming the file), never another exception and never a huge allocation.
@@ -298,18 +301,22 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
     _magic, version, flags, n_records, meta_len = _HEADER.unpack_from(data)
     if size < _HEADER.size + _FOOTER.size or data[-len(_END_MAGIC) :] != _END_MAGIC:
         raise SparseFormatError(path, f"truncated or incomplete: the end marker is missing ({size} bytes)")
-    # Only now, with both ends of a real file in place, is a version above ours believed to be one.
-    if version > FORMAT_VERSION and version <= _PLAUSIBLE_VERSION:
+    body_end = size - _FOOTER.size
+    stored_crc, _ = _FOOTER.unpack_from(data, body_end)
+    actual_crc = zlib.crc32(memoryview(data)[:body_end])
+    plausible = FORMAT_VERSION < version <= _PLAUSIBLE_VERSION
+    if stored_crc != actual_crc:
+        # The version field of a damaged file is not believed: no "upgrade" advice for noise.
+        said = f"; its header says version {version}" if version != FORMAT_VERSION else ""
+        raise SparseFormatError(
+            path, f"corrupt: checksum mismatch (stored {stored_crc:#010x}, computed {actual_crc:#010x}){said}"
+        )
+    if plausible:  # every version keeps this header and footer, so an intact file of a newer one is known
         raise SparseFormatError(
             path, f"format version {version} is newer than this reader (version {FORMAT_VERSION}); upgrade"
         )
     if version != FORMAT_VERSION:
         raise SparseFormatError(path, f"corrupt: the version field holds {version}, not a format version")
-    body_end = size - _FOOTER.size
-    stored_crc, _ = _FOOTER.unpack_from(data, body_end)
-    actual_crc = zlib.crc32(memoryview(data)[:body_end])
-    if stored_crc != actual_crc:
-        raise SparseFormatError(path, f"corrupt: checksum mismatch (stored {stored_crc:#010x}, computed {actual_crc:#010x})")
     if flags != 0:
         raise SparseFormatError(path, f"malformed: header flags {flags:#06x}, version {FORMAT_VERSION} defines none")
     if meta_len > body_end - _HEADER.size:
