@@ -31,6 +31,7 @@ from lightning_clipprune.checkpoint import (
     check_checkpoint_file,
     load_checkpoint,
     pickle_globals,
+    safe_checkpoint_globals,
 )
 from lightning_clipprune.data import read_cifar_batch
 from lightning_clipprune.export import SparseFormatError, load_sparse, save_sparse
@@ -95,6 +96,22 @@ def test_the_suites_checkpoints_load_safely(suite_checkpoint: Path, tmp_path: Pa
     torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": hp}, path)
     loaded = load_checkpoint(path)["hyper_parameters"]
     assert loaded["cfg"].model.layers == [1, 2] and loaded["root"] == pathlib.Path("/data") and loaded["lr"] == 0.1
+
+
+def test_resume_through_lightning_loads_with_weights_only(suite_checkpoint: Path, tmp_path: Path) -> None:
+    """What the app does for ``ckpt_path=``: check the file, then let Lightning load it with weights_only=True."""
+    check_checkpoint_file(suite_checkpoint)
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=2, limit_train_batches=4,
+        callbacks=[
+            GradientClipCallback(clip_val=None, algorithm="autoclip"),
+            MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=2, criterion="taylor"),
+            SparsityLogger(),
+        ],
+    )
+    with safe_checkpoint_globals():
+        trainer.fit(TinyClassifier(), random_loader(), ckpt_path=str(suite_checkpoint), weights_only=True)
+    assert trainer.current_epoch == 2 and trainer.global_step == 8
 
 
 def _hostile_files(tmp_path: Path, suite_checkpoint: Path, marker: Path) -> dict[str, tuple[Path, str]]:
