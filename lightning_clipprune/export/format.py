@@ -428,7 +428,7 @@ def read_sparse_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read(path)[0]
 
 
-def load_sparse_into(module: nn.Module, path: str | os.PathLike, *, strict: bool = True, prefix: str = ""):  # type: ignore[no-untyped-def]
+def load_sparse_into(module: nn.Module, path: str | os.PathLike, *, strict: bool = True, prefix: str = "") -> Any:
     """Load a sparse export into ``module`` (``module.load_state_dict``) and return its result.
 
     Args:
