@@ -65,19 +65,24 @@ def _one_line(message: str, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-@pytest.fixture(scope="module")
-def suite_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real checkpoint of a model trained with the three callbacks (AutoClip and Taylor: the most state)."""
-    tmp = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    trainer = tiny_trainer(
-        tmp, max_epochs=1, limit_train_batches=4,
+def _suite_trainer(tmp: Path, max_epochs: int):  # noqa: ANN202
+    """The three callbacks with the most state to checkpoint (AutoClip history, Taylor gradient averages)."""
+    return tiny_trainer(
+        tmp, max_epochs=max_epochs, limit_train_batches=4,
         callbacks=[
             GradientClipCallback(clip_val=None, algorithm="autoclip"),
             MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=2, criterion="taylor"),
             SparsityLogger(),
         ],
     )
+
+
+@pytest.fixture(scope="module")
+def suite_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint of a model trained with the three callbacks."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    trainer = _suite_trainer(tmp, max_epochs=1)
     trainer.fit(TinyClassifier(), random_loader())
     path = tmp / "suite.ckpt"
     trainer.save_checkpoint(path)
@@ -101,14 +106,7 @@ def test_the_suites_checkpoints_load_safely(suite_checkpoint: Path, tmp_path: Pa
 def test_resume_through_lightning_loads_with_weights_only(suite_checkpoint: Path, tmp_path: Path) -> None:
     """What the app does for ``ckpt_path=``: check the file, then let Lightning load it with weights_only=True."""
     check_checkpoint_file(suite_checkpoint)
-    trainer = tiny_trainer(
-        tmp_path, max_epochs=2, limit_train_batches=4,
-        callbacks=[
-            GradientClipCallback(clip_val=None, algorithm="autoclip"),
-            MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=2, criterion="taylor"),
-            SparsityLogger(),
-        ],
-    )
+    trainer = _suite_trainer(tmp_path, max_epochs=2)
     with safe_checkpoint_globals():
         trainer.fit(TinyClassifier(), random_loader(), ckpt_path=str(suite_checkpoint), weights_only=True)
     assert trainer.current_epoch == 2 and trainer.global_step == 8
