@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import stat
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -46,7 +48,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple:
         return (os.system, (f"touch {self.marker}",))
 
 
@@ -54,7 +56,7 @@ class _ExecPayload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
@@ -65,7 +67,7 @@ def _one_line(message: str, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def _suite_trainer(tmp: Path, max_epochs: int):  # noqa: ANN202
+def _suite_trainer(tmp: Path, max_epochs: int) -> L.Trainer:
     """The three callbacks with the most state to checkpoint (AutoClip history, Taylor gradient averages)."""
     return tiny_trainer(
         tmp, max_epochs=max_epochs, limit_train_batches=4,
@@ -329,7 +331,7 @@ def test_crafted_sparse_files_are_refused_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(SparseFormatError) as info:
             load_sparse(path)
         message = str(info.value)
-        assert __import__("re").search(expected, message), (case, message)
+        assert re.search(expected, message), (case, message)
         _one_line(message, path)
         if not case.startswith("newer"):
             assert "upgrade" not in message, (case, message)
@@ -403,7 +405,7 @@ def test_save_sparse_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pyt
     real_encode = fmt._encode
     calls: list[int] = []
 
-    def fail_on_second(tensor: torch.Tensor, keep_zero_signs: bool):  # noqa: ANN202
+    def fail_on_second(tensor: torch.Tensor, keep_zero_signs: bool) -> tuple[int, list[bytes]]:
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("disk on fire")  # half of the file is written by now
