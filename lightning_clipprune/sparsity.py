@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from lightning_clipprune.pruning import PRUNABLE_TYPES, select_prunable_parameters
 
-#: Signed integer dtype with the same element size, used to look at a float tensor's bits.
-_SIGNED_BITS_DTYPE: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: Signed integer dtype with the same element size, used to look at a tensor's bits (here and in the exporter).
+BITS_DTYPE: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def encoded_sizes(numel, nonzero, itemsize: int, negative_zeros):  # type: ignore[no-untyped-def]
@@ -62,7 +62,7 @@ def has_negative_zero(tensor: Tensor) -> Tensor:
     """A 0-dim bool tensor on ``tensor``'s device: whether any element is ``-0.0`` (floating point only)."""
     if not tensor.is_floating_point():
         return torch.zeros((), dtype=torch.bool, device=tensor.device)
-    bits = tensor.view(_SIGNED_BITS_DTYPE[tensor.element_size()])
+    bits = tensor.view(BITS_DTYPE[tensor.element_size()])
     return (bits == torch.iinfo(bits.dtype).min).any()  # the sign bit alone is -0.0 in every float format
 
 
@@ -84,14 +84,20 @@ def compressed_size_bytes(tensor: Tensor) -> int:
     return bitmask if bitmask < dense else dense
 
 
-def _storage_key(tensor: Tensor) -> tuple:
+def storage_key(tensor: Tensor) -> tuple:
+    """A key equal for two tensors exactly when they are the same view of the same memory (tied weights).
+
+    Used to count a tied tensor once here and to store it once in the sparse export. Tensors without a
+    plain storage (some subclasses) and empty or meta tensors (which all sit at address 0) get a key of
+    their own: the object's identity.
+    """
     try:
         ptr = tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
         return (id(tensor),)
     if ptr == 0:  # empty or meta tensors share address 0 without sharing data
         return (id(tensor),)
-    return (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    return (ptr, tensor.device, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def named_weights(module: nn.Module) -> dict[str, Tensor]:
@@ -151,7 +157,7 @@ def unique_parameters(module: nn.Module, names: Iterable[str] | None = None) -> 
     seen: set[tuple] = set()
     out: dict[str, Tensor] = {}
     for name in wanted:
-        key = _storage_key(all_params[name])
+        key = storage_key(all_params[name])
         if key not in seen:
             seen.add(key)
             out[name] = all_params[name]
@@ -171,8 +177,8 @@ def split_parameters(
     selected = unique_parameters(module, names)
     if names is None:
         return selected, {}
-    keys = {_storage_key(t) for t in selected.values()}
-    rest = {n: p for n, p in unique_parameters(module).items() if _storage_key(p) not in keys}
+    keys = {storage_key(t) for t in selected.values()}
+    rest = {n: p for n, p in unique_parameters(module).items() if storage_key(p) not in keys}
     return selected, rest
 
 

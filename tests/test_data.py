@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import pickle
+import struct
+import tarfile
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +28,7 @@ from lightning_clipprune.data import (
     read_cifar_batch,
     read_idx,
 )
+from lightning_clipprune.data.cifar import CIFAR10_MD5
 
 from .conftest import write_cifar10, write_idx, write_mnist_like
 from .helpers import tiny_trainer
@@ -292,3 +297,72 @@ def test_trainer_uses_len_limit_and_set_epoch(tmp_path: Path) -> None:
     tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(full, datamodule=DigitsDataModule(batch_size=100, seed=0))
     assert len(full.seen) == 13  # 1,294 training images in batches of 100
     assert torch.equal(torch.cat(full.seen[:3]), first)  # same seed, same first epoch
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2 wrote the official batches: bytes as (SHORT_)BINSTRING, not ``_codecs.encode``."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_bytes
+
+
+def test_cifar_batch_pickled_by_python2_and_numpy1_loads(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump({b"batch_label": b"testing batch 1 of 1", b"labels": [7, 0, 9],
+                                        b"data": images, b"filenames": [b"a.png", b"b.png", b"c.png"]})
+    data = buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")  # numpy 1's name
+    assert b"cnumpy.core.multiarray\n_reconstruct" in data and b"_codecs" not in data
+    path = tmp_path / "test_batch"
+    path.write_bytes(data)
+    x, y = read_cifar_batch(path)
+    assert y.tolist() == [7, 0, 9] and torch.equal(x.reshape(3, -1), torch.from_numpy(images))
+
+
+def _serve(monkeypatch: pytest.MonkeyPatch, payload: bytes) -> list[str]:
+    urls: list[str] = []
+
+    def urlopen(url: str, timeout: float) -> io.BytesIO:
+        urls.append(url)
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    return urls
+
+
+def _cifar_archive(tmp_path: Path) -> bytes:
+    source = write_cifar10(tmp_path / "server", per_batch=4)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive.read_bytes()
+
+
+def test_cifar_download_with_the_wrong_md5_is_refused_and_deleted(tmp_path: Path, monkeypatch) -> None:
+    urls = _serve(monkeypatch, _cifar_archive(tmp_path))  # a valid archive, but not the official one
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(DataNotFoundError) as info:
+        CIFAR10DataModule(root=str(root)).prepare_data()
+    msg = str(info.value)
+    assert "\n" not in msg and len(urls) == 1
+    assert f"is not the published {CIFAR10_MD5}" in msg and "cifar-10-python.tar.gz: MD5 " in msg
+    assert list(root.iterdir()) == []  # neither the archive nor extracted batches are kept
+
+
+def test_cifar_download_with_the_published_md5_is_extracted(tmp_path: Path, monkeypatch) -> None:
+    payload = _cifar_archive(tmp_path)
+    _serve(monkeypatch, payload)
+    monkeypatch.setattr("lightning_clipprune.data.cifar.CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    root = tmp_path / "root"
+    root.mkdir()
+    dm = CIFAR10DataModule(root=str(root), batch_size=4)
+    assert dm.locate() == root / "cifar-10-batches-py"
+    assert locate.file_md5(root / "cifar-10-python.tar.gz") == hashlib.md5(payload).hexdigest()

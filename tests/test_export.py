@@ -284,6 +284,21 @@ def test_cli_as_a_module(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "RuntimeWarning" not in proc.stderr  # no double import of __main__
+
+
+def test_package_exports_every_public_name():
+    import lightning_clipprune.export as export
+    from lightning_clipprune.export import __main__ as cli
+    from lightning_clipprune.export import format as fmt
+    from lightning_clipprune.export import semi_structured
+
+    for name in export.__all__:
+        assert getattr(export, name) is not None, name
+    assert export.main is cli.main and export.save_sparse is fmt.save_sparse
+    assert export.to_semi_structured is semi_structured.to_semi_structured
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        export.nope  # noqa: B018
 
 
 # ----------------------------------------------------------------------------------------------- 2:4

@@ -6,6 +6,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,28 +21,79 @@ from lightning_clipprune.data.locate import (
     not_found,
 )
 
-__all__ = ["CIFAR10DataModule", "CIFAR10_URL", "read_cifar_batch"]
+__all__ = ["CIFAR10DataModule", "CIFAR10_MD5", "CIFAR10_URL", "read_cifar_batch"]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+#: The published MD5 of ``cifar-10-python.tar.gz`` (https://www.cs.toronto.edu/~kriz/cifar.html).
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 _TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST = "test_batch"
+
+
+def _numpy_multiarray() -> Any:
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    return multiarray
+
+
+# What the official batches (pickled by Python 2 with numpy 1) and re-pickled ones name; nothing else.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_multiarray()._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_multiarray()._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The batch names a global outside :data:`_ALLOWED_GLOBALS`."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only containers, bytes, numbers and numpy arrays: no other global is reachable."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(
+                f"refused to unpickle {module}.{name}: not allowed in a CIFAR-10 batch (the file may be malicious)"
+            ) from None
 
 
 def read_cifar_batch(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """One CIFAR pickle batch: a dict with ``b"data"`` (``uint8``, ``(N, 3072)``, channel-major) and ``b"labels"``.
 
+    The file is read with a restricted unpickler that admits only what the official batches hold (dicts,
+    lists, bytes, numbers, numpy arrays): a file crafted to run code when unpickled is refused, and its
+    code never runs.
+
     Returns:
         ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``.
 
     Raises:
-        ValueError: if the file does not hold such a dict.
+        ValueError: if the file names any other global, is not a pickle, or does not hold such a dict; one
+            line naming the file.
     """
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    where = f"read_cifar_batch: {os.fspath(path)}"
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise ValueError(f"{where}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+        raise ValueError(f"{where}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"read_cifar_batch: {str(path)!r} is not a CIFAR-10 python batch (no b'data'/b'labels')")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.as_tensor(batch[b"labels"], dtype=torch.long)
+        raise ValueError(f"{where}: not a CIFAR-10 python batch (no b'data'/b'labels')")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise ValueError(f"{where}: b'data' is not a uint8 array of shape (N, 3072) (got {type(data).__name__} {shape})")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(isinstance(v, int) for v in labels):
+        raise ValueError(f"{where}: b'labels' is not a list of {len(data)} ints")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.as_tensor(labels, dtype=torch.long)
 
 
 class CIFAR10DataModule(FileDataModule):
@@ -49,7 +101,8 @@ class CIFAR10DataModule(FileDataModule):
 
     The batches ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` are looked for in ``root``,
     ``root/cifar-10-batches-py``, the same under ``$DATA_DIR``, and the download cache; if absent and
-    ``download`` is set, ``cifar-10-python.tar.gz`` (163 MB) is downloaded and extracted there.
+    ``download`` is set, ``cifar-10-python.tar.gz`` (163 MB) is downloaded, checked against its published
+    MD5 and extracted there. The batches are read without running code from them (:func:`read_cifar_batch`).
     Normalised with the usual per-channel mean and std; ``augment=True`` (the default) applies the
     standard random crop (4 px zero padding) and horizontal flip on the device.
 
@@ -82,7 +135,7 @@ class CIFAR10DataModule(FileDataModule):
             dest = self._download_dest(cache)
             archive = dest / "cifar-10-python.tar.gz"
             try:
-                download(CIFAR10_URL, archive)
+                download(CIFAR10_URL, archive, md5=CIFAR10_MD5)
                 with tarfile.open(archive) as tar:
                     tar.extractall(dest, filter="data")
                 found = find_dir([dest / "cifar-10-batches-py"], required)

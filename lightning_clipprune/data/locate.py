@@ -6,6 +6,7 @@ were searched, why the download failed and how to provide the data.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import urllib.error
@@ -17,6 +18,7 @@ from lightning_clipprune.data.tensors import TensorDataModule
 
 __all__ = [
     "DOWNLOAD_TIMEOUT_S",
+    "ChecksumError",
     "DataNotFoundError",
     "FileDataModule",
     "cache_dir",
@@ -24,6 +26,7 @@ __all__ = [
     "check_root",
     "download",
     "download_error_text",
+    "file_md5",
     "find_dir",
     "not_found",
 ]
@@ -34,6 +37,10 @@ DOWNLOAD_TIMEOUT_S = 10.0
 
 class DataNotFoundError(FileNotFoundError):
     """The data set is not on disk where we looked, and could not be downloaded."""
+
+
+class ChecksumError(OSError):
+    """A downloaded file does not have the published checksum (corrupt, or not the official file)."""
 
 
 def cache_dir(name: str) -> Path:
@@ -71,10 +78,17 @@ def find_dir(dirs: Sequence[Path], required: Sequence[Sequence[str]]) -> Path | 
     return None
 
 
-def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Download ``url`` to ``dest`` (atomically: a partial file never has the final name).
+def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, md5: str | None = None) -> None:
+    """Download ``url`` to ``dest`` (atomically: a partial or unverified file never has the final name).
+
+    Args:
+        url: what to download.
+        dest: the file to write; its folder is created.
+        timeout: seconds to wait for the server.
+        md5: the published MD5 of the file (hex); a download that does not match is deleted and refused.
 
     Raises:
+        ChecksumError: (an ``OSError``) the downloaded file's MD5 is not ``md5``.
         OSError: on any network or file error (``urllib.error.URLError`` is an ``OSError``).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -82,9 +96,25 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)
+        if md5 is not None:
+            actual = file_md5(tmp)
+            if actual != md5.lower():
+                raise ChecksumError(
+                    f"{dest.name}: MD5 {actual} is not the published {md5.lower()} (a corrupt download or not "
+                    "the official file); it was deleted"
+                )
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_md5(path: Path, chunk: int = 1 << 20) -> str:
+    """The MD5 of a file, hex (read in 1 MiB chunks)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_root(root: str | os.PathLike | None, what: str) -> None:
@@ -114,6 +144,8 @@ def download_error_text(err: BaseException) -> str:
     """A short reason for a failed download (``URLError`` wraps the interesting part in ``.reason``)."""
     if isinstance(err, urllib.error.URLError):
         return f"{err.reason}"
+    if isinstance(err, ChecksumError):
+        return str(err)
     return f"{type(err).__name__}: {err}"
 
 

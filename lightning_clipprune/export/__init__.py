@@ -1,0 +1,49 @@
+"""Export of pruned models, one module per job.
+
+* :mod:`~lightning_clipprune.export.format`: the compact sparse file format (``.lcps``), pure torch + numpy,
+  no pickle: :func:`save_sparse`, :func:`load_sparse`, :func:`load_sparse_into`, :func:`read_sparse_metadata`.
+* :mod:`~lightning_clipprune.export.semi_structured`: 2:4 semi-structured conversion for CUDA inference
+  (:func:`to_semi_structured`), the only place that reads torch private internals.
+* :mod:`~lightning_clipprune.export.__main__`: the command line, ``python -m lightning_clipprune.export CKPT OUT``
+  (:func:`main`).
+
+Every name is importable from here: ``from lightning_clipprune.export import save_sparse, main``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_clipprune.export.format import (
+    FORMAT_VERSION,
+    SparseFormatError,
+    load_sparse,
+    load_sparse_into,
+    read_sparse_metadata,
+    record_overhead_bytes,
+    save_sparse,
+)
+from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SparseFormatError",
+    "is_n_m_sparse",
+    "load_sparse",
+    "load_sparse_into",
+    "main",
+    "read_sparse_metadata",
+    "record_overhead_bytes",
+    "save_sparse",
+    "to_semi_structured",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # ``main`` is imported on first use: importing ``__main__`` here would make ``python -m`` warn that the
+    # module was already imported before it ran.
+    if name == "main":
+        from lightning_clipprune.export.__main__ import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

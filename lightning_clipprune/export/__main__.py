@@ -1,0 +1,112 @@
+"""``python -m lightning_clipprune.export CHECKPOINT OUT``: write a checkpoint's weights in the sparse format.
+
+The checkpoint is read without running code from it (:func:`lightning_clipprune.checkpoint.load_checkpoint`);
+``--unsafe-load`` unpickles it fully, for a trusted checkpoint holding objects outside the allowed list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
+from lightning_clipprune.export.format import save_sparse
+from lightning_clipprune.sparsity import format_bytes
+
+__all__ = ["main"]
+
+_UNSAFE_WARNING = (
+    "WARNING: --unsafe-load unpickles {path} with the full unpickler: a malicious checkpoint runs any code it "
+    "contains, with your permissions. Only use it on a file you made yourself or fully trust.\n"
+)
+
+
+def _state_dict_of_checkpoint(ckpt: Any) -> dict[str, Tensor]:
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
+        return dict(ckpt["state_dict"])
+    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+        return dict(ckpt)  # a bare torch.save(model.state_dict())
+    raise ValueError("neither a Lightning checkpoint (no 'state_dict' entry) nor a state dict of tensors")
+
+
+def _read_state_dict(path: str, unsafe: bool) -> dict[str, Tensor]:
+    if not unsafe:
+        return _state_dict_of_checkpoint(load_checkpoint(path))
+    sys.stderr.write(_UNSAFE_WARNING.format(path=path))
+    return _state_dict_of_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the weights of a checkpoint in the sparse format and print the sizes before and after.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns:
+        The exit status: 0 on success, 1 when the checkpoint cannot or must not be read, or the output cannot
+        be written (one ``error:`` line on stderr).
+
+    Example::
+
+        python -m lightning_clipprune.export outputs/2026-01-01/12-00-00/checkpoints/final.ckpt model.lcps
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_clipprune.export",
+        description="Write the weights of a Lightning checkpoint (or a torch.save'd state dict) in the compact "
+        "sparse format of lightning_clipprune.export, and print the sizes before and after. The checkpoint is "
+        "read with torch.load(weights_only=True): no code in it runs.",
+    )
+    parser.add_argument("checkpoint", help="a Lightning .ckpt file, or a torch.save(state_dict) file")
+    parser.add_argument("out", help="the sparse file to write")
+    parser.add_argument(
+        "--drop-zero-signs",
+        action="store_true",
+        help="store -0.0 as +0.0 (smaller when the pruning left negative zeros; equal in value, not in bits)",
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="DANGEROUS: unpickle the checkpoint fully (runs any code it holds); only for files you trust that "
+        "hold objects the safe loader refuses",
+    )
+    args = parser.parse_args(argv)
+
+    try:
+        state = _read_state_dict(args.checkpoint, args.unsafe_load)
+    except CheckpointError as err:
+        sys.stderr.write(f"error: cannot read {err}\n")
+        return 1
+    except Exception as err:  # a CLI reports any failure to read as one line, not a traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: {reason}\n")
+        return 1
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    dense = buffer.getbuffer().nbytes
+    try:
+        compact = save_sparse(
+            state, args.out, keep_zero_signs=not args.drop_zero_signs,
+            metadata={"source": os.path.basename(args.checkpoint)},
+        )
+    except (OSError, TypeError, ValueError) as err:
+        sys.stderr.write(f"error: cannot write {args.out}: {err}\n")
+        return 1
+    ckpt_size = os.path.getsize(args.checkpoint)
+    sys.stdout.write(
+        f"checkpoint   {args.checkpoint}: {format_bytes(ckpt_size)} ({ckpt_size:,} bytes), {len(state)} tensors\n"
+        f"dense        torch.save(state_dict): {format_bytes(dense)} ({dense:,} bytes)\n"
+        f"compact      {args.out}: {format_bytes(compact)} ({compact:,} bytes)\n"
+        f"ratio        {compact / dense:.3f}x of the dense state dict\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
