@@ -57,9 +57,15 @@ def _checkpoint_path(cfg: DictConfig) -> Path | None:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
         return None
+    from lightning_clipprune.checkpoint import CheckpointError, check_checkpoint_file
+
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
+    try:  # read without unpickling anything but tensors and plain values: a hostile file runs no code
+        check_checkpoint_file(path)
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: {one_line(err)}") from None
     return path
 
 
@@ -198,11 +204,13 @@ def _job_label() -> str | None:
     return f"job {hc.job.num}: {' '.join(hc.overrides.task)}"
 
 
-def _fail(err: BaseException) -> None:
+def _fail(err: BaseException, sweeping: bool) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
     message = str(err) if isinstance(err, ConfigError) else one_line(err)
     print(f"error: {message}", file=sys.stderr)
+    if sweeping:  # Hydra marks the job failed and goes on with the sweep (sys.exit would end the sweep)
+        raise err
     sys.exit(1)
 
 
@@ -223,10 +231,11 @@ def main(cfg: DictConfig) -> float | None:
     from lightning_clipprune.data.locate import DataNotFoundError
 
     _quiet_console(bool(cfg.get("verbose", False)))
+    job = _job_label()
     try:
-        results = train(cfg, list(HydraConfig.get().overrides.task), job=_job_label())
+        results = train(cfg, list(HydraConfig.get().overrides.task), job=job)
     except (ConfigError, DataNotFoundError) as err:
-        _fail(err)
+        _fail(err, sweeping=job is not None)
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was trained", file=sys.stderr)
         sys.exit(_INTERRUPTED_STATUS["SIGINT"])

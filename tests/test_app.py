@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from lightning_clipprune.checkpoint import load_checkpoint
 from lightning_clipprune.data import DataNotFoundError
 from lightning_clipprune.run import ConfigError, config_dir, train
 
@@ -147,7 +148,7 @@ def test_seed_makes_a_cpu_run_reproducible(tmp_path: Path) -> None:
     b = run(tmp_path / "b", "seed=3", "trainer.limit_train_batches=5")
     run(tmp_path / "c", "seed=4", "trainer.limit_train_batches=5")
     wa, wb, wc = (
-        torch.load(tmp_path / d / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"] for d in "abc"
+        load_checkpoint(tmp_path / d / "checkpoints" / "final.ckpt")["state_dict"] for d in "abc"
     )
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["val_acc"] == b["val_acc"]
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
@@ -158,10 +159,35 @@ def test_seed_makes_a_cpu_run_reproducible(tmp_path: Path) -> None:
 def test_ckpt_path_resumes_the_run(tmp_path: Path) -> None:
     first = run(tmp_path / "a")
     assert first["steps"] == 2
-    resumed = run(tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}")
+    resumed = run(tmp_path / "b", "trainer.max_epochs=2", "trainer.max_steps=-1", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}")
     assert resumed["steps"] == 4 and resumed["epochs"] == 2  # continued from step 2, not from scratch
     with pytest.raises(ConfigError, match="ckpt_path=.*nope.ckpt"):
         run(tmp_path / "c", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["payload", "random", "truncated"])
+def test_a_hostile_or_broken_ckpt_path_is_one_line_and_runs_nothing(tmp_path: Path, kind: str) -> None:
+    bad = tmp_path / "bad.ckpt"
+    marker = tmp_path / "pwned"
+    if kind == "payload":
+        torch.save({"state_dict": {}, "x": _Payload(marker)}, bad)
+    elif kind == "random":
+        bad.write_bytes(os.urandom(4096))
+    else:
+        run(tmp_path / "a")
+        bad.write_bytes((tmp_path / "a" / "checkpoints" / "last.ckpt").read_bytes()[:2000])
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*bad.ckpt") as info:
+        run(tmp_path / "b", f"ckpt_path={bad}")
+    assert "\n" not in str(info.value) and not marker.exists()
+    assert not (tmp_path / "b" / "checkpoints").exists()
 
 
 def test_tensorboard_logger_writes_into_the_output_folder(tmp_path: Path) -> None:

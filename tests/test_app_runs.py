@@ -33,7 +33,7 @@ def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
 
 
 def test_two_runs_started_together_get_their_own_folders(tmp_path: Path) -> None:
-    args = ("debug=smoke", "trainer.max_epochs=2")
+    args = ("debug=smoke", "trainer.max_epochs=2", "trainer.max_steps=-1")
     procs = [_start(tmp_path, *args) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]

@@ -69,9 +69,12 @@ def fit_and_evaluate(parts: Components, *, ckpt_path: str | Path | None = None, 
     """
     import signal as signals
 
+    from lightning_clipprune.checkpoint import safe_checkpoint_globals
+
     trainer, model, datamodule = parts.trainer, parts.model, parts.datamodule
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        with safe_checkpoint_globals():  # the checkpoint is read with weights_only=True: no code runs from it
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except (KeyboardInterrupt, SystemExit) as err:
         which = _interrupt_signal(err, trainer)
         if which is None:

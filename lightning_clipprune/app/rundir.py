@@ -109,7 +109,8 @@ def set_aside_metrics(output_dir: Path) -> Path | None:
 def merge_metrics(output_dir: Path, aside: Path | None) -> None:
     """One ``csv/metrics.csv`` for a resumed run: the earlier rows (before the resumed step), then the new ones."""
     import csv
-    import tempfile
+
+    from lightning_clipprune._io import atomic_path
 
     if aside is None or not aside.is_file():
         return
@@ -124,10 +125,8 @@ def merge_metrics(output_dir: Path, aside: Path | None) -> None:
     if steps:  # rows the resumed run logged again (after the checkpoint, before the interruption) are dropped
         old = [r for r in old if r.get("step", "").isdigit() and int(r["step"]) < min(steps)]
     keys = sorted({k for row in old + new for k in row})
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=current.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(current) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(old + new)
-    os.replace(tmp, current)
     aside.unlink()

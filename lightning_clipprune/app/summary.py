@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,16 +96,11 @@ def collect_results(
 
 def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     """Write ``results.json`` into ``output_dir`` through a temporary file and a rename (never half a file)."""
+    from lightning_clipprune._io import atomic_write_text
+
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "results.json"
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return path
 
 
