@@ -209,7 +209,7 @@ def test_search_cli_on_an_app_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     from lightning_clipprune.search import main
 
     run_dir = tmp_path / "run"
-    overrides = ["~prune", "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    overrides = ["~prune", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                  "callbacks.sparsity.print_table=false", "logger=csv"]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"output_dir={run_dir}", *overrides])
