@@ -188,3 +188,53 @@ def test_accuracy_vs_sparsity_names_an_empty_results_dir(tmp_path: Path) -> None
     nb = with_parameters(nbformat.read(ACCURACY_VS_SPARSITY, as_version=4), RESULTS_DIR=str(tmp_path / "empty"))
     with pytest.raises(CellExecutionError, match="no results.json below"):
         execute(nb, tmp_path)
+
+
+QUICKSTART = NOTEBOOK_DIR / "quickstart.ipynb"
+SEARCH = NOTEBOOK_DIR / "search.ipynb"
+
+
+def images(cell: NotebookNode) -> list[str]:
+    return [o["data"]["image/png"] for o in cell.outputs if "image/png" in o.get("data", {})]
+
+
+def rich_text(cell: NotebookNode) -> str:
+    return "".join(o["data"]["text/plain"] for o in cell.outputs if o.output_type == "display_data" and "text/html" in o.get("data", {}))
+
+
+def test_quickstart_shows_layer_sparsity_and_clipped_norms(
+    run_notebook: Callable[[Path], tuple[NotebookNode, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nb, cwd = run_notebook(QUICKSTART)
+    params = parameters(nb, monkeypatch)
+    bars = tagged(nb, "layer-bars")
+    assert len(images(bars)) == 1
+    layers = dict(re.findall(r"^(\S+): (\d+\.\d+) % of", stdout(bars), re.M))
+    assert list(layers) == ["net.layers.1.weight", "net.layers.3.weight", "net.layers.5.weight"]
+    total = {"net.layers.1.weight": 64 * 256, "net.layers.3.weight": 256 * 256, "net.layers.5.weight": 256 * 10}
+    overall = sum(float(s) * total[n] for n, s in layers.items()) / sum(total.values())
+    assert overall == pytest.approx(100 * params["SPARSITY"], abs=0.5)  # the cubic schedule reaches its target
+    norms = tagged(nb, "grad-norms")
+    assert len(images(norms)) == 1
+    steps, clipped, max_after = re.search(r"(\d+) steps logged, (\d+) clipped; max norm after clipping (\S+)", stdout(norms)).groups()
+    assert int(steps) >= params["EPOCHS"] * 20 and float(max_after) <= params["CLIP"] * 1.0001
+    assert (cwd / params["LOG_DIR"]).is_dir()
+
+
+def test_search_notebook_reports_the_chosen_point_and_the_sensitivity(
+    run_notebook: Callable[[Path], tuple[NotebookNode, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nb, _ = run_notebook(SEARCH)
+    params = parameters(nb, monkeypatch)
+    search = tagged(nb, "search")
+    assert len(images(search)) == 1
+    sparsity = float(re.search(r"chosen sparsity (\d\.\d+)", stdout(search)).group(1))
+    assert 0.0 <= sparsity < 1.0 and f"prune.sparsity={sparsity:.4f}" in stdout(search)
+    table = rich_text(search)
+    assert "chosen" in table and "test acc at the chosen point" in " ".join(table.split())
+    sensitivity = tagged(nb, "sensitivity")
+    assert len(images(sensitivity)) == 1
+    assert sum(line.startswith("│ net.layers.") for line in rich_text(sensitivity).splitlines()) == 3  # one row per layer
+    allocation = stdout(tagged(nb, "allocation"))
+    assert 'MagnitudePruneCallback(scope="local", layer_sparsity={' in allocation and "++prune.layer_sparsity=" in allocation
+    assert len(params["LAYER_GRID"]) >= 2
