@@ -31,8 +31,10 @@ progress bar. The time of an epoch runs from ``on_train_epoch_start`` to the end
 
 Rounds run every arm once, in an order rotated each round (so no arm always runs first or last); each
 arm's time is divided by the ``none`` time of the same round, and the table shows the median of those
-ratios with their min-max and interquartile range. On a shared, busy machine a single ratio swings by
-+-15 %: trust medians over 9 rounds or more, and compare arms measured in the same run.
+ratios with their min-max and interquartile range. On a shared, busy machine a single wall-time ratio
+swings by +-15 % (far more under heavy load): trust medians over 9 rounds or more, compare arms measured
+in the same run, and read the ratio of the process's CPU time (``time.process_time``, all threads; OpenMP
+waiters sleep, see ``OMP_WAIT_POLICY`` below), which other jobs on the machine sway much less.
 
 Memory: at ``on_train_end`` (before ModelPruning makes its pruning permanent) the bytes of the tensor
 storages held by the callback objects (masks, caches; the model's parameters, gradients and optimizer
