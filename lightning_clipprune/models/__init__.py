@@ -1,4 +1,4 @@
-"""Networks (MLP, LeNet-300-100, LeNet-5, CIFAR ResNet-20/32/56) and the ``Classifier`` LightningModule."""
+"""Networks (MLP, LeNet-300-100, LeNet-5, the seed CNN, CIFAR ResNet-20/32/56) and the ``Classifier`` LightningModule."""
 
 from lightning_clipprune.models.classifier import LR_SCHEDULES, Classifier
 from lightning_clipprune.models.networks import (
@@ -6,6 +6,7 @@ from lightning_clipprune.models.networks import (
     CifarResNet,
     LeNet5,
     LeNet300100,
+    SeedCNN,
     resnet20,
     resnet32,
     resnet56,
@@ -18,6 +19,7 @@ __all__ = [
     "Classifier",
     "LeNet300100",
     "LeNet5",
+    "SeedCNN",
     "resnet20",
     "resnet32",
     "resnet56",

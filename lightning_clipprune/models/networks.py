@@ -1,4 +1,5 @@
-"""The networks of the experiments: an MLP, LeNet-300-100, LeNet-5 and the CIFAR ResNets of He et al. (2016).
+"""The networks of the experiments: an MLP, LeNet-300-100, LeNet-5, the seed CNN and the CIFAR ResNets of He et al.
+(2016).
 
 Each is a plain ``nn.Module`` that maps a batch of inputs to class logits, so any of them can be wrapped
 by :class:`~lightning_clipprune.models.Classifier` or used on its own.
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "LeNet300100", "LeNet5", "CifarResNet", "resnet20", "resnet32", "resnet56"]
+__all__ = ["MLP", "LeNet300100", "LeNet5", "SeedCNN", "CifarResNet", "resnet20", "resnet32", "resnet56"]
 
 
 class MLP(nn.Module):
@@ -112,6 +113,57 @@ class LeNet5(nn.Module):
         )
         side = ((image_size // 2) - 4) // 2
         self.classifier = MLP(c2 * side * side, hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SeedCNN(nn.Module):
+    """The small CNN of the method's worked example (``+experiment=seed``).
+
+    ``Conv2d(in_channels, 32, 3)``, ReLU, ``Conv2d(32, 64, 3)``, ReLU, 2x2 average pooling, flatten,
+    ``Linear(64 * s * s, hidden)``, ReLU, ``Linear(hidden, num_classes)`` with ``s = (image_size - 4) // 2``
+    (12 for 28x28 inputs: 0.94 M parameters, 98 % of them in the first linear layer). No padding, as in the
+    example.
+
+    Args:
+        in_channels: image channels (1 for MNIST and Fashion-MNIST).
+        num_classes: number of output logits.
+        image_size: height (= width) of the input images, at least 6.
+        hidden: width of the hidden linear layer (100 in the example).
+
+    Raises:
+        ValueError: if ``image_size`` < 6 or a width is not positive.
+
+    Example::
+
+        >>> SeedCNN()(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 100) -> None:
+        super().__init__()
+        if image_size < 6:
+            raise ValueError(f"SeedCNN: `image_size` must be >= 6 (two 3x3 convs and a 2x2 pool), got {image_size!r}")
+        if min(in_channels, num_classes, hidden) <= 0:
+            raise ValueError(
+                "SeedCNN: `in_channels`, `num_classes` and `hidden` must be positive, got "
+                f"{in_channels!r}, {num_classes!r}, {hidden!r}"
+            )
+        side = (image_size - 4) // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * side * side, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -1,0 +1,535 @@
+"""Per-step cost of the callbacks: time per epoch against no callbacks, side by side in one process.
+
+What a new user pays for each callback with its defaults, and for Lightning's built-in pair, on CPU:
+
+- **Fashion-MNIST, LeNet-300-100** (the ``fashion_mnist`` recipe: batch 128, SGD lr 0.1, momentum 0.9,
+  weight decay 5e-4, cosine per step), one epoch per fit, real IDX files.
+- **ResNet-20 on CIFAR-shaped random data** (a compute-heavier step), ``--resnet-steps`` steps per fit.
+
+Arms (each on the same seeded initial weights, the same batches in the same order, the same Trainer):
+
+- ``none``: no callbacks.
+- ``lightning_pair``: ``Trainer(gradient_clip_val=1.0)`` + ``ModelPruning("l1_unstructured", global)`` on
+  the ``Linear``/``Conv`` weights, the schedule converted as ``benchmarks/bench_vs_lightning.py`` does (the
+  cumulative cubic sparsity ``s (1 - (1 - min(1, (e + 1) / (0.75 E)))^3)`` after epoch ``e``). ModelPruning
+  prunes at epoch ends only, so in a one-epoch fit it prunes once, at the end of the timed epoch: its
+  re-parametrisation (``weight = weight_orig * weight_mask`` in every forward) is not in the timed steps.
+  The extra arm ``lightning_pair_pruned`` prunes at the start of the epoch instead, which is what every
+  epoch after the first costs in a longer run.
+- ``clip``: ``GradientClipCallback(clip_val=1.0)``.
+- ``prune``: ``MagnitudePruneCallback(sparsity=0.9)`` (cubic, start 0.0, end 0.75 of training: about ten
+  pruning events inside the timed epoch).
+- ``logger``: ``SparsityLogger()``.
+- ``ours_three``: the three together, with their defaults. The extra arm ``ours_three_pruned`` uses
+  ``schedule="oneshot"`` at step 0 instead, the steady state after the last event.
+
+``SparsityLogger(print_table=False)`` everywhere: the table is printed in ``on_fit_end``, outside the timed
+epoch, and would flood the output. Every arm has the same in-memory logger (so ``SparsityLogger`` and the
+clip metrics are really logged, every 50 steps as Lightning's default), no checkpointing, no validation, no
+progress bar. The time of an epoch runs from ``on_train_epoch_start`` to the end of ``on_train_epoch_end``
+(the pruning event of ModelPruning included); ``fit_s`` is the whole ``trainer.fit``.
+
+Rounds run every arm once, in an order rotated each round (so no arm always runs first or last); each
+arm's time is divided by the ``none`` time of the same round, and the table shows the median of those
+ratios with their min-max and interquartile range. On a shared, busy machine a single wall-time ratio
+swings by +-15 % (far more under heavy load): trust medians over 9 rounds or more, compare arms measured
+in the same run, and read the ratio of the process's CPU time (``time.process_time``, all threads; OpenMP
+waiters sleep, see ``OMP_WAIT_POLICY`` below), which other jobs on the machine sway much less.
+
+Memory: at ``on_train_end`` (before ModelPruning makes its pruning permanent) the bytes of the tensor
+storages held by the callback objects (masks, caches; the model's parameters, gradients and optimizer
+state excluded) plus the bytes the model holds beyond its own parameters and buffers at the start (for
+ModelPruning: ``weight_orig``, ``weight_mask`` and the computed ``weight``), against the bytes of the
+pruned weights.
+
+Run by hand (CPU)::
+
+    python benchmarks/bench_overhead.py                        # 9 rounds; writes benchmarks/results/bench_overhead.json
+    python benchmarks/bench_overhead.py --rounds 15 --resnet-rounds 5 --resnet-steps 300
+    python benchmarks/bench_overhead.py --arms none ours_three lightning_pair lightning_pair_pruned
+    python benchmarks/bench_overhead.py --smoke --out /tmp/smoke.json   # tiny sizes, seconds (the tests)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Spinning OpenMP waiters starve the working threads on a shared CPU; must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelPruning  # noqa: E402
+from lightning.pytorch.loggers import Logger  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger  # noqa: E402
+from lightning_clipprune.data import DataNotFoundError, FashionMNISTDataModule, TensorBatches  # noqa: E402
+from lightning_clipprune.models import CifarResNet, Classifier, LeNet300100  # noqa: E402
+
+ARMS = ("none", "lightning_pair", "clip", "prune", "logger", "ours_three")
+EXTRA_ARMS = ("lightning_pair_pruned", "ours_three_pruned")
+RESNET_ARMS = ("none", "lightning_pair", "ours_three")
+SPARSITY = 0.9
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_overhead.json"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class MemoryLogger(Logger):
+    """A logger that keeps the last metrics in memory: logging costs what Lightning's own path costs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+        self.calls += 1
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class EpochTimer(Callback):
+    """Wall time of the training epoch; listed last, so other callbacks' ``on_train_epoch_end`` work counts."""
+
+    def __init__(self) -> None:
+        self.t0 = self.c0 = 0.0
+        self.epoch_s = self.epoch_cpu_s = 0.0
+        self.steps = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.steps = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_s = time.perf_counter() - self.t0
+        # CPU seconds of this process (all threads): less swayed than wall time by other jobs on a shared machine
+        self.epoch_cpu_s = time.process_time() - self.c0
+        self.steps = trainer.global_step - self.steps
+
+
+def _storages(tensors: Sequence[Tensor]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        out[s.data_ptr()] = s.nbytes()
+    return out
+
+
+def _tensors_in(obj: Any, seen: set[int], depth: int = 0) -> list[Tensor]:
+    """Tensors reachable from ``obj`` through attributes, dicts, lists and tuples (not into modules or trainers)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if depth > 8 or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (nn.Module, L.Trainer, torch.optim.Optimizer)):
+        return []  # the model, its trainer and its optimizer are counted elsewhere
+    if isinstance(obj, dict):
+        items: list[Any] = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, seen, depth + 1)]
+
+
+def model_tensors(model: nn.Module) -> list[Tensor]:
+    """Parameters, buffers and tensor attributes (the computed ``weight`` of ``torch.nn.utils.prune``)."""
+    out: list[Tensor] = []
+    for m in model.modules():
+        out += [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        out += [v for v in vars(m).values() if isinstance(v, Tensor)]
+    return out
+
+
+class MemoryProbe(Callback):
+    """Bytes the callbacks add during training, read at ``on_train_end``; listed first, before ModelPruning's."""
+
+    def __init__(self, others: Sequence[Callback], base_bytes: int) -> None:
+        self.others = list(others)
+        self.base_bytes = base_bytes
+        self.callback_bytes = 0
+        self.model_extra_bytes = 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = model_tensors(pl_module)
+        owned = _storages(model)
+        owned.update(_storages([p.grad for p in pl_module.parameters() if p.grad is not None]))
+        for opt in trainer.optimizers:
+            owned.update(_storages([t for st in opt.state.values() for t in st.values() if isinstance(t, Tensor)]))
+        held = _storages([t for cb in self.others for t in _tensors_in(cb, set())])
+        self.callback_bytes = sum(n for ptr, n in held.items() if ptr not in owned)
+        self.model_extra_bytes = max(0, sum(_storages(model).values()) - self.base_bytes)
+
+
+def prunable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
+class _PruneAtStart(Callback):
+    """Applies ModelPruning's amount at the start of training (arm ``lightning_pair_pruned``)."""
+
+    def __init__(self, pruning: ModelPruning, amount: float) -> None:
+        self.pruning, self.amount = pruning, amount
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.pruning.apply_pruning(self.amount)
+
+
+def lightning_amount(sparsity: float, max_epochs: int) -> Callable[[int], float]:
+    """ModelPruning's per-epoch amount (a fraction of the *remaining* weights) for the cubic schedule."""
+
+    def cumulative(epoch: int) -> float:
+        t = min(1.0, (epoch + 1) / (0.75 * max_epochs))
+        return sparsity * (1.0 - (1.0 - t) ** 3)
+
+    def amount(epoch: int) -> float:
+        return 1.0 - (1.0 - cumulative(epoch)) / (1.0 - (cumulative(epoch - 1) if epoch > 0 else 0.0))
+
+    return amount
+
+
+def make_arm(arm: str, model: nn.Module, max_epochs: int = 1) -> tuple[list[Callback], dict[str, Any]]:
+    """The callbacks and extra Trainer arguments of one arm."""
+    def logger_cb() -> SparsityLogger:
+        return SparsityLogger(print_table=False)
+
+    if arm == "none":
+        return [], {}
+    if arm in ("lightning_pair", "lightning_pair_pruned"):
+        pruned_at_start = arm == "lightning_pair_pruned"
+        pruning = ModelPruning(
+            "l1_unstructured",
+            parameters_to_prune=prunable_modules(model),
+            amount=(lambda epoch: 0.0) if pruned_at_start else lightning_amount(SPARSITY, max_epochs),
+            use_global_unstructured=True,
+            use_lottery_ticket_hypothesis=False,
+            make_pruning_permanent=True,
+        )
+        callbacks: list[Callback] = [pruning]
+        if pruned_at_start:
+            callbacks.append(_PruneAtStart(pruning, SPARSITY))
+        return callbacks, {"gradient_clip_val": 1.0}
+    if arm == "clip":
+        return [GradientClipCallback(clip_val=1.0)], {}
+    if arm == "prune":
+        return [MagnitudePruneCallback(sparsity=SPARSITY, verbose=False)], {}
+    if arm == "logger":
+        return [logger_cb()], {}
+    if arm == "ours_three":
+        return [
+            GradientClipCallback(clip_val=1.0),
+            MagnitudePruneCallback(sparsity=SPARSITY, verbose=False),
+            logger_cb(),
+        ], {}
+    if arm == "ours_three_pruned":
+        return [
+            GradientClipCallback(clip_val=1.0),
+            MagnitudePruneCallback(sparsity=SPARSITY, schedule="oneshot", start=0, verbose=False),
+            logger_cb(),
+        ], {}
+    raise ValueError(f"`arm` must be one of {ARMS + EXTRA_ARMS}, got {arm!r}")
+
+
+def fit_once(
+    arm: str,
+    make_net: Callable[[], nn.Module],
+    data: Any,
+    limit_train_batches: int | float | None,
+) -> dict[str, Any]:
+    """One fit of one epoch for ``arm``: epoch time, fit time, steps, bytes added."""
+    net = make_net()
+    model = Classifier(net)
+    callbacks, trainer_kwargs = make_arm(arm, net)
+    base = sum(_storages(model_tensors(model)).values())
+    probe, timer = MemoryProbe(callbacks, base), EpochTimer()
+    pruned = [m.weight for m, _ in prunable_modules(net)]
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            logger=MemoryLogger(),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            limit_train_batches=limit_train_batches,
+            default_root_dir=root,
+            callbacks=[probe, *callbacks, timer],
+            **trainer_kwargs,
+        )
+        t0 = time.perf_counter()
+        if isinstance(data, L.LightningDataModule):
+            trainer.fit(model, datamodule=data)
+        else:
+            trainer.fit(model, train_dataloaders=data)
+        fit_s = time.perf_counter() - t0
+    pruned_bytes = sum(w.numel() * w.element_size() for w in pruned)
+    return {
+        "arm": arm,
+        "epoch_s": timer.epoch_s,
+        "epoch_cpu_s": timer.epoch_cpu_s,
+        "fit_s": fit_s,
+        "steps": timer.steps,
+        "callback_bytes": probe.callback_bytes,
+        "model_extra_bytes": probe.model_extra_bytes,
+        "added_bytes": probe.callback_bytes + probe.model_extra_bytes,
+        "pruned_weight_bytes": pruned_bytes,
+    }
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    vs = sorted(values)
+    if len(vs) >= 2:
+        q1, _, q3 = statistics.quantiles(vs, n=4, method="inclusive")
+    else:
+        q1 = q3 = vs[0]
+    return {"median": statistics.median(vs), "min": vs[0], "max": vs[-1], "q1": q1, "q3": q3}
+
+
+def summarise(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per arm: epoch-time quantiles and the quantiles of the ratio to ``none`` in the same round.
+
+    ``ratio`` is of wall time, ``cpu_ratio`` of the process's CPU time (both paired by round).
+    """
+    base = {r["round"]: r["epoch_s"] for r in runs if r["arm"] == "none"}
+    base_cpu = {r["round"]: r.get("epoch_cpu_s") for r in runs if r["arm"] == "none"}
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        ratios = [r["epoch_s"] / base[r["round"]] for r in rs if base.get(r["round"])]
+        cpu_ratios = [r["epoch_cpu_s"] / base_cpu[r["round"]] for r in rs if base_cpu.get(r["round"])]
+        out[arm] = {
+            "rounds": len(rs),
+            "epoch_s": quantiles([r["epoch_s"] for r in rs]),
+            "ratio": quantiles(ratios) if ratios else None,
+            "cpu_ratio": quantiles(cpu_ratios) if cpu_ratios else None,
+            "steps": rs[0]["steps"],
+            "added_bytes": rs[-1]["added_bytes"],
+            "callback_bytes": rs[-1]["callback_bytes"],
+            "model_extra_bytes": rs[-1]["model_extra_bytes"],
+            "pruned_weight_bytes": rs[-1]["pruned_weight_bytes"],
+        }
+    return out
+
+
+def run_model(
+    name: str,
+    arms: Sequence[str],
+    rounds: int,
+    make_net: Callable[[], nn.Module],
+    data: Any,
+    limit_train_batches: int | float | None,
+) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        k = r % len(arms)
+        order = [*arms[k:], *arms[:k]]
+        for arm in order:
+            res = fit_once(arm, make_net, data, limit_train_batches)
+            res["round"] = r
+            runs.append(res)
+            print(f"[{name}] round {r} {arm}: epoch {res['epoch_s']:.3f} s, {res['steps']} steps", flush=True)
+    return {"arms": list(arms), "rounds": rounds, "runs": runs, "summary": summarise(runs, arms)}
+
+
+def markdown(title: str, summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"**{title}**",
+        "",
+        "| arm | epoch s (median) | x no callbacks (median) | min - max | IQR | x no callbacks, CPU time "
+        "(median, IQR) | bytes added in training | vs pruned weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in summary.items():
+        ratio = s["ratio"]
+        rtxt = f"{ratio['median']:.3f}x" if ratio else "-"
+        mm = f"{ratio['min']:.3f} - {ratio['max']:.3f}" if ratio else "-"
+        iqr = f"{ratio['q1']:.3f} - {ratio['q3']:.3f}" if ratio else "-"
+        cpu = s.get("cpu_ratio")
+        ctxt = f"{cpu['median']:.3f}x ({cpu['q1']:.3f} - {cpu['q3']:.3f})" if cpu else "-"
+        added = s["added_bytes"]
+        rel = f"+{100 * added / s['pruned_weight_bytes']:.1f} %" if s["pruned_weight_bytes"] else "-"
+        lines.append(
+            f"| {arm} | {s['epoch_s']['median']:.3f} | {rtxt} | {mm} | {iqr} | {ctxt} | {added / 1024:.1f} KiB "
+            f"| {rel} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fashion_data(root: str | None, batch_size: int, smoke: bool) -> tuple[Any, str]:
+    """Fashion-MNIST from ``root`` (or the default places); with ``smoke`` and no files, random images."""
+    dm = FashionMNISTDataModule(root=root, download=False, batch_size=batch_size, seed=0)
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm, f"Fashion-MNIST ({dm.locate()})"
+    except DataNotFoundError:
+        if not smoke:
+            raise
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8 * batch_size, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (len(x),), generator=g)
+    return TensorBatches(x, y, batch_size), "random Fashion-MNIST-shaped tensors (smoke, no files found)"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of the LeNet-300-100 arms (default 9)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *EXTRA_ARMS])
+    parser.add_argument("--resnet-steps", type=int, default=200, help="ResNet-20 steps per fit (0: skip ResNet)")
+    parser.add_argument("--resnet-batch", type=int, default=32)
+    parser.add_argument("--resnet-rounds", type=int, default=None, help="default: --rounds")
+    parser.add_argument("--resnet-arms", nargs="+", default=list(RESNET_ARMS), choices=[*ARMS, *EXTRA_ARMS])
+    parser.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX files (default: search)")
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="LeNet steps per epoch (default all)")
+    parser.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT}; none with --smoke)")
+    parser.add_argument("--models", nargs="+", default=["lenet300", "resnet20"], choices=["lenet300", "resnet20"],
+                        help="models to run; the others' sections of an existing --out JSON are kept")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: checks the script runs")
+    args = parser.parse_args(argv)
+    if "none" not in args.arms:
+        args.arms = ["none", *args.arms]
+    if "none" not in args.resnet_arms:
+        args.resnet_arms = ["none", *args.resnet_arms]
+    if args.smoke:
+        args.rounds, args.resnet_rounds = 1, 1
+        args.limit_train_batches = args.limit_train_batches or 4
+        args.resnet_steps, args.resnet_batch = min(args.resnet_steps, 3), min(args.resnet_batch, 4)
+    out = Path(args.out) if args.out else (None if args.smoke else DEFAULT_OUT)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`ModelPruning`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", tips: one line per fit
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    result: dict[str, Any] = {
+        "benchmark": "bench_overhead",
+        "command": "python benchmarks/bench_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "smoke": args.smoke,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__},
+        "sparsity": SPARSITY,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    if out is not None and out.is_file():  # keep the sections of the models not run now
+        previous = json.loads(out.read_text())
+        for name in ("lenet300", "resnet20"):
+            if name not in args.models and name in previous:
+                result[name] = previous[name]
+
+    if "lenet300" in args.models:
+        L.seed_everything(0, verbose=False)
+        lenet_init = LeNet300100().state_dict()
+
+        def make_lenet() -> nn.Module:
+            net = LeNet300100()
+            net.load_state_dict(lenet_init)
+            return net
+
+        data, source = fashion_data(args.data_root, 128, args.smoke)
+        result["lenet300"] = {
+            "data": source,
+            "batch_size": 128,
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            **run_model("lenet300", args.arms, args.rounds, make_lenet, data, args.limit_train_batches),
+            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        }
+        if out is not None:
+            _write_json(out, result)
+
+    if args.resnet_steps > 0 and "resnet20" in args.models:
+        L.seed_everything(0, verbose=False)
+        resnet_init = CifarResNet(20).state_dict()
+
+        def make_resnet() -> nn.Module:
+            net = CifarResNet(20)
+            net.load_state_dict(resnet_init)
+            return net
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.resnet_steps * args.resnet_batch, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (len(x),), generator=g)
+        loader = TensorBatches(x, y, args.resnet_batch)
+        result["resnet20"] = {
+            "data": "CIFAR-shaped random tensors",
+            "batch_size": args.resnet_batch,
+            "steps_per_fit": args.resnet_steps,
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            **run_model("resnet20", args.resnet_arms, args.resnet_rounds or args.rounds, make_resnet, loader, None),
+            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        }
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if out is not None:
+        _write_json(out, result)
+
+    if "lenet300" in result:
+        print()
+        print(markdown(
+            f"LeNet-300-100, Fashion-MNIST, batch 128, 1 epoch per fit, {result['lenet300']['rounds']} rounds",
+            result["lenet300"]["summary"],
+        ))
+    if "resnet20" in result:
+        r = result["resnet20"]
+        print()
+        print(markdown(
+            f"ResNet-20, CIFAR-shaped random data, batch {r['batch_size']}, {r.get('steps_per_fit')} steps per fit, "
+            f"{r['rounds']} rounds",
+            r["summary"],
+        ))
+    if out is not None:
+        print(f"\nwritten: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

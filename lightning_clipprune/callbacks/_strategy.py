@@ -1,0 +1,197 @@
+"""Which Lightning strategies the callbacks support, and one clear refusal for the others.
+
+The callbacks read whole parameters and gradients on each rank. That is right where every rank holds a full
+replica (one device, DDP and its ``spawn``/``fork``/``notebook`` launchers, XLA's data parallelism) and wrong
+where each rank holds a shard (FSDP, DeepSpeed ZeRO, ``ModelParallelStrategy``'s DTensors): a clip norm of the
+local shard is too small and differs between ranks, a "global" magnitude ranking ranks one shard, a count
+counts one shard. Those strategies are refused in ``setup()`` before any step runs, never trained with wrong
+numbers.
+
+========================  =========  =========  =========
+strategy                  clip       prune      log
+========================  =========  =========  =========
+SingleDevice(XLA)         yes        yes        yes
+DDP (spawn/fork/notebook) yes        yes        yes
+XLA (data parallel)       yes        yes        yes
+DeepSpeed ZeRO 1/2        refused    refused    yes
+DeepSpeed ZeRO 3          refused    refused    refused
+FSDP                      refused    refused    refused
+ModelParallel             refused    refused    refused
+any other strategy        refused    refused    refused
+========================  =========  =========  =========
+
+Each callback calls :func:`check_strategy` first thing in ``setup()``. Strategy classes are imported lazily
+and defensively: a Lightning build without one of them (or without DeepSpeed or torch_xla installed) still
+imports this module, and an instance of a class that cannot be imported cannot exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Literal
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["ROLES", "Role", "check_strategy", "strategy_refusal"]
+
+Role = Literal["clip", "prune", "log"]
+#: The callback roles :func:`check_strategy` knows: GradientClipCallback, MagnitudePruneCallback, SparsityLogger.
+ROLES: tuple[str, ...] = ("clip", "prune", "log")
+
+_DDP_LIKE = "strategy='ddp' (or 'ddp_spawn') or a single device"
+
+
+def _strategy_class(name: str) -> type | None:
+    try:
+        return getattr(importlib.import_module("lightning.pytorch.strategies"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _is(strategy: Any, name: str) -> bool:
+    cls = _strategy_class(name)
+    return cls is not None and isinstance(strategy, cls)
+
+
+def _deepspeed_stage(strategy: Any) -> int | None:
+    config = getattr(strategy, "config", None)
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    return int(stage) if stage is not None else None
+
+
+_FSDP = {
+    "clip": (
+        "each rank holds a shard of every gradient, so the norm computed here would be the local shard's: too "
+        "small and different on every rank",
+        "clip through FSDP instead: by norm, call `self.trainer.model.clip_grad_norm_(max_norm)` (FSDP's "
+        "sharded clip) in `LightningModule.configure_gradient_clipping` (Lightning's "
+        "`Trainer(gradient_clip_val=...)` only clips by value under FSDP: add `gradient_clip_algorithm='value'`)"
+        f"; or train with {_DDP_LIKE}",
+    ),
+    "prune": (
+        "each rank holds a shard of every weight, so a global magnitude ranking here would rank the local "
+        "shard only: masks differ between ranks and the sparsity misses the target",
+        f"prune with {_DDP_LIKE} (pruned weights are plain zeros under unchanged state-dict keys, so the "
+        "pruned model loads into an FSDP run afterwards)",
+    ),
+    "log": (
+        "each rank holds a shard of every weight, so the counts here would be the local shard's",
+        f"count the consolidated checkpoint after training, or train with {_DDP_LIKE}",
+    ),
+}
+
+_MODEL_PARALLEL = {
+    "clip": (
+        "parameters and gradients are DTensors sharded over the device mesh (FSDP2 / tensor parallelism), so "
+        "the norm computed here would not be the full gradient's",
+        "use `Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm')`, which calls "
+        "`torch.nn.utils.clip_grad_norm_` on the DTensor gradients (the norm is reduced over the mesh)"
+        f"; or train with {_DDP_LIKE}",
+    ),
+    "prune": (
+        "parameters are DTensors sharded over the device mesh, so a magnitude ranking here would rank local "
+        "shards and the masks would not be global",
+        f"prune with {_DDP_LIKE}",
+    ),
+    "log": (
+        "parameters are DTensors sharded over the device mesh, so the counts here would be the local shard's",
+        f"count the consolidated checkpoint after training, or train with {_DDP_LIKE}",
+    ),
+}
+
+_DEEPSPEED = {
+    "clip": (
+        "DeepSpeed clips inside its engine, on gradients that ZeRO keeps in partitioned flat buffers, so the "
+        "parameters' gradients seen here are empty or partial",
+        "use `Trainer(gradient_clip_val=...)` (norm clipping, passed to DeepSpeed's `gradient_clipping`); or "
+        f"train with {_DDP_LIKE}",
+    ),
+    "prune": (
+        "DeepSpeed's optimizer keeps its own (partitioned, fp32) master copy of the weights and its own "
+        "optimizer state, so a weight zeroed here comes back at the next step",
+        f"prune with {_DDP_LIKE}",
+    ),
+    "log": (
+        "ZeRO stage 3 partitions every parameter across ranks, so the counts here would be the local "
+        "partition's",
+        f"use ZeRO stage 1 or 2, count the consolidated checkpoint after training, or train with {_DDP_LIKE}",
+    ),
+}
+
+
+def strategy_refusal(strategy: Any, callback_name: str, role: Role) -> str | None:
+    """Why ``callback_name`` (in ``role``) cannot run under ``strategy``, or ``None`` when it can.
+
+    Args:
+        strategy: the Trainer's strategy object (``trainer.strategy``).
+        callback_name: the callback's class name, used in the message.
+        role: ``"clip"`` (GradientClipCallback), ``"prune"`` (MagnitudePruneCallback) or ``"log"``
+            (SparsityLogger).
+
+    Returns:
+        The one-line message naming the strategy, why it is refused and what to use instead; ``None`` if
+        the strategy is supported.
+
+    Raises:
+        ValueError: if ``role`` is not one of ``"clip"``, ``"prune"``, ``"log"``.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> strategy_refusal(DDPStrategy(), "GradientClipCallback", "clip") is None
+        True
+    """
+    if role not in ROLES:
+        raise ValueError(f"`role` must be one of {ROLES}, got {role!r}")
+    name = type(strategy).__name__
+    # order matters: DeepSpeedStrategy and XLAStrategy subclass DDPStrategy, SingleDeviceXLAStrategy
+    # subclasses SingleDeviceStrategy
+    if _is(strategy, "DeepSpeedStrategy"):
+        stage = _deepspeed_stage(strategy)
+        if role == "log" and (stage is None or stage < 3):
+            return None
+        why, instead = _DEEPSPEED[role]
+        name = f"{name} (ZeRO stage {stage})" if stage is not None else name
+    elif _is(strategy, "XLAStrategy") or _is(strategy, "DDPStrategy") or _is(strategy, "SingleDeviceStrategy"):
+        # every rank holds the whole model; gradients are all-reduced before on_before_optimizer_step
+        # (DDP in backward, XLA in its closure), so norms, rankings and counts equal a single device's
+        return None
+    elif _is(strategy, "FSDPStrategy"):
+        why, instead = _FSDP[role]
+    elif _is(strategy, "ModelParallelStrategy"):
+        why, instead = _MODEL_PARALLEL[role]
+    else:
+        why = "it is not a strategy the callbacks know, so they cannot tell whether parameters are sharded"
+        instead = f"train with {_DDP_LIKE} (DDPStrategy and SingleDeviceStrategy subclasses are supported)"
+    return f"{callback_name} does not support {name}: {why}. Instead, {instead}."
+
+
+def check_strategy(trainer: pl.Trainer, callback_name: str, role: Role) -> None:
+    """Raise if ``trainer``'s strategy would make ``callback_name`` compute wrong numbers (sharded strategies).
+
+    Call it first thing in the callback's ``setup()``, before anything reads parameters or gradients.
+
+    Args:
+        trainer: the Trainer (its ``strategy`` is read).
+        callback_name: the callback's class name, used in the message.
+        role: ``"clip"`` (GradientClipCallback), ``"prune"`` (MagnitudePruneCallback) or ``"log"``
+            (SparsityLogger).
+
+    Raises:
+        MisconfigurationException: under a refused strategy (FSDP, DeepSpeed, ModelParallelStrategy, an
+            unknown strategy; see the module docstring's table), naming the strategy, why, and what to use
+            instead.
+        ValueError: if ``role`` is not one of ``"clip"``, ``"prune"``, ``"log"``.
+
+    Example::
+
+        >>> import lightning as L
+        >>> check_strategy(L.Trainer(accelerator="cpu", logger=False), "SparsityLogger", "log")  # passes
+    """
+    message = strategy_refusal(trainer.strategy, callback_name, role)
+    if message is not None:
+        raise MisconfigurationException(message)
