@@ -58,7 +58,7 @@ def test_config_dir_holds_every_group() -> None:
     assert (root / "config.yaml").is_file()
     for group in ("model", "data", "clip", "prune", "trainer", "logger", "experiment", "debug"):
         assert list((root / group).glob("*.yaml")), group
-    assert sorted(p.stem for p in (root / "experiment").glob("*.yaml")) == sorted(EXPERIMENTS)
+    assert sorted(p.stem for p in (root / "experiment").glob("*.yaml")) == sorted([*EXPERIMENTS, "seed"])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
