@@ -578,3 +578,33 @@ def test_summary_is_the_same_whatever_the_folding_batch(tmp_path, monkeypatch):
     for key, value in summaries[0].items():
         assert summaries[1][key] == pytest.approx(value, rel=1e-12)
     assert 0.0 < summaries[0]["clipped_fraction"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------- the app's presets
+
+
+@pytest.mark.parametrize("choice", ["norm", "value", "agc", "autoclip", "zclip"])
+def test_clip_presets_use_the_callbacks_defaults(choice):
+    import inspect
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_clipprune.callbacks.gradient_clip import DEFAULT_CLIP_VAL
+    from lightning_clipprune.run import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("config", overrides=[f"clip={choice}"])
+    preset = OmegaConf.to_container(cfg.clip)
+    assert preset.pop("_target_") == "lightning_clipprune.GradientClipCallback"
+    assert preset.pop("algorithm") == choice
+    clip_val = preset.pop("clip_val")
+    if choice == "agc":  # NFNets' lambda at batch 4096, scaled to the preset's batch: 0.01 * sqrt(4096 / 64)
+        assert cfg.data.batch_size == 64
+        assert clip_val == pytest.approx(DEFAULT_CLIP_VAL["agc"] * math.sqrt(4096 / cfg.data.batch_size))
+    else:
+        assert clip_val == DEFAULT_CLIP_VAL[choice]
+    defaults = {k: p.default for k, p in inspect.signature(GradientClipCallback).parameters.items()}
+    for key, value in preset.items():
+        expected = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+        assert value == expected, key
