@@ -55,6 +55,10 @@ def _grads(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
 def _group_by_device_and_dtype(
     tensors: Sequence[Tensor],
 ) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    if all(t.device == device and t.dtype == dtype for t in tensors):  # the usual case: one group, no copying
+        return {(device, dtype): tensors if isinstance(tensors, list) else list(tensors)}
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
@@ -78,8 +82,11 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
     first_device = tensors[0].device
+    groups = _group_by_device_and_dtype(tensors)
+    if len(groups) == 1 and first_device.type in _FOREACH_DEVICE_TYPES:  # one kernel, no copies
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, norm_type)), norm_type)
     norms: list[Tensor] = []
-    for (device, _), group in _group_by_device_and_dtype(tensors).items():
+    for (device, _), group in groups.items():
         if device.type in _FOREACH_DEVICE_TYPES:
             norms.extend(torch._foreach_norm(group, norm_type))
         else:
@@ -100,7 +107,7 @@ def clip_coefficient(max_norm: float | Tensor, norm: Tensor) -> Tensor:
 def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
     """Multiply every tensor of ``grads`` in place by the 0-d tensor ``coef`` (foreach per device group)."""
     for (device, _), group in _group_by_device_and_dtype(grads).items():
-        coef_d = coef.to(device)
+        coef_d = coef if coef.device == device else coef.to(device)
         if device.type in _FOREACH_DEVICE_TYPES:
             torch._foreach_mul_(group, coef_d)
         else:

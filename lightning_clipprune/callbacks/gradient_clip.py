@@ -221,6 +221,7 @@ class GradientClipCallback(Callback):
         self._names: dict[int, str] = {}  # id(parameter) -> name
         self._plans: dict[int, _Plan] = {}  # per optimizer index
         self._maskers: list[GradientMasker] = []
+        self._has_scaler = False  # a GradScaler (16-bit AMP) skips non-finite steps itself
         self._warned_nonfinite = False
 
     def _check_clip_val(self, clip_val: Any) -> float | None:
@@ -267,7 +268,8 @@ class GradientClipCallback(Callback):
                     f"GradientClipCallback: exclude pattern {pattern!r} matches no parameter name"
                     f" (names look like {[n for n, _ in named[:3]]})."
                 )
-        if _scaler(trainer) is not None:
+        self._has_scaler = _scaler(trainer) is not None
+        if self._has_scaler:
             for opt in trainer.optimizers:
                 if getattr(opt, "_step_supports_amp_scaling", False):
                     raise RuntimeError(
@@ -296,7 +298,7 @@ class GradientClipCallback(Callback):
             self._fold()
         self._steps[plan.index] = self._steps.get(plan.index, 0) + 1
         # Without a GradScaler, skipping needs this one host read per step (see the class docstring).
-        if _scaler(trainer) is None and not math.isfinite(checked.item()):
+        if not self._has_scaler and not math.isfinite(checked.item()):
             self._on_nonfinite(trainer, optimizer, plan.index, checked)
         self._log(trainer, plan.index, norm, coef)
 
