@@ -318,7 +318,8 @@ class AutoClip(_NormHistoryClipper):
     the gradients' device; non-finite norms are recorded as NaN and ignored by the percentile.
 
     With ``per_parameter=True`` each parameter keeps its own history of its own gradient norm and is
-    clipped to its own percentile (the per-parameter variant of the ``autoclip`` package).
+    clipped to its own percentile (the per-parameter variant of the ``autoclip`` package); pass the
+    same parameters, in the same order, at every step (one without a gradient records nothing).
 
     Args:
         percentile: p in [0, 100] (the paper: 10).
@@ -387,11 +388,19 @@ class AutoClip(_NormHistoryClipper):
         """
         if not self.per_parameter:
             return super().clip(parameters, norm_type)
-        grads = _grads(parameters)
-        if not grads:
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        if not present:
             return torch.tensor(0.0), torch.tensor(1.0)
+        grads = [params[i].grad for i in present]
         norms = _per_tensor_norms(grads, float(norm_type))
-        coefs = clip_coefficient(self.threshold(norms).to(norms.dtype), norms)
+        if len(present) < len(params):  # a parameter without a gradient this step records NaN (ignored)
+            full = torch.full((len(params),), math.nan, dtype=norms.dtype, device=norms.device)
+            full[present] = norms
+            thresholds = self.threshold(full)[present]
+        else:
+            thresholds = self.threshold(norms)
+        coefs = clip_coefficient(thresholds.to(norms.dtype), norms)
         for g, c in zip(grads, coefs.unbind(), strict=True):
             g.mul_(c.to(g.device))
         pre = torch.linalg.vector_norm(norms, norm_type)

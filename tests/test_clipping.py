@@ -437,3 +437,18 @@ def test_autoclip_per_parameter_keeps_one_history_per_parameter():
     assert b.grad.item() == pytest.approx(0.5, rel=1e-5)  # b: its own minimum is this step's 0.5
     assert coef.item() == pytest.approx(math.hypot(5.0, 0.5) / math.hypot(10.0, 0.5), rel=1e-5)
     assert clip.state_dict()["history"].shape == (2, 2)
+
+
+def test_autoclip_per_parameter_a_missing_gradient_records_nothing():
+    clip = AutoClip(percentile=0.0, per_parameter=True)
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([2.0]), torch.tensor([1.0])
+    clip.clip([a, b])
+    a.grad, b.grad = torch.tensor([4.0]), None  # b has no gradient this step
+    clip.clip([a, b])
+    assert a.grad.item() == pytest.approx(2.0, rel=1e-5)
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([5.0])
+    clip.clip([a, b])
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((2.0, 1.0), rel=1e-5)  # histories kept apart
+    history = clip.state_dict()["history"]
+    assert history.shape == (3, 2) and math.isnan(history[1, 1])

@@ -286,11 +286,10 @@ class GradientClipCallback(Callback):
             masker.mask_gradients()
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap a LightningOptimizer
         plan = self._plan(trainer, optimizer)
-        params = [p for p in plan.clipped if p.grad is not None]
         others = [p.grad for p in plan.others if p.grad is not None]
-        if not params and not others:
+        if not others and all(p.grad is None for p in plan.clipped):
             return
-        norm, coef = self._clip(plan.index, params)
+        norm, coef = self._clip(plan.index, plan.clipped)  # the cores skip parameters without a gradient
         # Every stepped gradient is checked for inf/NaN, the excluded ones too: a norm sum is non-finite iff one is.
         checked = norm if not others else norm + total_norm(others, self.norm_type).to(norm.device)
         self._pending.append((norm, coef, checked))
