@@ -43,14 +43,16 @@ from lightning_clipprune.clipping import total_norm
 
 
 class MLP(L.LightningModule):
-    def __init__(self, in_features: int, width: int, classes: int = 10) -> None:
+    """A 2-hidden-layer MLP: ``in_features -> widths[0] -> widths[1] -> classes`` (LeNet-300-100: 784, (300, 100))."""
+
+    def __init__(self, in_features: int, widths: tuple[int, int], classes: int = 10) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_features, width),
+            nn.Linear(in_features, widths[0]),
             nn.ReLU(),
-            nn.Linear(width, width),
+            nn.Linear(widths[0], widths[1]),
             nn.ReLU(),
-            nn.Linear(width, classes),
+            nn.Linear(widths[1], classes),
         )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -88,7 +90,7 @@ def batches(n: int, batch: int, in_features: int, seed: int = 0) -> DataLoader:
 def isolated(args: argparse.Namespace) -> dict[str, list[float]]:
     """Time the clipping work alone, on the gradients of one backward pass, restored before each call."""
     torch.manual_seed(0)
-    module = MLP(args.in_features, args.width)
+    module = MLP(args.in_features, args.widths)
     cb = GradientClipCallback(1.0, "norm", log_every_n_steps=10**9)
     trainer = make_trainer([cb], steps=1)
     trainer.fit(
@@ -201,9 +203,45 @@ def end_to_end(args: argparse.Namespace) -> dict[str, list[float]]:
     switch = Interleaved(clip_callbacks, args.rounds, args.warmup)
     data = batches(len(switch.schedule), args.batch, args.in_features)
     torch.manual_seed(0)
-    module = MLP(args.in_features, args.width)
+    module = MLP(args.in_features, args.widths)
     make_trainer([switch], steps=len(switch.schedule)).fit(module, data)
     return switch.times
+
+
+FIT_STEPS = 469  # one Fashion-MNIST epoch at batch 128
+
+
+def whole_fits(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Wall time of whole `trainer.fit` calls (one epoch of random data), the arms interleaved per round."""
+    steps = 20 if args.quick else FIT_STEPS
+    data = batches(steps, args.batch, args.in_features)
+    arms: dict[str, Any] = {
+        NONE: lambda: ([], {}),
+        BUILTIN: lambda: ([], {"gradient_clip_val": 1.0}),
+        "GradientClipCallback(1.0)": lambda: ([GradientClipCallback(1.0)], {}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(args.fit_rounds):
+        order = list(arms)
+        random.shuffle(order)
+        for name in order:
+            callbacks, kwargs = arms[name]()
+            torch.manual_seed(0)
+            module = MLP(args.in_features, args.widths)
+            trainer = make_trainer(callbacks, steps=steps, **kwargs)
+            t0 = time.perf_counter()
+            trainer.fit(module, data)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def fit_table(times: dict[str, list[float]]) -> str:
+    base = statistics.median(times[NONE])
+    lines = ["| arm | median fit s | min-max s | vs no clipping |", "|---|---:|---:|---:|"]
+    for k, v in times.items():
+        m = statistics.median(v)
+        lines.append(f"| {k} | {m:.3f} | {min(v):.3f}-{max(v):.3f} | {m / base:.3f}x |")
+    return "\n".join(lines)
 
 
 def table(times: dict[str, list[float]], baseline: str | None, reference: str) -> str:
@@ -231,9 +269,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--width", type=int, default=2048, help="hidden width of the 2-hidden-layer MLP")
+    parser.add_argument("--width", type=int, default=2048, help="hidden width of both hidden layers of the MLP")
     parser.add_argument("--in-features", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=16, help="small, so clipping is a visible share")
+    parser.add_argument(
+        "--lenet",
+        action="store_true",
+        help="LeNet-300-100 on Fashion-MNIST-shaped random data (784-300-100-10, batch 128), and whole 1-epoch"
+        " fits (469 steps) of no clipping, Trainer(gradient_clip_val=1.0) and GradientClipCallback(1.0)",
+    )
+    parser.add_argument("--fit-rounds", type=int, default=5, help="--lenet: rounds of whole fits, arms interleaved")
     parser.add_argument("--rounds", type=int, default=100, help="end-to-end batches timed per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--isolated-reps", type=int, default=300)
@@ -246,16 +291,21 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     args = parser.parse_args()
+    args.widths = (args.width, args.width)
+    if args.lenet:
+        args.widths, args.in_features, args.batch = (300, 100), 784, 128
     if args.quick:
-        args.width, args.in_features, args.rounds, args.warmup, args.isolated_reps = 256, 128, 4, 1, 20
+        args.widths, args.in_features, args.rounds, args.warmup, args.isolated_reps = (256, 256), 128, 4, 1, 20
+        args.fit_rounds = 1
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     random.seed(0)
-    n_params = sum(p.numel() for p in MLP(args.in_features, args.width).parameters())
+    n_params = sum(p.numel() for p in MLP(args.in_features, args.widths).parameters())
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, CPU")
     print(
-        f"MLP {args.in_features}-{args.width}-{args.width}-10: {n_params / 1e6:.2f} M parameters, batch {args.batch}\n"
+        f"MLP {args.in_features}-{args.widths[0]}-{args.widths[1]}-10: {n_params / 1e6:.2f} M parameters,"
+        f" batch {args.batch}\n"
     )
 
     iso = isolated(args)
@@ -265,6 +315,11 @@ def main() -> None:
     e2e = end_to_end(args)
     print(f"End-to-end training batch time, one run, {args.rounds} batches per variant interleaved:\n")
     print(table(e2e, NONE, BUILTIN))
+
+    if args.lenet or args.quick:
+        fits = whole_fits(args)
+        print(f"\nWhole 1-epoch fits ({FIT_STEPS if not args.quick else 20} steps), {args.fit_rounds} rounds, arms interleaved:\n")
+        print(fit_table(fits))
 
 
 if __name__ == "__main__":

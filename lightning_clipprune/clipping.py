@@ -23,7 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clipprune._validation import check_bool, check_choice, check_int, check_real
+
 __all__ = [
+    "ZCLIP_MODES",
+    "ZCLIP_OPTIONS",
     "AutoClip",
     "ZClip",
     "adaptive_grad_clip",
@@ -38,6 +42,8 @@ __all__ = [
 _NORM_EPS = 1e-6
 # Device types whose foreach kernels are known to work; others use a per-tensor loop.
 _FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu"})
+ZCLIP_MODES = ("zscore", "percentile")
+ZCLIP_OPTIONS = ("adaptive_scaling", "mean")
 
 
 def _grads(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
@@ -49,6 +55,10 @@ def _grads(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
 def _group_by_device_and_dtype(
     tensors: Sequence[Tensor],
 ) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    if all(t.device == device and t.dtype == dtype for t in tensors):  # the usual case: one group, no copying
+        return {(device, dtype): tensors if isinstance(tensors, list) else list(tensors)}
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
@@ -72,8 +82,11 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
     first_device = tensors[0].device
+    groups = _group_by_device_and_dtype(tensors)
+    if len(groups) == 1 and first_device.type in _FOREACH_DEVICE_TYPES:  # one kernel, no copies
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, norm_type)), norm_type)
     norms: list[Tensor] = []
-    for (device, _), group in _group_by_device_and_dtype(tensors).items():
+    for (device, _), group in groups.items():
         if device.type in _FOREACH_DEVICE_TYPES:
             norms.extend(torch._foreach_norm(group, norm_type))
         else:
@@ -94,7 +107,7 @@ def clip_coefficient(max_norm: float | Tensor, norm: Tensor) -> Tensor:
 def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
     """Multiply every tensor of ``grads`` in place by the 0-d tensor ``coef`` (foreach per device group)."""
     for (device, _), group in _group_by_device_and_dtype(grads).items():
-        coef_d = coef.to(device)
+        coef_d = coef if coef.device == device else coef.to(device)
         if device.type in _FOREACH_DEVICE_TYPES:
             torch._foreach_mul_(group, coef_d)
         else:
@@ -242,6 +255,24 @@ def adaptive_grad_clip(
     return pre, _ratio(torch.linalg.vector_norm(torch.cat(unit_post), norm_type), pre)
 
 
+def _per_tensor_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
+    """The p-norm of each tensor, stacked in the order given, on the first tensor's device."""
+    first_device = tensors[0].device
+    norms = list(tensors)  # each entry is replaced by its norm
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (device, _), index in groups.items():
+        group = [tensors[i] for i in index]
+        if device.type in _FOREACH_DEVICE_TYPES:
+            group_norms = torch._foreach_norm(group, norm_type)
+        else:
+            group_norms = [torch.linalg.vector_norm(t, norm_type) for t in group]
+        for i, n in zip(index, group_norms, strict=True):
+            norms[i] = n.to(first_device)
+    return torch.stack(norms)
+
+
 def _cap(threshold: Tensor, max_norm: float | None) -> Tensor:
     return threshold if max_norm is None else torch.clamp(threshold, max=max_norm)
 
@@ -269,57 +300,119 @@ class _NormHistoryClipper:
 
 
 class AutoClip(_NormHistoryClipper):
-    r"""AutoClip: clip to a percentile of the recent gradient-norm history.
+    r"""AutoClip: clip to a percentile of the gradient-norm history.
 
     Seetharaman, Wichern, Pardo, Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks", https://arxiv.org/abs/2007.14469. At step :math:`t` with norm :math:`n_t`:
 
     .. math::
 
-        H_t = (n_{t-h+1}, \dots, n_t), \qquad
+        H_t = (n_1, \dots, n_t), \qquad
         \eta_t = \min\big(\text{percentile}_p(H_t),\ \text{max\_norm}\big), \qquad
         g \leftarrow g \cdot \min\left(1, \frac{\eta_t}{n_t + 10^{-6}}\right)
 
-    The current norm is in the history before the percentile is taken, as in the paper's reference
-    code. The paper keeps the whole history; here it is bounded to the last ``history_size`` norms (a
-    ring buffer on the gradients' device). Percentiles use linear interpolation (``numpy.percentile``'s
-    default). Non-finite norms are recorded as NaN and ignored by the percentile.
+    As in the paper's reference code (``autoclip_gradient``): the current norm joins the history
+    before the percentile is taken, the whole history is kept (``history_size=None``; an int keeps
+    only the last ``history_size`` norms in a ring buffer), percentiles interpolate linearly
+    (``numpy.percentile``'s default), and there is no cap (``max_norm=None``). The history lives on
+    the gradients' device; non-finite norms are recorded as NaN and ignored by the percentile.
+
+    With ``per_parameter=True`` each parameter keeps its own history of its own gradient norm and is
+    clipped to its own percentile (the per-parameter variant of the ``autoclip`` package); pass the
+    same parameters, in the same order, at every step (one without a gradient records nothing).
 
     Args:
-        percentile: p in [0, 100].
-        history_size: h, how many recent norms are kept.
-        max_norm: a hard cap on the threshold; None for no cap.
+        percentile: p in [0, 100] (the paper: 10).
+        history_size: norms kept; None for the whole history (the paper).
+        max_norm: a hard cap on the threshold; None for no cap (the paper).
+        per_parameter: one history and one threshold per parameter instead of the global norm.
+
+    Raises:
+        ValueError: if an argument is out of range (one line naming it).
+
+    Example::
+
+        >>> clipper = AutoClip(percentile=10.0)
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> for g in ([3.0, 4.0], [0.6, 0.8], [30.0, 40.0]):
+        ...     w.grad = torch.tensor(g)
+        ...     norm, coef = clipper.clip([w])
+        >>> round(float(norm), 3), round(float(torch.linalg.vector_norm(w.grad)), 3)  # 10th pct of (5, 1, 50)
+        (50.0, 1.8)
     """
 
     def __init__(
-        self, percentile: float = 10.0, history_size: int = 1000, max_norm: float | None = None
+        self,
+        percentile: float = 10.0,
+        history_size: int | None = None,
+        max_norm: float | None = None,
+        per_parameter: bool = False,
     ) -> None:
-        self.percentile = float(percentile)
-        self.history_size = int(history_size)
-        self.max_norm = max_norm
-        self.history: Tensor | None = None  # float32, NaN where empty
-        self.position = 0  # next slot of the ring buffer
-        self.count = 0  # norms recorded, at most history_size
+        self.percentile = check_real("AutoClip", "percentile", percentile, low=0, high=100)
+        self.history_size = check_int("AutoClip", "history_size", history_size, low=1, allow_none=True)
+        self.max_norm = check_real("AutoClip", "max_norm", max_norm, low=0, low_open=True, allow_none=True)
+        self.per_parameter = check_bool("AutoClip", "per_parameter", per_parameter)
+        self.history: Tensor | None = None  # float32, (capacity,) or (capacity, n_params); NaN where empty
+        self.position = 0  # next slot
+        self.count = 0  # norms recorded (at most history_size when bounded)
+
+    def _record(self, norm: Tensor) -> None:
+        n = norm.detach().float()
+        if self.history is None or self.history.shape[1:] != n.shape:
+            capacity = self.history_size or 64
+            self.history = torch.full((capacity, *n.shape), math.nan, dtype=torch.float32, device=n.device)
+            self.position = self.count = 0
+        elif self.history.device != n.device:
+            self.history = self.history.to(n.device)
+        if self.history_size is None and self.position == self.history.shape[0]:
+            self.history = torch.cat((self.history, torch.full_like(self.history, math.nan)))  # doubles
+        self.history[self.position] = torch.where(torch.isfinite(n), n, math.nan)
+        self.count = self.count + 1 if self.history_size is None else min(self.count + 1, self.history_size)
+        self.position = self.count if self.history_size is None else (self.position + 1) % self.history_size
 
     def threshold(self, norm: Tensor) -> Tensor:
-        """Record ``norm`` into the history and return this step's clipping threshold (0-d tensor)."""
-        if self.history is None:
-            self.history = torch.full((self.history_size,), math.nan, dtype=torch.float32, device=norm.device)
-        elif self.history.device != norm.device:
-            self.history = self.history.to(norm.device)
-        n = norm.detach().float()
-        self.history[self.position] = torch.where(torch.isfinite(n), n, torch.full_like(n, math.nan))
-        self.position = (self.position + 1) % self.history_size
-        self.count = min(self.count + 1, self.history_size)
-        thr = torch.nanquantile(self.history, self.percentile / 100.0)
+        """Record ``norm`` (0-d, or one per parameter) and return this step's threshold (the same shape)."""
+        self._record(norm)
+        assert self.history is not None
+        thr = torch.nanquantile(self.history[: max(self.count, 1)], self.percentile / 100.0, dim=0)
         # NaN only when every recorded norm is non-finite, this one included: that step is not taken anyway.
-        thr = torch.nan_to_num(thr, nan=math.inf)
-        return _cap(thr, self.max_norm)
+        return _cap(torch.nan_to_num(thr, nan=math.inf), self.max_norm)
+
+    @torch.no_grad()
+    def clip(self, parameters: Iterable[Tensor] | Tensor, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+        """Record the norm(s), then clip to the percentile (globally, or each parameter to its own).
+
+        Returns:
+            ``(total_norm, clip_coef)``: the global norm before clipping and the factor applied (per
+            parameter: ``||g_after||_p / ||g_before||_p``).
+        """
+        if not self.per_parameter:
+            return super().clip(parameters, norm_type)
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        if not present:
+            return torch.tensor(0.0), torch.tensor(1.0)
+        grads = [params[i].grad for i in present]
+        norms = _per_tensor_norms(grads, float(norm_type))
+        if len(present) < len(params):  # a parameter without a gradient this step records NaN (ignored)
+            full = torch.full((len(params),), math.nan, dtype=norms.dtype, device=norms.device)
+            full[present] = norms
+            thresholds = self.threshold(full)[present]
+        else:
+            thresholds = self.threshold(norms)
+        coefs = clip_coefficient(thresholds.to(norms.dtype), norms)
+        for g, c in zip(grads, coefs.unbind(), strict=True):
+            g.mul_(c.to(g.device))
+        pre = torch.linalg.vector_norm(norms, norm_type)
+        return pre, _ratio(torch.linalg.vector_norm(norms * coefs, norm_type), pre)
 
     def state_dict(self) -> dict[str, Any]:
-        """The history (on CPU) and the ring-buffer position."""
+        """The recorded history (on CPU, only the filled rows when unbounded) and the ring-buffer position."""
+        history = self.history
+        if history is not None and self.history_size is None:
+            history = history[: self.count]
         return {
-            "history": None if self.history is None else self.history.detach().cpu().clone(),
+            "history": None if history is None else history.detach().cpu().clone(),
             "position": self.position,
             "count": self.count,
         }
@@ -327,66 +420,97 @@ class AutoClip(_NormHistoryClipper):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the history moves to the gradients' device on the next step."""
         history = state_dict["history"]
-        if history is not None and history.numel() != self.history_size:
+        if history is not None and self.history_size is not None and history.shape[0] != self.history_size:
             raise ValueError(
-                f"AutoClip history has {history.numel()} entries, expected history_size={self.history_size}"
+                f"AutoClip history has {history.shape[0]} entries, expected history_size={self.history_size}"
             )
         self.history = None if history is None else history.clone()
         self.position = int(state_dict["position"])
         self.count = int(state_dict["count"])
+        if self.history is not None and self.history_size is None and self.history.shape[0] == 0:
+            self.history = None
 
 
 class ZClip(_NormHistoryClipper):
-    r"""ZClip: clip gradient-norm spikes detected by a z-score against EMA statistics.
+    r"""ZClip: clip gradient-norm spikes detected against EMA statistics of the norm.
 
     Kumar, Owen, Ashkboos, Hoefler 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training",
-    https://arxiv.org/abs/2504.02507 (the "zscore" mode with "adaptive_scaling" of the reference code).
+    https://arxiv.org/abs/2504.02507; the same computation as the official ``zclip`` package
+    (``zclip.ZClip``), with the same arguments and defaults.
 
     Warm-up: the first ``warmup_steps`` norms are collected (only ``max_norm`` clips), then
     :math:`\mu` and :math:`\sigma^2` are their mean and (population) variance. After warm-up, at norm
-    :math:`n_t`:
+    :math:`n_t`, with :math:`z_t = (n_t - \mu_{t-1}) / (\sigma_{t-1} + \epsilon)`, the threshold is
+
+    - ``mode="zscore"`` (a spike is :math:`z_t > z_{thres}`), ``clip_option="adaptive_scaling"``:
+      :math:`\eta_t = f \cdot \big(\mu_{t-1} + z_{thres}\sigma_{t-1} / (z_t / z_{thres})\big)`
+      (:math:`f` = ``clip_factor``); ``clip_option="mean"``: :math:`\eta_t = \mu_{t-1}`;
+    - ``mode="percentile"`` (a spike is :math:`n_t > \eta_t`): :math:`\eta_t = \mu_{t-1} + z_{thres}\sigma_{t-1}`;
+
+    and :math:`\infty` when the norm is no spike. Then
 
     .. math::
-
-        z_t = \frac{n_t - \mu_{t-1}}{\sigma_{t-1} + \epsilon}, \qquad
-        \eta_t = \begin{cases}
-            \mu_{t-1} + \dfrac{z_{thres}}{z_t / z_{thres}}\,\sigma_{t-1} & z_t > z_{thres} \\
-            \infty & \text{otherwise}
-        \end{cases}
 
         g \leftarrow g \cdot \min\left(1, \frac{\min(\eta_t, \text{max\_norm})}{n_t + 10^{-6}}\right)
 
     and the statistics follow the clipped norm :math:`\tilde n_t = \min(n_t, \eta_t)` (so a spike does
-    not inflate them):
+    not inflate them; with ``skip_update_on_spike`` a spike leaves them unchanged):
 
     .. math::
 
         \mu_t = \alpha \mu_{t-1} + (1-\alpha)\,\tilde n_t, \qquad
         \sigma^2_t = \alpha \sigma^2_{t-1} + (1-\alpha)\,(\tilde n_t - \mu_t)^2
 
-    Non-finite norms leave the statistics unchanged. Everything stays on the device.
+    Non-finite norms leave the statistics unchanged (the reference has no such rule). Everything stays
+    on the device.
 
     Args:
         alpha: EMA smoothing factor in (0, 1).
-        z_thresh: z-score above which a norm is a spike.
-        warmup_steps: norms collected before the statistics are initialised.
+        z_thresh: z-score above which a norm is a spike (``"zscore"``), or the number of standard
+            deviations above the mean that is the threshold (``"percentile"``).
         max_norm: a hard cap on the norm at every step, warm-up included; None for no cap.
-        eps: added to sigma in the z-score (the reference code's default).
+        eps: added to sigma in the z-score.
+        warmup_steps: norms collected before the statistics are initialised.
+        mode: ``"zscore"`` or ``"percentile"``.
+        clip_option: ``"adaptive_scaling"`` or ``"mean"`` (``"zscore"`` mode only).
+        clip_factor: multiplies the adaptive threshold (``"adaptive_scaling"`` only; 0.5 to 0.9 clips harder).
+        skip_update_on_spike: leave the statistics unchanged at a spike.
+
+    Raises:
+        ValueError: if an argument is out of range (one line naming it).
+
+    Example::
+
+        >>> clipper = ZClip(warmup_steps=2)
+        >>> w = torch.zeros(1, requires_grad=True)
+        >>> for g in (0.5, 0.7, 0.6, 5.0):
+        ...     w.grad = torch.tensor([g])
+        ...     norm, coef = clipper.clip([w])
+        >>> round(float(w.grad), 4)  # the spike 5.0 is clipped to the adaptive threshold
+        0.6138
     """
 
     def __init__(
         self,
         alpha: float = 0.97,
         z_thresh: float = 2.5,
-        warmup_steps: int = 25,
-        max_norm: float | None = None,
+        max_norm: float | None = 1.0,
         eps: float = 1e-6,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
     ) -> None:
-        self.alpha = float(alpha)
-        self.z_thresh = float(z_thresh)
-        self.warmup_steps = int(warmup_steps)
-        self.max_norm = max_norm
-        self.eps = float(eps)
+        self.alpha = check_real("ZClip", "alpha", alpha, low=0, high=1, low_open=True, high_open=True)
+        self.z_thresh = check_real("ZClip", "z_thresh", z_thresh, low=0, low_open=True)
+        self.max_norm = check_real("ZClip", "max_norm", max_norm, low=0, low_open=True, allow_none=True)
+        self.eps = check_real("ZClip", "eps", eps, low=0)
+        self.warmup_steps = check_int("ZClip", "warmup_steps", warmup_steps, low=1)
+        self.mode = check_choice("ZClip", "mode", mode, ZCLIP_MODES)
+        self.clip_option = check_choice("ZClip", "clip_option", clip_option, ZCLIP_OPTIONS)
+        self.clip_factor = check_real("ZClip", "clip_factor", clip_factor, low=0, low_open=True)
+        self.skip_update_on_spike = check_bool("ZClip", "skip_update_on_spike", skip_update_on_spike)
         self.step = 0  # norms seen
         self.warmup: Tensor | None = None  # the warm-up norms, NaN where empty or non-finite
         self.mean: Tensor | None = None
@@ -402,6 +526,25 @@ class ZClip(_NormHistoryClipper):
             self.warmup, self.mean, self.var = (t.to(device) for t in (self.warmup, self.mean, self.var))
         return self.warmup, self.mean, self.var
 
+    def _end_warmup(self, warmup: Tensor, mean: Tensor, var: Tensor) -> None:
+        valid = ~torch.isnan(warmup)
+        count = valid.sum().clamp(min=1)
+        w_mean = torch.where(valid, warmup, 0.0).sum() / count
+        w_var = (torch.where(valid, warmup - w_mean, 0.0) ** 2).sum() / count
+        # mean stays NaN (uninitialised) when every warm-up norm was non-finite.
+        self.mean = torch.where(valid.any(), w_mean, mean)
+        self.var = torch.where(valid.any(), w_var, var)
+
+    def _spike_threshold(self, n: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """(is the norm a spike, the threshold it is clipped to if so)."""
+        if self.mode == "percentile":
+            thr = mean + self.z_thresh * std
+            return n > thr, thr
+        z = (n - mean) / (std + self.eps)
+        if self.clip_option == "mean":
+            return z > self.z_thresh, mean
+        return z > self.z_thresh, (mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+
     def threshold(self, norm: Tensor) -> Tensor:
         """Update the statistics with ``norm`` and return this step's clipping threshold (0-d tensor)."""
         warmup, mean, var = self._state_on(norm.device)
@@ -409,34 +552,24 @@ class ZClip(_NormHistoryClipper):
         finite = torch.isfinite(n)
         inf = torch.full_like(n, math.inf)
         if self.step < self.warmup_steps:
-            warmup[self.step] = torch.where(finite, n, torch.full_like(n, math.nan))
+            warmup[self.step] = torch.where(finite, n, math.nan)
             self.step += 1
             if self.step == self.warmup_steps:
-                valid = ~torch.isnan(warmup)
-                count = valid.sum().clamp(min=1)
-                w_mean = torch.where(valid, warmup, 0.0).sum() / count
-                w_var = (torch.where(valid, warmup - w_mean, 0.0) ** 2).sum() / count
-                # mean stays NaN (uninitialised) when every warm-up norm was non-finite.
-                self.mean = torch.where(valid.any(), w_mean, mean)
-                self.var = torch.where(valid.any(), w_var, var)
+                self._end_warmup(warmup, mean, var)
             return _cap(inf, self.max_norm)
         self.step += 1
         # Statistics still uninitialised (no finite warm-up norm): start them at the first finite norm.
         uninit = torch.isnan(mean) & finite
         mean = torch.where(uninit, n, mean)
         var = torch.where(uninit, torch.zeros_like(n), var)
-        std = var.sqrt()
-        z = (n - mean) / (std + self.eps)
-        spike = z > self.z_thresh
-        eta = z / self.z_thresh
-        adaptive = mean + self.z_thresh * std / eta
-        thr = torch.where(spike, adaptive, inf)
-        effective = torch.where(spike, adaptive, n)
+        spike, spike_thr = self._spike_threshold(n, mean, var.sqrt())
+        effective = torch.where(spike, spike_thr, n)
         new_mean = self.alpha * mean + (1 - self.alpha) * effective
         new_var = self.alpha * var + (1 - self.alpha) * (effective - new_mean) ** 2
-        self.mean = torch.where(finite, new_mean, mean)
-        self.var = torch.where(finite, new_var, var)
-        return _cap(thr, self.max_norm)
+        update = finite & ~spike if self.skip_update_on_spike else finite
+        self.mean = torch.where(update, new_mean, mean)
+        self.var = torch.where(update, new_var, var)
+        return _cap(torch.where(spike, spike_thr, inf), self.max_norm)
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, warm-up norms and EMA statistics (tensors on CPU)."""

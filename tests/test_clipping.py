@@ -277,7 +277,7 @@ def test_zclip_matches_reference_with_spikes(max_norm):
 
 
 def test_zclip_nonfinite_leaves_statistics():
-    clip = ZClip(warmup_steps=3)
+    clip = ZClip(warmup_steps=3, max_norm=None)
     for n in (1.0, math.nan, 2.0):  # the NaN is left out of the warm-up statistics
         assert math.isinf(clip.threshold(torch.tensor(n)).item())
     assert clip.mean.item() == pytest.approx(1.5) and clip.var.item() == pytest.approx(0.25)
@@ -365,3 +365,90 @@ def test_property_autoclip_norm_never_exceeds_threshold(steps, percentile, cap):
         if cap is not None:
             bound = min(bound, cap)
         assert grad_norm(params) <= bound * (1 + 1e-5) + 1e-6
+
+
+# ---------------------------------------------------------------------------------------- defaults, arguments
+
+
+def test_adaptive_clippers_default_to_the_references():
+    autoclip = AutoClip()
+    assert (autoclip.percentile, autoclip.history_size, autoclip.max_norm, autoclip.per_parameter) == (
+        10.0,
+        None,
+        None,
+        False,
+    )
+    z = ZClip()
+    assert (z.alpha, z.z_thresh, z.max_norm, z.eps, z.warmup_steps) == (0.97, 2.5, 1.0, 1e-6, 25)
+    assert (z.mode, z.clip_option, z.clip_factor, z.skip_update_on_spike) == ("zscore", "adaptive_scaling", 1.0, False)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "name"),
+    [
+        (AutoClip, {"percentile": 150}, "percentile"),
+        (AutoClip, {"history_size": 0}, "history_size"),
+        (AutoClip, {"max_norm": -1.0}, "max_norm"),
+        (AutoClip, {"per_parameter": "no"}, "per_parameter"),
+        (ZClip, {"alpha": 1.5}, "alpha"),
+        (ZClip, {"z_thresh": 0}, "z_thresh"),
+        (ZClip, {"max_norm": math.inf}, "max_norm"),
+        (ZClip, {"eps": "small"}, "eps"),
+        (ZClip, {"warmup_steps": 0}, "warmup_steps"),
+        (ZClip, {"mode": "zScore"}, "mode"),
+        (ZClip, {"clip_option": None}, "clip_option"),
+        (ZClip, {"clip_factor": -0.5}, "clip_factor"),
+        (ZClip, {"skip_update_on_spike": 0}, "skip_update_on_spike"),
+    ],
+)
+def test_adaptive_clippers_refuse_bad_arguments_in_one_line(cls, kwargs, name):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    message = str(info.value)
+    assert message.startswith(f"`{cls.__name__}({name}=...)` must be ") and "\n" not in message
+    assert message.endswith(f"got {kwargs[name]!r}.")
+
+
+def test_autoclip_whole_history_grows_and_resumes():
+    rng = np.random.default_rng(5)
+    norms = rng.lognormal(size=200).tolist()
+    full = AutoClip(percentile=10.0)
+    got = [full.threshold(torch.tensor(n)).item() for n in norms]
+    expected = [np.percentile(norms[: t + 1], 10.0) for t in range(len(norms))]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    first = AutoClip(percentile=10.0)
+    for n in norms[:130]:
+        first.threshold(torch.tensor(n))
+    assert first.state_dict()["history"].shape == (130,)  # only the recorded norms are saved
+    resumed = AutoClip(percentile=10.0)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.threshold(torch.tensor(n)).item() for n in norms[130:]] == got[130:]
+
+
+def test_autoclip_per_parameter_keeps_one_history_per_parameter():
+    clip = AutoClip(percentile=0.0, per_parameter=True)
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0])
+    clip.clip([a, b])  # histories (5,) and (1,): nothing to clip
+    a.grad, b.grad = torch.tensor([6.0, 8.0]), torch.tensor([0.5])
+    norm, coef = clip.clip([a, b])
+    assert norm.item() == pytest.approx(math.hypot(10.0, 0.5))
+    assert torch.linalg.vector_norm(a.grad).item() == pytest.approx(5.0, rel=1e-5)  # a: min of its own (5, 10)
+    assert b.grad.item() == pytest.approx(0.5, rel=1e-5)  # b: its own minimum is this step's 0.5
+    assert coef.item() == pytest.approx(math.hypot(5.0, 0.5) / math.hypot(10.0, 0.5), rel=1e-5)
+    assert clip.state_dict()["history"].shape == (2, 2)
+
+
+def test_autoclip_per_parameter_a_missing_gradient_records_nothing():
+    clip = AutoClip(percentile=0.0, per_parameter=True)
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([2.0]), torch.tensor([1.0])
+    clip.clip([a, b])
+    a.grad, b.grad = torch.tensor([4.0]), None  # b has no gradient this step
+    clip.clip([a, b])
+    assert a.grad.item() == pytest.approx(2.0, rel=1e-5)
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([5.0])
+    clip.clip([a, b])
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((2.0, 1.0), rel=1e-5)  # histories kept apart
+    history = clip.state_dict()["history"]
+    assert history.shape == (3, 2) and math.isnan(history[1, 1])

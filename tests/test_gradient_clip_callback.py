@@ -146,37 +146,65 @@ def weights(module: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------- arguments
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "name", "allowed"),
-    [
-        ({"algorithm": "l2"}, "algorithm", "one of"),
-        ({"clip_val": 0.0}, "clip_val", "positive finite"),
-        ({"clip_val": -1.0}, "clip_val", "positive finite"),
-        ({"clip_val": math.inf}, "clip_val", "positive finite"),
-        ({"clip_val": True}, "clip_val", "positive finite"),
-        ({"clip_val": None}, "clip_val", "None is allowed only for"),
-        ({"clip_val": None, "algorithm": "agc"}, "clip_val", "None is allowed only for"),
-        ({"norm_type": 0}, "norm_type", "positive number"),
-        ({"norm_type": "fro"}, "norm_type", "positive number"),
-        ({"exclude": [1]}, "exclude", "fnmatch patterns"),
-        ({"nonfinite": "ignore"}, "nonfinite", "one of"),
-        ({"agc_eps": 0.0}, "agc_eps", "positive finite"),
-        ({"autoclip_percentile": 101}, "autoclip_percentile", "[0, 100]"),
-        ({"history_size": 0}, "history_size", "integer >= 1"),
-        ({"history_size": 2.5}, "history_size", "integer >= 1"),
-        ({"zclip_alpha": 1.0}, "zclip_alpha", "open interval (0, 1)"),
-        ({"zclip_z_thresh": -2.0}, "zclip_z_thresh", "positive finite"),
-        ({"zclip_warmup_steps": 0}, "zclip_warmup_steps", "integer >= 1"),
-        ({"log_every_n_steps": 0}, "log_every_n_steps", "None or an integer >= 1"),
-    ],
-)
+# Every wrong value: one ValueError line naming the argument, what is allowed and the value received.
+BAD_ARGUMENTS = [
+    ({"algorithm": "l2"}, "algorithm", "one of 'norm'"),
+    ({"algorithm": None}, "algorithm", "one of 'norm'"),
+    ({"clip_val": 0.0}, "clip_val", "finite number > 0"),
+    ({"clip_val": -1.0}, "clip_val", "finite number > 0"),
+    ({"clip_val": math.inf}, "clip_val", "finite number > 0"),
+    ({"clip_val": math.nan}, "clip_val", "finite number > 0"),
+    ({"clip_val": True}, "clip_val", "finite number > 0"),
+    ({"clip_val": "1.0"}, "clip_val", "finite number > 0"),
+    ({"clip_val": None}, "clip_val", "None is allowed only for"),
+    ({"clip_val": None, "algorithm": "agc"}, "clip_val", "None is allowed only for"),
+    ({"clip_val": math.inf, "algorithm": "zclip"}, "clip_val", "finite number > 0 or None"),
+    ({"norm_type": 0}, "norm_type", "a number > 0"),
+    ({"norm_type": -2.0}, "norm_type", "a number > 0"),
+    ({"norm_type": "fro"}, "norm_type", "a number > 0"),
+    ({"norm_type": math.nan}, "norm_type", "a number > 0"),
+    ({"exclude": [1]}, "exclude", "fnmatch patterns"),
+    ({"exclude": None}, "exclude", "fnmatch patterns"),
+    ({"exclude": 3}, "exclude", "fnmatch patterns"),
+    ({"nonfinite": "ignore"}, "nonfinite", "one of 'skip', 'error'"),
+    ({"nonfinite": None}, "nonfinite", "one of 'skip', 'error'"),
+    ({"agc_eps": 0.0}, "agc_eps", "finite number > 0"),
+    ({"agc_eps": math.inf}, "agc_eps", "finite number > 0"),
+    ({"agc_eps": "1e-3"}, "agc_eps", "finite number > 0"),
+    ({"autoclip_percentile": 101}, "autoclip_percentile", "[0, 100]"),
+    ({"autoclip_percentile": -1}, "autoclip_percentile", "[0, 100]"),
+    ({"autoclip_percentile": "10"}, "autoclip_percentile", "[0, 100]"),
+    ({"history_size": 0}, "history_size", "an integer >= 1 or None"),
+    ({"history_size": 2.5}, "history_size", "an integer >= 1 or None"),
+    ({"history_size": "1000"}, "history_size", "an integer >= 1 or None"),
+    ({"autoclip_per_parameter": "yes"}, "autoclip_per_parameter", "True or False"),
+    ({"autoclip_per_parameter": 1}, "autoclip_per_parameter", "True or False"),
+    ({"zclip_alpha": 1.0}, "zclip_alpha", "(0, 1)"),
+    ({"zclip_alpha": 0}, "zclip_alpha", "(0, 1)"),
+    ({"zclip_z_thresh": -2.0}, "zclip_z_thresh", "finite number > 0"),
+    ({"zclip_z_thresh": math.inf}, "zclip_z_thresh", "finite number > 0"),
+    ({"zclip_warmup_steps": 0}, "zclip_warmup_steps", "an integer >= 1"),
+    ({"zclip_warmup_steps": 2.0}, "zclip_warmup_steps", "an integer >= 1"),
+    ({"zclip_mode": "mean"}, "zclip_mode", "one of 'zscore', 'percentile'"),
+    ({"zclip_clip_option": "clip"}, "zclip_clip_option", "one of 'adaptive_scaling', 'mean'"),
+    ({"zclip_clip_factor": 0.0}, "zclip_clip_factor", "finite number > 0"),
+    ({"zclip_clip_factor": "0.7"}, "zclip_clip_factor", "finite number > 0"),
+    ({"zclip_skip_update_on_spike": "false"}, "zclip_skip_update_on_spike", "True or False"),
+    ({"zclip_eps": -1e-6}, "zclip_eps", "finite number >= 0"),
+    ({"log_every_n_steps": 0}, "log_every_n_steps", "an integer >= 1 or None"),
+    ({"log_every_n_steps": 1.5}, "log_every_n_steps", "an integer >= 1 or None"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name", "allowed"), BAD_ARGUMENTS)
 def test_invalid_arguments_name_argument_allowed_and_received(kwargs, name, allowed):
     with pytest.raises(ValueError) as info:
         GradientClipCallback(**kwargs)
     message = str(info.value)
-    assert f"{name}=" in message
+    assert "\n" not in message
+    assert message.startswith(f"`GradientClipCallback({name}=...)` must be ")
     assert allowed in message
-    assert repr(kwargs[name]) in message
+    assert message.endswith(f"got {kwargs[name]!r}.")
 
 
 def test_valid_arguments():
@@ -184,6 +212,34 @@ def test_valid_arguments():
         assert GradientClipCallback(None, algorithm).clip_val is None
     cb = GradientClipCallback(2, "agc", float("inf"), exclude="fc.*")
     assert cb.clip_val == 2.0 and cb.norm_type == math.inf and cb.exclude == ("fc.*",)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "expected"),
+    [("norm", 1.0), ("value", 1.0), ("agc", 0.01), ("autoclip", None), ("zclip", 1.0)],
+)
+def test_clip_val_left_out_is_the_algorithms_published_default(algorithm, expected):
+    cb = GradientClipCallback(algorithm=algorithm)
+    assert cb.clip_val == expected
+    assert cb.history_size is None  # AutoClip keeps the whole history, as the paper's code
+    assert (cb.zclip_mode, cb.zclip_clip_option, cb.zclip_clip_factor) == ("zscore", "adaptive_scaling", 1.0)
+    assert (cb.zclip_skip_update_on_spike, cb.zclip_eps, cb.agc_eps) == (False, 1e-6, 1e-3)
+
+
+def test_two_clip_callbacks_are_refused_with_one_line(tmp_path):
+    # In the Trainer's list: Lightning itself refuses two stateful callbacks of one type, at construction.
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `GradientClipCallback`") as info:
+        tiny_trainer(tmp_path, callbacks=[GradientClipCallback(1.0), GradientClipCallback(algorithm="agc")])
+    assert "\n" not in str(info.value)
+    # Added later (past Lightning's check): the callback refuses in setup, before any step.
+    trainer = tiny_trainer(tmp_path, callbacks=[GradientClipCallback(1.0)])
+    trainer.callbacks.append(GradientClipCallback(algorithm="agc"))
+    module = TinyClassifier()
+    start = weights(module)
+    with pytest.raises(MisconfigurationException, match=r"2 `GradientClipCallback`s.*keep one") as info:
+        trainer.fit(module, random_loader())
+    assert "\n" not in str(info.value)
+    assert_state_equal(weights(module), start)
 
 
 def test_trainer_gradient_clip_val_conflict_is_an_error_in_setup(tmp_path):
@@ -314,7 +370,7 @@ def test_exclude_pattern_matching_nothing_warns(tmp_path):
 
 
 class ZeroSomeGradients(Callback):
-    """A stand-in for a pruning callback: `mask_gradients` zeroes the gradient of fixed weights."""
+    """A stand-in for a pruning callback, a `GradientMasker`: `mask_gradients` zeroes some fixed gradients."""
 
     def __init__(self) -> None:
         self.mask = (torch.arange(32 * 16).reshape(32, 16) % 3 != 0).float()  # prunes a third
@@ -366,6 +422,40 @@ def test_nonfinite_step_is_skipped_params_and_optimizer_state_unchanged(tmp_path
     assert not math.isfinite(rows[3][1]["grad/norm"])
 
 
+class NanGradientAt(Callback):
+    """Puts a NaN into one parameter's gradient at one optimizer step (place it before the clip callback)."""
+
+    def __init__(self, name: str, step: int) -> None:
+        self.name, self.step, self.calls = name, step, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.calls == self.step:
+            dict(pl_module.named_parameters())[self.name].grad[0] = math.nan
+        self.calls += 1
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "error"])
+def test_nan_in_an_excluded_parameter_never_reaches_the_weights(tmp_path, nonfinite):
+    watch, logger = StepWatch(batch=3), MemoryLogger()
+    cb = GradientClipCallback(1.0, exclude=["net.2.*"], nonfinite=nonfinite, log_every_n_steps=1)
+    module = TinyClassifier(optimizer="adam", lr=0.01)
+    callbacks = [NanGradientAt("net.2.bias", step=3), cb, watch]
+    if nonfinite == "error":
+        with pytest.raises(RuntimeError, match=r"gradient norm is nan at global step 3"):
+            fit(module, tmp_path, callbacks)
+        return
+    with pytest.warns(UserWarning, match=r"non-finite gradient norm .* global step 3.*skipped"):
+        fit(module, tmp_path, callbacks, logger=logger)
+    (params_before, opt_before), (params_after, opt_after) = watch.before, watch.after
+    assert_state_equal(params_before, params_after)
+    assert_state_equal(opt_before, opt_after)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    rows = logger.rows_with("grad/norm")
+    assert math.isfinite(rows[3][1]["grad/norm"])  # the clipped parameters' norm was finite
+    assert [m["grad/nonfinite_skipped"] for _, m in rows[2:5]] == [0.0, 1.0, 1.0]
+    assert cb.summary()["nonfinite_skipped"] == 1.0
+
+
 def test_without_the_callback_the_same_run_is_ruined(tmp_path):
     """Control for the test above: the inf step really does poison the weights when nothing skips it."""
     module = InfLossAt(bad_batch=3, optimizer="sgd", lr=0.01)
@@ -381,11 +471,7 @@ def test_nonfinite_error_names_the_step(tmp_path):
         fit(InfLossAt(bad_batch=3), tmp_path, [cb])
 
 
-def test_amp_scaler_path_sees_unscaled_gradients_and_leaves_skipping_to_the_scaler(tmp_path, monkeypatch):
-    def fail(*args: Any) -> None:
-        raise AssertionError("the callback must not handle non-finite norms when a GradScaler is active")
-
-    monkeypatch.setattr(GradientClipCallback, "_on_nonfinite", fail)
+def test_amp_scaler_path_sees_unscaled_gradients_and_leaves_skipping_to_the_scaler(tmp_path):
     torch.manual_seed(0)
     amp_module = InfLossAt(bad_batch=3)
     fp32_module = copy.deepcopy(amp_module)
@@ -394,7 +480,11 @@ def test_amp_scaler_path_sees_unscaled_gradients_and_leaves_skipping_to_the_scal
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     watch, amp_log, fp32_log = StepWatch(batch=3), MemoryLogger(), MemoryLogger()
     cb = GradientClipCallback(100.0, log_every_n_steps=1)
-    fit(amp_module, tmp_path, [cb, watch], logger=amp_log, plugins=[plugin])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(amp_module, tmp_path, [cb, watch], logger=amp_log, plugins=[plugin])
+    # the callback left the skip to the scaler: it did not drop the gradients itself (that path warns)
+    assert not any("the step is skipped" in str(w.message) for w in caught)
     fit(fp32_module, tmp_path, [GradientClipCallback(100.0, log_every_n_steps=1)], logger=fp32_log)
     # step 0 is identical up to half precision, so the callback saw the unscaled gradient (not 4096x)
     amp_norm, fp32_norm = amp_log.rows_with("grad/norm")[0][1]["grad/norm"], fp32_log.rows_with("grad/norm")[0][1]["grad/norm"]
@@ -408,6 +498,13 @@ def test_amp_scaler_path_sees_unscaled_gradients_and_leaves_skipping_to_the_scal
 # ---------------------------------------------------------------------------------------- resume
 
 
+class AmnesiacClip(GradientClipCallback):
+    """Ignores the state in the checkpoint: the control of the resume test."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 def run(tmp_path, algorithm: str, epochs: int, ckpt_path=None, load_callback_state: bool = True):
     torch.manual_seed(0)
     module = TinyClassifier()
@@ -416,9 +513,8 @@ def run(tmp_path, algorithm: str, epochs: int, ckpt_path=None, load_callback_sta
     )
     if algorithm == "zclip":
         kwargs = {"zclip_warmup_steps": 3, "zclip_z_thresh": 0.5, "zclip_alpha": 0.8}
-    cb = GradientClipCallback(0.5 if algorithm == "norm" else None, algorithm, **kwargs)
-    if not load_callback_state:
-        cb.load_state_dict = lambda state_dict: None  # type: ignore[method-assign]
+    cls = GradientClipCallback if load_callback_state else AmnesiacClip
+    cb = cls(0.5 if algorithm == "norm" else None, algorithm, **kwargs)
     trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=epochs)
     trainer.fit(module, random_loader(), ckpt_path=ckpt_path)
     return module, cb, trainer
@@ -442,20 +538,19 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, algorithm):
         assert any(not torch.equal(v, weights(amnesiac)[k]) for k, v in weights(full).items())
 
 
-def test_loading_history_of_another_algorithm_warns_and_starts_fresh():
-    source = GradientClipCallback(None, "autoclip")
-    source._clippers[0] = source._new_clipper()
-    source._clippers[0].threshold(torch.tensor(2.0))
+def test_loading_history_of_another_algorithm_warns_and_starts_fresh(tmp_path):
+    _, source, _ = run(tmp_path, "autoclip", epochs=1)
     state = source.state_dict()
+    assert state["clippers"][0]["count"] == STEPS_PER_EPOCH
     target = GradientClipCallback(None, "zclip")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         target.load_state_dict(state)
     assert any("fresh history" in str(w.message) for w in caught)
-    assert target._clippers == {}
-    same = GradientClipCallback(None, "autoclip")
+    assert target.state_dict()["clippers"] == {}
+    same = GradientClipCallback(None, "autoclip", autoclip_percentile=10.0, history_size=12)
     same.load_state_dict(state)
-    assert_state_equal(same._clippers[0].state_dict(), source._clippers[0].state_dict())
+    assert_state_equal(same.state_dict(), state)
 
 
 def test_summary_before_any_step():
@@ -478,9 +573,38 @@ def test_summary_is_the_same_whatever_the_folding_batch(tmp_path, monkeypatch):
         torch.manual_seed(0)
         cb = GradientClipCallback(0.8)
         fit(TinyClassifier(), tmp_path, [cb], max_epochs=2)
-        assert len(cb._pending) == 2 * STEPS_PER_EPOCH % fold_every  # not folded yet
         summaries.append(cb.summary())
     assert summaries[0]["steps"] == summaries[1]["steps"] == 2 * STEPS_PER_EPOCH
     for key, value in summaries[0].items():
         assert summaries[1][key] == pytest.approx(value, rel=1e-12)
     assert 0.0 < summaries[0]["clipped_fraction"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------- the app's presets
+
+
+@pytest.mark.parametrize("choice", ["norm", "value", "agc", "autoclip", "zclip"])
+def test_clip_presets_use_the_callbacks_defaults(choice):
+    import inspect
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_clipprune.callbacks.gradient_clip import DEFAULT_CLIP_VAL
+    from lightning_clipprune.run import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("config", overrides=[f"clip={choice}"])
+    preset = OmegaConf.to_container(cfg.clip)
+    assert preset.pop("_target_") == "lightning_clipprune.GradientClipCallback"
+    assert preset.pop("algorithm") == choice
+    clip_val = preset.pop("clip_val")
+    if choice == "agc":  # NFNets' lambda at batch 4096, scaled to the preset's batch: 0.01 * sqrt(4096 / 64)
+        assert cfg.data.batch_size == 64
+        assert clip_val == pytest.approx(DEFAULT_CLIP_VAL["agc"] * math.sqrt(4096 / cfg.data.batch_size))
+    else:
+        assert clip_val == DEFAULT_CLIP_VAL[choice]
+    defaults = {k: p.default for k, p in inspect.signature(GradientClipCallback).parameters.items()}
+    for key, value in preset.items():
+        expected = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+        assert value == expected, key
