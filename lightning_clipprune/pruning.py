@@ -492,7 +492,6 @@ ZERO_KEEPING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
     torch.optim.AdamW,
-    torch.optim.Adamax,
     torch.optim.NAdam,
     torch.optim.RAdam,
     torch.optim.RMSprop,
@@ -509,7 +508,8 @@ def keeps_pruned_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
     ``0 / (sqrt(0) + eps)``), and neither ``fused`` (a separate kernel, not verified here) nor
     ``differentiable``. ``maximize``, ``amsgrad``, momentum, Nesterov, weight decay (L2 or decoupled) and
     ``foreach`` keep zeros. Anything else (a subclass, another optimizer) is not trusted: the caller
-    re-masks the weights after every step.
+    re-masks the weights after every step. (Adamax is left out: its weights stay zero but its ``exp_inf``
+    state becomes ``eps``, not zero.)
 
     Example::
 

@@ -89,7 +89,7 @@ class MagnitudePruneCallback(Callback):
       clipping; a ``GradientClipCallback`` calls :meth:`mask_gradients` too, so the clip norm never sees
       them whatever the callback order, and only the first call of a step does work;
     - pruned weights stay exactly zero after every optimizer step (automatic or manual optimization,
-      gradient accumulation, AMP). For SGD, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad and
+      gradient accumulation, AMP). For SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad and
       Adadelta (exact classes, ``eps > 0``, not ``fused``: :func:`~lightning_clipprune.pruning.keeps_pruned_weights_zero`)
       that follows from the masked gradient and the zeroed state, so nothing else is done per step; any
       other optimizer gets its weights re-masked by an ``optimizer.register_step_post_hook`` after every step.
