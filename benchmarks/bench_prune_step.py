@@ -17,8 +17,8 @@ Arms (callback defaults, as a new user writes them):
 Per round the arms run in a rotating order; each fit trains a fresh seeded model for one epoch
 (``lenet``: Fashion-MNIST, LeNet-300-100, batch 128, SGD momentum 0.9 weight decay 5e-4, 469 steps;
 ``resnet20``: CIFAR-shaped random data, ``--steps`` steps of batch 32). Reported: the median over rounds
-of each arm's ``trainer.fit`` wall time divided by the ``none`` arm's of the same round, min-max of that
-ratio, and the bytes the prune callback holds at the end of training (bool masks + float gradient masks)
+of each arm's ``trainer.fit`` wall time (and process CPU time, steadier on a shared machine) divided by
+the ``none`` arm's of the same round, min-max of that ratio, and the bytes the prune callback holds at the end of training (bool masks + float gradient masks)
 against the pruned weights' bytes (Lightning's ``ModelPruning`` holds ``weight_orig`` + ``weight_mask``:
 +200 %). Results are written to ``benchmarks/results/bench_prune_step_<model>.json``.
 """
@@ -120,7 +120,7 @@ def resnet_setup(steps: int) -> tuple[Any, Any]:
 
 def fit_once(
     arm: str, make_model: Any, loader: Any, root: str, memory: Memory | None = None, limit: int | None = None
-) -> float:
+) -> tuple[float, float]:
     L.seed_everything(0, verbose=False)
     model = make_model()
     extra = [memory] if memory is not None else []
@@ -130,14 +130,15 @@ def fit_once(
         callbacks=[*callbacks(arm), *extra], num_sanity_val_steps=0, limit_val_batches=0,
         limit_train_batches=limit,
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, train_dataloaders=loader)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def macro(args: argparse.Namespace) -> dict[str, Any]:
     make_model, loader = lenet_setup() if args.model == "lenet" else resnet_setup(args.steps)
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    cpu: dict[str, list[float]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory() as root:
         fit_once("none", make_model, loader, root, limit=args.limit)  # warm-up: imports, allocator, data
         memory = Memory()
@@ -145,10 +146,24 @@ def macro(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.rounds):
             order = ARMS[r % len(ARMS):] + ARMS[: r % len(ARMS)]
             for arm in order:
-                times[arm].append(fit_once(arm, make_model, loader, root, limit=args.limit))
-            print(f"round {r + 1}: " + ", ".join(f"{a} {times[a][-1]:.2f}s" for a in ARMS), flush=True)
+                wall, used = fit_once(arm, make_model, loader, root, limit=args.limit)
+                times[arm].append(wall)
+                cpu[arm].append(used)
+            print(f"round {r + 1}: " + ", ".join(f"{a} {times[a][-1]:.2f}s ({cpu[a][-1]:.2f}s cpu)" for a in ARMS),
+                  flush=True)
+    summary = {"wall": _summary(times), "cpu": _summary(cpu)}
+    rep = memory.report
+    rep["added_fraction_of_pruned_weights"] = (
+        (rep["bool_mask_bytes"] + rep["float_mask_bytes"]) / rep["pruned_weight_bytes"] if rep else None
+    )
+    return {"model": args.model, "rounds": args.rounds, "limit": args.limit, "threads": torch.get_num_threads(),
+            "arms": summary, "memory": rep, "times": times, "cpu_times": cpu}
+
+
+def _summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per arm: median seconds, and the median, min and max over rounds of the ratio to ``none``."""
     ratios = {arm: [t / n for t, n in zip(times[arm], times["none"], strict=True)] for arm in ARMS}
-    summary = {
+    return {
         arm: {
             "median_s": statistics.median(times[arm]),
             "ratio_median": statistics.median(ratios[arm]),
@@ -157,12 +172,6 @@ def macro(args: argparse.Namespace) -> dict[str, Any]:
         }
         for arm in ARMS
     }
-    rep = memory.report
-    rep["added_fraction_of_pruned_weights"] = (
-        (rep["bool_mask_bytes"] + rep["float_mask_bytes"]) / rep["pruned_weight_bytes"] if rep else None
-    )
-    return {"model": args.model, "rounds": args.rounds, "limit": args.limit, "threads": torch.get_num_threads(),
-            "arms": summary, "memory": rep, "times": times}
 
 
 def micro() -> dict[str, float]:
@@ -221,7 +230,7 @@ def main() -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
-    shown = {k: v for k, v in result.items() if k != "times"}
+    shown = {k: v for k, v in result.items() if k not in ("times", "cpu_times")}
     print(json.dumps(shown, indent=2))
 
 
