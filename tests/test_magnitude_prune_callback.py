@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
+from lightning_clipprune.callbacks import magnitude_prune
+from lightning_clipprune.callbacks.contract import GradientMasker, PruneState, find_callbacks
 from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
 from tests.helpers import TinyClassifier, random_loader, tiny_trainer
 
@@ -86,7 +88,7 @@ def test_pruned_weights_and_optimizer_state_stay_zero(tmp_path, optimizer: str) 
                 assert (value[~mask] == 0).all(), (name, key)
     assert _pruned_fraction(model, prune.parameter_names) == pytest.approx(0.7, abs=1e-2)
     # hooks are gone after fit: a later step does not touch the weights through us
-    assert prune._handles == []
+    assert len(opt._optimizer_step_post_hooks) == 0
 
 
 def test_gradients_masked_before_any_clip_callback_whatever_the_order(tmp_path) -> None:
@@ -97,12 +99,11 @@ def test_gradients_masked_before_any_clip_callback_whatever_the_order(tmp_path) 
             self.checked = 0
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-            for cb in trainer.callbacks:
-                if hasattr(cb, "mask_gradients"):
-                    cb.mask_gradients()
+            for masker in find_callbacks(trainer, GradientMasker, exclude=self):
+                masker.mask_gradients()
             params = dict(pl_module.named_parameters())
-            for cb in trainer.callbacks:
-                if isinstance(cb, MagnitudePruneCallback) and cb._active:
+            for cb in find_callbacks(trainer, PruneState):
+                if cb.current_target:  # after the first event
                     for n in cb.parameter_names:
                         assert (params[n].grad[~cb.masks[n]] == 0).all()
                     self.checked += 1
@@ -116,7 +117,7 @@ def test_gradients_masked_before_any_clip_callback_whatever_the_order(tmp_path) 
 
 
 @pytest.mark.parametrize("clip_first", [True, False])
-def test_real_clip_callback_masks_once_per_step_in_either_order(tmp_path, clip_first: bool) -> None:
+def test_real_clip_callback_masks_once_per_step_in_either_order(tmp_path, monkeypatch, clip_first: bool) -> None:
     from lightning_clipprune import GradientClipCallback
 
     class Checker(Callback):
@@ -126,24 +127,31 @@ def test_real_clip_callback_masks_once_per_step_in_either_order(tmp_path, clip_f
             self.checked = 0
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-            if prune._active:
+            if prune.current_target:  # after the event
                 params = dict(pl_module.named_parameters())
                 for n in prune.parameter_names:
                     assert (params[n].grad[~prune.masks[n]] == 0).all(), n
                 self.checked += 1
 
     prune = MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=1, verbose=False)
-    calls = []
-    mask_gradients = prune.mask_gradients
-    prune.mask_gradients = lambda: (calls.append(1), mask_gradients())[1]
+    model = TinyClassifier()
+    grad_passes = []
+    original = magnitude_prune.apply_masks_
+
+    def counting(tensors, masks):
+        grads = {id(p.grad) for p in model.parameters() if p.grad is not None}
+        grad_passes.extend(1 for t in tensors[:1] if id(t) in grads)
+        original(tensors, masks)
+
+    monkeypatch.setattr(magnitude_prune, "apply_masks_", counting)
     clip = GradientClipCallback(clip_val=0.5)
     checker = Checker()
     L.seed_everything(0, verbose=False)
     callbacks = [clip, prune, checker] if clip_first else [prune, clip, checker]
     trainer = tiny_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
-    trainer.fit(TinyClassifier(), random_loader())
+    trainer.fit(model, random_loader())
     assert checker.checked == 7
-    assert len(calls) == trainer.global_step == 8  # one masking pass per optimizer step, not two
+    assert len(grad_passes) == trainer.global_step - 1 == 7  # one gradient pass per step after the event, not two
 
 
 def test_mask_gradients_is_idempotent_and_zeroes_only_pruned(tmp_path) -> None:
@@ -157,6 +165,16 @@ def test_mask_gradients_is_idempotent_and_zeroes_only_pruned(tmp_path) -> None:
     for n in prune.parameter_names:
         assert torch.equal(params[n].grad, prune.masks[n].float())
     assert (model.net[0].bias.grad == 1).all()
+    # only the first call between two backward passes works ...
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    prune.mask_gradients()
+    assert all(bool((p.grad == 1).all()) for p in model.parameters())
+    # ... and a new backward pass re-arms it
+    prune.on_after_backward(model.trainer, model)
+    prune.mask_gradients()
+    for n in prune.parameter_names:
+        assert torch.equal(params[n].grad, prune.masks[n].float())
 
 
 def _weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -301,9 +319,10 @@ def test_unit_epoch(tmp_path) -> None:
 def test_taylor_ema_sees_clipped_gradients(tmp_path) -> None:
     prune = MagnitudePruneCallback(sparsity=0.5, criterion="taylor", schedule="oneshot", start=1.0, verbose=False)
     _fit(tmp_path, prune, max_epochs=1, gradient_clip_val=1e-3)
-    ema_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in prune._grad_avg.values()]))
+    state = prune.state_dict()
+    ema_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in state["grad_avg"].values()]))
     assert 0 < float(ema_norm) <= 1e-3 * (1 + 1e-4)
-    assert prune._ema_steps == 8
+    assert state["ema_steps"] == 8
 
 
 def test_no_prunable_parameters_is_an_error_at_setup(tmp_path) -> None:
@@ -323,23 +342,23 @@ def test_nm_shape_mismatch_is_an_error_at_setup(tmp_path) -> None:
     [
         ({}, "exactly one of `sparsity` and `threshold`"),
         ({"sparsity": 0.5, "threshold": 0.1}, "exactly one"),
-        ({"sparsity": 1.0}, r"`sparsity`.*\[0, 1\).*1.0"),
-        ({"sparsity": -0.1}, r"`sparsity`.*-0.1"),
-        ({"threshold": -1.0}, r"`threshold`.*>= 0.*-1.0"),
-        ({"sparsity": 0.5, "schedule": "exp"}, r"`schedule`.*'oneshot'.*'exp'"),
-        ({"sparsity": 0.5, "pattern": "4:2"}, r"`pattern`.*'4:2'"),
-        ({"sparsity": 0.5, "scope": "layer"}, r"`scope`.*'global'.*'layer'"),
-        ({"sparsity": 0.5, "criterion": "hessian"}, r"`criterion`.*'taylor'.*'hessian'"),
+        ({"sparsity": 1.0}, r"sparsity=.*\[0, 1\).*1.0"),
+        ({"sparsity": -0.1}, r"sparsity=.*-0.1"),
+        ({"threshold": -1.0}, r"threshold=.*>= 0.*-1.0"),
+        ({"sparsity": 0.5, "schedule": "exp"}, r"schedule=.*'oneshot'.*'exp'"),
+        ({"sparsity": 0.5, "pattern": "4:2"}, r"pattern=.*'4:2'"),
+        ({"sparsity": 0.5, "scope": "layer"}, r"scope=.*'global'.*'layer'"),
+        ({"sparsity": 0.5, "criterion": "hessian"}, r"criterion=.*'taylor'.*'hessian'"),
         ({"sparsity": 0.5, "start": 10, "end": 5}, r"`start` must be <= `end`.*start=10, end=5"),
         ({"sparsity": 0.5, "start": 0.8, "end": 0.2}, r"start=0.8, end=0.2"),
-        ({"sparsity": 0.5, "end": 1.5}, r"`end`.*\[0, 1\].*1.5"),
-        ({"sparsity": 0.5, "start": -3}, r"`start`.*-3"),
-        ({"sparsity": 0.5, "unit": "batch"}, r"`unit`.*'batch'"),
-        ({"sparsity": 0.5, "frequency": 0}, r"`frequency`.*0"),
-        ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity`.*0.6"),
-        ({"sparsity": 0.5, "taylor_beta": 1.0}, r"`taylor_beta`.*1.0"),
+        ({"sparsity": 0.5, "end": 1.5}, r"end=.*\[0, 1\].*1.5"),
+        ({"sparsity": 0.5, "start": -3}, r"start=.*-3"),
+        ({"sparsity": 0.5, "unit": "batch"}, r"unit=.*'batch'"),
+        ({"sparsity": 0.5, "frequency": 0}, r"frequency=.*0"),
+        ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"initial_sparsity=.*0.6"),
+        ({"sparsity": 0.5, "taylor_beta": 1.0}, r"taylor_beta=.*1.0"),
         ({"sparsity": 0.3, "pattern": "2:4"}, r"`sparsity` must be 0.5.*0.3"),
-        ({"threshold": 0.1, "pattern": "channel"}, r"`threshold`.*'channel'"),
+        ({"threshold": 0.1, "pattern": "channel"}, r"threshold=.*'channel'"),
     ],
 )
 def test_arguments_checked_in_init(kwargs: dict, match: str) -> None:
@@ -419,7 +438,7 @@ def test_taylor_ema_sees_unscaled_gradients_under_amp_grad_scaler(tmp_path) -> N
         if scale is not None:  # fp16 autocast with a GradScaler that scales by 4096
             kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))]}
         model = _fit(tmp_path / str(scale), prune, max_epochs=1, **kw)
-        norms[scale] = float(torch.stack([g.norm() for g in prune._grad_avg.values()]).norm())
+        norms[scale] = float(torch.stack([g.norm() for g in prune.state_dict()["grad_avg"].values()]).norm())
         params = dict(model.named_parameters())
         assert all(bool((params[n][~prune.masks[n]] == 0).all()) for n in prune.parameter_names)
     assert norms[2.0**12] == pytest.approx(norms[None], rel=0.05)  # not 4096x larger
@@ -449,4 +468,5 @@ def test_checkpoint_of_another_module_is_rejected(tmp_path) -> None:
         other.load_state_dict(state)
     # the same instance reused on another module starts afresh
     prune.setup(None, MixedNet(), "fit")
-    assert prune.parameter_names == ["conv.weight", "head.weight"] and prune.masks == {} and not prune._active
+    assert prune.parameter_names == ["conv.weight", "head.weight"] and prune.masks == {}
+    assert prune.current_target == 0.0 and prune.state_dict()["active"] is False

@@ -9,6 +9,7 @@ optimizer step, and a mask only ever grows.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,31 +17,65 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_clipprune._validation import (
+    bad_value,
+    check_bool,
+    check_choice,
+    check_int,
+    check_patterns,
+    check_position,
+    check_real,
+)
 from lightning_clipprune.pruning import (
     CRITERIA,
     SCOPES,
     apply_masks_,
     compute_masks,
+    keeps_pruned_weights_zero,
+    mask_factors,
     mask_optimizer_state_,
+    nonfinite_names,
     parse_pattern,
     select_prunable_parameters,
 )
 from lightning_clipprune.schedules import SCHEDULES, event_due, resolve_position, sparsity_at
 
 _UNITS = ("step", "epoch")
+_OWNER = "MagnitudePruneCallback"
+#: Per-event lines go here at INFO (the app writes this logger to ``run.log``); the console gets them
+#: only with ``verbose=True``.
+log = logging.getLogger("lightning_clipprune")
 
 
-def _check_position(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be an int (a step or an epoch) or a float in [0, 1], got {value!r}")
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` as a float is a fraction of the training and must be in [0, 1], got {value!r}")
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"`{name}` as an int must be >= 0, got {value!r}")
+def _check_pattern(pattern: Any) -> tuple[str, int, int]:
+    try:
+        return parse_pattern(pattern)
+    except ValueError:
+        raise bad_value(
+            _OWNER, "pattern", "'unstructured', 'channel' or 'N:M' with integers 0 < N < M (such as '2:4')", pattern
+        ) from None
+
+
+def _check_combination(cb: MagnitudePruneCallback, kind: str, n: int, m: int) -> None:
+    """The checks that involve two arguments (each argument alone is checked by ``_validation``)."""
+    if (cb.sparsity is None) == (cb.threshold is None):
+        raise ValueError(
+            f"`{_OWNER}` needs exactly one of `sparsity` and `threshold`, got sparsity={cb.sparsity!r},"
+            f" threshold={cb.threshold!r}."
+        )
+    if cb.threshold is not None and kind != "unstructured":
+        raise ValueError(f"`{_OWNER}(threshold=...)` works with pattern 'unstructured' only, got pattern={cb.pattern!r}.")
+    if kind == "nm" and not math.isclose(cb.sparsity, 1.0 - n / m, abs_tol=1e-9):
+        raise ValueError(
+            f"`{_OWNER}(pattern={cb.pattern!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
+            f" (or left out), got sparsity={cb.sparsity!r}."
+        )
+    if cb.schedule != "oneshot" and type(cb.start) is type(cb.end) and cb.start > cb.end:
+        raise ValueError(f"`{_OWNER}`: `start` must be <= `end`, got start={cb.start!r}, end={cb.end!r}.")
 
 
 class MagnitudePruneCallback(Callback):
@@ -49,12 +84,20 @@ class MagnitudePruneCallback(Callback):
     Each pruning event computes keep-masks from the current weights, zeroes the pruned weights in place
     together with their optimizer state (momentum, Adam moments), and from then on:
 
-    - gradients of pruned weights are zeroed in ``on_before_optimizer_step`` (:meth:`mask_gradients`),
-      which Lightning runs before its own clipping; ``GradientClipCallback`` also calls
-      :meth:`mask_gradients` first thing, so the clip norm never sees them, whatever the callback order;
-    - the weight masks are re-applied by an ``optimizer.register_step_post_hook`` after every optimizer
-      step (automatic or manual optimization, gradient accumulation, AMP), so they stay exactly zero
-      whatever the optimizer does (weight decay, Adam's epsilon...).
+    - gradients of pruned weights are zeroed in ``on_before_optimizer_step`` (:meth:`mask_gradients`, the
+      :class:`~lightning_clipprune.callbacks.contract.GradientMasker` contract), before Lightning's own
+      clipping; a ``GradientClipCallback`` calls :meth:`mask_gradients` too, so the clip norm never sees
+      them whatever the callback order, and only the first call of a step does work;
+    - pruned weights stay exactly zero after every optimizer step (automatic or manual optimization,
+      gradient accumulation, AMP). For SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad and
+      Adadelta (exact classes, ``eps > 0``, not ``fused``: :func:`~lightning_clipprune.pruning.keeps_pruned_weights_zero`)
+      that follows from the masked gradient and the zeroed state, so nothing else is done per step; any
+      other optimizer gets its weights re-masked by an ``optimizer.register_step_post_hook`` after every step.
+
+    The per-step cost is one foreach multiply of the gradients by float masks (4 bytes per pruned-layer
+    weight, held during ``fit`` only, beside the 1-byte bool :attr:`masks`), over the layers that have
+    pruned entries; no host synchronisation. A pruning event refuses to rank weights that are not finite
+    (``FloatingPointError`` naming them and the step).
 
     Events happen at ``start``, every ``frequency`` steps (or epochs) after the previous one, and always at
     ``end``, where the target is reached. When ``end`` (or a one-shot ``start``) falls at or after the
@@ -98,11 +141,14 @@ class MagnitudePruneCallback(Callback):
         prune_bias: also prune the biases of the default layers.
         keep_first_and_last: keep the first and the last prunable layer dense.
         taylor_beta: EMA factor of the gradient for "taylor", in [0, 1).
-        verbose: one ``rank_zero_info`` line at each event.
+        verbose: also print the line of each event on the console (``rank_zero_info``). The line always
+            goes to the ``lightning_clipprune`` Python logger at INFO (the app writes it to ``run.log``).
 
     Raises:
-        ValueError: for a bad argument (in ``__init__``), or at ``setup()`` when the module has no
-            prunable parameter or a shape does not fit the pattern.
+        ValueError: for a bad argument (in ``__init__``); at ``setup()`` when the module has no prunable
+            parameter, a shape does not fit the pattern or the Trainer has a second
+            ``MagnitudePruneCallback``; at train start when the prune window lies past the end of the run.
+        FloatingPointError: at a pruning event, when a prunable weight holds NaN or inf.
 
     Attributes:
         masks: ``{parameter name: bool tensor}``, True = kept.
@@ -143,64 +189,32 @@ class MagnitudePruneCallback(Callback):
         prune_bias: bool = False,
         keep_first_and_last: bool = False,
         taylor_beta: float = 0.9,
-        verbose: bool = True,
+        verbose: bool = False,
     ) -> None:
         super().__init__()
-        kind, n, m = parse_pattern(pattern)
+        kind, n, m = _check_pattern(pattern)
         if kind == "nm" and sparsity is None and threshold is None:
             sparsity = 1.0 - n / m
-        if (sparsity is None) == (threshold is None):
-            raise ValueError(
-                f"give exactly one of `sparsity` and `threshold`, got sparsity={sparsity!r}, threshold={threshold!r}"
-            )
-        if sparsity is not None and (
-            isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0
-        ):
-            raise ValueError(f"`sparsity` must be a float in [0, 1), got {sparsity!r}")
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0.0
-        ):
-            raise ValueError(f"`threshold` must be a float >= 0, got {threshold!r}")
-        if threshold is not None and kind != "unstructured":
-            raise ValueError(f"`threshold` works with pattern 'unstructured' only, got pattern={pattern!r}")
-        if kind == "nm" and not math.isclose(sparsity, 1.0 - n / m, abs_tol=1e-9):
-            raise ValueError(
-                f"pattern {pattern!r} keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
-                f" (or left out), got sparsity={sparsity!r}"
-            )
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-        if criterion not in CRITERIA:
-            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}")
-        if unit not in _UNITS:
-            raise ValueError(f"`unit` must be one of {_UNITS}, got {unit!r}")
-        _check_position("start", start)
-        _check_position("end", end)
-        if schedule != "oneshot" and type(start) is type(end) and start > end:
-            raise ValueError(f"`start` must be <= `end`, got start={start!r}, end={end!r}")
-        if frequency is not None and (isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1):
-            raise ValueError(f"`frequency` must be an int >= 1 (or None), got {frequency!r}")
-        if not (isinstance(power, (int, float)) and power > 0):
-            raise ValueError(f"`power` must be > 0, got {power!r}")
-        if not (isinstance(initial_sparsity, (int, float)) and 0.0 <= initial_sparsity <= (sparsity or 0.0)):
-            raise ValueError(f"`initial_sparsity` must be in [0, sparsity={sparsity}], got {initial_sparsity!r}")
-        if not (isinstance(taylor_beta, (int, float)) and 0.0 <= taylor_beta < 1.0):
-            raise ValueError(f"`taylor_beta` must be in [0, 1), got {taylor_beta!r}")
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise ValueError(f"`include`/`exclude` must be sequences of patterns, got include={include!r}, exclude={exclude!r}")
-
-        self.sparsity = None if sparsity is None else float(sparsity)
-        self.threshold = None if threshold is None else float(threshold)
-        self.schedule = schedule
-        self.start, self.end, self.unit, self.frequency = start, end, unit, frequency
-        self.power, self.initial_sparsity = float(power), float(initial_sparsity)
-        self.scope, self.pattern, self.criterion = scope, pattern, criterion
-        self.include = None if include is None else list(include)
-        self.exclude = list(exclude)
-        self.prune_bias, self.keep_first_and_last = prune_bias, keep_first_and_last
-        self.taylor_beta, self.verbose = float(taylor_beta), verbose
+        self.sparsity = check_real(_OWNER, "sparsity", sparsity, low=0, high=1, high_open=True, allow_none=True)
+        self.threshold = check_real(_OWNER, "threshold", threshold, low=0, allow_none=True)
+        self.schedule = check_choice(_OWNER, "schedule", schedule, SCHEDULES)
+        self.start = check_position(_OWNER, "start", start)
+        self.end = check_position(_OWNER, "end", end)
+        self.unit = check_choice(_OWNER, "unit", unit, _UNITS)
+        self.frequency = check_int(_OWNER, "frequency", frequency, low=1, allow_none=True)
+        self.power = check_real(_OWNER, "power", power, low=0, low_open=True)
+        self.initial_sparsity = check_real(_OWNER, "initial_sparsity", initial_sparsity, low=0, high=self.sparsity or 0.0)
+        self.scope = check_choice(_OWNER, "scope", scope, SCOPES)
+        self.pattern = pattern
+        self.criterion = check_choice(_OWNER, "criterion", criterion, CRITERIA)
+        patterns = check_patterns(_OWNER, "include", include, allow_none=True)
+        self.include = None if patterns is None else list(patterns)
+        self.exclude = list(check_patterns(_OWNER, "exclude", exclude, allow_none=True) or ())
+        self.prune_bias = check_bool(_OWNER, "prune_bias", prune_bias)
+        self.keep_first_and_last = check_bool(_OWNER, "keep_first_and_last", keep_first_and_last)
+        self.taylor_beta = check_real(_OWNER, "taylor_beta", taylor_beta, low=0, high=1, high_open=True)
+        self.verbose = check_bool(_OWNER, "verbose", verbose)
+        _check_combination(self, kind, n, m)
 
         self.masks: dict[str, Tensor] = {}
         self.parameter_names: list[str] = []
@@ -214,7 +228,11 @@ class MagnitudePruneCallback(Callback):
         self._last_event: int | None = None
         self._positions: tuple[int, int, int] | None = None  # resolved (start, end, frequency)
         self._handles: list[Any] = []
-        self._grads_masked_elsewhere = False  # a GradientClipCallback calls mask_gradients() every step
+        # The hot path, rebuilt at each event: the parameters with pruned entries and their float masks.
+        self._live: list[torch.nn.Parameter] | None = None  # None: not built
+        self._factors: list[Tensor] = []
+        self._factor_of: dict[str, Tensor] = {}
+        self._grads_masked = False  # mask_gradients() did its work since the last backward / optimizer step
 
     @property
     @override
@@ -223,20 +241,41 @@ class MagnitudePruneCallback(Callback):
             sparsity=self.sparsity, threshold=self.threshold, schedule=self.schedule, pattern=self.pattern
         )
 
-    # ------------------------------------------------------------------ public API used by other callbacks
+    # ------------------------------------------------------------------ the contract (callbacks/contract.py)
 
     def mask_gradients(self) -> None:
-        """Zero ``.grad`` of the pruned entries of every masked parameter (foreach, no host sync, idempotent)."""
-        if not self._active:
+        """Zero ``.grad`` of the pruned entries (:class:`~lightning_clipprune.callbacks.contract.GradientMasker`).
+
+        One foreach multiply by float masks over the parameters that have pruned entries, no host sync.
+        Idempotent: only the first call after a backward pass (or an optimizer step) does work, so this
+        callback's own ``on_before_optimizer_step`` and a ``GradientClipCallback`` may both call it.
+        """
+        if self._grads_masked:
             return
-        pairs = [(p.grad, self.masks[n]) for n, p in self._params.items() if p.grad is not None]
-        if pairs:
-            apply_masks_([g for g, _ in pairs], [m for _, m in pairs])
+        if self._live is None:  # outside fit (the cache is dropped at its end): rebuild it once
+            if not self._active:
+                return
+            self._build_cache()
+        if not self._live:
+            return
+        self._grads_masked = True
+        grads = [p.grad for p in self._live]
+        if any(g is None for g in grads):
+            pairs = [(g, f) for g, f in zip(grads, self._factors, strict=True) if g is not None]
+            apply_masks_([g for g, _ in pairs], [f for _, f in pairs])
+        else:
+            apply_masks_(grads, self._factors)
 
     # ------------------------------------------------------------------ hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        others = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, MagnitudePruneCallback)]
+        if len(others) > 1:
+            raise ValueError(
+                f"the Trainer has {len(others)} MagnitudePruneCallbacks, at most one is allowed: merge them into"
+                " one (choose the parameters with `include`/`exclude`)."
+            )
         params = select_prunable_parameters(
             pl_module, self.include, self.exclude, self.prune_bias, self.keep_first_and_last
         )
@@ -262,6 +301,7 @@ class MagnitudePruneCallback(Callback):
             self.masks, self._grad_avg, self._ema_steps = {}, {}, 0
             self._active, self._last_event = False, None
             self.current_target = 0.0 if self.sparsity is not None else None
+            self._drop_cache()
         self._params = params
         self.parameter_names = list(params)
 
@@ -269,19 +309,17 @@ class MagnitudePruneCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Optimizers exist from here on; hooks on them see every step, whoever calls optimizer.step.
         self._remove_hooks()
-        self._grads_masked_elsewhere = any(
-            cb is not self and getattr(cb, "calls_mask_gradients", False) for cb in trainer.callbacks
-        )
         ids = {id(p): n for n, p in self._params.items()}
         for optimizer in trainer.optimizers:
             names = [ids[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in ids]
             if not names:
                 continue
-            self._handles.append(optimizer.register_step_post_hook(self._make_post_hook(names)))
+            hook = self._make_post_hook(names, keeps_pruned_weights_zero(optimizer))
+            self._handles.append(optimizer.register_step_post_hook(hook))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._positions = self._resolve(trainer)
+        self._positions = self._resolve(trainer, pl_module)
         for name, p in self._params.items():
             if name in self.masks:
                 self.masks[name] = self.masks[name].to(p.device)
@@ -291,23 +329,28 @@ class MagnitudePruneCallback(Callback):
                 avg = self._grad_avg.get(name)
                 self._grad_avg[name] = torch.zeros_like(p) if avg is None else avg.to(p.device, p.dtype)
         if self._active:  # resumed: weights from the checkpoint are already masked; make sure of it
+            self._build_cache()
             self._apply_weights()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # Before the forward pass, so the whole step trains the pruned network; once per position
         # (gradient accumulation calls this for each micro-batch).
-        t = self._position(trainer)
+        t = trainer.global_step if self.unit == "step" else trainer.current_epoch
         start, end, frequency = self._positions
         if event_due(t, self._last_event, start, end, frequency):
             self._update(trainer, t)
 
     @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # New gradients: the next mask_gradients() call must work again (also when a step was skipped).
+        self._grads_masked = False
+
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # Lightning calls this after backward (and AMP unscaling), before its own gradient clipping. A
-        # GradientClipCallback masks first thing in this hook, whatever the order: one pass per step is enough.
-        if not self._grads_masked_elsewhere:
-            self.mask_gradients()
+        # GradientClipCallback calls mask_gradients() too: whichever runs first masks, the other returns.
+        self.mask_gradients()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -320,11 +363,10 @@ class MagnitudePruneCallback(Callback):
                 k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1
             }
             self._update(trainer, t)
-            if self.verbose:
-                rank_zero_info(
-                    "MagnitudePruneCallback: pruned after training, without retraining; metrics before: "
-                    f"{self.metrics_before_pruning}. Run `trainer.validate` for the metrics after."
-                )
+            self._say(
+                "MagnitudePruneCallback: pruned after training, without retraining; metrics before: "
+                f"{self.metrics_before_pruning}. Run `trainer.validate` for the metrics after."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -333,6 +375,8 @@ class MagnitudePruneCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if stage == "fit":
+            self._drop_cache()  # the float masks are a training-time cache
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -358,31 +402,47 @@ class MagnitudePruneCallback(Callback):
         self.current_target = state_dict["current_target"]
         self._grad_avg = dict(state_dict.get("grad_avg", {}))
         self._ema_steps = int(state_dict.get("ema_steps", 0))
+        self._drop_cache()  # rebuilt from these masks at train start
 
     # ------------------------------------------------------------------ internals
 
     def _position(self, trainer: pl.Trainer) -> int:
         return trainer.global_step if self.unit == "step" else trainer.current_epoch
 
-    def _resolve(self, trainer: pl.Trainer) -> tuple[int, int, int]:
-        if self.unit == "step":
-            needs_total = isinstance(self.start, float) or isinstance(self.end, float)
-            total = float(trainer.estimated_stepping_batches) if needs_total else None
-        else:
-            total = float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else None
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int, int]:
+        total = self._run_length(trainer, pl_module)
+        unit = f"{self.unit}s"
         start = resolve_position(self.start, total, "start")
         end = start if self.schedule == "oneshot" else resolve_position(self.end, total, "end")
+        length = f"a run of {total:g} {unit}" if total is not None else f"a run of unknown length ({unit})"
         if end < start:
             raise ValueError(
-                f"`start` must be <= `end`, got start={self.start!r} -> {start}, end={self.end!r} -> {end} ({self.unit}s)"
+                f"MagnitudePruneCallback: `start` must be <= `end`, got start={self.start!r} -> {unit[:-1]} {start},"
+                f" end={self.end!r} -> {unit[:-1]} {end}, in {length}."
+            )
+        # Only a known, fixed length can be checked (manual optimization may step several times a batch).
+        if total is not None and pl_module.automatic_optimization and end > total:
+            which = f"start={self.start!r}" if self.schedule == "oneshot" else f"start={self.start!r}, end={self.end!r}"
+            raise ValueError(
+                f"MagnitudePruneCallback: the prune window ({which}: {unit} {start} to {end}) is never reached"
+                f" in {length}: lower them or train longer (a float such as 0.75 is a fraction of the run)."
             )
         frequency = self.frequency
         if frequency is None:
             frequency = 1 if self.unit == "epoch" else max(1, min(100, (end - start) // 10))
         return start, end, frequency
 
+    def _run_length(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """The whole training in ``unit``s, None when unknown or infinite."""
+        if self.unit == "step":
+            total = float(trainer.estimated_stepping_batches)
+        else:
+            total = float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else math.inf
+        return total if math.isfinite(total) and total >= 0 else None
+
     def _update(self, trainer: pl.Trainer, t: int) -> None:
         start, end, _ = self._positions
+        self._check_finite(t)
         weights = {n: p.detach() for n, p in self._params.items()}
         criterion, grad_avgs = self.criterion, None
         if criterion == "taylor":
@@ -408,9 +468,27 @@ class MagnitudePruneCallback(Callback):
             # taylor scores depend on gradient history: take rank 0's masks so every rank agrees
             new = {n: m.to(self._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
         self.masks.update(new)
+        self._after_event(trainer, t, target)
+
+    def _check_finite(self, t: int) -> None:
+        # A NaN ranks nowhere (every comparison is False): the event would prune everything and keep the NaNs.
+        scored = {n: p.detach() for n, p in self._params.items()}
+        if self.criterion == "taylor" and self._ema_steps:
+            scored.update({f"{n} (gradient average)": g for n, g in self._grad_avg.items()})
+        bad = nonfinite_names(scored)
+        if bad:
+            raise FloatingPointError(
+                f"MagnitudePruneCallback: at {self.unit} {t} {', '.join(bad)} hold NaN or inf, so the pruning event"
+                " cannot rank them: training diverged before it (lower the learning rate, or add a"
+                " GradientClipCallback, which skips non-finite steps)."
+            )
+
+    def _after_event(self, trainer: pl.Trainer, t: int, target: float | None) -> None:
+        """Apply the new masks: weights, optimizer state, gradient averages, the hot-path cache."""
         self._active = True
         self._last_event = t
         self.current_target = target
+        self._build_cache()
         self._apply_weights()
         params = list(self._params.values())
         with torch.no_grad():
@@ -422,25 +500,55 @@ class MagnitudePruneCallback(Callback):
             mask_optimizer_state_(optimizer, params, masks)
         if self.criterion == "taylor":
             apply_masks_(list(self._grad_avg.values()), [self.masks[n] for n in self._grad_avg])
-        if self.verbose:
+        if self.verbose or log.isEnabledFor(logging.INFO):
             pruned = sum(int((~m).sum()) for m in self.masks.values())
             total = sum(m.numel() for m in self.masks.values())
             goal = f"target {target:.4f}" if target is not None else f"threshold {self.threshold:g}"
-            rank_zero_info(
+            self._say(
                 f"MagnitudePruneCallback: {self.unit} {t}: {goal}, {pruned}/{total} prunable weights pruned"
                 f" ({pruned / max(total, 1):.4f})"
             )
 
-    def _apply_weights(self, names: Sequence[str] | None = None) -> None:
-        names = self.parameter_names if names is None else names
-        apply_masks_([self._params[n] for n in names], [self.masks[n] for n in names])
+    def _say(self, message: str) -> None:
+        """An event line: to the ``lightning_clipprune`` logger at INFO; also to the console when ``verbose``."""
+        if rank_zero_only.rank == 0:
+            log.info(message)
+        if self.verbose:
+            rank_zero_info(message)
 
-    def _make_post_hook(self, names: list[str]) -> Any:
+    def _build_cache(self) -> None:
+        """The hot path's lists: parameters that have pruned entries and their float masks (one pass a step)."""
+        live = [n for n in self.parameter_names if not bool(self.masks[n].all())]
+        self._live = [self._params[n] for n in live]
+        self._factors = mask_factors([self.masks[n] for n in live], self._live)
+        self._factor_of = dict(zip(live, self._factors, strict=True))
+        self._grads_masked = False
+
+    def _drop_cache(self) -> None:
+        self._live, self._factors, self._factor_of = None, [], {}
+        self._grads_masked = False
+
+    def _apply_weights(self, names: Sequence[str] | None = None) -> None:
+        names = [n for n in (self.parameter_names if names is None else names) if n in self._factor_of]
+        apply_masks_([self._params[n] for n in names], [self._factor_of[n] for n in names])
+
+    def _make_post_hook(self, names: list[str], zero_keeping: bool) -> Any:
+        # `zero_keeping` (pruning.keeps_pruned_weights_zero): with the gradients masked before the step and
+        # the state zeroed at the event, this optimizer's step provably leaves pruned weights at zero, so the
+        # weights need no second pass. Any other optimizer is re-masked after every step.
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if self.criterion == "taylor":
                 self._accumulate_grad(names)
-            if self._active:
-                self._apply_weights(names)
+            if self._live:
+                if not self._grads_masked:  # stepped without mask_gradients(): the state may have moved too
+                    live = [n for n in names if n in self._factor_of]
+                    self._apply_weights(live)
+                    mask_optimizer_state_(
+                        optimizer, [self._params[n] for n in live], [self._factor_of[n] for n in live]
+                    )
+                elif not zero_keeping:
+                    self._apply_weights(names)
+            self._grads_masked = False
 
         return hook
 

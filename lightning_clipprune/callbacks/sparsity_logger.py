@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_clipprune._validation import check_bool, check_int
+from lightning_clipprune.callbacks.contract import PruneState, find_callbacks
 from lightning_clipprune.sparsity import (
     named_weights,
     prunable_names,
@@ -22,29 +24,15 @@ from lightning_clipprune.sparsity import (
 )
 
 
-def _find_prune_callback(trainer: pl.Trainer) -> Any | None:
-    """The first callback that exposes ``parameter_names`` and ``current_target`` (``MagnitudePruneCallback``)."""
-    try:
-        from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
-    except ImportError:
-        MagnitudePruneCallback = None  # noqa: N806
-    for cb in trainer.callbacks:
-        if MagnitudePruneCallback is not None and isinstance(cb, MagnitudePruneCallback):
-            return cb
-    for cb in trainer.callbacks:
-        if hasattr(cb, "parameter_names") and hasattr(cb, "current_target"):
-            return cb
-    return None
-
-
 class SparsityLogger(Callback):
     r"""Log the sparsity, parameter counts and compressed size of the model through the Trainer's loggers.
 
     Logged every ``log_every_n_steps`` optimizer steps and at the end of each training epoch, with the
     step the Trainer uses for its own metrics:
 
-    - ``sparsity/global``: the fraction of zeros over the prunable weights: those of a
-      ``MagnitudePruneCallback`` in the Trainer when there is one, otherwise the weights of every
+    - ``sparsity/global``: the fraction of zeros over the prunable weights: those of the first callback
+      in the Trainer that implements :class:`~lightning_clipprune.callbacks.contract.PruneState` (a
+      ``MagnitudePruneCallback``) when there is one, otherwise the weights of every
       ``Linear`` and ``Conv`` layer (see :func:`~lightning_clipprune.pruning.select_prunable_parameters`);
       a model pruned some other way, or a dense one, is reported as it is.
     - ``sparsity/target``: the prune callback's current target (absent without one, or in threshold mode).
@@ -63,7 +51,7 @@ class SparsityLogger(Callback):
             there are at most ``max_layers_per_layer_logging`` of them.
         max_layers_per_layer_logging: the limit for ``per_layer=None``.
         log_every_n_steps: log every this many optimizer steps (``trainer.global_step``); ``None`` follows
-            ``Trainer(log_every_n_steps=...)``; ``0`` logs only at epoch ends.
+            ``Trainer(log_every_n_steps=...)``; ``0`` logs only at the end of each training epoch.
         print_table: print the table at the end of ``fit`` (rank zero only).
 
     Raises:
@@ -84,35 +72,24 @@ class SparsityLogger(Callback):
         log_every_n_steps: int | None = None,
         print_table: bool = True,
     ) -> None:
-        if per_layer is not None and not isinstance(per_layer, bool):
-            raise ValueError(f"`per_layer` must be True, False or None, got {per_layer!r}")
-        if isinstance(max_layers_per_layer_logging, bool) or not isinstance(max_layers_per_layer_logging, int) \
-                or max_layers_per_layer_logging < 0:
-            raise ValueError(
-                f"`max_layers_per_layer_logging` must be an int >= 0, got {max_layers_per_layer_logging!r}"
-            )
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
-        ):
-            raise ValueError(
-                f"`log_every_n_steps` must be None (follow the Trainer) or an int >= 0, got {log_every_n_steps!r}"
-            )
-        if not isinstance(print_table, bool):
-            raise ValueError(f"`print_table` must be True or False, got {print_table!r}")
-        self.per_layer = per_layer
-        self.max_layers_per_layer_logging = max_layers_per_layer_logging
-        self.log_every_n_steps = log_every_n_steps
-        self.print_table = print_table
+        owner = "SparsityLogger"
+        self.per_layer = check_bool(owner, "per_layer", per_layer, allow_none=True)
+        self.max_layers_per_layer_logging = check_int(
+            owner, "max_layers_per_layer_logging", max_layers_per_layer_logging, low=0
+        )
+        # 0 is meaningful: log at epoch ends only (see Args).
+        self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, low=0, allow_none=True)
+        self.print_table = check_bool(owner, "print_table", print_table)
         #: The metrics of the last logging step, as Python numbers (rank zero).
         self.last_metrics: dict[str, float] = {}
-        self._prune_callback: Any | None = None
+        self._prune_callback: PruneState | None = None
         self._names: list[str] | None = None
         self._log_per_layer = False
         self._last_step = -1
 
     def _selected_names(self, pl_module: pl.LightningModule) -> list[str]:
-        names = getattr(self._prune_callback, "parameter_names", None) if self._prune_callback is not None else None
-        if names is None:
+        names = self._prune_callback.parameter_names if self._prune_callback is not None else None
+        if not names:
             return prunable_names(pl_module)
         known = set(named_weights(pl_module))
         unknown = [n for n in names if n not in known]
@@ -122,7 +99,9 @@ class SparsityLogger(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._prune_callback = _find_prune_callback(trainer)
+        # The prune state comes through the typed contract (callbacks/contract.py), not a class import.
+        found = find_callbacks(trainer, PruneState)
+        self._prune_callback = found[0] if found else None
         self._names = None
         self._last_step = -1
 
@@ -164,7 +143,7 @@ class SparsityLogger(Callback):
         if not selected and not rest:
             return
         metrics = sparsity_metrics({**selected, **rest}, list(selected), per_layer=self._log_per_layer)
-        target = getattr(self._prune_callback, "current_target", None)
+        target = self._prune_callback.current_target if self._prune_callback is not None else None
         # The logging step's only host synchronisation: one transfer for the counts, one for the fractions.
         counts = [k for k, v in metrics.items() if not v.is_floating_point()]
         fractions = [k for k, v in metrics.items() if v.is_floating_point()]
