@@ -240,12 +240,12 @@ RANKINGS: tuple[str, ...] = ("raw", "layer_normalized")
 _PRUNED_SCORE = -1.0
 
 
-def parse_pattern(pattern: str, owner: str = "compute_masks") -> tuple[str, int, int]:
+def parse_pattern(pattern: str, owner: str | None = None) -> tuple[str, int, int]:
     """``"unstructured"`` -> ``("unstructured", 0, 0)``, ``"2:4"`` -> ``("nm", 2, 4)``, ``"channel"`` -> ``("channel", 0, 0)``.
 
     Args:
         pattern: the pattern string.
-        owner: who checks (named in the error message).
+        owner: who checks, named in the error message as ```owner(pattern=...)``` (None: ```pattern```).
 
     Raises:
         ValueError: for anything else, or ``N:M`` without ``0 < N < M``.
@@ -262,7 +262,10 @@ def parse_pattern(pattern: str, owner: str = "compute_masks") -> tuple[str, int,
         n, m = int(parts[0]), int(parts[1])
         if 0 < n < m:
             return "nm", n, m
-    raise bad_value(owner, "pattern", "'unstructured', 'channel' or 'N:M' with integers 0 < N < M (such as '2:4')", pattern)
+    allowed = "'unstructured', 'channel' or 'N:M' with integers 0 < N < M (such as '2:4')"
+    if owner is None:
+        raise ValueError(f"`pattern` must be {allowed}, got {pattern!r}.")
+    raise bad_value(owner, "pattern", allowed, pattern)
 
 
 def check_layer_sparsity(owner: str, value: Any) -> dict[str, float] | None:
@@ -670,7 +673,7 @@ def compute_masks(
         {'a': tensor([False,  True,  True]), 'b': tensor([[ True, False]])}
     """
     _check_compute_args(sparsity, threshold, scope, criterion, ranking, max_layer_sparsity, layer_sparsity)
-    kind, n, m = parse_pattern(pattern)
+    kind, n, m = parse_pattern(pattern, owner="compute_masks")
     if threshold is not None and kind != "unstructured":
         raise ValueError(f"`threshold` works with pattern 'unstructured' only, got pattern={pattern!r}")
     if not weights:
