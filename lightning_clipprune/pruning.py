@@ -523,9 +523,12 @@ def saturated_layers(
 def _protect_row_max_(part: Tensor, shape: torch.Size, layout: Layout) -> None:
     """Give the best live entry of every output row the score ``+inf`` (never pruned): ties by lowest index."""
     rows = output_rows(part.view(shape), layout)
-    index = output_rows(torch.arange(part.numel(), device=part.device).view(shape), layout)
     best, at = rows.max(dim=1)
-    flat_at = index.gather(1, at.unsqueeze(1)).squeeze(1)
+    if layout.transposed:  # rows are a permuted copy: map back through the same permutation of indices
+        index = output_rows(torch.arange(part.numel(), device=part.device).view(shape), layout)
+        flat_at = index.gather(1, at.unsqueeze(1)).squeeze(1)
+    else:
+        flat_at = torch.arange(rows.shape[0], device=part.device) * rows.shape[1] + at
     part[flat_at[best >= 0]] = math.inf
 
 
