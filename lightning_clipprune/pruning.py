@@ -230,10 +230,11 @@ CRITERIA: tuple[str, ...] = ("magnitude", "taylor")
 SCOPES: tuple[str, ...] = ("global", "local")
 #: Pattern kinds returned by :func:`parse_pattern` (``"nm"`` for an ``"N:M"`` string such as ``"2:4"``).
 PATTERNS: tuple[str, ...] = ("unstructured", "nm", "channel")
-#: How global scope compares scores across layers: "raw" (one threshold on the scores) or
+#: How global scope compares scores across layers: "raw" (one threshold on the scores),
 #: "layer_normalized" (each score divided by the RMS of its layer's live scores, so layers of different
-#: scale are pruned alike).
-RANKINGS: tuple[str, ...] = ("raw", "layer_normalized")
+#: scale are pruned alike) or "erk" (each layer's pruned count set by Erdos-Renyi-Kernel, :func:`erk_counts`,
+#: then its lowest scores pruned).
+RANKINGS: tuple[str, ...] = ("raw", "layer_normalized", "erk")
 
 # Score given to entries that are already pruned: below every real importance (all are >= 0), so they
 # are selected first and a mask only ever grows.
@@ -565,16 +566,17 @@ def _capped_global(
     max_layer_sparsity: float | None,
     layouts: Mapping[str, Layout],
     masks: Mapping[str, Tensor] | None,
+    erk: bool = False,
 ) -> dict[str, Tensor]:
     parts = dict(zip(weights, flat.split([w.numel() for w in weights.values()]), strict=True))
     k = int(round(sparsity * flat.numel()))
     caps = None
     if max_layer_sparsity is not None:
         caps = {}
+        already = _already_pruned(weights, masks)
         for name, w in weights.items():
             layout = layouts.get(name, STANDARD_LAYOUT)
-            already = w.numel() - int(masks[name].count_nonzero()) if masks is not None and name in masks else 0
-            caps[name] = max(layer_cap(w.shape, max_layer_sparsity, layout), already)
+            caps[name] = max(layer_cap(w.shape, max_layer_sparsity, layout), already[name])
             if w.dim() >= 2:
                 _protect_row_max_(parts[name], w.shape, layout)
         if sum(caps.values()) < k:
@@ -583,8 +585,57 @@ def _capped_global(
                 f" kept per output row: at most {sum(caps.values()) / flat.numel():.4f} can be pruned. Lower the"
                 " sparsity, raise `max_layer_sparsity`, or pass `max_layer_sparsity=None` (no ceiling)."
             )
+    if erk:
+        counts = erk_counts({x: w.shape for x, w in weights.items()}, k, caps, _already_pruned(weights, masks))
+        return {x: keep_mask_by_count(parts[x], counts[x]).view(w.shape) for x, w in weights.items()}
     keep = _global_keep(flat, parts, k, caps)
     return {name: keep[name].view(w.shape) for name, w in weights.items()}
+
+
+def _already_pruned(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> dict[str, int]:
+    return {x: w.numel() - int(masks[x].count_nonzero()) if masks is not None and x in masks else 0 for x, w in weights.items()}
+
+
+def erk_counts(
+    shapes: Mapping[str, Sequence[int]],
+    k: int,
+    caps: Mapping[str, int] | None = None,
+    already: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """How many entries of each tensor to prune, ``k`` in all, by Erdos-Renyi-Kernel (ERK).
+
+    Evci et al., "Rigging the Lottery: Making All Tickets Winners" (ICML 2020): the density of a tensor
+    is ``eps * sum(shape) / prod(shape)`` (``(n_in + n_out + k_h + k_w) / (n_in n_out k_h k_w)`` for a
+    convolution), so small and narrow layers stay denser. Here each density is clamped to ``[1 - cap / n,
+    1 - already / n]`` (a tensor whose ERK density passes 1 stays dense), ``eps`` is found by bisection so
+    the clamped counts add up to ``k``, and the rounding is distributed by largest remainder: exactly ``k``.
+
+    Example::
+
+        >>> erk_counts({"wide": (100, 100), "narrow": (20, 100)}, 8800)  # eps = 10: densities 0.2 and 0.6
+        {'wide': 8000, 'narrow': 800}
+    """
+    n = {x: math.prod(s) for x, s in shapes.items()}
+    raw = {x: sum(s) / n[x] for x, s in shapes.items()}
+    lo = {x: 1.0 - (caps[x] if caps is not None else n[x]) / n[x] for x in n}
+    hi = {x: 1.0 - (already[x] if already is not None else 0) / n[x] for x in n}
+
+    def pruned(eps: float) -> dict[str, float]:
+        return {x: n[x] * (1.0 - min(max(eps * raw[x], lo[x]), hi[x])) for x in n}
+
+    a, b = 0.0, 1.0 / min(raw.values())
+    for _ in range(100):
+        mid = (a + b) / 2
+        a, b = (mid, b) if sum(pruned(mid).values()) > k else (a, mid)
+    real = pruned(b)
+    counts = {x: min(math.floor(v + 1e-9), n[x]) for x, v in real.items()}
+    upper = {x: n[x] if caps is None else caps[x] for x in n}
+    for x in sorted(n, key=lambda x: counts[x] - real[x]):  # largest remainder first, ties in order
+        if sum(counts.values()) >= k:
+            break
+        if counts[x] < upper[x]:
+            counts[x] += 1
+    return counts
 
 
 def _check_compute_args(
@@ -636,7 +687,9 @@ def compute_masks(
     - ``max_layer_sparsity=c`` ("global" only): no tensor is pruned past :func:`layer_cap` (``floor(c * n_i)``
       entries, and one weight kept in every output row); what a capped tensor would have lost is taken
       from the others, so exactly ``round(s * n)`` entries are still pruned. Raises when that is impossible.
-    - ``ranking="layer_normalized"`` ("global"): scores are divided by their tensor's RMS before ranking.
+    - ``ranking="layer_normalized"`` ("global"): scores are divided by their tensor's RMS before ranking;
+      ``ranking="erk"``: each tensor's pruned count comes from :func:`erk_counts` (exact total, within the
+      ceiling), its lowest scores are pruned.
     - "N:M": only entries among the ``M - N`` lowest of their group of ``M`` (:func:`nm_candidates`) can be
       pruned; ``round(s * n)`` of them are, so at ``s = 1 - N/M`` every group keeps exactly ``N``.
     - "channel": whole output rows, scored by the L2 norm of their scores. "local" prunes
@@ -696,7 +749,7 @@ def compute_masks(
             max_layer_sparsity = None  # every group keeps N: never binds
         if targets is None:
             flat = _flat_scores(weights, criterion, grad_avgs, masks, cand, normalize=ranking == "layer_normalized")
-            new = _capped_global(weights, flat, sparsity, max_layer_sparsity, layouts, masks)
+            new = _capped_global(weights, flat, sparsity, max_layer_sparsity, layouts, masks, erk=ranking == "erk")
         else:
             new = {}
             for name, w in weights.items():

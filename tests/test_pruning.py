@@ -15,6 +15,7 @@ from lightning_clipprune.pruning import (
     apply_masks_,
     check_pattern_fits,
     compute_masks,
+    erk_counts,
     importance,
     keep_mask_by_count,
     kth_smallest,
@@ -355,6 +356,26 @@ def test_layer_normalized_ranking_prunes_layers_of_different_scale_alike() -> No
     assert all(torch.equal(masks[k], again[k]) for k in w)
 
 
+def test_erk_ranking_gives_narrow_layers_more_density_with_the_exact_count() -> None:
+    g = torch.Generator().manual_seed(10)
+    w = {"wide": torch.randn(100, 100, generator=g), "narrow": torch.randn(20, 100, generator=g), "tiny": torch.randn(4, 4, generator=g)}
+    masks = compute_masks(w, sparsity=0.7, ranking="erk")
+    pruned = _pruned(masks)
+    assert sum(pruned.values()) == round(0.7 * 12016)
+    assert pruned["tiny"] == 0  # ERK density above 1: dense
+    assert pruned["wide"] / 10000 > pruned["narrow"] / 2000  # (in + out) / (in * out) is smaller for wide
+    for name, t in w.items():  # within a layer, the lowest magnitudes go
+        if 0 < pruned[name] < t.numel():
+            assert float(t[~masks[name]].abs().max()) < float(t[masks[name]].abs().min())
+    assert erk_counts({"wide": (100, 100), "narrow": (20, 100)}, 8800) == {"wide": 8000, "narrow": 800}
+    # ceiling and masks-only-grow hold: a capped ERK share is redistributed, the count stays exact
+    capped = erk_counts({"a": (10, 10), "b": (10, 1000)}, 9000, caps={"a": 50, "b": 9990})
+    assert capped["a"] <= 50 and sum(capped.values()) == 9000
+    second = compute_masks(w, sparsity=0.9, ranking="erk", masks=masks, max_layer_sparsity=0.99)
+    assert all(not (second[k] & ~masks[k]).any() for k in w)
+    assert sum(_pruned(second).values()) == round(0.9 * 12016)
+
+
 def test_layer_sparsity_mapping_in_local_scope() -> None:
     w = {"enc.0.weight": torch.rand(10, 10), "enc.1.weight": torch.rand(10, 10), "head.weight": torch.rand(4, 10)}
     masks = compute_masks(w, sparsity=0.0, scope="local", layer_sparsity={"enc.*": 0.5, "enc.1.weight": 0.9})
@@ -370,8 +391,8 @@ def test_layer_sparsity_mapping_in_local_scope() -> None:
 
 def test_new_arguments_are_checked_with_the_shared_messages() -> None:
     w = {"a": torch.rand(4)}
-    with pytest.raises(ValueError, match=r"`compute_masks\(ranking=...\)` must be one of 'raw', 'layer_normalized'"):
-        compute_masks(w, sparsity=0.5, ranking="erk")
+    with pytest.raises(ValueError, match=r"`compute_masks\(ranking=...\)` must be one of 'raw', 'layer_normalized', 'erk'"):
+        compute_masks(w, sparsity=0.5, ranking="snip")
     with pytest.raises(ValueError, match=r"`compute_masks\(max_layer_sparsity=...\)` must be a finite number \(0, 1\] or None"):
         compute_masks(w, sparsity=0.5, max_layer_sparsity=0.0)
     with pytest.raises(ValueError, match=r"`compute_masks\(sparsity=...\)` must be a finite number \[0, 1\] or None"):
