@@ -41,7 +41,7 @@ class LM(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, target = batch
         loss = F.nll_loss(self.model(inputs, target), target.reshape(-1))
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -89,7 +89,7 @@ def run(name: str, make_callback, steps: int) -> dict[str, str]:
     row["loss first/last 5"] = (
         f"{sum(model.losses[:5]) / 5:.2f} / {sum(model.losses[-5:]) / 5:.2f}" if len(model.losses) >= 10 else "-"
     )
-    row["Linear weights zero"] = f"{zeros / total:.3f}"
+    row["nn.Linear weights zero"] = f"{zeros / total:.3f}"
     row["in_proj_weight zero"] = f"{max(v for k, v in sparsity.items() if k.endswith('in_proj_weight')):.3f} (max)"
     row["decoder.weight zero"] = f"{sparsity['decoder.weight']:.3f}"
     return row
@@ -107,6 +107,9 @@ def main() -> None:
         ),
         "MagnitudePruneCallback(sparsity=0.8, ranking='layer_normalized')": lambda m: MagnitudePruneCallback(
             sparsity=0.8, end=0.5, ranking="layer_normalized", verbose=False
+        ),
+        "MagnitudePruneCallback(sparsity=0.8, ranking='erk')": lambda m: MagnitudePruneCallback(
+            sparsity=0.8, end=0.5, ranking="erk", verbose=False
         ),
         "ModelPruning('l1_unstructured', amount=0.8), global, all Linear": lambda m: ModelPruning(
             "l1_unstructured", amount=0.8, use_global_unstructured=True,

@@ -105,9 +105,9 @@ class MagnitudePruneCallback(Callback):
             target is still met exactly. A one-line warning names the layers that reach it. Default 0.99
             (:data:`~lightning_clipprune.pruning.DEFAULT_MAX_LAYER_SPARSITY`); None turns the ceiling off
             (plain global ranking, which can prune a small-scale layer to 100 %, then warned at 99 %).
-        ranking: how "global" scope compares layers: "raw" (one threshold on the scores) or
+        ranking: how "global" scope compares layers: "raw" (one threshold on the scores),
             "layer_normalized" (each score divided by its layer's RMS, so layers of different scale are
-            pruned alike).
+            pruned alike) or "erk" (each layer's share by Erdos-Renyi-Kernel, Evci et al. 2020).
         layer_sparsity: ``{parameter name or fnmatch pattern: final sparsity}`` with ``scope="local"``
             (for example the allocation suggested by ``lightning_clipprune.search``); each layer follows the
             schedule to its own value, layers not named to ``sparsity`` (pass ``sparsity=0.0`` to keep them
