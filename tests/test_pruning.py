@@ -450,19 +450,18 @@ def test_nm_runs_along_the_input_dim_of_in_proj_and_convtranspose() -> None:
 
 
 def test_output_rows_of_a_grouped_convtranspose_are_its_output_channels() -> None:
-    conv = nn.ConvTranspose2d(4, 6, 2, groups=2, bias=False)
+    conv = nn.ConvTranspose2d(4, 6, 2, groups=2, bias=False)  # weight (4 in, 3 out per group, 2, 2)
     layout = Layout(transposed=True, groups=2)
-    rows = output_rows(conv.weight.detach(), layout)
-    assert rows.shape == (6, 2 * 2 * 2)
-    keep = torch.tensor([True, False, True, True, True, False])
-    mask = compute_masks({"w": conv.weight.detach()}, sparsity=0.0, pattern="channel", scope="local", layouts={"w": layout})
-    assert mask["w"].all()
-    from lightning_clipprune.pruning import _rows_to_mask
-
-    element = _rows_to_mask(keep, conv.weight.shape, layout)
+    assert output_rows(conv.weight.detach(), layout).shape == (6, 2 * 2 * 2)
     with torch.no_grad():
-        conv.weight.mul_(element)
+        conv.weight[0:2, 1] *= 0.01  # output channel 1 = group 0, column 1
+        conv.weight[2:4, 2] *= 0.01  # output channel 5 = group 1, column 2
+    masks = compute_masks(
+        {"w": conv.weight.detach()}, sparsity=2 / 6, pattern="channel", scope="local", layouts={"w": layout}
+    )
+    with torch.no_grad():
+        conv.weight.mul_(masks["w"])
     out = conv(torch.randn(1, 4, 3, 3))
-    dead = out.abs().flatten(2).amax(-1)[0] == 0
-    assert dead.tolist() == (~keep).tolist()  # exactly output channels 1 and 5 are silenced
-    assert torch.equal(output_rows(element, layout).all(1), keep)
+    silent = out.abs().flatten(2).amax(-1)[0] == 0
+    assert silent.tolist() == [False, True, False, False, False, True]  # exactly output channels 1 and 5
+    assert int((~masks["w"]).sum()) == 2 * 2 * 2 * 2
