@@ -215,3 +215,34 @@ def test_lstm_is_left_alone(tmp_path) -> None:
     for name, p in model.model.rnn.named_parameters():
         assert int((p == 0).sum()) == 0, name
     assert int((model.model.encoder.weight == 0).sum()) == 0
+
+
+def test_callback_layer_sparsity_mapping_reaches_each_layer_target(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = ConvZoo()
+    prune = MagnitudePruneCallback(
+        sparsity=0.0, schedule="linear", start=0, end=2, frequency=1, scope="local",
+        layer_sparsity={"stem.weight": 0.5, "up*": 0.75}, verbose=False,
+    )
+    tiny_trainer(tmp_path, max_steps=3, max_epochs=None, callbacks=[prune]).fit(net, _images(12))
+    got = {n: round(1 - m.float().mean().item(), 3) for n, m in prune.masks.items()}
+    assert got == {"stem.weight": 0.5, "dw.weight": 0.0, "grouped.weight": 0.0, "up.weight": 0.75,
+                   "up_grouped.weight": 0.75, "head.weight": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(sparsity=0.995), r"`MagnitudePruneCallback\(max_layer_sparsity=...\)` must be >= sparsity=0.995 or None"),
+        (dict(sparsity=0.5, max_layer_sparsity=1.5), r"max_layer_sparsity=...\)` must be a finite number \(0, 1\]"),
+        (dict(sparsity=0.5, ranking="snip"), r"ranking=...\)` must be one of 'raw', 'layer_normalized', 'erk'"),
+        (dict(sparsity=0.5, layer_sparsity={"a": 0.5}), r"layer_sparsity=...\)` must be None unless scope='local'"),
+        (dict(sparsity=0.5, scope="local", layer_sparsity={"a": 1.0}), r"layer_sparsity\['a'\]=...\)` must be"),
+        (dict(sparsity=0.5, scope="local", layer_sparsity=[0.5]), r"mapping or None, got \[0.5\]"),
+    ],
+)
+def test_callback_checks_the_new_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MagnitudePruneCallback(**kwargs)
+    assert MagnitudePruneCallback(sparsity=0.995, max_layer_sparsity=None).max_layer_sparsity is None
+    assert MagnitudePruneCallback(sparsity=0.995, scope="local").max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY
