@@ -446,11 +446,6 @@ def _flat_scores(
     return flat
 
 
-def _split_like(flat: Tensor, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    sizes = [w.numel() for w in weights.values()]
-    return {name: part.view(w.shape) for (name, w), part in zip(weights.items(), flat.split(sizes), strict=True)}
-
-
 def nm_candidates(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
     """True where an entry is among the ``m - n`` lowest of its group of ``m`` consecutive input weights.
 
