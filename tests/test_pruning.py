@@ -10,15 +10,24 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from lightning_clipprune.pruning import (
+    PATTERNS,
+    Layout,
     apply_masks_,
+    check_pattern_fits,
     compute_masks,
+    erk_counts,
     importance,
     keep_mask_by_count,
     kth_smallest,
+    layer_cap,
     mask_optimizer_state_,
     nm_candidates,
+    output_rows,
     parse_pattern,
+    resolve_layer_sparsity,
+    saturated_layers,
     select_prunable_parameters,
+    weight_layouts,
 )
 
 
@@ -241,3 +250,218 @@ def test_apply_masks_and_optimizer_state() -> None:
     apply_masks_([p.grad], [mask])
     opt.step()
     assert (p[~mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-layer ceiling under global ranking, scale-aware ranking, per-layer sparsity, layouts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _collapsing_weights() -> dict[str, torch.Tensor]:
+    """One layer (``small``) at 1/100 of the others' scale: plain global ranking prunes it entirely."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "big": torch.randn(20, 10, generator=g),
+        "small": torch.randn(6, 5, generator=g) * 0.01,
+        "other": torch.randn(8, 10, generator=g),
+    }
+
+
+def _pruned(masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {n: m.numel() - int(m.count_nonzero()) for n, m in masks.items()}
+
+
+def test_global_ranking_without_ceiling_collapses_a_small_scale_layer() -> None:
+    w = _collapsing_weights()
+    masks = compute_masks(w, sparsity=0.5)
+    assert not masks["small"].any()  # the failure the ceiling exists for
+    assert saturated_layers(masks, None) == {"small": 1.0}
+
+
+def test_ceiling_keeps_every_layer_and_one_weight_per_row_with_the_exact_count() -> None:
+    w = _collapsing_weights()
+    n = sum(t.numel() for t in w.values())
+    plain = compute_masks(w, sparsity=0.5)
+    capped = compute_masks(w, sparsity=0.5, max_layer_sparsity=0.9)
+    assert sum(_pruned(capped).values()) == sum(_pruned(plain).values()) == round(0.5 * n)
+    # small (6 rows of 5): cap = min(floor(0.9 * 30), 30 - 6) = 24, reached exactly
+    assert layer_cap((6, 5), 0.9) == 24
+    assert _pruned(capped)["small"] == 24
+    assert capped["small"].any(dim=1).all()  # one weight per output row
+    kept = w["small"].abs().max(dim=1).values
+    assert torch.equal(w["small"].abs()[capped["small"]], kept)  # the kept one is each row's largest
+    # the 6 entries small keeps are taken from the other layers: they are pruned more than without ceiling
+    assert _pruned(capped)["big"] + _pruned(capped)["other"] == _pruned(plain)["big"] + _pruned(plain)["other"] + 6
+    # and below one threshold there: every pruned entry of big/other is smaller than every kept one
+    rest = {k: w[k] for k in ("big", "other")}
+    largest_pruned = max(float(t[~capped[k]].abs().max()) for k, t in rest.items())
+    smallest_kept = min(float(t[capped[k]].abs().min()) for k, t in rest.items())
+    assert largest_pruned < smallest_kept
+    assert saturated_layers(capped, 0.9) == {"small": 0.8}
+
+
+def test_ceiling_fraction_binds_on_a_wide_layer() -> None:
+    g = torch.Generator().manual_seed(8)
+    w = {"wide": torch.randn(2, 200, generator=g) * 0.001, "rest": torch.randn(40, 40, generator=g)}
+    capped = compute_masks(w, sparsity=0.3, max_layer_sparsity=0.75)
+    assert _pruned(capped)["wide"] == 300  # floor(0.75 * 400), below 400 - 2 rows
+    assert sum(_pruned(capped).values()) == round(0.3 * 2000)
+
+
+def test_ceiling_is_deterministic_and_masks_only_grow() -> None:
+    w = _collapsing_weights()
+    first = compute_masks(w, sparsity=0.3, max_layer_sparsity=0.9)
+    again = compute_masks(w, sparsity=0.3, max_layer_sparsity=0.9)
+    assert all(torch.equal(first[k], again[k]) for k in w)
+    second = compute_masks(w, sparsity=0.6, max_layer_sparsity=0.9, masks=first)
+    assert all(not (second[k] & ~first[k]).any() for k in w)
+    assert sum(_pruned(second).values()) == round(0.6 * sum(t.numel() for t in w.values()))
+    assert second["small"].any(dim=1).all()
+    # ties: all-equal weights, the ceiling binds on the first tensor and the lowest indices go first
+    eq = {"x": torch.ones(2, 4), "y": torch.ones(2, 4)}
+    masks = compute_masks(eq, sparsity=0.5, max_layer_sparsity=0.5)
+    # x: each row's first entry is protected, 4 of the other 6 pruned by index; y takes the remaining 4
+    assert masks["x"].flatten().tolist() == [True, False, False, False, True, False, True, True]
+    assert masks["y"].flatten().tolist() == [True, False, False, False, True, False, True, True]
+
+
+def test_ceiling_that_cannot_be_met_raises() -> None:
+    w = {"a": torch.rand(4, 2), "b": torch.rand(4, 2)}  # at most 4 of 8 prunable in each (one per row kept)
+    with pytest.raises(ValueError, match="cannot be met.*max_layer_sparsity=None"):
+        compute_masks(w, sparsity=0.6, max_layer_sparsity=0.99)
+    assert sum(_pruned(compute_masks(w, sparsity=0.5, max_layer_sparsity=0.99)).values()) == 8
+
+
+def test_channel_pattern_ceiling_keeps_a_row_of_every_layer() -> None:
+    g = torch.Generator().manual_seed(9)
+    w = {"small": torch.randn(4, 6, generator=g) * 0.01, "big": torch.randn(10, 6, generator=g)}
+    plain = compute_masks(w, sparsity=0.3, pattern="channel")
+    assert not plain["small"].any()
+    capped = compute_masks(w, sparsity=0.3, pattern="channel", max_layer_sparsity=0.99)
+    rows = capped["small"].all(dim=1)
+    assert int(rows.sum()) == 1 and capped["small"].any(dim=1).sum() == 1
+    assert sum(_pruned(capped).values()) <= round(0.3 * 84)
+
+
+def test_layer_normalized_ranking_prunes_layers_of_different_scale_alike() -> None:
+    w = _collapsing_weights()
+    masks = compute_masks(w, sparsity=0.5, ranking="layer_normalized")
+    n = sum(t.numel() for t in w.values())
+    assert sum(_pruned(masks).values()) == round(0.5 * n)
+    for name, t in w.items():
+        assert 0.3 < _pruned(masks)[name] / t.numel() < 0.7, name
+    # scale-free: multiplying one layer by 1000 changes nothing
+    scaled = dict(w, small=w["small"] * 1000)
+    again = compute_masks(scaled, sparsity=0.5, ranking="layer_normalized")
+    assert all(torch.equal(masks[k], again[k]) for k in w)
+
+
+def test_erk_ranking_gives_narrow_layers_more_density_with_the_exact_count() -> None:
+    g = torch.Generator().manual_seed(10)
+    w = {"wide": torch.randn(100, 100, generator=g), "narrow": torch.randn(20, 100, generator=g), "tiny": torch.randn(4, 4, generator=g)}
+    masks = compute_masks(w, sparsity=0.7, ranking="erk")
+    pruned = _pruned(masks)
+    assert sum(pruned.values()) == round(0.7 * 12016)
+    assert pruned["tiny"] == 0  # ERK density above 1: dense
+    assert pruned["wide"] / 10000 > pruned["narrow"] / 2000  # (in + out) / (in * out) is smaller for wide
+    for name, t in w.items():  # within a layer, the lowest magnitudes go
+        if 0 < pruned[name] < t.numel():
+            assert float(t[~masks[name]].abs().max()) < float(t[masks[name]].abs().min())
+    assert erk_counts({"wide": (100, 100), "narrow": (20, 100)}, 8800) == {"wide": 8000, "narrow": 800}
+    # ceiling and masks-only-grow hold: a capped ERK share is redistributed, the count stays exact
+    capped = erk_counts({"a": (10, 10), "b": (10, 1000)}, 9000, caps={"a": 50, "b": 9990})
+    assert capped["a"] <= 50 and sum(capped.values()) == 9000
+    second = compute_masks(w, sparsity=0.9, ranking="erk", masks=masks, max_layer_sparsity=0.99)
+    assert all(not (second[k] & ~masks[k]).any() for k in w)
+    assert sum(_pruned(second).values()) == round(0.9 * 12016)
+
+
+def test_layer_sparsity_mapping_in_local_scope() -> None:
+    w = {"enc.0.weight": torch.rand(10, 10), "enc.1.weight": torch.rand(10, 10), "head.weight": torch.rand(4, 10)}
+    masks = compute_masks(w, sparsity=0.0, scope="local", layer_sparsity={"enc.*": 0.5, "enc.1.weight": 0.9})
+    assert _pruned(masks) == {"enc.0.weight": 50, "enc.1.weight": 90, "head.weight": 0}
+    assert resolve_layer_sparsity(w, {"head.*": 0.25}, 0.1) == {"enc.0.weight": 0.1, "enc.1.weight": 0.1, "head.weight": 0.25}
+    with pytest.raises(ValueError, match=r"keys \['dec\.\*'\] match no prunable parameter"):
+        compute_masks(w, sparsity=0.5, scope="local", layer_sparsity={"dec.*": 0.5})
+    with pytest.raises(ValueError, match=r"layer_sparsity=...\)` must be None unless scope='local'"):
+        compute_masks(w, sparsity=0.5, layer_sparsity={"enc.*": 0.5})
+    with pytest.raises(ValueError, match=r"layer_sparsity\['enc.\*'\]=...\)` must be a finite number \[0, 1\), got 1.5"):
+        compute_masks(w, sparsity=0.5, scope="local", layer_sparsity={"enc.*": 1.5})
+
+
+def test_new_arguments_are_checked_with_the_shared_messages() -> None:
+    w = {"a": torch.rand(4)}
+    with pytest.raises(ValueError, match=r"`compute_masks\(ranking=...\)` must be one of 'raw', 'layer_normalized', 'erk'"):
+        compute_masks(w, sparsity=0.5, ranking="snip")
+    with pytest.raises(ValueError, match=r"`compute_masks\(max_layer_sparsity=...\)` must be a finite number \(0, 1\] or None"):
+        compute_masks(w, sparsity=0.5, max_layer_sparsity=0.0)
+    with pytest.raises(ValueError, match=r"`compute_masks\(sparsity=...\)` must be a finite number \[0, 1\] or None"):
+        compute_masks(w, sparsity=1.5)
+    with pytest.raises(ValueError, match=r"`MagnitudePruneCallback\(pattern=...\)`"):
+        parse_pattern("2:2", owner="MagnitudePruneCallback")
+    assert PATTERNS == ("unstructured", "nm", "channel")  # what parse_pattern returns
+    assert {parse_pattern(p)[0] for p in ("unstructured", "channel", "2:4")} == set(PATTERNS)
+
+
+def test_default_selection_takes_attention_projections_and_convtranspose_not_embeddings_or_rnns() -> None:
+    net = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(10, 8),
+            "attn": nn.MultiheadAttention(8, 2),
+            "sep": nn.MultiheadAttention(8, 2, kdim=4, vdim=6),
+            "up": nn.ConvTranspose2d(8, 4, 3),
+            "dw": nn.Conv2d(8, 8, 3, groups=8),
+            "lstm": nn.LSTM(8, 8),
+            "gru": nn.GRU(8, 8),
+            "norm": nn.LayerNorm(8),
+        }
+    )
+    assert list(select_prunable_parameters(net)) == [
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "sep.q_proj_weight",
+        "sep.k_proj_weight",
+        "sep.v_proj_weight",
+        "sep.out_proj.weight",
+        "up.weight",
+        "dw.weight",
+    ]
+    with_bias = select_prunable_parameters(net, prune_bias=True)
+    assert "attn.in_proj_bias" in with_bias and "attn.out_proj.bias" in with_bias
+    assert "emb.weight" in select_prunable_parameters(net, include=["*weight*"], exclude=["norm.*", "lstm.*", "gru.*"])
+    assert weight_layouts(net) == {"up.weight": Layout(transposed=True, groups=1)}
+
+
+def test_nm_runs_along_the_input_dim_of_in_proj_and_convtranspose() -> None:
+    mha = nn.MultiheadAttention(8, 2)
+    w = {"in_proj_weight": mha.in_proj_weight.detach()}
+    assert w["in_proj_weight"].shape == (24, 8)  # (3E, E): the input dim is 1
+    masks = compute_masks(w, sparsity=0.5, pattern="2:4")
+    assert (masks["in_proj_weight"].reshape(24, 2, 4).sum(-1) == 2).all()
+    # ConvTranspose2d(8 in, 3 out, groups=2): weight (8, 3, 2, 2); groups of 4 along dim 0, inside a conv group
+    ct = torch.randn(8, 3, 2, 2)
+    layout = {"ct": Layout(transposed=True, groups=2)}
+    masks = compute_masks({"ct": ct}, sparsity=0.5, pattern="2:4", layouts=layout)
+    assert (masks["ct"].reshape(2, 4, 3, 2, 2).sum(1) == 2).all()
+    with pytest.raises(ValueError, match=r"multiple of 4: `ct` \(6, 4, 2, 2\): 3 input channels per group.*exclude=\['ct'\]"):
+        compute_masks({"ct": torch.randn(6, 4, 2, 2)}, sparsity=0.5, pattern="2:4", layouts=layout)
+    with pytest.raises(ValueError, match=r"1 input channels per group \(depthwise.*exclude=\['dw'\]"):
+        check_pattern_fits({"dw": torch.randn(8, 1, 3, 3)}, "2:4")
+
+
+def test_output_rows_of_a_grouped_convtranspose_are_its_output_channels() -> None:
+    conv = nn.ConvTranspose2d(4, 6, 2, groups=2, bias=False)  # weight (4 in, 3 out per group, 2, 2)
+    layout = Layout(transposed=True, groups=2)
+    assert output_rows(conv.weight.detach(), layout).shape == (6, 2 * 2 * 2)
+    with torch.no_grad():
+        conv.weight[0:2, 1] *= 0.01  # output channel 1 = group 0, column 1
+        conv.weight[2:4, 2] *= 0.01  # output channel 5 = group 1, column 2
+    masks = compute_masks(
+        {"w": conv.weight.detach()}, sparsity=2 / 6, pattern="channel", scope="local", layouts={"w": layout}
+    )
+    with torch.no_grad():
+        conv.weight.mul_(masks["w"])
+    out = conv(torch.randn(1, 4, 3, 3))
+    silent = out.abs().flatten(2).amax(-1)[0] == 0
+    assert silent.tolist() == [False, True, False, False, False, True]  # exactly output channels 1 and 5
+    assert int((~masks["w"]).sum()) == 2 * 2 * 2 * 2

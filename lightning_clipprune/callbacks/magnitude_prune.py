@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_clipprune import pruning
 from lightning_clipprune._validation import (
     bad_value,
     check_bool,
@@ -143,6 +144,18 @@ class MagnitudePruneCallback(Callback):
         taylor_beta: EMA factor of the gradient for "taylor", in [0, 1).
         verbose: also print the line of each event on the console (``rank_zero_info``). The line always
             goes to the ``lightning_clipprune`` Python logger at INFO (the app writes it to ``run.log``).
+        max_layer_sparsity: "global" scope never prunes one layer past this fraction, nor the last weight of
+            any output row; what a capped layer would have lost is pruned from the others, so the global
+            target is still met exactly. A one-line warning names the layers that reach it. Default 0.99
+            (:data:`~lightning_clipprune.pruning.DEFAULT_MAX_LAYER_SPARSITY`); None turns the ceiling off
+            (plain global ranking, which can prune a small-scale layer to 100 %, then warned at 99 %).
+        ranking: how "global" scope compares layers: "raw" (one threshold on the scores),
+            "layer_normalized" (each score divided by its layer's RMS, so layers of different scale are
+            pruned alike) or "erk" (each layer's share by Erdos-Renyi-Kernel, Evci et al. 2020).
+        layer_sparsity: ``{parameter name or fnmatch pattern: final sparsity}`` with ``scope="local"``
+            (for example the allocation suggested by ``lightning_clipprune.search``); each layer follows the
+            schedule to its own value, layers not named to ``sparsity`` (pass ``sparsity=0.0`` to keep them
+            dense). A key matching no prunable parameter raises at the first event.
 
     Raises:
         ValueError: for a bad argument (in ``__init__``); at ``setup()`` when the module has no prunable
@@ -190,6 +203,9 @@ class MagnitudePruneCallback(Callback):
         keep_first_and_last: bool = False,
         taylor_beta: float = 0.9,
         verbose: bool = False,
+        max_layer_sparsity: float | None = pruning.DEFAULT_MAX_LAYER_SPARSITY,
+        ranking: str = "raw",
+        layer_sparsity: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         kind, n, m = _check_pattern(pattern)
@@ -233,6 +249,19 @@ class MagnitudePruneCallback(Callback):
         self._factors: list[Tensor] = []
         self._factor_of: dict[str, Tensor] = {}
         self._grads_masked = False  # mask_gradients() did its work since the last backward / optimizer step
+
+        self.max_layer_sparsity = check_real(
+            _OWNER, "max_layer_sparsity", max_layer_sparsity, low=0.0, high=1.0, low_open=True, allow_none=True
+        )
+        ceiling = self.max_layer_sparsity
+        if ceiling is not None and scope == "global" and (self.sparsity or 0.0) > ceiling:
+            raise bad_value(_OWNER, "max_layer_sparsity", f">= sparsity={self.sparsity} or None", ceiling)
+        self.ranking = check_choice(_OWNER, "ranking", ranking, pruning.RANKINGS)
+        self.layer_sparsity = pruning.check_layer_sparsity(_OWNER, layer_sparsity)
+        if self.layer_sparsity and (scope != "local" or self.sparsity is None or kind == "nm"):
+            allowed = "None unless scope='local' with a `sparsity` (not N:M)"
+            raise bad_value(_OWNER, "layer_sparsity", allowed, layer_sparsity)
+        self._saturated_layers: set[str] = set()  # already named in a warning
 
     @property
     @override
@@ -282,18 +311,10 @@ class MagnitudePruneCallback(Callback):
         if not params:
             raise ValueError(
                 f"MagnitudePruneCallback found no prunable parameter in {type(pl_module).__name__} (include="
-                f"{self.include}, exclude={self.exclude}): it prunes the weights of Linear and Conv1d/2d/3d"
-                " layers; name other parameters with `include`"
+                f"{self.include}, exclude={self.exclude}): it prunes the weights of Linear, Conv, ConvTranspose and"
+                " attention (Q/K/V, output) layers; name other parameters with `include`"
             )
-        kind, n, m = parse_pattern(self.pattern)
-        for name, p in params.items():
-            if kind == "nm":
-                width = p.shape[1] if p.dim() >= 2 else p.shape[0]
-                if width % m:
-                    raise ValueError(
-                        f"pattern {self.pattern!r} needs the input dimension of `{name}` (shape {tuple(p.shape)})"
-                        f" to be a multiple of {m}; leave it out with `exclude=[{name!r}]`"
-                    )
+        pruning.check_pattern_fits(params, self.pattern, pruning.weight_layouts(pl_module, params))
         if self.parameter_names and self.parameter_names != list(params):
             # this instance pruned another module before: start afresh (a checkpoint restored after setup
             # is checked against the new names in load_state_dict)
@@ -454,6 +475,7 @@ class MagnitudePruneCallback(Callback):
         target = None
         if self.sparsity is not None:
             target = sparsity_at(self.schedule, t, start, end, self.sparsity, self.initial_sparsity, self.power)
+        layouts = pruning.weight_layouts(trainer.lightning_module, self.parameter_names)
         new = compute_masks(
             weights,
             sparsity=target,
@@ -463,7 +485,23 @@ class MagnitudePruneCallback(Callback):
             criterion=criterion,
             grad_avgs=grad_avgs,
             masks=self.masks if self._active else None,
+            max_layer_sparsity=self.max_layer_sparsity,
+            ranking=self.ranking,
+            layer_sparsity=None if self.layer_sparsity is None else {
+                k: sparsity_at(self.schedule, t, start, end, v, min(self.initial_sparsity, v), self.power)
+                for k, v in self.layer_sparsity.items()
+            },
+            layouts=layouts,
         )
+        saturated = pruning.saturated_layers(new, self.max_layer_sparsity, layouts) if self.scope == "global" else {}
+        if set(saturated) - self._saturated_layers:
+            self._saturated_layers.update(saturated)
+            limit = "its ceiling" if self.max_layer_sparsity is not None else "99 % or more (no ceiling)"
+            rank_zero_warn(
+                f"MagnitudePruneCallback: global ranking pruned {len(saturated)} layer(s) to {limit}: "
+                + ", ".join(f"{n} ({s:.1%})" for n, s in saturated.items())
+                + ". If accuracy suffers, try ranking='layer_normalized' or scope='local'."
+            )
         if criterion == "taylor" and trainer.world_size > 1:
             # taylor scores depend on gradient history: take rank 0's masks so every rank agrees
             new = {n: m.to(self._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
