@@ -142,3 +142,17 @@ def test_every_refusal_names_the_strategy_and_an_alternative() -> None:
             message = strategy_refusal(strategy, NAMES[role], role)
             assert message is not None
             assert type(strategy).__name__ in message and "Instead, " in message and message.endswith(".")
+
+
+def test_each_callback_refuses_a_sharded_strategy_in_setup() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch import nn
+
+    from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+
+    module = nn.Sequential(nn.Linear(4, 4))
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[], gradient_clip_val=None)
+    for cb in (GradientClipCallback(1.0), MagnitudePruneCallback(sparsity=0.5), SparsityLogger()):
+        trainer.callbacks = [cb]
+        with pytest.raises(MisconfigurationException, match=f"^{type(cb).__name__} does not support FSDPStrategy"):
+            cb.setup(trainer, module, "fit")

@@ -28,6 +28,7 @@ from lightning_clipprune._validation import (
     check_patterns,
     check_real,
 )
+from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import GradientMasker, find_callbacks
 from lightning_clipprune.clipping import (
     ZCLIP_MODES,
@@ -239,6 +240,7 @@ class GradientClipCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__, "clip")  # sharded strategies are refused here
         if stage != "fit":
             return
         clippers = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback)]

@@ -31,6 +31,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
+from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.pruning import (
     CRITERIA,
     SCOPES,
@@ -299,6 +300,7 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__, "prune")  # sharded strategies are refused here
         others = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, MagnitudePruneCallback)]
         if len(others) > 1:
             raise ValueError(

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_clipprune._validation import check_bool, check_int
+from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import PruneState, find_callbacks
 from lightning_clipprune.sparsity import (
     named_weights,
@@ -99,6 +100,7 @@ class SparsityLogger(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__, "log")  # sharded strategies are refused here
         # The prune state comes through the typed contract (callbacks/contract.py), not a class import.
         found = find_callbacks(trainer, PruneState)
         self._prune_callback = found[0] if found else None
