@@ -63,7 +63,7 @@ def check_bool(owner: str, name: str, value: Any, *, allow_none: bool = False) -
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is not None and high is not None:
-        return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
         return f"{'>' if low_open else '>='} {low:g}"
     if high is not None:

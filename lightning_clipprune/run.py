@@ -234,7 +234,7 @@ def main(cfg: DictConfig) -> float | None:
     job = _job_label()
     try:
         results = train(cfg, list(HydraConfig.get().overrides.task), job=job)
-    except (ConfigError, DataNotFoundError) as err:
+    except (ConfigError, DataNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN weights at a prune event
         _fail(err, sweeping=job is not None)
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was trained", file=sys.stderr)

@@ -137,16 +137,16 @@ def test_threshold_rule_is_a_config_choice(tmp_path: Path) -> None:
 
 
 def test_oneshot_after_training_reports_accuracy_before_and_after(tmp_path: Path) -> None:
-    results = run(tmp_path, "prune=oneshot", "prune.sparsity=0.95", "trainer.limit_train_batches=10", "trainer.limit_val_batches=null")
+    results = run(tmp_path, "prune=oneshot", "prune.sparsity=0.95", "trainer.limit_train_batches=10", "trainer.max_steps=-1", "trainer.limit_val_batches=null")
     assert results["sparsity"] == pytest.approx(0.95, abs=0.01)
     assert results["val_acc_before_prune"] > results["val_acc"]  # pruning 95 % without retraining costs accuracy
 
 
 def test_seed_makes_a_cpu_run_reproducible(tmp_path: Path) -> None:
     torch.use_deterministic_algorithms(False)
-    a = run(tmp_path / "a", "seed=3", "trainer.limit_train_batches=5")
-    b = run(tmp_path / "b", "seed=3", "trainer.limit_train_batches=5")
-    run(tmp_path / "c", "seed=4", "trainer.limit_train_batches=5")
+    a = run(tmp_path / "a", "seed=3", "trainer.limit_train_batches=5", "trainer.max_steps=-1")
+    b = run(tmp_path / "b", "seed=3", "trainer.limit_train_batches=5", "trainer.max_steps=-1")
+    run(tmp_path / "c", "seed=4", "trainer.limit_train_batches=5", "trainer.max_steps=-1")
     wa, wb, wc = (
         load_checkpoint(tmp_path / d / "checkpoints" / "final.ckpt")["state_dict"] for d in "abc"
     )
@@ -201,7 +201,7 @@ def test_tensorboard_logger_writes_into_the_output_folder(tmp_path: Path) -> Non
     [
         ("prune.sparsity=1.5", r"prune: .*sparsity.*1\.5"),
         ("clip.clip_val=-0.5", r"clip: .*clip_val.*-0\.5"),
-        ("prune.schedule=exponential", r"prune: `schedule` must be one of .*exponential"),
+        ("prune.schedule=exponential", r"prune: .*schedule.*must be one of .*exponential"),
         ("model.lr_schedule=exponential", r"model: .*lr_schedule.*exponential"),
         ("data.batch_size=0", r"data: .*batch_size.*0"),
     ],
