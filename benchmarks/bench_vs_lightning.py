@@ -440,11 +440,14 @@ def main() -> None:
                         "a run already in it is not run again")
     parser.add_argument("--report", nargs="*", default=None, metavar="JSON",
                         help="only print the tables from these JSON files (merged)")
+    parser.add_argument("--merge", action="store_true", help="with --report: also write the merged runs to --json")
     parser.add_argument("--final", default=RECOMMENDED, help="the variant of the final paired table")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. data.batch_size=256")
     args = parser.parse_args()
     if args.report is not None:
         runs = load_runs(args.report or [args.json])
+        if args.merge:
+            write_json(args.json, sorted(runs, key=lambda r: tuple(str(x) for x in run_key(r))))
         for experiment in sorted({r.get("experiment", "fashion_mnist") for r in runs}):
             report(runs, args.final, experiment)
         return
