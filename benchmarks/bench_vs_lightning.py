@@ -425,7 +425,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="fashion_mnist", help="fashion_mnist (LeNet-300-100) | fashion_cnn")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--epochs", type=int, default=None, help="default: the experiment's max_epochs (10)")
     parser.add_argument("--quick", action="store_true", help="1 epoch, seed 0, sparsity 0.9: a smoke run")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
