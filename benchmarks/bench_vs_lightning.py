@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -50,6 +51,10 @@ from torch import nn  # noqa: E402
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback  # noqa: E402
 from lightning_clipprune.run import config_dir  # noqa: E402
+
+# The variant the "ours" arm runs by default: the recommended defaults of issue 12 (see VARIANTS).
+RECOMMENDED = "end50"
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_vs_lightning.json")
 
 # ---------------------------------------------------------------- what a user writes, arm by arm
 # The bodies between the markers are what each arm needs on the user's side; their lines are counted.
@@ -162,24 +167,99 @@ def linear_sparsity(model: nn.Module) -> tuple[float, int, int]:
     return zeros / total, zeros, total
 
 
-def build(seed: int, overrides: list[str]) -> tuple[Any, L.LightningModule, Any]:
+# ---------------------------------------------------------------- the study of issue 12: variants of "ours"
+# Each variant is MagnitudePruneCallback keyword arguments, the GradientClipCallback clip value, and an
+# optional learning-rate restart after the last pruning event (prototyped here by LRRestartAfterPruning; not a
+# library option yet). "ours" with variant "default" is exactly ``ours_callbacks`` (the library defaults).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},  # the library defaults: start 0.0, end 0.75, frequency 100, power 3, global, magnitude
+    "end60": {"prune": {"end": 0.6}},
+    "end50": {"prune": {"end": 0.5}},
+    "end40": {"prune": {"end": 0.4}},
+    "end50_f50": {"prune": {"end": 0.5, "frequency": 50}},
+    "end50_f20": {"prune": {"end": 0.5, "frequency": 20}},
+    "end50_f200": {"prune": {"end": 0.5, "frequency": 200}},
+    "end50_p2": {"prune": {"end": 0.5, "power": 2.0}},
+    "end50_p4": {"prune": {"end": 0.5, "power": 4.0}},
+    "end50_s05": {"prune": {"start": 0.05, "end": 0.5}},
+    "end50_local": {"prune": {"end": 0.5, "scope": "local"}},
+    "end50_taylor": {"prune": {"end": 0.5, "criterion": "taylor"}},
+    "end50_taylor99": {"prune": {"end": 0.5, "criterion": "taylor", "taylor_beta": 0.99}},
+    "end50_clip05": {"prune": {"end": 0.5}, "clip": 0.5},
+    "end50_clip025": {"prune": {"end": 0.5}, "clip": 0.25},
+    "end50_noclip": {"prune": {"end": 0.5}, "clip": None},
+    "end75_restart50": {"restart": 0.5},
+    "end50_restart50": {"prune": {"end": 0.5}, "restart": 0.5},
+    "end50_restart100": {"prune": {"end": 0.5}, "restart": 1.0},
+    "end50_restart25": {"prune": {"end": 0.5}, "restart": 0.25},
+    "end60_restart50": {"prune": {"end": 0.6}, "restart": 0.5},
+    "end40_restart50": {"prune": {"end": 0.4}, "restart": 0.5},
+}
+
+
+class LRRestartAfterPruning(Callback):
+    """Prototype: after the last pruning event, restart the cosine at ``factor`` x the base learning rate.
+
+    From the step where the ramp ends (``MagnitudePruneCallback``'s resolved ``end``) to the last step, the
+    learning rate follows ``factor * base_lr * (1 + cos(pi * (t - end) / (total - end))) / 2``; before it,
+    the module's own schedule. Patches the module's ``LambdaLR`` in ``on_train_start`` (after the pruning
+    callback resolved its positions, so it must come after it in the list).
+
+    Args:
+        prune: the pruning callback whose ``end`` starts the restart.
+        factor: the restarted peak learning rate as a fraction of the optimizer's base learning rate.
+    """
+
+    def __init__(self, prune: MagnitudePruneCallback, factor: float) -> None:
+        self.prune = prune
+        self.factor = factor
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        end = self.prune._positions[1]
+        total = int(trainer.estimated_stepping_batches)
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        original = scheduler.lr_lambdas[0]
+        factor = self.factor
+
+        def lr_factor(step: int) -> float:
+            if step < end or end >= total:
+                return original(step)
+            return factor * 0.5 * (1.0 + math.cos(math.pi * (step - end) / max(1, total - end)))
+
+        scheduler.lr_lambdas = [lr_factor for _ in scheduler.lr_lambdas]
+
+
+def variant_callbacks(sparsity: float, variant: str) -> list[Callback]:
+    spec = VARIANTS[variant]
+    clip = spec.get("clip", 1.0)
+    prune = MagnitudePruneCallback(sparsity=sparsity, schedule="cubic", verbose=False, **spec.get("prune", {}))
+    callbacks: list[Callback] = [GradientClipCallback(clip_val=clip, algorithm="norm")] if clip is not None else []
+    callbacks.append(prune)
+    if spec.get("restart") is not None:
+        callbacks.append(LRRestartAfterPruning(prune, spec["restart"]))
+    return callbacks
+
+
+# ---------------------------------------------------------------- running
+
+
+def build(seed: int, experiment: str, overrides: list[str]) -> tuple[Any, L.LightningModule, Any]:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=fashion_mnist", f"seed={seed}", *overrides])
+        cfg = compose("config", overrides=[f"+experiment={experiment}", f"seed={seed}", *overrides])
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     return cfg, model, datamodule
 
 
-def run_arm(arm: str, seed: int, sparsity: float | None, args: argparse.Namespace) -> dict[str, Any]:
-    cfg, model, datamodule = build(seed, args.override)
+def run_arm(arm: str, seed: int, sparsity: float | None, args: argparse.Namespace, variant: str = "") -> dict[str, Any]:
+    cfg, model, datamodule = build(seed, args.experiment, args.override)
     max_epochs = args.epochs or int(cfg.trainer.max_epochs)
     probe = MemoryProbe()
     trainer_kwargs: dict[str, Any] = {}
     if arm == "ours":
-        callbacks = ours_callbacks(sparsity)
-        callbacks[1].verbose = False  # no line per pruning event in the benchmark log
-        probe.ours = callbacks[1]
+        callbacks = variant_callbacks(sparsity, variant)
+        probe.ours = next(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
     elif arm == "lightning":
         callbacks = lightning_callbacks(sparsity, max_epochs)
         trainer_kwargs["gradient_clip_val"] = 1.0
@@ -215,7 +295,9 @@ def run_arm(arm: str, seed: int, sparsity: float | None, args: argparse.Namespac
         n for n, _ in model.named_parameters() if n.endswith("_orig")
     ]
     return {
+        "experiment": args.experiment,
         "arm": arm,
+        "variant": variant,
         "seed": seed,
         "target": sparsity,
         "epochs": max_epochs,
@@ -226,10 +308,36 @@ def run_arm(arm: str, seed: int, sparsity: float | None, args: argparse.Namespac
         "zeros": zeros,
         "linear_weights": total,
         "fit_s": fit_s,
+        "threads": torch.get_num_threads(),
         "train_bytes": probe.bytes,
         "train_tensors": probe.names,
         "leftover_after_fit": leftover,
     }
+
+
+def run_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r.get("experiment", "fashion_mnist"), r["arm"], r.get("variant", ""), r["seed"], r["target"], r["epochs"])
+
+
+def load_runs(paths: list[str]) -> list[dict[str, Any]]:
+    runs: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                for r in json.load(f):
+                    runs[run_key(r)] = r
+    return list(runs.values())
+
+
+def write_json(path: str, runs: list[dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(runs, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reporting
 
 
 def mean(rs: list[dict[str, Any]], key: str) -> float:
@@ -240,10 +348,84 @@ def fmt(rs: list[dict[str, Any]], key: str, scale: float, spec: str) -> str:
     return ", ".join(format(scale * r[key], spec) for r in rs)
 
 
+def paired(runs: list[dict[str, Any]], a: tuple[str, str], b: tuple[str, str], target: float | None,
+           experiment: str) -> list[tuple[int, float]]:
+    """(seed, 100 * (test acc of a - test acc of b)) over the seeds both have; ``b`` may be dense (target None)."""
+    def pick(arm: str, variant: str, tgt: float | None) -> dict[int, float]:
+        return {
+            r["seed"]: r["test_acc"] for r in runs
+            if r.get("experiment", "fashion_mnist") == experiment and r["arm"] == arm
+            and r.get("variant", "") == variant and r["target"] == tgt
+        }
+    xa = pick(a[0], a[1], target)
+    xb = pick(b[0], b[1], target if b[0] != "dense" else None)
+    return [(s, 100 * (xa[s] - xb[s])) for s in sorted(xa) if s in xb]
+
+
+def stats(d: list[float]) -> tuple[float, float, float]:
+    m = statistics.mean(d)
+    sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+    return m, sd, sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+
+
+def report(runs: list[dict[str, Any]], final: str, experiment: str) -> None:
+    runs = [r for r in runs if r.get("experiment", "fashion_mnist") == experiment]
+    if not runs:
+        return
+    print(f"\n## {experiment}: all runs\n")
+    print("| arm | variant | target | seeds | test acc (mean, per seed) | val acc (mean) | sparsity | fit s (mean) |")
+    print("|---|---|---|---|---|---|---|---|")
+    keys = sorted({(r["target"] or 0.0, r["arm"], r.get("variant", "")) for r in runs})
+    for target, arm, variant in keys:
+        rs = sorted((r for r in runs if r["arm"] == arm and r.get("variant", "") == variant
+                     and (r["target"] or 0.0) == target), key=lambda r: r["seed"])
+        print(f"| {arm} | {variant or '-'} | {target or '-'} | {','.join(str(r['seed']) for r in rs)} | "
+              f"{100 * mean(rs, 'test_acc'):.2f} ({fmt(rs, 'test_acc', 100, '.2f')}) | "
+              f"{100 * mean(rs, 'val_acc'):.2f} | {mean(rs, 'sparsity'):.4f} | {mean(rs, 'fit_s'):.1f} |")
+    targets = sorted({r["target"] for r in runs if r["target"] is not None})
+    variants = sorted({r.get("variant", "") for r in runs if r["arm"] == "ours"}, key=lambda v: list(VARIANTS).index(v)
+                      if v in VARIANTS else 99)
+    print(f"\n## {experiment}: trials, ours (variant) - lightning, paired test acc in points (seeds)\n")
+    print("| variant | settings | " + " | ".join(f"{t}" for t in targets) + " |")
+    print("|---|---|" + "---|" * len(targets))
+    for v in variants:
+        cells = []
+        for t in targets:
+            d = paired(runs, ("ours", v), ("lightning", ""), t, experiment)
+            if d:
+                m, sd, _ = stats([x for _, x in d])
+                cells.append(f"{m:+.2f} (n={len(d)}, {','.join(f'{x:+.2f}' for _, x in d)})")
+            else:
+                cells.append("")
+        print(f"| {v} | {json.dumps(VARIANTS.get(v, {}))} | " + " | ".join(cells) + " |")
+    print(f"\n## {experiment}: final paired comparison, variant {final!r} vs lightning (test acc, points)\n")
+    print("| target | n | dense | lightning | ours | ours - lightning: mean | paired sd | paired se | ours wins "
+          "| ours - dense | lightning - dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    dense = {r["seed"]: r["test_acc"] for r in runs if r["arm"] == "dense"}
+    for t in targets:
+        d = paired(runs, ("ours", final), ("lightning", ""), t, experiment)
+        if not d:
+            continue
+        seeds = [s for s, _ in d]
+        m, sd, se = stats([x for _, x in d])
+        ours = {r["seed"]: r["test_acc"] for r in runs if r["arm"] == "ours" and r.get("variant", "") == final
+                and r["target"] == t}
+        light = {r["seed"]: r["test_acc"] for r in runs if r["arm"] == "lightning" and r["target"] == t}
+        dseeds = [s for s in seeds if s in dense]
+        dn = f"{100 * statistics.mean(dense[s] for s in dseeds):.2f}" if dseeds else "-"
+        od = (f"{100 * statistics.mean(ours[s] - dense[s] for s in dseeds):+.2f}" if dseeds else "-")
+        ld = (f"{100 * statistics.mean(light[s] - dense[s] for s in dseeds):+.2f}" if dseeds else "-")
+        print(f"| {t} | {len(d)} | {dn} | {100 * statistics.mean(light[s] for s in seeds):.2f} | "
+              f"{100 * statistics.mean(ours[s] for s in seeds):.2f} | **{m:+.2f}** | {sd:.2f} | {se:.2f} | "
+              f"{sum(x > 0 for _, x in d)}/{len(d)} | {od} | {ld} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    parser.add_argument("--experiment", default="fashion_mnist", help="fashion_mnist (LeNet-300-100) | fashion_cnn")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--epochs", type=int, default=None, help="default: the experiment's max_epochs (10)")
     parser.add_argument("--quick", action="store_true", help="1 epoch, seed 0, sparsity 0.9: a smoke run")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
@@ -251,62 +433,55 @@ def main() -> None:
         "--arms", nargs="+", default=["ours", "lightning"], choices=["ours", "lightning", "lightning_defaults"],
         help="pruned arms; lightning_defaults: ModelPruning with its other arguments at their defaults",
     )
-    parser.add_argument("--json", default=None, help="also write all runs to this JSON file")
+    parser.add_argument("--variants", nargs="+", default=[RECOMMENDED], choices=list(VARIANTS),
+                        help=f"settings of the 'ours' arm (default {RECOMMENDED!r}; 'default': the library defaults)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: fair on a shared CPU)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="runs are added to this JSON file as they finish; "
+                        "a run already in it is not run again")
+    parser.add_argument("--report", nargs="*", default=None, metavar="JSON",
+                        help="only print the tables from these JSON files (merged)")
+    parser.add_argument("--merge", action="store_true", help="with --report: also write the merged runs to --json")
+    parser.add_argument("--final", default=RECOMMENDED, help="the variant of the final paired table")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. data.batch_size=256")
     args = parser.parse_args()
+    if args.report is not None:
+        runs = load_runs(args.report or [args.json])
+        if args.merge:
+            write_json(args.json, sorted(runs, key=lambda r: tuple(str(x) for x in run_key(r))))
+        for experiment in sorted({r.get("experiment", "fashion_mnist") for r in runs}):
+            report(runs, args.final, experiment)
+        return
     args.limit_train_batches = None
     if args.quick:
         args.seeds, args.sparsities, args.epochs = [0], [0.9], 1
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`ModelPruning`.*")
 
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"user lines: ours {user_lines(ours_callbacks)}, lightning {user_lines(lightning_callbacks)}")
-    runs: list[dict[str, Any]] = []
-    k = 0
+    runs = load_runs([args.json])
+    done = {run_key(r) for r in runs}
+    epochs = args.epochs or 10
+
+    def step(arm: str, seed: int, s: float | None, variant: str = "") -> None:
+        if (args.experiment, arm, variant, seed, s, epochs) in done:
+            return
+        r = run_arm(arm, seed, s, args, variant)
+        runs.append(r)
+        done.add(run_key(r))
+        print(json.dumps({key: v for key, v in r.items() if key != "train_tensors"}), flush=True)
+        write_json(args.json, runs)
+
     for seed in args.seeds:
         if not args.no_dense:
-            runs.append(run_arm("dense", seed, None, args))
-            print(json.dumps({key: v for key, v in runs[-1].items() if key != "train_tensors"}), flush=True)
+            step("dense", seed, None)
         for s in args.sparsities:
-            order = args.arms if k % 2 == 0 else args.arms[::-1]  # alternate who goes first
-            k += 1
-            for arm in order:
-                runs.append(run_arm(arm, seed, s, args))
-                print(json.dumps({key: v for key, v in runs[-1].items() if key != "train_tensors"}), flush=True)
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(runs, f, indent=2)
-
-    print("\n| arm | target | seeds | test acc (mean) | val acc (mean) | sparsity reached | fit s (mean) "
-          "| held at end of training (KiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    keys = sorted({(r["target"] or 0.0, r["arm"]) for r in runs})
-    for target, arm in keys:
-        rs = [r for r in runs if r["arm"] == arm and (r["target"] or 0.0) == target]
-        print(f"| {arm} | {target or '-'} | {len(rs)} | {100 * mean(rs, 'test_acc'):.2f} % "
-              f"({fmt(rs, 'test_acc', 100, '.2f')}) | {100 * mean(rs, 'val_acc'):.2f} % | "
-              f"{fmt(rs, 'sparsity', 1, '.4f')} | {mean(rs, 'fit_s'):.1f} ({fmt(rs, 'fit_s', 1, '.1f')}) | "
-              f"{mean(rs, 'train_bytes') / 1024:.0f} |")
-    for target in args.sparsities:  # paired by seed: same init, data order and batches
-        diffs = [
-            100 * (o["test_acc"] - li["test_acc"])
-            for o in runs
-            for li in runs
-            if o["arm"] == "ours" and li["arm"] == "lightning" and o["seed"] == li["seed"] and o["target"] == target
-            and li["target"] == target
-        ]
-        if diffs:
-            spread = f" +- {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-            print(f"sparsity {target}: test acc ours - lightning = {statistics.mean(diffs):+.2f}{spread} pp "
-                  f"(per seed: {', '.join(f'{d:+.2f}' for d in diffs)})")
-    for arm in args.arms:
-        r = next((r for r in runs if r["arm"] == arm), None)
-        if r is not None:
-            print(f"{arm}: tensors held during training: {r['train_tensors']}; after fit: "
-                  f"{r['leftover_after_fit'] or 'no _orig/_mask left'}")
+            for arm in args.arms:
+                for variant in args.variants if arm == "ours" else [""]:
+                    step(arm, seed, s, variant)
+    report(runs, args.final, args.experiment)
 
 
 if __name__ == "__main__":
