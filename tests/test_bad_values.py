@@ -53,7 +53,7 @@ CASES: list[tuple[tuple[str, ...], str]] = [
     (("prune.unit=hour",), "hour"),
     (("prune.frequency=0",), "0"),
     (("prune.initial_sparsity=0.95",), "0.95"),
-    (("prune.exclude=null",), "None"),
+    (("prune.taylor_beta=1.0",), "1.0"),
     (("prune.start=0.5", "prune.end=3"), "3"),
     (("prune.end=1000000",), "1000000"),
     (("prune=oneshot", "prune.start=500"), "500"),

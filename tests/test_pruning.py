@@ -385,7 +385,7 @@ def test_layer_sparsity_mapping_in_local_scope() -> None:
         compute_masks(w, sparsity=0.5, scope="local", layer_sparsity={"dec.*": 0.5})
     with pytest.raises(ValueError, match=r"layer_sparsity=...\)` must be None unless scope='local'"):
         compute_masks(w, sparsity=0.5, layer_sparsity={"enc.*": 0.5})
-    with pytest.raises(ValueError, match=r"layer_sparsity\['enc.\*'\]=...\)` must be a finite number \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"layer_sparsity\['enc.\*'\]=...\)` must be a finite number in \[0, 1\), got 1.5"):
         compute_masks(w, sparsity=0.5, scope="local", layer_sparsity={"enc.*": 1.5})
 
 
@@ -393,9 +393,9 @@ def test_new_arguments_are_checked_with_the_shared_messages() -> None:
     w = {"a": torch.rand(4)}
     with pytest.raises(ValueError, match=r"`compute_masks\(ranking=...\)` must be one of 'raw', 'layer_normalized', 'erk'"):
         compute_masks(w, sparsity=0.5, ranking="snip")
-    with pytest.raises(ValueError, match=r"`compute_masks\(max_layer_sparsity=...\)` must be a finite number \(0, 1\] or None"):
+    with pytest.raises(ValueError, match=r"`compute_masks\(max_layer_sparsity=...\)` must be a finite number in \(0, 1\] or None"):
         compute_masks(w, sparsity=0.5, max_layer_sparsity=0.0)
-    with pytest.raises(ValueError, match=r"`compute_masks\(sparsity=...\)` must be a finite number \[0, 1\] or None"):
+    with pytest.raises(ValueError, match=r"`compute_masks\(sparsity=...\)` must be a finite number in \[0, 1\] or None"):
         compute_masks(w, sparsity=1.5)
     with pytest.raises(ValueError, match=r"`MagnitudePruneCallback\(pattern=...\)`"):
         parse_pattern("2:2", owner="MagnitudePruneCallback")

@@ -192,6 +192,9 @@ def check_strategy(trainer: pl.Trainer, callback_name: str, role: Role) -> None:
         >>> import lightning as L
         >>> check_strategy(L.Trainer(accelerator="cpu", logger=False), "SparsityLogger", "log")  # passes
     """
-    message = strategy_refusal(trainer.strategy, callback_name, role)
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None:  # a callback set up by hand, without a Trainer
+        return
+    message = strategy_refusal(strategy, callback_name, role)
     if message is not None:
         raise MisconfigurationException(message)
