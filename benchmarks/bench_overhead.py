@@ -57,28 +57,28 @@ import os
 # Spinning OpenMP waiters starve the working threads on a shared CPU; must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelPruning  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from lightning.pytorch.loggers import Logger
+from torch import Tensor, nn
 
-from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger  # noqa: E402
-from lightning_clipprune.data import DataNotFoundError, FashionMNISTDataModule, TensorBatches  # noqa: E402
-from lightning_clipprune.models import CifarResNet, Classifier, LeNet300100  # noqa: E402
+from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune.data import DataNotFoundError, FashionMNISTDataModule, TensorBatches
+from lightning_clipprune.models import CifarResNet, Classifier, LeNet300100
 
 ARMS = ("none", "lightning_pair", "clip", "prune", "logger", "ours_three")
 EXTRA_ARMS = ("lightning_pair_pruned", "ours_three_pruned")

@@ -30,22 +30,22 @@ import os
 # Spinning OpenMP waiters starve the working threads on a shared CPU; must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
-from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger  # noqa: E402
-from lightning_clipprune.models import Classifier, LeNet300100, resnet20  # noqa: E402
+from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune.models import Classifier, LeNet300100, resnet20
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("none", "prune", "clip+prune", "all3")

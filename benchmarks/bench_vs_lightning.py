@@ -31,26 +31,26 @@ import os
 # Spinning OpenMP waiters starve the working threads on a shared CPU; must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import inspect
+import json
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelPruning  # noqa: E402
-from torch import nn  # noqa: E402
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch import nn
 
-from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback  # noqa: E402
-from lightning_clipprune.run import config_dir  # noqa: E402
+from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback
+from lightning_clipprune.run import config_dir
 
 # The variant the "ours" arm runs by default: the recommended defaults of issue 12 (see VARIANTS).
 RECOMMENDED = "end50"

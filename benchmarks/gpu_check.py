@@ -76,23 +76,23 @@ from typing import Any
 # Spinning OpenMP waiters starve the working threads on a shared CPU (the smoke run); before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
 
 try:
     import lightning_clipprune  # noqa: F401
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
-from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger  # noqa: E402
-from lightning_clipprune.data import FashionMNISTDataModule, TensorBatches  # noqa: E402
-from lightning_clipprune.export import is_n_m_sparse, to_semi_structured  # noqa: E402
-from lightning_clipprune.models import CifarResNet, Classifier, LeNet5  # noqa: E402
-from lightning_clipprune.pruning import apply_masks_, compute_masks  # noqa: E402
+from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune.data import FashionMNISTDataModule, TensorBatches
+from lightning_clipprune.export import is_n_m_sparse, to_semi_structured
+from lightning_clipprune.models import CifarResNet, Classifier, LeNet5
+from lightning_clipprune.pruning import apply_masks_, compute_masks
 
 ARMS = ("none", "clip", "prune", "logger", "all_three")
 PARTS = ("environment", "sparse24", "throughput_eager", "syncs", "accuracy", "throughput_compiled")
@@ -451,7 +451,7 @@ class HostReadCounter:
         counter = self
 
         class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.__name__.split(".")[0]
                 if name in _SYNC_OPS or (name in ("_to_copy", "copy_") and _device_to_host(func, args, kwargs)):
                     counter.record(name if name in _SYNC_OPS else "device_to_host_copy")

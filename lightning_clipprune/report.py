@@ -188,7 +188,7 @@ def to_markdown(jobs: Sequence[Job], title: str = "Sweep summary", front: Sequen
     return "\n".join(lines) + "\n"
 
 
-def to_table(jobs: Sequence[Job], title: str = "Sweep summary"):  # type: ignore[no-untyped-def]
+def to_table(jobs: Sequence[Job], title: str = "Sweep summary"):
     """The table as a ``rich.table.Table``; failed jobs in red."""
     from rich.table import Table
 
@@ -262,7 +262,7 @@ def _optuna_front(sweep_dir: Path) -> list[dict[str, Any]] | None:
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(OmegaConf.load(f)) or {}
-    return list(data.get("solutions") or []) or None  # type: ignore[union-attr]
+    return list(data.get("solutions") or []) or None
 
 
 def write_report(sweep_dir: str | os.PathLike, *, console: bool = True) -> list[Job]:

@@ -258,7 +258,7 @@ class SearchResult:
             out[0] += f" prune.criterion={self.criterion}"
         return out
 
-    def to_table(self, title: str | None = None):  # type: ignore[no-untyped-def]
+    def to_table(self, title: str | None = None):
         """A ``rich.table.Table`` of every evaluated point, by sparsity, the chosen one highlighted."""
         from rich.table import Table
 
@@ -331,7 +331,7 @@ def _save_figure(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress(total: int, description: str, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -484,7 +484,7 @@ class SensitivityResult:
             for n, accs in self.accuracy.items()
         ]
 
-    def to_table(self):  # type: ignore[no-untyped-def]
+    def to_table(self):
         from rich.table import Table
 
         table = Table(title=f"Layer sensitivity: val acc % with one layer pruned (dense {100 * self.dense_val_acc:.2f} %)", title_justify="left")

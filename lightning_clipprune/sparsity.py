@@ -26,7 +26,7 @@ from lightning_clipprune.pruning import PRUNABLE_TYPES, select_prunable_paramete
 BITS_DTYPE: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def encoded_sizes(numel, nonzero, itemsize: int, negative_zeros):  # type: ignore[no-untyped-def]
+def encoded_sizes(numel, nonzero, itemsize: int, negative_zeros):
     """Payload bytes of the two encodings of the sparse file format for one tensor.
 
     * dense: every value, ``numel * itemsize``.
@@ -283,7 +283,7 @@ class SparsityReport:
     def compressed_bytes(self) -> int:
         return sum(r.compressed_bytes for r in self._all)
 
-    def to_table(self):  # type: ignore[no-untyped-def]
+    def to_table(self):
         """A ``rich.table.Table``: per layer shape, parameters, non-zeros, sparsity; totals and sizes."""
         from rich.table import Table
 

@@ -234,7 +234,7 @@ def test_save_rejects_what_it_cannot_store(tmp_path):
     with pytest.raises(TypeError, match="metadata"):
         save_sparse({"w": torch.ones(2)}, path, metadata={"x": object()})
     with pytest.raises(TypeError, match="nn.Module or a state dict"):
-        save_sparse([torch.ones(2)], path)  # type: ignore[arg-type]
+        save_sparse([torch.ones(2)], path)
     assert os.listdir(tmp_path) == []  # no half-written or temporary file left behind
 
 

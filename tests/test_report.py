@@ -122,7 +122,7 @@ def test_results_objective_returns_metrics_of_results_json(tmp_path: Path) -> No
         ResultsObjective([])
 
 
-def compose_hydra(overrides: list[str]):  # noqa: ANN201
+def compose_hydra(overrides: list[str]):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("config", overrides=["output_dir=/tmp/unused", *overrides], return_hydra_config=True)
 

@@ -26,10 +26,10 @@ from lightning_clipprune.search import (
 class Counting:
     """A loader that counts how often it was iterated."""
 
-    def __init__(self, loader) -> None:  # noqa: ANN001
+    def __init__(self, loader) -> None:
         self.loader, self.iterations = loader, 0
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         self.iterations += 1
         return iter(self.loader)
 
@@ -54,7 +54,7 @@ def weights(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def test_search_result_is_within_tolerance_and_the_next_point_is_not(trained) -> None:  # noqa: ANN001
+def test_search_result_is_within_tolerance_and_the_next_point_is_not(trained) -> None:
     net, dm = trained
     before = weights(net)
     result = search_threshold(net, dm.val_dataloader(), tolerance=0.5, grid=(0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99))
@@ -73,7 +73,7 @@ def test_search_result_is_within_tolerance_and_the_next_point_is_not(trained) ->
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-def test_chosen_threshold_reproduces_the_chosen_sparsity(trained) -> None:  # noqa: ANN001
+def test_chosen_threshold_reproduces_the_chosen_sparsity(trained) -> None:
     net, dm = trained
     dense = weights(net)
     names = [n for n, p in net.named_parameters() if n.endswith("weight")]
@@ -103,12 +103,12 @@ def test_threshold_is_the_quantile_of_the_magnitudes() -> None:
     assert result.overrides()[0] == "prune=threshold prune.threshold=0.99"
 
 
-def test_test_split_is_read_once_after_the_search(trained) -> None:  # noqa: ANN001
+def test_test_split_is_read_once_after_the_search(trained) -> None:
     net, dm = trained
     val = Counting(dm.val_dataloader())
     seen_at_call: list[int] = []
 
-    def test_loader():  # noqa: ANN202 - like datamodule.test_dataloader: called when the test split is wanted
+    def test_loader():
         seen_at_call.append(val.iterations)
         return dm.test_dataloader()
 
@@ -118,10 +118,10 @@ def test_test_split_is_read_once_after_the_search(trained) -> None:  # noqa: ANN
     assert "test acc at the chosen point (evaluated once, after the search)" in str(result.to_table().caption)
 
 
-def test_search_without_test_loader_never_builds_one(trained, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_search_without_test_loader_never_builds_one(trained, monkeypatch: pytest.MonkeyPatch) -> None:
     net, dm = trained
 
-    def forbidden(self):  # noqa: ANN001, ANN202
+    def forbidden(self):
         raise AssertionError("the test split was read")
 
     monkeypatch.setattr(DigitsDataModule, "test_dataloader", forbidden)
@@ -129,7 +129,7 @@ def test_search_without_test_loader_never_builds_one(trained, monkeypatch: pytes
     assert result.test_acc is None
 
 
-def test_taylor_criterion_ranks_by_weight_times_clipped_gradient(trained) -> None:  # noqa: ANN001
+def test_taylor_criterion_ranks_by_weight_times_clipped_gradient(trained) -> None:
     net, dm = trained
     before = weights(net)
     grads = taylor_gradients(net, dm.train_dataloader(), batches=3, clip_val=1e-3)
@@ -160,7 +160,7 @@ def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
         search_threshold(nn.Linear(2, 2), [(torch.randn(2, 2), torch.tensor([0, 1]))], **kwargs)
 
 
-def test_layer_sensitivity_has_one_row_per_layer_and_a_plot(trained, tmp_path: Path) -> None:  # noqa: ANN001
+def test_layer_sensitivity_has_one_row_per_layer_and_a_plot(trained, tmp_path: Path) -> None:
     net, dm = trained
     before = weights(net)
     sens = layer_sensitivity(net, dm.val_dataloader(), sparsities=(0.5, 0.9, 0.99))
@@ -176,7 +176,7 @@ def test_layer_sensitivity_has_one_row_per_layer_and_a_plot(trained, tmp_path: P
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_suggested_allocation_meets_the_budget_and_prunes_tolerant_layers_most(trained) -> None:  # noqa: ANN001
+def test_suggested_allocation_meets_the_budget_and_prunes_tolerant_layers_most(trained) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     net, dm = trained
@@ -193,7 +193,7 @@ def test_suggested_allocation_meets_the_budget_and_prunes_tolerant_layers_most(t
     assert 0.0 <= comparison["layerwise_val_acc"] <= 1.0 and 0.0 <= comparison["global_val_acc"] <= 1.0
     python, hydra_overrides = layer_sparsity_snippets(allocation)
     assert python.startswith('MagnitudePruneCallback(scope="local", layer_sparsity={')
-    assert eval(python.split("layer_sparsity=", 1)[1][:-1]) == allocation  # noqa: S307 - our own literal
+    assert eval(python.split("layer_sparsity=", 1)[1][:-1]) == allocation
     parsed = OverridesParser.create().parse_overrides([o.strip("'") for o in hydra_overrides.split(" ")])
     assert {k: float(v) for k, v in parsed[1].value().items()} == allocation
     with pytest.raises(ValueError, match="`target`"):

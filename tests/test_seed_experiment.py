@@ -103,7 +103,7 @@ def test_seed_experiment_threshold_rule_on_the_final_weights(tmp_path: Path, mni
     captured: dict[str, dict[str, torch.Tensor]] = {}
     original = MagnitudePruneCallback.on_train_end
 
-    def spy(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def spy(self, trainer, pl_module) -> None:
         captured["before"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         original(self, trainer, pl_module)
         captured["after"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}

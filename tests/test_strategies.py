@@ -132,7 +132,7 @@ def test_a_custom_ddp_subclass_is_supported() -> None:
 
 def test_unknown_role_raises_value_error() -> None:
     with pytest.raises(ValueError, match=r"`role` must be one of \('clip', 'prune', 'log'\), got 'clipping'"):
-        strategy_refusal(DDPStrategy(), "GradientClipCallback", "clipping")  # type: ignore[arg-type]
+        strategy_refusal(DDPStrategy(), "GradientClipCallback", "clipping")
 
 
 def test_every_refusal_names_the_strategy_and_an_alternative() -> None:

@@ -105,7 +105,7 @@ class Classifier(L.LightningModule):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return types
+    def configure_optimizers(self):
         factory = self.optimizer_factory
         if factory is None:
             optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
