@@ -18,18 +18,8 @@ from lightning_clipprune.report import collect, main, pareto_front, varying_keys
 from lightning_clipprune.run import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-# the smoke setting of tests/test_app.py
-SMOKE = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1",
-    "callbacks.sparsity.print_table=false",
-]
+# a few steps, quietly (conf/debug/smoke.yaml)
+SMOKE = ["debug=smoke"]
 
 
 def make_job(root: Path, name: str, overrides: list[str], results: dict | None) -> Path:

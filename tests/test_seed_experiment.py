@@ -18,20 +18,8 @@ from .conftest import write_mnist_like
 
 pytestmark = pytest.mark.usefixtures("offline")
 
-# a few steps on a small MNIST-format data set, quietly
-SMOKE = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1",
-    "callbacks.sparsity.print_table=false",
-    "data.batch_size=16",
-    "data.download=false",
-]
+# a few steps on a small MNIST-format data set, quietly (conf/debug/smoke.yaml: 2 steps)
+SMOKE = ["debug=smoke", "data.batch_size=16", "data.download=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -81,10 +69,10 @@ def test_seed_preset_is_the_methods_recipe(tmp_path: Path) -> None:
 def test_seed_experiment_prunes_after_training_and_reports_before_and_after(tmp_path: Path, mnist_like: Path) -> None:
     cfg, overrides = compose_seed(tmp_path, f"data.root={mnist_like}")
     results = train(cfg, overrides)
-    assert results["experiment"] == "seed" and results["steps"] == 3
+    assert results["experiment"] == "seed" and results["steps"] == 2
     assert 0.0 <= results["val_acc_before_prune"] <= 1.0 and 0.0 <= results["val_acc"] <= 1.0
     # post-training pruning at |w| <= 0.01: the first linear layer starts uniform in +-1/sqrt(9216) = +-0.0104,
-    # so most of its weights fall under the threshold after 3 small steps
+    # so most of its weights fall under the threshold after 2 small steps
     assert 0.5 < results["sparsity"] < 1.0
     assert results["params_total"] == sum(p.numel() for p in SeedCNN().parameters())
     assert results["params_nonzero"] < results["params_total"]
