@@ -80,7 +80,7 @@ def test_seed_experiment_prunes_after_training_and_reports_before_and_after(tmp_
     zeros = results["params_total"] - results["params_nonzero"]
     assert zeros == results["prunable_total"] - results["prunable_nonzero"]
     assert results["prunable_total"] == results["params_total"] - (32 + 64 + 100 + 10)
-    assert results["clip"]["steps"] == 3
+    assert results["clip"]["steps"] == 2
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["val_acc_before_prune"] == results["val_acc_before_prune"]
 
