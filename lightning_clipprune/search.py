@@ -251,7 +251,8 @@ class SearchResult:
 
     def overrides(self) -> list[str]:
         """The app's overrides that prune to the chosen point: threshold rule (magnitude only) and sparsity."""
-        out = [f"prune.sparsity={self.chosen.sparsity:.4f}"]
+        # prune.threshold=null: a run whose prune config is the threshold rule would refuse both set
+        out = [f"prune.sparsity={self.chosen.sparsity:.4f} prune.threshold=null"]
         if self.criterion == "magnitude":
             out.insert(0, f"prune=threshold prune.threshold={self.chosen.threshold:.6g}")
         else:

@@ -139,7 +139,7 @@ def test_taylor_criterion_ranks_by_weight_times_clipped_gradient(trained) -> Non
     assert total <= 1e-3 + 1e-9
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     result = search_threshold(net, dm.val_dataloader(), grid=(0.5, 0.9), criterion="taylor", grads=grads)
-    assert result.criterion == "taylor" and result.overrides() == [f"prune.sparsity={result.chosen.sparsity:.4f} prune.criterion=taylor"]
+    assert result.criterion == "taylor" and result.overrides() == [f"prune.sparsity={result.chosen.sparsity:.4f} prune.threshold=null prune.criterion=taylor"]
     magnitude = Ranking(net)
     taylor = Ranking(net, scores={n: (p.detach() * grads[n]).abs() for n, p in net.named_parameters() if n in grads})
     assert not torch.equal(magnitude.order, taylor.order)
