@@ -107,7 +107,7 @@ def test_every_clip_choice_builds_the_callback(tmp_path: Path, choice: str) -> N
     assert isinstance(cb, GradientClipCallback) and cb.algorithm == choice
 
 
-@pytest.mark.parametrize("choice", ["cubic", "linear", "oneshot", "threshold", "nm24", "channel"])
+@pytest.mark.parametrize("choice", ["cubic", "linear", "oneshot", "threshold", "threshold_after", "nm24", "channel"])
 def test_every_prune_choice_builds_the_callback(tmp_path: Path, choice: str) -> None:
     from hydra.utils import instantiate
 
