@@ -444,7 +444,10 @@ def _flat_scores(
         part = flat[offset : offset + w.numel()]
         offset += w.numel()
         if criterion == "magnitude":
-            torch.abs(w.detach().reshape(-1), out=part)
+            if w.dtype == part.dtype:
+                torch.abs(w.detach().reshape(-1), out=part)
+            else:  # bf16/fp16 weights (precision="bf16-true"): scored in the buffer's float32
+                part.copy_(w.detach().reshape(-1)).abs_()
         else:
             g = grad_avgs.get(name) if grad_avgs is not None else None
             part.copy_(importance(w, criterion, g).reshape(-1))

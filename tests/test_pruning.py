@@ -465,3 +465,13 @@ def test_output_rows_of_a_grouped_convtranspose_are_its_output_channels() -> Non
     silent = out.abs().flatten(2).amax(-1)[0] == 0
     assert silent.tolist() == [False, True, False, False, False, True]  # exactly output channels 1 and 5
     assert int((~masks["w"]).sum()) == 2 * 2 * 2 * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_are_ranked_like_their_float32_values(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = {"a": torch.randn(16, 8, generator=g).to(dtype), "b": torch.randn(4, 16, generator=g).to(dtype)}
+    masks = compute_masks(w, sparsity=0.5)
+    expected = compute_masks({k: v.float() for k, v in w.items()}, sparsity=0.5)
+    assert all(torch.equal(masks[k], expected[k]) for k in w)
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * (128 + 64))
