@@ -78,6 +78,12 @@ def _check_combination(cb: MagnitudePruneCallback, kind: str, n: int, m: int) ->
         )
     if cb.schedule != "oneshot" and type(cb.start) is type(cb.end) and cb.start > cb.end:
         raise ValueError(f"`{_OWNER}`: `start` must be <= `end`, got start={cb.start!r}, end={cb.end!r}.")
+    ceiling = cb.max_layer_sparsity
+    if ceiling is not None and cb.scope == "global" and (cb.sparsity or 0.0) > ceiling:
+        raise bad_value(_OWNER, "max_layer_sparsity", f">= sparsity={cb.sparsity} or None", ceiling)
+    if cb.layer_sparsity and (cb.scope != "local" or cb.sparsity is None or kind == "nm"):
+        allowed = "None unless scope='local' with a `sparsity` (not N:M)"
+        raise bad_value(_OWNER, "layer_sparsity", allowed, cb.layer_sparsity)
 
 
 class MagnitudePruneCallback(Callback):
@@ -233,6 +239,11 @@ class MagnitudePruneCallback(Callback):
         self.keep_first_and_last = check_bool(_OWNER, "keep_first_and_last", keep_first_and_last)
         self.taylor_beta = check_real(_OWNER, "taylor_beta", taylor_beta, low=0, high=1, high_open=True)
         self.verbose = check_bool(_OWNER, "verbose", verbose)
+        self.max_layer_sparsity = check_real(
+            _OWNER, "max_layer_sparsity", max_layer_sparsity, low=0.0, high=1.0, low_open=True, allow_none=True
+        )
+        self.ranking = check_choice(_OWNER, "ranking", ranking, pruning.RANKINGS)
+        self.layer_sparsity = pruning.check_layer_sparsity(_OWNER, layer_sparsity)
         _check_combination(self, kind, n, m)
 
         self.masks: dict[str, Tensor] = {}
@@ -253,17 +264,6 @@ class MagnitudePruneCallback(Callback):
         self._factor_of: dict[str, Tensor] = {}
         self._grads_masked = False  # mask_gradients() did its work since the last backward / optimizer step
 
-        self.max_layer_sparsity = check_real(
-            _OWNER, "max_layer_sparsity", max_layer_sparsity, low=0.0, high=1.0, low_open=True, allow_none=True
-        )
-        ceiling = self.max_layer_sparsity
-        if ceiling is not None and scope == "global" and (self.sparsity or 0.0) > ceiling:
-            raise bad_value(_OWNER, "max_layer_sparsity", f">= sparsity={self.sparsity} or None", ceiling)
-        self.ranking = check_choice(_OWNER, "ranking", ranking, pruning.RANKINGS)
-        self.layer_sparsity = pruning.check_layer_sparsity(_OWNER, layer_sparsity)
-        if self.layer_sparsity and (scope != "local" or self.sparsity is None or kind == "nm"):
-            allowed = "None unless scope='local' with a `sparsity` (not N:M)"
-            raise bad_value(_OWNER, "layer_sparsity", allowed, layer_sparsity)
         self._saturated_layers: set[str] = set()  # already named in a warning
 
     @property
