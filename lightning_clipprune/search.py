@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_clipprune._io import atomic_write_text
+
 __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_LAYER_GRID",
@@ -846,39 +848,54 @@ def _main(args: argparse.Namespace) -> int:
         console.print(f"test accuracy at the chosen point (read once, after the search): {100 * result.test_acc:.2f} % "
                       f"(dense {100 * (result.dense_test_acc or 0):.2f} %)")
     if args.sensitivity:
-        model_dense = hydra.utils.instantiate(cfg.model, _convert_="all")
-        load_weights(model_dense, checkpoint)
-        sens = layer_sensitivity(model_dense, datamodule.val_dataloader(), sparsities=args.layer_grid, names=result.names, progress=True)
-        console.print(sens.to_table())
-        sens.write_csv(out / "sensitivity.csv")
-        sens.plot(out / "sensitivity.png")
-        target = args.target if args.target is not None else result.chosen.sparsity
-        allocation = suggest_layer_sparsity(sens, target)
-        comparison = compare_allocation(model_dense, datamodule.val_dataloader(), allocation)
-        python, hydra_overrides = layer_sparsity_snippets(allocation)
-        console.print(f"per-layer sparsities for {100 * target:.2f} % global: val acc {100 * comparison['layerwise_val_acc']:.2f} % "
-                      f"vs global ranking {100 * comparison['global_val_acc']:.2f} % (no retraining)")
-        console.print(f"  {python}", soft_wrap=True, highlight=False, markup=False)
-        console.print(f"  {hydra_overrides}", soft_wrap=True, highlight=False, markup=False)
-        summary["allocation"] = {"target": target, "layer_sparsity": allocation, **comparison, "callback": python, "overrides": hydra_overrides}
+        summary["allocation"] = _sensitivity_step(args, cfg, checkpoint, datamodule, result, out, console)
     if args.finetune_epochs > 0:
-        lr = args.finetune_lr
-        if lr is None and cfg.model.get("optimizer") is not None and cfg.model.optimizer.get("lr") is not None:
-            lr = float(cfg.model.optimizer.lr) / 10
-        tuned = finetune(cfg, model, datamodule, result.chosen.sparsity, args.finetune_epochs, lr)
-        console.print(
-            f"fine-tuned {args.finetune_epochs} epoch(s) at {100 * result.chosen.sparsity:.2f} %: val acc "
-            f"{100 * result.chosen.val_acc:.2f} % -> {100 * tuned['val_acc']:.2f} %"
-            + (f", test acc {100 * tuned['test_acc']:.2f} %" if tuned["test_acc"] is not None else "")
-        )
-        summary["finetune"] = {"epochs": args.finetune_epochs, "lr": lr, "val_acc_before": result.chosen.val_acc, **tuned}
-        ckpt, lcps = save_pruned(model, out / "finetuned", {"sparsity": result.chosen.sparsity, "finetune_epochs": args.finetune_epochs})
-        summary["finetune"]["checkpoint"] = str(ckpt)
-    tmp = out / "search.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "search.json")
+        summary["finetune"] = _finetune_step(args, cfg, model, datamodule, result, out, console)
+    atomic_write_text(out / "search.json", json.dumps(summary, indent=2) + "\n")
     console.print(f"written: {out}/search.csv, search.png, search.json, pruned.ckpt, pruned.lcps")
     return 0
+
+
+def _sensitivity_step(
+    args: argparse.Namespace, cfg: Any, checkpoint: Path, datamodule: Any, result: Any, out: Path, console: Any
+) -> dict[str, Any]:
+    """``--sensitivity``: one layer at a time, the suggested per-layer allocation and its comparison."""
+    import hydra
+
+    model_dense = hydra.utils.instantiate(cfg.model, _convert_="all")
+    load_weights(model_dense, checkpoint)
+    sens = layer_sensitivity(model_dense, datamodule.val_dataloader(), sparsities=args.layer_grid, names=result.names, progress=True)
+    console.print(sens.to_table())
+    sens.write_csv(out / "sensitivity.csv")
+    sens.plot(out / "sensitivity.png")
+    target = args.target if args.target is not None else result.chosen.sparsity
+    allocation = suggest_layer_sparsity(sens, target)
+    comparison = compare_allocation(model_dense, datamodule.val_dataloader(), allocation)
+    python, hydra_overrides = layer_sparsity_snippets(allocation)
+    console.print(f"per-layer sparsities for {100 * target:.2f} % global: val acc {100 * comparison['layerwise_val_acc']:.2f} % "
+                  f"vs global ranking {100 * comparison['global_val_acc']:.2f} % (no retraining)")
+    console.print(f"  {python}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"  {hydra_overrides}", soft_wrap=True, highlight=False, markup=False)
+    return {"target": target, "layer_sparsity": allocation, **comparison, "callback": python, "overrides": hydra_overrides}
+
+
+def _finetune_step(
+    args: argparse.Namespace, cfg: Any, model: Any, datamodule: Any, result: Any, out: Path, console: Any
+) -> dict[str, Any]:
+    """``--finetune-epochs N``: a short run at the sparsity found, masks fixed; before/after accuracy."""
+    lr = args.finetune_lr
+    if lr is None and cfg.model.get("optimizer") is not None and cfg.model.optimizer.get("lr") is not None:
+        lr = float(cfg.model.optimizer.lr) / 10
+    tuned = finetune(cfg, model, datamodule, result.chosen.sparsity, args.finetune_epochs, lr)
+    console.print(
+        f"fine-tuned {args.finetune_epochs} epoch(s) at {100 * result.chosen.sparsity:.2f} %: val acc "
+        f"{100 * result.chosen.val_acc:.2f} % -> {100 * tuned['val_acc']:.2f} %"
+        + (f", test acc {100 * tuned['test_acc']:.2f} %" if tuned["test_acc"] is not None else "")
+    )
+    summary = {"epochs": args.finetune_epochs, "lr": lr, "val_acc_before": result.chosen.val_acc, **tuned}
+    ckpt, _ = save_pruned(model, out / "finetuned", {"sparsity": result.chosen.sparsity, "finetune_epochs": args.finetune_epochs})
+    summary["checkpoint"] = str(ckpt)
+    return summary
 
 
 if __name__ == "__main__":
