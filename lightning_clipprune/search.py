@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_clipprune._io import atomic_write_text
+from lightning_clipprune._validation import bad_value, check_choice, check_real
+
+_OWNER = "search_threshold"
 
 __all__ = [
     "DEFAULT_GRID",
@@ -397,14 +399,11 @@ def search_threshold(
     """
     from lightning_clipprune.pruning import importance
 
-    if not (isinstance(tolerance, int | float) and tolerance >= 0 and math.isfinite(tolerance)):
-        raise ValueError(f"`tolerance` must be a finite number >= 0 (percentage points), got {tolerance!r}")
+    check_real(_OWNER, "tolerance", tolerance, low=0.0)  # percentage points
     if not grid or any(not 0.0 < s < 1.0 for s in grid):
-        raise ValueError(f"`grid` must be a non-empty sequence of sparsities in (0, 1), got {grid!r}")
-    if not 0.0 < resolution < 1.0:
-        raise ValueError(f"`resolution` must be in (0, 1), got {resolution!r}")
-    if criterion not in ("magnitude", "taylor"):
-        raise ValueError(f"`criterion` must be one of ('magnitude', 'taylor'), got {criterion!r}")
+        raise bad_value(_OWNER, "grid", "a non-empty sequence of sparsities in (0, 1)", grid)
+    check_real(_OWNER, "resolution", resolution, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_choice(_OWNER, "criterion", criterion, ("magnitude", "taylor"))
     scores = None
     if criterion == "taylor":
         if grads is None:
@@ -427,6 +426,7 @@ def search_threshold(
         points.append(p)
         return p
 
+    lo: SearchPoint | None = None
     try:
         with _progress(len(grid) + 1, "search", progress) as bar:
             task = bar.add_task("threshold search (val)", total=len(grid) + 1)
@@ -440,17 +440,9 @@ def search_threshold(
             lo = good[-1] if good else dense
             above = [p for p in grid_points if p.sparsity > lo.sparsity]
             if above:
-                lo_k, hi_k = round(lo.sparsity * ranking.numel), round(above[0].sparsity * ranking.numel)
-                steps = 0
                 bar.update(task, total=len(grid) + 1 + max_bisections)
-                while hi_k - lo_k > max(1, resolution * ranking.numel) and steps < max_bisections:
-                    mid = point((lo_k + hi_k) // 2, "bisect", dense.val_acc)
-                    if mid.within_tolerance:
-                        lo_k, lo = round(mid.sparsity * ranking.numel), mid
-                    else:
-                        hi_k = round(mid.sparsity * ranking.numel)
-                    steps += 1
-                    bar.advance(task)
+                lo = _bisect(lo, above[0], lambda k: point(k, "bisect", dense.val_acc), ranking.numel,
+                             resolution, max_bisections, lambda: bar.advance(task))
         result = SearchResult(points, lo, dense.val_acc, tolerance, criterion, ranking.names)
         if test_loader is not None:
             loader = test_loader() if callable(test_loader) else test_loader
@@ -460,10 +452,37 @@ def search_threshold(
             result.test_acc = evaluate(model, loader)[0]
     finally:
         if apply:
-            ranking.apply(round(lo.sparsity * ranking.numel) if "lo" in locals() else 0)
+            ranking.apply(round(lo.sparsity * ranking.numel) if lo is not None else 0)
         else:
             ranking.restore()
     return result
+
+
+def _bisect(
+    lo: SearchPoint,
+    hi: SearchPoint,
+    evaluate_at: Callable[[int], SearchPoint],
+    numel: int,
+    resolution: float,
+    max_steps: int,
+    advance: Callable[[], Any],
+) -> SearchPoint:
+    """Bisect on the pruned count between a point within tolerance (``lo``) and one over it (``hi``).
+
+    Returns the largest evaluated point within tolerance, once the bracket is narrower than ``resolution``
+    (as a fraction of ``numel``) or after ``max_steps`` evaluations.
+    """
+    lo_k, hi_k = round(lo.sparsity * numel), round(hi.sparsity * numel)
+    steps = 0
+    while hi_k - lo_k > max(1, resolution * numel) and steps < max_steps:
+        mid = evaluate_at((lo_k + hi_k) // 2)
+        if mid.within_tolerance:
+            lo_k, lo = round(mid.sparsity * numel), mid
+        else:
+            hi_k = round(mid.sparsity * numel)
+        steps += 1
+        advance()
+    return lo
 
 
 # ---------------------------------------------------------------------------------------------------------

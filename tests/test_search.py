@@ -148,11 +148,11 @@ def test_taylor_criterion_ranks_by_weight_times_clipped_gradient(trained) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"tolerance": -1.0}, "`tolerance`"),
-        ({"grid": (0.5, 1.0)}, "`grid`"),
-        ({"criterion": "random"}, "`criterion` must be one of"),
+        ({"tolerance": -1.0}, r"`search_threshold\(tolerance=...\)` must be a finite number >= 0, got -1.0"),
+        ({"grid": (0.5, 1.0)}, r"`search_threshold\(grid=...\)` must be a non-empty sequence"),
+        ({"criterion": "random"}, r"`search_threshold\(criterion=...\)` must be one of"),
         ({"criterion": "taylor"}, "needs `grads`"),
-        ({"resolution": 0.0}, "`resolution`"),
+        ({"resolution": 0.0}, r"`search_threshold\(resolution=...\)`"),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
