@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_clipprune.app.checks import ConfigError, one_line
+from lightning_clipprune.app.checks import ConfigError, one_line, root_cause
 
 __all__ = ["Components", "build", "instantiate", "on_cpu"]
 
@@ -26,14 +26,6 @@ class Components:
     callbacks: list[Any] = field(default_factory=list)
     clip: Any | None = None
     prune: Any | None = None
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    from hydra.errors import InstantiationException
-
-    while isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
@@ -51,7 +43,7 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
     except (InstantiationException, ValueError, TypeError, FileNotFoundError) as err:
-        root = _root_cause(err)
+        root = root_cause(err)
         if isinstance(root, DataNotFoundError):
             raise root from None
         # an InstantiationException without a cause (a _target_ that does not import): its first line

@@ -12,11 +12,20 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["ConfigError", "check_config", "one_line"]
+__all__ = ["ConfigError", "check_config", "one_line", "root_cause"]
 
 
 class ConfigError(ValueError):
     """A bad value in the composed config, raised before training starts; the message is one line."""
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error behind Hydra's ``InstantiationException`` wrappers (the one that names the bad value)."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def one_line(err: BaseException) -> str:
@@ -88,7 +97,4 @@ def _check_optimizer(cfg: DictConfig) -> None:
         factory = hydra.utils.instantiate(node, _convert_="all")
         factory([torch.nn.Parameter(torch.zeros(1))])
     except (InstantiationException, ValueError, TypeError) as err:
-        root = err
-        while isinstance(root, InstantiationException) and root.__cause__ is not None:
-            root = root.__cause__
-        raise ConfigError(f"model.optimizer: {one_line(root)}") from None
+        raise ConfigError(f"model.optimizer: {one_line(root_cause(err))}") from None
