@@ -55,6 +55,40 @@ def _semi_structured_constraints() -> dict[torch.dtype, tuple[int, int]]:
         return {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.int8: (32, 128)}
 
 
+def _select_linears(module: nn.Module, names: Sequence[str] | None) -> tuple[dict[str, nn.Linear], list[str], list[str]]:
+    """The ``Linear`` layers to convert: those named (each checked) or, by default, every 2:4-sparse one.
+
+    Returns:
+        ``(every Linear by name, the names to convert, one problem line per named layer that cannot be)``.
+
+    Raises:
+        ValueError: nothing is named and no ``Linear`` weight follows the 2:4 pattern.
+    """
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    value_problems: list[str] = []
+    if names is None:
+        candidates = [n for n, m in linears.items() if is_n_m_sparse(m.weight)]
+        if not candidates:
+            raise ValueError(
+                f"no Linear weight in {type(module).__name__} follows the 2:4 pattern (at most 2 non-zeros in "
+                "every 4 along the input dimension); prune with MagnitudePruneCallback(pattern='2:4') first"
+            )
+    else:
+        candidates = []
+        all_modules = dict(module.named_modules())
+        for raw in names:
+            name = raw.removesuffix(".weight")
+            if name not in all_modules:
+                value_problems.append(f"{raw!r}: no such submodule")
+            elif name not in linears:
+                value_problems.append(f"{raw!r}: a {type(all_modules[name]).__name__}, not a Linear")
+            elif not is_n_m_sparse(linears[name].weight):
+                value_problems.append(f"{raw!r}: the weight does not follow the 2:4 pattern")
+            else:
+                candidates.append(name)
+    return linears, candidates, value_problems
+
+
 def to_semi_structured(module: nn.Module, names: Sequence[str] | None = None) -> list[str]:
     """Convert 2:4-sparse ``Linear`` weights to ``torch.sparse.to_sparse_semi_structured``, in place, for inference.
 
@@ -84,29 +118,7 @@ def to_semi_structured(module: nn.Module, names: Sequence[str] | None = None) ->
         model = model.half().cuda().eval()
         converted = to_semi_structured(model)
     """
-    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
-    value_problems: list[str] = []
-    if names is None:
-        candidates = [n for n, m in linears.items() if is_n_m_sparse(m.weight)]
-        if not candidates:
-            raise ValueError(
-                f"no Linear weight in {type(module).__name__} follows the 2:4 pattern (at most 2 non-zeros in "
-                "every 4 along the input dimension); prune with MagnitudePruneCallback(pattern='2:4') first"
-            )
-    else:
-        candidates = []
-        all_modules = dict(module.named_modules())
-        for raw in names:
-            name = raw.removesuffix(".weight")
-            if name not in all_modules:
-                value_problems.append(f"{raw!r}: no such submodule")
-            elif name not in linears:
-                value_problems.append(f"{raw!r}: a {type(all_modules[name]).__name__}, not a Linear")
-            elif not is_n_m_sparse(linears[name].weight):
-                value_problems.append(f"{raw!r}: the weight does not follow the 2:4 pattern")
-            else:
-                candidates.append(name)
-
+    linears, candidates, value_problems = _select_linears(module, names)
     constraints = _semi_structured_constraints()
     allowed = ", ".join(str(d).removeprefix("torch.") for d in constraints)
     device_problems: list[str] = []
