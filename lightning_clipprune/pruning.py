@@ -232,9 +232,12 @@ SCOPES: tuple[str, ...] = ("global", "local")
 PATTERNS: tuple[str, ...] = ("unstructured", "nm", "channel")
 #: How global scope compares scores across layers: "raw" (one threshold on the scores),
 #: "layer_normalized" (each score divided by the RMS of its layer's live scores, so layers of different
-#: scale are pruned alike) or "erk" (each layer's pruned count set by Erdos-Renyi-Kernel, :func:`erk_counts`,
-#: then its lowest scores pruned).
-RANKINGS: tuple[str, ...] = ("raw", "layer_normalized", "erk")
+#: scale are pruned alike), "erk" (each layer's pruned count set by Erdos-Renyi-Kernel, :func:`erk_counts`,
+#: then its lowest scores pruned) or "er" (the same with every weight seen as its (out, fan-in) matrix,
+#: Erdos-Renyi: a convolution's kernel size counts in its fan-in, :func:`matrix_shape`).
+RANKINGS: tuple[str, ...] = ("raw", "layer_normalized", "erk", "er")
+#: The rankings that set per-layer budgets (:func:`erk_counts`) instead of one global threshold.
+BUDGET_RANKINGS: tuple[str, ...] = ("erk", "er")
 
 # Score given to entries that are already pruned: below every real importance (all are >= 0), so they
 # are selected first and a mask only ever grows.
@@ -577,7 +580,7 @@ def _capped_global(
     max_layer_sparsity: float | None,
     layouts: Mapping[str, Layout],
     masks: Mapping[str, Tensor] | None,
-    erk: bool = False,
+    budget: str | None = None,
 ) -> dict[str, Tensor]:
     parts = dict(zip(weights, flat.split([w.numel() for w in weights.values()]), strict=True))
     k = int(round(sparsity * flat.numel()))
@@ -596,8 +599,12 @@ def _capped_global(
                 f" kept per output row: at most {sum(caps.values()) / flat.numel():.4f} can be pruned. Lower the"
                 " sparsity, raise `max_layer_sparsity`, or pass `max_layer_sparsity=None` (no ceiling)."
             )
-    if erk:
-        counts = erk_counts({x: w.shape for x, w in weights.items()}, k, caps, _already_pruned(weights, masks))
+    if budget is not None:  # "erk" or "er"
+        shapes = {
+            x: matrix_shape(w.shape, layouts.get(x, STANDARD_LAYOUT)) if budget == "er" else tuple(w.shape)
+            for x, w in weights.items()
+        }
+        counts = erk_counts(shapes, k, caps, _already_pruned(weights, masks))
         return {x: keep_mask_by_count(parts[x], counts[x]).view(w.shape) for x, w in weights.items()}
     keep = _global_keep(flat, parts, k, caps)
     return {name: keep[name].view(w.shape) for name, w in weights.items()}
@@ -605,6 +612,23 @@ def _capped_global(
 
 def _already_pruned(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> dict[str, int]:
     return {x: w.numel() - int(masks[x].count_nonzero()) if masks is not None and x in masks else 0 for x, w in weights.items()}
+
+
+def matrix_shape(shape: Sequence[int], layout: Layout = STANDARD_LAYOUT) -> tuple[int, ...]:
+    """``(output channels, fan-in)`` of a weight: the matrix that Erdos-Renyi budgets ("er") see.
+
+    Example::
+
+        >>> matrix_shape((64, 32, 3, 3))  # a convolution: its kernel counts in the fan-in
+        (64, 288)
+        >>> matrix_shape((16, 8, 3, 3), Layout(transposed=True))  # ConvTranspose (in, out, k, k)
+        (8, 144)
+    """
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return (n,)
+    out = shape[1] * layout.groups if layout.transposed else shape[0]
+    return (out, n // out)
 
 
 def erk_counts(
@@ -699,8 +723,9 @@ def compute_masks(
       entries, and one weight kept in every output row); what a capped tensor would have lost is taken
       from the others, so exactly ``round(s * n)`` entries are still pruned. Raises when that is impossible.
     - ``ranking="layer_normalized"`` ("global"): scores are divided by their tensor's RMS before ranking;
-      ``ranking="erk"``: each tensor's pruned count comes from :func:`erk_counts` (exact total, within the
-      ceiling), its lowest scores are pruned.
+      ``ranking="erk"`` ("global" unstructured): each tensor's pruned count comes from :func:`erk_counts`
+      (exact total, within the ceiling), its lowest scores are pruned; ``ranking="er"`` likewise with each
+      tensor seen as its :func:`matrix_shape`. N:M and "channel" ignore ``ranking``.
     - "N:M": only entries among the ``M - N`` lowest of their group of ``M`` (:func:`nm_candidates`) can be
       pruned; ``round(s * n)`` of them are, so at ``s = 1 - N/M`` every group keeps exactly ``N``.
     - "channel": whole output rows, scored by the L2 norm of their scores. "local" prunes
@@ -721,7 +746,7 @@ def compute_masks(
         masks: the current masks; entries they prune stay pruned.
         max_layer_sparsity: the per-tensor ceiling of "global" scope, in (0, 1]; None: no ceiling (the
             plain global ranking). The callback's default is :data:`DEFAULT_MAX_LAYER_SPARSITY`.
-        ranking: "raw" or "layer_normalized" (:data:`RANKINGS`).
+        ranking: "raw" (default here), "layer_normalized", "erk" or "er" (:data:`RANKINGS`).
         layer_sparsity: ``{name or fnmatch pattern: sparsity}`` ("local" only, :func:`resolve_layer_sparsity`);
             tensors not named get ``sparsity``.
         layouts: ``{name: Layout}`` for weights not stored ``(out, in, *k)`` (:func:`weight_layouts`).
@@ -760,7 +785,9 @@ def compute_masks(
             max_layer_sparsity = None  # every group keeps N: never binds
         if targets is None:
             flat = _flat_scores(weights, criterion, grad_avgs, masks, cand, normalize=ranking == "layer_normalized")
-            new = _capped_global(weights, flat, sparsity, max_layer_sparsity, layouts, masks, erk=ranking == "erk")
+            # N:M fixes every layer's count at M - N per group: per-layer budgets would break the pattern
+            budget = ranking if ranking in BUDGET_RANKINGS and kind == "unstructured" else None
+            new = _capped_global(weights, flat, sparsity, max_layer_sparsity, layouts, masks, budget=budget)
         else:
             new = {}
             for name, w in weights.items():

@@ -771,7 +771,10 @@ def finetune(cfg: Any, model: nn.Module, datamodule: Any, sparsity: float, epoch
             model_cfg.optimizer.lr = lr
     tuned = hydra.utils.instantiate(model_cfg, _convert_="all")
     tuned.load_state_dict(model.state_dict())
-    callbacks: list[Any] = [MagnitudePruneCallback(sparsity=sparsity, schedule="oneshot", start=0.0, verbose=False)]
+    # ranking="raw": the global magnitude ranking the search measured, so the pruned entries stay the same
+    callbacks: list[Any] = [
+        MagnitudePruneCallback(sparsity=sparsity, schedule="oneshot", start=0.0, ranking="raw", verbose=False)
+    ]
     if cfg.get("clip") is not None:
         callbacks.insert(0, hydra.utils.instantiate(cfg.clip))
     trainer = L.Trainer(

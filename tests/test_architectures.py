@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as L
 import pytest
@@ -21,7 +22,7 @@ from lightning_clipprune.pruning import (
     select_prunable_parameters,
     weight_layouts,
 )
-from tests.helpers import MemoryLogger, tiny_trainer
+from tests.helpers import MemoryLogger, TinyClassifier, random_loader, tiny_trainer
 
 VOCAB, SEQ = 100, 12
 
@@ -103,13 +104,15 @@ def test_demo_transformer_trains_pruned_under_bf16_and_accumulation(tmp_path) ->
 def test_demo_transformer_output_layer_collapses_without_ceiling_not_with_it(tmp_path) -> None:
     torch.manual_seed(0)
     model = DemoTransformerLM()
-    prune = MagnitudePruneCallback(sparsity=0.8, schedule="oneshot", start=0, verbose=False)
+    prune = MagnitudePruneCallback(sparsity=0.8, schedule="oneshot", start=0, ranking="raw", verbose=False)
     with pytest.warns(UserWarning, match=r"to its ceiling: model\.decoder\.weight \(96\.9%\)"):
         tiny_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[prune]).fit(model, _token_loader(n=8))
     assert prune.masks["model.decoder.weight"].any(dim=1).all()  # 1 of 32 inputs kept per logit: 96.9 %
     torch.manual_seed(0)
     model = DemoTransformerLM()
-    prune = MagnitudePruneCallback(sparsity=0.8, schedule="oneshot", start=0, max_layer_sparsity=None, verbose=False)
+    prune = MagnitudePruneCallback(
+        sparsity=0.8, schedule="oneshot", start=0, ranking="raw", max_layer_sparsity=None, verbose=False
+    )
     trainer = tiny_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[prune])
     with pytest.warns(UserWarning, match=r"model\.decoder\.weight \(100\.0%\)"):
         trainer.fit(model, train_dataloaders=_token_loader(n=8))
@@ -120,6 +123,15 @@ def test_demo_transformer_output_layer_collapses_without_ceiling_not_with_it(tmp
     tiny_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[layer_norm]).fit(model, _token_loader(n=8))
     for name, m in layer_norm.masks.items():
         assert 0.7 < 1 - m.float().mean().item() < 0.9, name  # scale-aware: every layer near the target
+    budgets = MagnitudePruneCallback(sparsity=0.8, schedule="oneshot", start=0, verbose=False)  # default: ER budgets
+    torch.manual_seed(0)
+    model = DemoTransformerLM()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ceiling.*")  # per-layer budgets keep every layer below it
+        tiny_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[budgets]).fit(model, _token_loader(n=8))
+    decoder = 1 - budgets.masks["model.decoder.weight"].float().mean().item()
+    assert decoder < 0.9  # measured 82.1 %: far from what raw ranking gives it (100 %, 96.9 % with the ceiling)
+    assert sum(int((~m).sum()) for m in budgets.masks.values()) == round(0.8 * sum(m.numel() for m in budgets.masks.values()))
 
 
 class ConvZoo(L.LightningModule):
@@ -233,8 +245,9 @@ def test_callback_layer_sparsity_mapping_reaches_each_layer_target(tmp_path) -> 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(sparsity=0.995), r"`MagnitudePruneCallback\(max_layer_sparsity=...\)` must be >= sparsity=0.995 or None"),
-        (dict(sparsity=0.5, max_layer_sparsity=1.5), r"max_layer_sparsity=...\)` must be a finite number in \(0, 1\]"),
+        (dict(sparsity=0.995, ranking="raw"), r"`MagnitudePruneCallback\(max_layer_sparsity=...\)` must be >= sparsity=0.995 or None"),
+        (dict(sparsity=0.5, max_layer_sparsity=1.5), r"max_layer_sparsity=...\)` must be 'auto', a number in \(0, 1\] or None, got 1.5"),
+        (dict(sparsity=0.5, max_layer_sparsity="off"), r"max_layer_sparsity=...\)` must be 'auto', a number in \(0, 1\] or None, got 'off'"),
         (dict(sparsity=0.5, ranking="snip"), r"ranking=...\)` must be one of 'raw', 'layer_normalized', 'erk'"),
         (dict(sparsity=0.5, layer_sparsity={"a": 0.5}), r"layer_sparsity=...\)` must be None unless scope='local'"),
         (dict(sparsity=0.5, scope="local", layer_sparsity={"a": 1.0}), r"layer_sparsity\['a'\]=...\)` must be"),
@@ -246,3 +259,27 @@ def test_callback_checks_the_new_arguments(kwargs: dict, match: str) -> None:
         MagnitudePruneCallback(**kwargs)
     assert MagnitudePruneCallback(sparsity=0.995, max_layer_sparsity=None).max_layer_sparsity is None
     assert MagnitudePruneCallback(sparsity=0.995, scope="local").max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY
+
+
+def test_default_budgets_reach_99_5_percent_without_a_warning(tmp_path) -> None:
+    model = TinyClassifier(in_features=256, hidden=128, classes=10)
+    prune = MagnitudePruneCallback(sparsity=0.995, schedule="oneshot", start=0, verbose=False)  # the defaults
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*MagnitudePruneCallback.*")
+        tiny_trainer(tmp_path, max_steps=1, max_epochs=None, callbacks=[prune]).fit(
+            model, random_loader(in_features=256, classes=10)
+        )
+    first, last = (1 - prune.masks[f"net.{i}.weight"].float().mean().item() for i in (0, 2))
+    total = sum(m.numel() for m in prune.masks.values())
+    assert sum(int((~m).sum()) for m in prune.masks.values()) == round(0.995 * total)
+    assert first > 0.995 > last > 0  # the wide layer gives most, the narrow output layer stays denser
+    assert prune.masks["net.2.weight"].any()
+
+
+def test_auto_ceiling_is_off_only_where_per_layer_budgets_decide() -> None:
+    assert MagnitudePruneCallback(sparsity=0.995).max_layer_sparsity is None  # the defaults: global budgets
+    assert MagnitudePruneCallback(sparsity=0.995, ranking="erk").max_layer_sparsity is None
+    assert MagnitudePruneCallback(sparsity=0.9, ranking="erk", max_layer_sparsity=0.95).max_layer_sparsity == 0.95
+    for kwargs in (dict(sparsity=0.9, ranking="raw"), dict(sparsity=0.9, ranking="layer_normalized"),
+                   dict(sparsity=0.5, pattern="channel"), dict(pattern="2:4"), dict(threshold=0.01)):
+        assert MagnitudePruneCallback(**kwargs).max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY, kwargs

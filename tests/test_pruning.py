@@ -21,6 +21,7 @@ from lightning_clipprune.pruning import (
     kth_smallest,
     layer_cap,
     mask_optimizer_state_,
+    matrix_shape,
     nm_candidates,
     output_rows,
     parse_pattern,
@@ -374,6 +375,34 @@ def test_erk_ranking_gives_narrow_layers_more_density_with_the_exact_count() -> 
     second = compute_masks(w, sparsity=0.9, ranking="erk", masks=masks, max_layer_sparsity=0.99)
     assert all(not (second[k] & ~masks[k]).any() for k in w)
     assert sum(_pruned(second).values()) == round(0.9 * 12016)
+
+
+def test_er_budgets_equal_erk_for_linear_layers_and_count_a_kernel_in_the_fan_in() -> None:
+    g = torch.Generator().manual_seed(4)
+    linear = {"a": torch.randn(300, 784, generator=g), "b": torch.randn(100, 300, generator=g), "c": torch.randn(10, 100, generator=g)}
+    er, erk = compute_masks(linear, sparsity=0.98, ranking="er"), compute_masks(linear, sparsity=0.98, ranking="erk")
+    assert all(torch.equal(er[k], erk[k]) for k in linear)  # 2-D weights: the same budgets
+    conv = {"conv": torch.randn(16, 6, 5, 5, generator=g), "fc": torch.randn(120, 256, generator=g)}
+    er, erk = compute_masks(conv, sparsity=0.9, ranking="er"), compute_masks(conv, sparsity=0.9, ranking="erk")
+    assert sum(_pruned(er).values()) == sum(_pruned(erk).values()) == round(0.9 * (2400 + 30720))
+    # ERK's kernel term prunes this small convolution about as hard as the wide linear layer (89 % / 90 %);
+    # ER counts the kernel in the fan-in and keeps it far denser (58 %)
+    assert _pruned(erk)["conv"] / 2400 > 0.85 and _pruned(er)["conv"] / 2400 < 0.6
+    assert matrix_shape((16, 6, 5, 5)) == (16, 150)
+    assert matrix_shape((6, 16, 5, 5), Layout(transposed=True, groups=1)) == (16, 150)
+    assert matrix_shape((4, 2, 3), Layout(transposed=True, groups=2)) == (4, 6)
+
+
+@pytest.mark.parametrize("ranking", ["erk", "er", "layer_normalized"])
+def test_nm_pattern_holds_in_every_layer_whatever_the_ranking(ranking: str) -> None:
+    # ERK's per-layer counts once left the narrow layer dense and took 52 % of the wide one: no 2:4 at all
+    g = torch.Generator().manual_seed(3)
+    w = {"wide": torch.randn(64, 256, generator=g), "narrow": torch.randn(10, 64, generator=g)}
+    masks = compute_masks(w, sparsity=0.5, pattern="2:4", ranking=ranking)
+    for name, m in masks.items():
+        assert (m.view(m.shape[0], -1, 4).sum(-1) == 2).all(), name
+    raw = compute_masks(w, sparsity=0.5, pattern="2:4", ranking="raw")
+    assert all(torch.equal(masks[k], raw[k]) for k in w)  # in each group the 2 smallest go, whatever the ranking
 
 
 def test_layer_sparsity_mapping_in_local_scope() -> None:
