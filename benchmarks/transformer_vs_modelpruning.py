@@ -102,14 +102,14 @@ def main() -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     setups = {
         "MagnitudePruneCallback(sparsity=0.8)": lambda m: MagnitudePruneCallback(sparsity=0.8, end=0.5, verbose=False),
-        "MagnitudePruneCallback(sparsity=0.8, max_layer_sparsity=None)": lambda m: MagnitudePruneCallback(
-            sparsity=0.8, end=0.5, max_layer_sparsity=None, verbose=False
+        "MagnitudePruneCallback(sparsity=0.8, ranking='raw')": lambda m: MagnitudePruneCallback(
+            sparsity=0.8, end=0.5, ranking="raw", verbose=False
+        ),
+        "MagnitudePruneCallback(sparsity=0.8, ranking='raw', max_layer_sparsity=None)": lambda m: MagnitudePruneCallback(
+            sparsity=0.8, end=0.5, ranking="raw", max_layer_sparsity=None, verbose=False
         ),
         "MagnitudePruneCallback(sparsity=0.8, ranking='layer_normalized')": lambda m: MagnitudePruneCallback(
             sparsity=0.8, end=0.5, ranking="layer_normalized", verbose=False
-        ),
-        "MagnitudePruneCallback(sparsity=0.8, ranking='erk')": lambda m: MagnitudePruneCallback(
-            sparsity=0.8, end=0.5, ranking="erk", verbose=False
         ),
         "ModelPruning('l1_unstructured', amount=0.8), global, all Linear": lambda m: ModelPruning(
             "l1_unstructured", amount=0.8, use_global_unstructured=True,

@@ -205,3 +205,32 @@ def test_bench_overhead_summary_pairs_each_arm_with_the_same_round():
     assert summary["clip"]["ratio"]["median"] == pytest.approx(1.3)
     assert summary["clip"]["cpu_ratio"]["median"] == pytest.approx(1.15)
     assert summary["none"]["ratio"]["median"] == 1.0
+
+
+BENCH_VS_LIGHTNING = ROOT / "benchmarks" / "bench_vs_lightning.py"
+
+
+def _prune_settings(cb) -> dict:
+    keep = ("sparsity", "schedule", "start", "end", "frequency", "power", "scope", "criterion", "ranking",
+            "max_layer_sparsity", "taylor_beta")
+    return {k: getattr(cb, k) for k in keep}
+
+
+def test_bench_vs_lightning_published_variant_is_the_library_defaults_and_old_variants_are_pinned():
+    bench = _load(BENCH_VS_LIGHTNING)
+    from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback
+
+    def parts(callbacks):
+        prune = next(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        clip = [c.clip_val for c in callbacks if isinstance(c, GradientClipCallback)]
+        return _prune_settings(prune), clip
+
+    user = parts(bench.ours_callbacks(0.98))  # what a user writes: the library defaults
+    assert parts(bench.variant_callbacks(0.98, bench.RECOMMENDED)) == user
+    assert parts(bench.variant_callbacks(0.98, "default")) == user
+    # a variant measured before the defaults changed still runs what it ran: raw ranking, 0.99 ceiling
+    settings, clip = parts(bench.variant_callbacks(0.98, "end50"))
+    assert (settings["ranking"], settings["max_layer_sparsity"], settings["end"], clip) == ("raw", 0.99, 0.5, [1.0])
+    assert parts(bench.variant_callbacks(0.98, "end50_noclip"))[1] == []
+    squared = next(c for c in bench.variant_callbacks(0.98, "end50_taylor_sq") if isinstance(c, MagnitudePruneCallback))
+    assert isinstance(squared, bench.SquaredTaylorPrune) and squared.criterion == "taylor"
