@@ -175,8 +175,9 @@ def linear_sparsity(model: nn.Module) -> tuple[float, int, int]:
 # not help, so it is not a library option). "ours" with variant "default" is exactly ``ours_callbacks`` (the
 # library defaults: end 0.5, ER budgets, no layer ceiling under them); "end50_er_nocap" spells them out. On
 # LeNet-300-100 (Linear layers only) ER and ERK budgets are the same, so its published runs, made under the
-# name "end50_erk_nocap", are the defaults' runs there (`--final end50_erk_nocap`). Every variant pins what it was run with, so a rerun reproduces it after a
-# default changes: the study ran under ranking="raw" (then the default) with the 0.99 layer ceiling.
+# name "end50_erk_nocap", are the defaults' runs there (`--final end50_erk_nocap`). Every variant pins what
+# it was run with, so a rerun reproduces it after a default changes: the study ran under ranking="raw"
+# (then the default) with the 0.99 layer ceiling.
 _RAW = {"ranking": "raw", "max_layer_sparsity": 0.99}  # the defaults during the study
 _ERK_CAPPED = {"ranking": "erk", "max_layer_sparsity": 0.99}  # ERK as first tried, under the 0.99 ceiling
 
@@ -258,8 +259,9 @@ class LRRestartAfterPruning(Callback):
 class SquaredTaylorPrune(MagnitudePruneCallback):
     """Prototype of the squared (Fisher, OBD-like) form of "taylor": score ``w^2 * EMA(g^2)``.
 
-    The first-order score ``|w * EMA(g)|`` averages a gradient whose mean is near ``-weight_decay * w`` once
-    training settles, so it ranks like ``w^2`` plus the EMA's noise. Here the running average holds ``g^2``;
+    The first-order score ``|w * EMA(g)|`` averages a gradient whose mean is small next to its step-to-step
+    noise (``taylor_signal.py``: 0.05 of its std for the median weight), so it ranks like ``|w|`` times
+    noise. The second moment does not average out: here the running average holds ``g^2``;
     at an event its square root stands in for the gradient, so ``|w| * sqrt(EMA(g^2))`` is ranked (the same
     order as ``w^2 * EMA(g^2)``).
     """
