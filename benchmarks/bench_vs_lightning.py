@@ -266,15 +266,9 @@ class SquaredTaylorPrune(MagnitudePruneCallback):
     order as ``w^2 * EMA(g^2)``).
     """
 
-    def _accumulate_grad(self, names: list[str]) -> None:
-        pairs = [(self._grad_avg[n], self._params[n].grad) for n in names if self._params[n].grad is not None]
-        if not pairs:
-            return
-        with torch.no_grad():
-            avgs = [a for a, _ in pairs]
-            torch._foreach_mul_(avgs, self.taylor_beta)
-            torch._foreach_addcmul_(avgs, [g for _, g in pairs], [g for _, g in pairs], value=1.0 - self.taylor_beta)
-        self._ema_steps += 1
+    def _fold_gradients(self, avgs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        torch._foreach_mul_(avgs, self.taylor_beta)
+        torch._foreach_addcmul_(avgs, grads, grads, value=1.0 - self.taylor_beta)
 
     def _update(self, trainer: L.Trainer, t: int) -> None:
         squares = self._grad_avg

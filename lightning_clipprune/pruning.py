@@ -584,10 +584,10 @@ def _capped_global(
 ) -> dict[str, Tensor]:
     parts = dict(zip(weights, flat.split([w.numel() for w in weights.values()]), strict=True))
     k = int(round(sparsity * flat.numel()))
+    already = _already_pruned(weights, masks)
     caps = None
     if max_layer_sparsity is not None:
         caps = {}
-        already = _already_pruned(weights, masks)
         for name, w in weights.items():
             layout = layouts.get(name, STANDARD_LAYOUT)
             caps[name] = max(layer_cap(w.shape, max_layer_sparsity, layout), already[name])
@@ -604,7 +604,7 @@ def _capped_global(
             x: matrix_shape(w.shape, layouts.get(x, STANDARD_LAYOUT)) if budget == "er" else tuple(w.shape)
             for x, w in weights.items()
         }
-        counts = erk_counts(shapes, k, caps, _already_pruned(weights, masks))
+        counts = erk_counts(shapes, k, caps, already)
         return {x: keep_mask_by_count(parts[x], counts[x]).view(w.shape) for x, w in weights.items()}
     keep = _global_keep(flat, parts, k, caps)
     return {name: keep[name].view(w.shape) for name, w in weights.items()}

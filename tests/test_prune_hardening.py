@@ -117,14 +117,20 @@ def test_which_optimizers_are_trusted(make, trusted: bool) -> None:
     assert keeps_pruned_weights_zero(make([nn.Parameter(torch.zeros(3))])) is trusted
 
 
-def test_unknown_optimizer_gets_the_weights_remasked_after_every_step(tmp_path) -> None:
-    prune = MagnitudePruneCallback(sparsity=0.5, schedule="linear", start=0, end=6, frequency=2)
+def _fit_pruned(tmp_path, make_model, end: int) -> tuple[MagnitudePruneCallback, L.LightningModule, dict]:
+    """One seeded epoch pruned to 50 % by step ``end``; asserts every pruned weight is zero afterwards."""
+    prune = MagnitudePruneCallback(sparsity=0.5, schedule="linear", start=0, end=end, frequency=2)
     L.seed_everything(0, verbose=False)
-    model = NoisyClassifier()
+    model = make_model()
     tiny_trainer(tmp_path, callbacks=[prune], max_epochs=1).fit(model, random_loader())
     params = dict(model.named_parameters())
     for n in prune.parameter_names:
         assert (params[n][~prune.masks[n]] == 0).all(), n
+    return prune, model, params
+
+
+def test_unknown_optimizer_gets_the_weights_remasked_after_every_step(tmp_path) -> None:
+    _, model, _ = _fit_pruned(tmp_path, NoisyClassifier, end=6)
     assert (model.net[0].bias != 0).all()  # the noise did reach what is not pruned
 
 
@@ -144,15 +150,10 @@ class RawStep(TinyClassifier):
 
 
 def test_a_step_without_gradient_masking_falls_back_to_the_safe_path(tmp_path) -> None:
-    prune = MagnitudePruneCallback(sparsity=0.5, schedule="linear", start=0, end=4, frequency=2)
-    L.seed_everything(0, verbose=False)
-    model = RawStep()
-    tiny_trainer(tmp_path, callbacks=[prune], max_epochs=1).fit(model, random_loader())
-    params = dict(model.named_parameters())
+    prune, model, params = _fit_pruned(tmp_path, RawStep, end=4)
     opt = model.trainer.optimizers[0]
     for n in prune.parameter_names:
         mask = prune.masks[n]
-        assert (params[n][~mask] == 0).all(), n
         for key, value in opt.state[params[n]].items():
             if torch.is_tensor(value) and value.shape == mask.shape:
                 assert (value[~mask] == 0).all(), (n, key)

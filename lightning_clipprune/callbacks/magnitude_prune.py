@@ -636,10 +636,13 @@ class MagnitudePruneCallback(Callback):
         if not pairs:
             return
         with torch.no_grad():
-            avgs = [a for a, _ in pairs]
-            torch._foreach_mul_(avgs, self.taylor_beta)
-            torch._foreach_add_(avgs, [g for _, g in pairs], alpha=1.0 - self.taylor_beta)
+            self._fold_gradients([a for a, _ in pairs], [g for _, g in pairs])
         self._ema_steps += 1
+
+    def _fold_gradients(self, avgs: list[Tensor], grads: list[Tensor]) -> None:
+        """One EMA step of the running gradient averages, in place: ``avg = beta * avg + (1 - beta) * g``."""
+        torch._foreach_mul_(avgs, self.taylor_beta)
+        torch._foreach_add_(avgs, grads, alpha=1.0 - self.taylor_beta)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
