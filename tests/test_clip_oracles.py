@@ -88,13 +88,13 @@ def test_zclip_matches_the_zclip_package(options):
 
 
 def test_zclip_callback_defaults_train_like_the_zclip_lightning_callback(tmp_path):
-    """`GradientClipCallback(algorithm="zclip")` with nothing else: the package's callback, weight for weight."""
+    """`GradientClipCallback(algorithm=ZClip(...))`, default cap: the package's callback, weight for weight."""
     torch.manual_seed(0)
     ours, theirs = TinyClassifier(lr=0.5), TinyClassifier(lr=0.5)
     theirs.load_state_dict(ours.state_dict())
     results = {}
     for name, module, cb in (
-        ("ours", ours, GradientClipCallback(algorithm="zclip", zclip_warmup_steps=5, zclip_z_thresh=1.0)),
+        ("ours", ours, GradientClipCallback(algorithm=ZClip(warmup_steps=5, z_thresh=1.0))),
         ("theirs", theirs, ZClipLightningCallback(warmup_steps=5, z_thresh=1.0)),
     ):
         trainer = tiny_trainer(tmp_path / name, callbacks=[cb], max_epochs=4)

@@ -11,7 +11,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_clipprune.clipping import (
+    AGC,
+    CLIPPERS,
     AutoClip,
+    NormClip,
+    ThresholdClip,
+    ValueClip,
     ZClip,
     adaptive_grad_clip,
     clip_coefficient,
@@ -452,3 +457,88 @@ def test_autoclip_per_parameter_a_missing_gradient_records_nothing():
     assert (a.grad.item(), b.grad.item()) == pytest.approx((2.0, 1.0), rel=1e-5)  # histories kept apart
     history = clip.state_dict()["history"]
     assert history.shape == (3, 2) and math.isnan(history[1, 1])
+
+
+# ---------------------------------------------------------------------------------------- one class per algorithm
+
+
+@pytest.mark.parametrize(
+    ("clipper", "function"),
+    [
+        (NormClip(0.5), lambda ps, p: clip_grad_norm(ps, 0.5, p)),
+        (ValueClip(0.3), lambda ps, p: clip_grad_value(ps, 0.3, p)),
+        (AGC(0.05, eps=1e-2), lambda ps, p: adaptive_grad_clip(ps, 0.05, 1e-2, p)),
+    ],
+    ids=["norm", "value", "agc"],
+)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_fixed_bound_classes_are_their_functions(clipper, function, norm_type):
+    params = make_params()
+    ref = clone_params(params)
+    norm, coef = clipper.clip(params, norm_type)
+    ref_norm, ref_coef = function(ref, norm_type)
+    assert torch.equal(norm, ref_norm) and torch.equal(coef, ref_coef)
+    for p, r in zip(params, ref, strict=True):
+        assert torch.equal(p.grad, r.grad)
+    assert float(coef) < 1.0  # the bound bit, so the comparison covered the clipping path
+    assert clipper.state_dict() == {}  # stateless
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "name"),
+    [
+        (NormClip, {"max_norm": 0.0}, "max_norm"),
+        (NormClip, {"max_norm": None}, "max_norm"),
+        (ValueClip, {"clip_value": -1.0}, "clip_value"),
+        (AGC, {"clip_factor": math.inf}, "clip_factor"),
+        (AGC, {"eps": 0.0}, "eps"),
+    ],
+)
+def test_fixed_bound_classes_refuse_bad_arguments_in_one_line(cls, kwargs, name):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    message = str(info.value)
+    assert message.startswith(f"`{cls.__name__}({name}=...)` must be a finite number > 0") and "\n" not in message
+    assert message.endswith(f"got {kwargs[name]!r}.")
+
+
+def test_each_class_names_its_bound_and_shows_its_options():
+    bounds = {"norm": "max_norm", "value": "clip_value", "agc": "clip_factor", "autoclip": "max_norm", "zclip": "max_norm"}
+    assert {name: cls.clip_val_option for name, cls in CLIPPERS.items()} == bounds
+    assert AGC(0.02).clip_val == 0.02 and AutoClip().clip_val is None and ZClip(max_norm=2.0).clip_val == 2.0
+    assert repr(AGC(0.02)) == "AGC(clip_factor=0.02, eps=0.001)"
+    assert repr(ZClip(alpha=0.9)).startswith("ZClip(alpha=0.9, z_thresh=2.5, max_norm=1.0, ")
+
+
+class HalfOfFirstNorm(ThresholdClip):
+    """A threshold algorithm in a few lines: the bound is half the first norm ever seen."""
+
+    def __init__(self, max_norm: float | None = None) -> None:
+        self.max_norm = max_norm
+        self.first: torch.Tensor | None = None
+
+    def threshold(self, norm: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            self.first = norm.detach().clone()
+        return self.first / 2
+
+    def state_dict(self) -> dict:
+        return {"first": self.first}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.first = state_dict["first"]
+
+
+def test_threshold_clip_does_the_clipping_for_a_subclass():
+    clipper = HalfOfFirstNorm()
+    params = make_params()
+    first = grad_norm(params)
+    norm, coef = clipper.clip(params)
+    assert float(norm) == pytest.approx(first) and float(coef) == pytest.approx(0.5, rel=1e-5)
+    assert grad_norm(params) == pytest.approx(first / 2, rel=1e-5)
+    with torch.no_grad():
+        for p in params:
+            p.grad.mul_(0.1)  # now below the bound: untouched
+    before = [p.grad.clone() for p in params]
+    assert float(clipper.clip(params)[1]) == 1.0
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))

@@ -16,6 +16,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_clipprune import GradientClipCallback
+from lightning_clipprune.callbacks.gradient_clip import DEFAULT_CLIP_VAL
+from lightning_clipprune.clipping import AGC, AutoClip, NormClip, ValueClip, ZClip
 from tests.helpers import MemoryLogger, TinyClassifier, random_loader, tiny_trainer
 
 # 128 samples / batch 16: 8 optimizer steps per epoch.
@@ -148,16 +150,17 @@ def weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 # Every wrong value: one ValueError line naming the argument, what is allowed and the value received.
 BAD_ARGUMENTS = [
-    ({"algorithm": "l2"}, "algorithm", "one of 'norm'"),
+    ({"algorithm": "l2"}, "algorithm", "one of 'norm', 'value', 'agc', 'autoclip', 'zclip'"),
     ({"algorithm": None}, "algorithm", "one of 'norm'"),
+    ({"algorithm": nn.Linear}, "algorithm", "or a clipper object"),
     ({"clip_val": 0.0}, "clip_val", "finite number > 0"),
     ({"clip_val": -1.0}, "clip_val", "finite number > 0"),
     ({"clip_val": math.inf}, "clip_val", "finite number > 0"),
     ({"clip_val": math.nan}, "clip_val", "finite number > 0"),
     ({"clip_val": True}, "clip_val", "finite number > 0"),
     ({"clip_val": "1.0"}, "clip_val", "finite number > 0"),
-    ({"clip_val": None}, "clip_val", "None is allowed only for"),
-    ({"clip_val": None, "algorithm": "agc"}, "clip_val", "None is allowed only for"),
+    ({"clip_val": None}, "clip_val", "a finite number > 0, got"),
+    ({"clip_val": None, "algorithm": "agc"}, "clip_val", "a finite number > 0, got"),
     ({"clip_val": math.inf, "algorithm": "zclip"}, "clip_val", "finite number > 0 or None"),
     ({"norm_type": 0}, "norm_type", "a number > 0"),
     ({"norm_type": -2.0}, "norm_type", "a number > 0"),
@@ -168,29 +171,9 @@ BAD_ARGUMENTS = [
     ({"exclude": 3}, "exclude", "fnmatch patterns"),
     ({"nonfinite": "ignore"}, "nonfinite", "one of 'skip', 'error'"),
     ({"nonfinite": None}, "nonfinite", "one of 'skip', 'error'"),
-    ({"agc_eps": 0.0}, "agc_eps", "finite number > 0"),
-    ({"agc_eps": math.inf}, "agc_eps", "finite number > 0"),
-    ({"agc_eps": "1e-3"}, "agc_eps", "finite number > 0"),
-    ({"autoclip_percentile": 101}, "autoclip_percentile", "[0, 100]"),
-    ({"autoclip_percentile": -1}, "autoclip_percentile", "[0, 100]"),
-    ({"autoclip_percentile": "10"}, "autoclip_percentile", "[0, 100]"),
-    ({"history_size": 0}, "history_size", "an integer >= 1 or None"),
-    ({"history_size": 2.5}, "history_size", "an integer >= 1 or None"),
-    ({"history_size": "1000"}, "history_size", "an integer >= 1 or None"),
-    ({"autoclip_per_parameter": "yes"}, "autoclip_per_parameter", "True or False"),
-    ({"autoclip_per_parameter": 1}, "autoclip_per_parameter", "True or False"),
-    ({"zclip_alpha": 1.0}, "zclip_alpha", "(0, 1)"),
-    ({"zclip_alpha": 0}, "zclip_alpha", "(0, 1)"),
-    ({"zclip_z_thresh": -2.0}, "zclip_z_thresh", "finite number > 0"),
-    ({"zclip_z_thresh": math.inf}, "zclip_z_thresh", "finite number > 0"),
-    ({"zclip_warmup_steps": 0}, "zclip_warmup_steps", "an integer >= 1"),
-    ({"zclip_warmup_steps": 2.0}, "zclip_warmup_steps", "an integer >= 1"),
-    ({"zclip_mode": "mean"}, "zclip_mode", "one of 'zscore', 'percentile'"),
-    ({"zclip_clip_option": "clip"}, "zclip_clip_option", "one of 'adaptive_scaling', 'mean'"),
-    ({"zclip_clip_factor": 0.0}, "zclip_clip_factor", "finite number > 0"),
-    ({"zclip_clip_factor": "0.7"}, "zclip_clip_factor", "finite number > 0"),
-    ({"zclip_skip_update_on_spike": "false"}, "zclip_skip_update_on_spike", "True or False"),
-    ({"zclip_eps": -1e-6}, "zclip_eps", "finite number >= 0"),
+    ({"algorithm_options": [("alpha", 0.9)]}, "algorithm_options", "a dict of option name -> value"),
+    ({"algorithm_options": {"alpha": 0.9}}, "algorithm_options", "a dict of options of NormClip (max_norm)"),
+    ({"clip_val": 0.5, "algorithm_options": {"max_norm": 0.5}}, "algorithm_options", "without 'max_norm'"),
     ({"log_every_n_steps": 0}, "log_every_n_steps", "an integer >= 1 or None"),
     ({"log_every_n_steps": 1.5}, "log_every_n_steps", "an integer >= 1 or None"),
 ]
@@ -207,6 +190,46 @@ def test_invalid_arguments_name_argument_allowed_and_received(kwargs, name, allo
     assert message.endswith(f"got {kwargs[name]!r}.")
 
 
+# The keywords of the previous release: still checked (by the algorithm's class), named as the user typed them.
+DEPRECATED_BAD_ARGUMENTS = [
+    ("agc", {"agc_eps": 0.0}, "finite number > 0"),
+    ("agc", {"agc_eps": math.inf}, "finite number > 0"),
+    ("agc", {"agc_eps": "1e-3"}, "finite number > 0"),
+    ("autoclip", {"autoclip_percentile": 101}, "[0, 100]"),
+    ("autoclip", {"autoclip_percentile": -1}, "[0, 100]"),
+    ("autoclip", {"autoclip_percentile": "10"}, "[0, 100]"),
+    ("autoclip", {"history_size": 0}, "an integer >= 1 or None"),
+    ("autoclip", {"history_size": 2.5}, "an integer >= 1 or None"),
+    ("autoclip", {"history_size": "1000"}, "an integer >= 1 or None"),
+    ("autoclip", {"autoclip_per_parameter": "yes"}, "True or False"),
+    ("autoclip", {"autoclip_per_parameter": 1}, "True or False"),
+    ("zclip", {"zclip_alpha": 1.0}, "(0, 1)"),
+    ("zclip", {"zclip_alpha": 0}, "(0, 1)"),
+    ("zclip", {"zclip_z_thresh": -2.0}, "finite number > 0"),
+    ("zclip", {"zclip_z_thresh": math.inf}, "finite number > 0"),
+    ("zclip", {"zclip_warmup_steps": 0}, "an integer >= 1"),
+    ("zclip", {"zclip_warmup_steps": 2.0}, "an integer >= 1"),
+    ("zclip", {"zclip_mode": "mean"}, "one of 'zscore', 'percentile'"),
+    ("zclip", {"zclip_clip_option": "clip"}, "one of 'adaptive_scaling', 'mean'"),
+    ("zclip", {"zclip_clip_factor": 0.0}, "finite number > 0"),
+    ("zclip", {"zclip_clip_factor": "0.7"}, "finite number > 0"),
+    ("zclip", {"zclip_skip_update_on_spike": "false"}, "True or False"),
+    ("zclip", {"zclip_eps": -1e-6}, "finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize(("algorithm", "kwargs", "allowed"), DEPRECATED_BAD_ARGUMENTS)
+def test_deprecated_keywords_are_checked_by_the_class_and_named_as_typed(algorithm, kwargs, allowed):
+    (name,) = kwargs
+    with pytest.warns(FutureWarning, match=f"{name}=.*deprecated"), pytest.raises(ValueError) as info:
+        GradientClipCallback(algorithm=algorithm, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"`GradientClipCallback({name}=...)` must be ")
+    assert allowed in message
+    assert message.endswith(f"got {kwargs[name]!r}.")
+
+
 def test_valid_arguments():
     for algorithm in ("autoclip", "zclip"):
         assert GradientClipCallback(None, algorithm).clip_val is None
@@ -215,15 +238,59 @@ def test_valid_arguments():
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "expected"),
-    [("norm", 1.0), ("value", 1.0), ("agc", 0.01), ("autoclip", None), ("zclip", 1.0)],
+    ("algorithm", "cls", "expected"),
+    [("norm", NormClip, 1.0), ("value", ValueClip, 1.0), ("agc", AGC, 0.01), ("autoclip", AutoClip, None),
+     ("zclip", ZClip, 1.0)],
 )
-def test_clip_val_left_out_is_the_algorithms_published_default(algorithm, expected):
+def test_clip_val_left_out_is_the_algorithms_published_default(algorithm, cls, expected):
     cb = GradientClipCallback(algorithm=algorithm)
-    assert cb.clip_val == expected
-    assert cb.history_size is None  # AutoClip keeps the whole history, as the paper's code
-    assert (cb.zclip_mode, cb.zclip_clip_option, cb.zclip_clip_factor) == ("zscore", "adaptive_scaling", 1.0)
-    assert (cb.zclip_skip_update_on_spike, cb.zclip_eps, cb.agc_eps) == (False, 1e-6, 1e-3)
+    assert type(cb.clipper) is cls and cb.algorithm == algorithm
+    assert cb.clip_val == expected == DEFAULT_CLIP_VAL[algorithm]
+    # every other option is the class's own default: the callback restates none of them
+    assert repr(cb.clipper) == repr(cls())
+
+
+def test_options_reach_the_class_and_old_keywords_map_onto_them_with_a_warning():
+    new = GradientClipCallback(algorithm="zclip", algorithm_options={"alpha": 0.9, "warmup_steps": 3})
+    with pytest.warns(FutureWarning, match=r"zclip_alpha=.*deprecated.*algorithm_options=\{'alpha': 0.9") as caught:
+        old = GradientClipCallback(algorithm="zclip", zclip_alpha=0.9, zclip_warmup_steps=3)
+    assert caught[0].filename == __file__  # the warning points at the user's line
+    assert repr(old.clipper) == repr(new.clipper) == repr(ZClip(alpha=0.9, warmup_steps=3))
+    with pytest.warns(FutureWarning, match="history_size"):
+        auto = GradientClipCallback(algorithm="autoclip", history_size=12, autoclip_per_parameter=True)
+    assert (auto.clipper.history_size, auto.clipper.per_parameter) == (12, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # None is "not given" (the Hydra presets list the old names as null)
+        GradientClipCallback(algorithm="zclip", zclip_alpha=None, zclip_eps=None)
+
+
+def test_old_keyword_of_another_algorithm_and_unknown_keywords_are_refused():
+    with pytest.raises(ValueError, match=r"^`GradientClipCallback\(zclip_alpha=...\)` must be left out: it is an "
+                       r"option of algorithm 'zclip', algorithm is 'norm', got 0.9\.$"):
+        GradientClipCallback(1.0, "norm", zclip_alpha=0.9)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zclip_alhpa'"):
+        GradientClipCallback(algorithm="zclip", zclip_alhpa=0.9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"clip_val": 1.0}, "clip_val"), ({"clip_val": None}, "clip_val"),
+     ({"algorithm_options": {"alpha": 0.9}}, "algorithm_options"), ({"zclip_alpha": 0.9}, "zclip_alpha")],
+)
+def test_a_clipper_object_carries_its_own_options(kwargs, name):
+    zclip = ZClip(alpha=0.9, max_norm=None)
+    cb = GradientClipCallback(algorithm=zclip)
+    assert cb.clipper is zclip and cb.algorithm == "zclip" and cb.clip_val is None
+    with pytest.raises(ValueError, match=rf"^`GradientClipCallback\({name}=...\)` must be left out when algorithm is "
+                       r"a clipper object: set it on the object \(ZClip\(...\)\)"):
+        GradientClipCallback(algorithm=zclip, **kwargs)
+
+
+def test_a_class_is_built_like_a_name():
+    cb = GradientClipCallback(0.5, AutoClip, algorithm_options={"percentile": 25.0})
+    assert isinstance(cb.clipper, AutoClip) and (cb.clipper.max_norm, cb.clipper.percentile) == (0.5, 25.0)
+    with pytest.raises(ValueError, match=r"^`AutoClip\(percentile=...\)` must be a finite number in \[0, 100\]"):
+        GradientClipCallback(algorithm="autoclip", algorithm_options={"percentile": 150})
 
 
 def test_two_clip_callbacks_are_refused_with_one_line(tmp_path):
@@ -508,13 +575,12 @@ class AmnesiacClip(GradientClipCallback):
 def run(tmp_path, algorithm: str, epochs: int, ckpt_path=None, load_callback_state: bool = True):
     torch.manual_seed(0)
     module = TinyClassifier()
-    kwargs: dict[str, Any] = (
-        {"autoclip_percentile": 10.0, "history_size": 12} if algorithm == "autoclip" else {}
-    )
-    if algorithm == "zclip":
-        kwargs = {"zclip_warmup_steps": 3, "zclip_z_thresh": 0.5, "zclip_alpha": 0.8}
+    options = {
+        "autoclip": {"percentile": 10.0, "history_size": 12},
+        "zclip": {"warmup_steps": 3, "z_thresh": 0.5, "alpha": 0.8},
+    }.get(algorithm)
     cls = GradientClipCallback if load_callback_state else AmnesiacClip
-    cb = cls(0.5 if algorithm == "norm" else None, algorithm, **kwargs)
+    cb = cls(0.5 if algorithm == "norm" else None, algorithm, algorithm_options=options)
     trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=epochs)
     trainer.fit(module, random_loader(), ckpt_path=ckpt_path)
     return module, cb, trainer
@@ -548,7 +614,7 @@ def test_loading_history_of_another_algorithm_warns_and_starts_fresh(tmp_path):
         target.load_state_dict(state)
     assert any("fresh history" in str(w.message) for w in caught)
     assert target.state_dict()["clippers"] == {}
-    same = GradientClipCallback(None, "autoclip", autoclip_percentile=10.0, history_size=12)
+    same = GradientClipCallback(None, "autoclip", algorithm_options={"percentile": 10.0, "history_size": 12})
     same.load_state_dict(state)
     assert_state_equal(same.state_dict(), state)
 
@@ -590,7 +656,8 @@ def test_clip_presets_use_the_callbacks_defaults(choice):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lightning_clipprune.callbacks.gradient_clip import DEFAULT_CLIP_VAL
+    from lightning_clipprune.callbacks._clip_algorithm import DEPRECATED_KEYWORDS
+    from lightning_clipprune.clipping import CLIPPERS, option_defaults
     from lightning_clipprune.run import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
@@ -604,7 +671,37 @@ def test_clip_presets_use_the_callbacks_defaults(choice):
         assert clip_val == pytest.approx(DEFAULT_CLIP_VAL["agc"] * math.sqrt(4096 / cfg.data.batch_size))
     else:
         assert clip_val == DEFAULT_CLIP_VAL[choice]
+    # every option of the class but the bound, at the class's default (the preset shows them; the class holds them)
+    cls = CLIPPERS[choice]
+    expected = {k: v for k, v in option_defaults(cls).items() if k != cls.clip_val_option}
+    assert preset.pop("algorithm_options", {}) == expected
+    # the previous release's names of those options, null (not given) for one more release
+    old = {k for k, (name, _) in DEPRECATED_KEYWORDS.items() if name == choice}
+    assert {k: preset.pop(k) for k in old} == dict.fromkeys(old)
     defaults = {k: p.default for k, p in inspect.signature(GradientClipCallback).parameters.items()}
     for key, value in preset.items():
         expected = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
         assert value == expected, key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the presets use no deprecated spelling
+        cb = hydra_instantiate(cfg.clip)
+    assert repr(cb.clipper) == repr(cls(**{cls.clip_val_option: clip_val}))
+
+
+def test_clip_preset_overrides_new_and_old_spelling():
+    from hydra import compose, initialize_config_dir
+
+    from lightning_clipprune.run import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        new = compose("config", overrides=["clip=zclip", "clip.algorithm_options.alpha=0.9", "clip.clip_val=null"])
+        old = compose("config", overrides=["clip=zclip", "clip.zclip_alpha=0.9", "clip.clip_val=null"])
+    assert repr(hydra_instantiate(new.clip).clipper) == repr(ZClip(alpha=0.9, max_norm=None))
+    with pytest.warns(FutureWarning, match=r"clip.algorithm_options.alpha="):
+        assert repr(hydra_instantiate(old.clip).clipper) == repr(ZClip(alpha=0.9, max_norm=None))
+
+
+def hydra_instantiate(node: Any) -> GradientClipCallback:
+    import hydra
+
+    return hydra.utils.instantiate(node, _convert_="all")

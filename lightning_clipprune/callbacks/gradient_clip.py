@@ -1,13 +1,15 @@
-"""GradientClipCallback: norm, value, AGC, AutoClip and ZClip gradient clipping as a Lightning callback.
+"""GradientClipCallback: any clip algorithm of :mod:`lightning_clipprune.clipping` as a Lightning callback.
 
-The math lives in :mod:`lightning_clipprune.clipping`; this module decides when to call it, on which
-parameters, what to do with a non-finite norm, and what to log.
+The math lives in the clipper objects of :mod:`lightning_clipprune.clipping`; this module decides when to
+call them, on which parameters, what to do with a non-finite norm, and what to log. It holds no
+per-algorithm branch: an algorithm is a clipper object, chosen by name or passed in.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
@@ -20,84 +22,57 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clipprune._validation import (
-    bad_value,
-    check_bool,
-    check_choice,
-    check_int,
-    check_patterns,
-    check_real,
+from lightning_clipprune._validation import check_choice, check_int, check_patterns, check_real
+from lightning_clipprune.callbacks._clip_algorithm import (
+    DEFAULT_CLIP_VAL,
+    OWNER,
+    UNSET,
+    Unset,
+    resolve_clipper,
 )
 from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import GradientMasker, find_callbacks
-from lightning_clipprune.clipping import (
-    ZCLIP_MODES,
-    ZCLIP_OPTIONS,
-    AutoClip,
-    ZClip,
-    adaptive_grad_clip,
-    clip_grad_norm,
-    clip_grad_value,
-    total_norm,
-)
+from lightning_clipprune.clipping import Clipper, clipper_name, total_norm
 
 __all__ = ["DEFAULT_CLIP_VAL", "GradientClipCallback"]
 
-_OWNER = "GradientClipCallback"
 _NONFINITE = ("skip", "error")
-#: ``clip_val`` when it is left out, per algorithm: the published default of each method.
-DEFAULT_CLIP_VAL: dict[str, float | None] = {
-    "norm": 1.0,  # no published default (torch and Lightning require one); 1.0 is the common choice
-    "value": 1.0,  # idem
-    "agc": 0.01,  # NFNets (Brock et al. 2021), tuned for batch 4096
-    "autoclip": None,  # the paper has no cap
-    "zclip": 1.0,  # the official zclip package's max_grad_norm
-}
 # Per-step norms and coefficients are folded into the summary accumulators in batches of this many steps,
 # so a step costs a list append instead of a dozen tiny kernels.
 _FOLD_EVERY = 256
 
 
-class _AlgorithmDefault:
-    """The sentinel of ``clip_val`` left out: ``DEFAULT_CLIP_VAL[algorithm]``."""
-
-    def __repr__(self) -> str:
-        return "<the algorithm's default>"
-
-
-_DEFAULT = _AlgorithmDefault()
-
-
 class GradientClipCallback(Callback):
     r"""Clip gradients once per optimizer step, log the norm, and never apply a non-finite gradient.
 
-    Algorithms (the formulas and papers are in :mod:`lightning_clipprune.clipping`), and what ``clip_val``
-    means for each and its value when left out:
+    ``algorithm`` is a name of :data:`lightning_clipprune.clipping.CLIPPERS`, a clipper class, or a
+    clipper object (anything with ``clip``, ``state_dict`` and ``load_state_dict``: see
+    :class:`lightning_clipprune.clipping.Clipper`). Given a name or a class, the callback builds the
+    clipper from ``clip_val`` (the option each class names as its bound) and ``algorithm_options`` (its
+    other options); each class checks its own options and holds their defaults. The built-in algorithms
+    (formulas and papers in :mod:`lightning_clipprune.clipping`):
 
-    ============  ===========================================================  ===================================
-    algorithm     ``clip_val``                                                 left out
-    ============  ===========================================================  ===================================
-    ``norm``      max global p-norm (``torch.nn.utils.clip_grad_norm_``)       1.0 (no published default)
-    ``value``     max absolute entry (``torch.nn.utils.clip_grad_value_``)     1.0 (no published default)
-    ``agc``       lambda, max unit-wise ``||G|| / max(||W||, eps)``            0.01 (NFNets, batch 4096)
-    ``autoclip``  hard cap on the percentile threshold (None: none)            None (the paper has no cap)
-    ``zclip``     hard cap on the norm at every step (None: none)              1.0 (``zclip`` package)
-    ============  ===========================================================  ===================================
+    ============  ===============================  =============================================================
+    algorithm     class                            ``clip_val`` (left out: the class's default)
+    ============  ===============================  =============================================================
+    ``norm``      :class:`~.clipping.NormClip`     ``max_norm``, the max global p-norm (``clip_grad_norm_``)
+    ``value``     :class:`~.clipping.ValueClip`    ``clip_value``, the max absolute entry (``clip_grad_value_``)
+    ``agc``       :class:`~.clipping.AGC`          ``clip_factor``, lambda: max unit-wise ``||G|| / max(||W||, eps)``
+    ``autoclip``  :class:`~.clipping.AutoClip`     ``max_norm``, hard cap on the percentile threshold (None: none)
+    ``zclip``     :class:`~.clipping.ZClip`        ``max_norm``, hard cap on the norm at every step (None: none)
+    ============  ===============================  =============================================================
 
     - ``"norm"`` is what ``Trainer(gradient_clip_val=...)`` does, bit for bit; ``"value"`` what
       ``gradient_clip_algorithm="value"`` does.
-    - ``"agc"``: unit-wise adaptive gradient clipping (Brock et al. 2021) with weight-norm floor
-      ``agc_eps`` (1e-3). NFNets' 0.01 is for batch 4096; smaller batches have noisier gradients and
-      want a larger lambda (about ``0.01 * sqrt(4096 / batch_size)``: 0.08 at batch 64). The paper leaves
-      the final classifier out: pass e.g. ``exclude=["fc.*"]``.
-    - ``"autoclip"``: clip to the ``autoclip_percentile``-th percentile (10) of the whole history of
-      norms (Seetharaman et al. 2020); ``history_size`` keeps only the last n;
-      ``autoclip_per_parameter`` gives each parameter its own history and threshold.
-    - ``"zclip"``: clip norm spikes against an EMA mean/variance of the norm (Kumar et al. 2025), with
-      the ``zclip`` package's options and defaults: ``zclip_alpha`` 0.97, ``zclip_z_thresh`` 2.5,
-      ``zclip_warmup_steps`` 25, ``zclip_mode`` "zscore" | "percentile", ``zclip_clip_option``
-      "adaptive_scaling" | "mean", ``zclip_clip_factor`` 1.0, ``zclip_skip_update_on_spike`` False,
-      ``zclip_eps`` 1e-6.
+    - ``"agc"``: the paper leaves the final classifier out: pass e.g. ``exclude=["fc.*"]``; its default
+      lambda is tuned for batch 4096 (see :class:`~.clipping.AGC`).
+    - ``"zclip"``: its default cap clips *every* step whose norm is above it, spike or not (see
+      :class:`~.clipping.ZClip`); ``clip_val=None`` clips spikes only. ``summary()["clipped_fraction"]``
+      says how often a run was clipped.
+
+    A clipper that remembers something between steps (AutoClip's history, ZClip's statistics) is kept per
+    optimizer: the one given (or built) serves the first optimizer, a copy of it as it was given serves
+    each further one. Their states are saved in the checkpoint and restored on resume.
 
     Clipping happens in ``on_before_optimizer_step``: there the gradients are complete (after the last
     micro-batch of gradient accumulation, so they are clipped once per optimizer step), unscaled under
@@ -128,28 +103,25 @@ class GradientClipCallback(Callback):
     (see ``benchmarks/bench_clip.md``). With a GradScaler there is no read.
 
     Args:
-        clip_val: the bound; its meaning and its value when left out depend on ``algorithm`` (table
-            above). None (no cap) is allowed only for ``"autoclip"`` and ``"zclip"``.
-        algorithm: one of ``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``, ``"zclip"``.
-        norm_type: p of the p-norm (``float("inf")`` for the max-norm); used for clipping by
-            ``"norm"``, ``"agc"``, ``"autoclip"`` and ``"zclip"``, and for the logged norm.
+        clip_val: the bound: the value of the option the algorithm's class names (table above); left
+            out, the class's default. Must be left out when ``algorithm`` is a clipper object.
+        algorithm: an algorithm name (``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``, ``"zclip"``, or
+            one added with :func:`~lightning_clipprune.clipping.register_clipper`), a clipper class, or
+            a clipper object such as ``ZClip(z_thresh=3.0)``.
+        norm_type: p of the p-norm (``float("inf")`` for the max-norm); given to the clipper, and used
+            for the logged norm.
+        algorithm_options: the other options of the algorithm's class, e.g. ``{"alpha": 0.9}`` for
+            ``"zclip"`` (names and defaults: the class's signature). Only with a name or a class.
         exclude: ``fnmatch`` patterns over parameter names (``pl_module.named_parameters()``); matching
             parameters are neither clipped nor counted in the norm (still checked for inf/NaN).
         nonfinite: ``"skip"`` or ``"error"``: what to do with a non-finite gradient without a gradient scaler.
-        agc_eps: AGC's floor on the weight norm (so zero-initialised weights can move).
-        autoclip_percentile: AutoClip's percentile p in [0, 100].
-        history_size: AutoClip's number of recent norms kept; None keeps them all (the paper).
-        autoclip_per_parameter: AutoClip per parameter (own history and threshold) instead of global.
-        zclip_alpha: ZClip's EMA factor in (0, 1).
-        zclip_z_thresh: ZClip's z-score threshold (> 0).
-        zclip_warmup_steps: ZClip's number of steps collected before the statistics start (>= 1).
-        zclip_mode: ``"zscore"`` (clip spikes by z-score) or ``"percentile"`` (clip above mean + z * std).
-        zclip_clip_option: ``"adaptive_scaling"`` or ``"mean"``: the threshold of a spike (zscore mode).
-        zclip_clip_factor: multiplies the adaptive threshold (0.5 to 0.9 clips harder).
-        zclip_skip_update_on_spike: leave ZClip's statistics unchanged at a spike.
-        zclip_eps: added to the standard deviation in the z-score.
         log_every_n_steps: log every this many optimizer steps; None uses the Trainer's
             ``log_every_n_steps``.
+        **deprecated: the keywords of the previous release, kept for this one with a ``FutureWarning``:
+            ``agc_eps``, ``autoclip_percentile``, ``history_size``, ``autoclip_per_parameter`` and
+            ``zclip_<option>`` (``alpha``, ``z_thresh``, ``warmup_steps``, ``mode``, ``clip_option``,
+            ``clip_factor``, ``skip_update_on_spike``, ``eps``) set the option of that name on the
+            class (``zclip_alpha=0.9`` is ``algorithm_options={"alpha": 0.9}``); None means not given.
 
     Raises:
         ValueError: in ``__init__``, if an argument is out of range; the message names the argument,
@@ -162,58 +134,43 @@ class GradientClipCallback(Callback):
 
         import lightning as L
         from lightning_clipprune import GradientClipCallback
+        from lightning_clipprune.clipping import ZClip
 
         trainer = L.Trainer(callbacks=[GradientClipCallback(clip_val=1.0, algorithm="norm")])
         # adaptive clipping (lambda 0.01), not applied to the classifier head:
         GradientClipCallback(algorithm="agc", exclude=["head.*"])
         # AutoClip at the 10th percentile of every norm so far, never above 5:
-        GradientClipCallback(clip_val=5.0, algorithm="autoclip", autoclip_percentile=10.0)
+        GradientClipCallback(clip_val=5.0, algorithm="autoclip", algorithm_options={"percentile": 10.0})
+        # ZClip that clips spikes only (no hard cap), as an object:
+        GradientClipCallback(algorithm=ZClip(z_thresh=3.0, max_norm=None))
     """
 
     def __init__(
         self,
-        clip_val: float | None | _AlgorithmDefault = _DEFAULT,
-        algorithm: str = "norm",
+        clip_val: float | None | Unset = UNSET,
+        algorithm: str | type | Clipper = "norm",
         norm_type: float = 2.0,
         *,
+        algorithm_options: Mapping[str, Any] | None = None,
         exclude: Sequence[str] | str = (),
         nonfinite: str = "skip",
-        agc_eps: float = 1e-3,
-        autoclip_percentile: float = 10.0,
-        history_size: int | None = None,
-        autoclip_per_parameter: bool = False,
-        zclip_alpha: float = 0.97,
-        zclip_z_thresh: float = 2.5,
-        zclip_warmup_steps: int = 25,
-        zclip_mode: str = "zscore",
-        zclip_clip_option: str = "adaptive_scaling",
-        zclip_clip_factor: float = 1.0,
-        zclip_skip_update_on_spike: bool = False,
-        zclip_eps: float = 1e-6,
         log_every_n_steps: int | None = None,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        o = _OWNER
-        self.algorithm = check_choice(o, "algorithm", algorithm, DEFAULT_CLIP_VAL)
-        self.clip_val = self._check_clip_val(DEFAULT_CLIP_VAL[algorithm] if clip_val is _DEFAULT else clip_val)
-        self.norm_type = check_real(o, "norm_type", norm_type, low=0, low_open=True, allow_inf=True)
-        self.exclude = check_patterns(o, "exclude", exclude)
-        self.nonfinite = check_choice(o, "nonfinite", nonfinite, _NONFINITE)
-        self.agc_eps = check_real(o, "agc_eps", agc_eps, low=0, low_open=True)
-        self.autoclip_percentile = check_real(o, "autoclip_percentile", autoclip_percentile, low=0, high=100)
-        self.history_size = check_int(o, "history_size", history_size, low=1, allow_none=True)
-        self.autoclip_per_parameter = check_bool(o, "autoclip_per_parameter", autoclip_per_parameter)
-        self.zclip_alpha = check_real(o, "zclip_alpha", zclip_alpha, low=0, high=1, low_open=True, high_open=True)
-        self.zclip_z_thresh = check_real(o, "zclip_z_thresh", zclip_z_thresh, low=0, low_open=True)
-        self.zclip_warmup_steps = check_int(o, "zclip_warmup_steps", zclip_warmup_steps, low=1)
-        self.zclip_mode = check_choice(o, "zclip_mode", zclip_mode, ZCLIP_MODES)
-        self.zclip_clip_option = check_choice(o, "zclip_clip_option", zclip_clip_option, ZCLIP_OPTIONS)
-        self.zclip_clip_factor = check_real(o, "zclip_clip_factor", zclip_clip_factor, low=0, low_open=True)
-        self.zclip_skip_update_on_spike = check_bool(o, "zclip_skip_update_on_spike", zclip_skip_update_on_spike)
-        self.zclip_eps = check_real(o, "zclip_eps", zclip_eps, low=0)
-        self.log_every_n_steps = check_int(o, "log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
+        #: The clipper of the first optimizer (the object given, or the one built from the name).
+        self.clipper: Clipper = resolve_clipper(clip_val, algorithm, algorithm_options, deprecated)
+        #: The algorithm's registered name (its class name when it has none).
+        self.algorithm: str = clipper_name(self.clipper)
+        #: The clipper's bound (``clip_val``), None when it has none or it is uncapped.
+        self.clip_val: float | None = getattr(self.clipper, "clip_val", None)
+        self.norm_type = check_real(OWNER, "norm_type", norm_type, low=0, low_open=True, allow_inf=True)
+        self.exclude = check_patterns(OWNER, "exclude", exclude)
+        self.nonfinite = check_choice(OWNER, "nonfinite", nonfinite, _NONFINITE)
+        self.log_every_n_steps = check_int(OWNER, "log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
 
-        self._clippers: dict[int, AutoClip | ZClip] = {}  # per optimizer index, adaptive algorithms only
+        self._template = copy.deepcopy(self.clipper)  # as given: the start of each further optimizer's clipper
+        self._clippers: dict[int, Clipper] = {}  # per optimizer index
         self._steps: dict[int, int] = {}  # optimizer steps seen, per optimizer index
         # On the gradients' device: [sum of finite norms, finite steps, clipped steps, non-finite steps].
         self._acc: Tensor | None = None
@@ -224,17 +181,6 @@ class GradientClipCallback(Callback):
         self._maskers: list[GradientMasker] = []
         self._has_scaler = False  # a GradScaler (16-bit AMP) skips non-finite steps itself
         self._warned_nonfinite = False
-
-    def _check_clip_val(self, clip_val: Any) -> float | None:
-        if clip_val is None and self.algorithm not in ("autoclip", "zclip"):
-            raise bad_value(
-                _OWNER,
-                "clip_val",
-                f"a finite number > 0 (None is allowed only for 'autoclip' and 'zclip', algorithm is "
-                f"{self.algorithm!r})",
-                clip_val,
-            )
-        return check_real(_OWNER, "clip_val", clip_val, low=0, low_open=True, allow_none=True)
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -291,7 +237,8 @@ class GradientClipCallback(Callback):
         others = [p.grad for p in plan.others if p.grad is not None]
         if not others and all(p.grad is None for p in plan.clipped):
             return
-        norm, coef = self._clip(plan.index, plan.clipped)  # the cores skip parameters without a gradient
+        # the clippers skip parameters without a gradient
+        norm, coef = self._clipper(plan.index).clip(plan.clipped, self.norm_type)
         # Every stepped gradient is checked for inf/NaN, the excluded ones too: a norm sum is non-finite iff one is.
         checked = norm if not others else norm + total_norm(others, self.norm_type).to(norm.device)
         self._pending.append((norm, coef, checked))
@@ -308,12 +255,13 @@ class GradientClipCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         self._fold()
+        clippers = {idx: c.state_dict() for idx, c in self._clippers.items()}
         return {
             "algorithm": self.algorithm,
             "steps": dict(self._steps),
             "acc": None if self._acc is None else self._acc.detach().cpu().clone(),
             "max_norm": None if self._max_norm is None else self._max_norm.detach().cpu().clone(),
-            "clippers": {idx: c.state_dict() for idx, c in self._clippers.items()},
+            "clippers": {idx: sd for idx, sd in clippers.items() if sd},  # stateless clippers save nothing
         }
 
     @override
@@ -331,9 +279,7 @@ class GradientClipCallback(Callback):
             )
             return
         for idx, sd in clippers.items():
-            clipper = self._new_clipper()
-            clipper.load_state_dict(sd)
-            self._clippers[int(idx)] = clipper
+            self._clipper(int(idx)).load_state_dict(sd)
 
     def summary(self) -> dict[str, float]:
         """Totals over every optimizer step so far (reads the device once; call it at the end of a run).
@@ -359,33 +305,12 @@ class GradientClipCallback(Callback):
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _new_clipper(self) -> AutoClip | ZClip:
-        if self.algorithm == "autoclip":
-            return AutoClip(self.autoclip_percentile, self.history_size, self.clip_val, self.autoclip_per_parameter)
-        return ZClip(
-            self.zclip_alpha,
-            self.zclip_z_thresh,
-            self.clip_val,
-            self.zclip_eps,
-            self.zclip_warmup_steps,
-            self.zclip_mode,
-            self.zclip_clip_option,
-            self.zclip_clip_factor,
-            self.zclip_skip_update_on_spike,
-        )
-
-    def _clip(self, idx: int, params: list[Tensor]) -> tuple[Tensor, Tensor]:
-        if self.algorithm in ("autoclip", "zclip"):
-            clipper = self._clippers.get(idx)
-            if clipper is None:
-                clipper = self._clippers[idx] = self._new_clipper()
-            return clipper.clip(params, self.norm_type)
-        assert self.clip_val is not None  # None only for autoclip/zclip (checked in __init__)
-        if self.algorithm == "norm":
-            return clip_grad_norm(params, self.clip_val, self.norm_type)
-        if self.algorithm == "value":
-            return clip_grad_value(params, self.clip_val, self.norm_type)
-        return adaptive_grad_clip(params, self.clip_val, self.agc_eps, self.norm_type)
+    def _clipper(self, idx: int) -> Clipper:
+        """The clipper of optimizer ``idx``: the one given for the first, a copy of it as given for the others."""
+        clipper = self._clippers.get(idx)
+        if clipper is None:
+            clipper = self._clippers[idx] = self.clipper if idx == 0 else copy.deepcopy(self._template)
+        return clipper
 
     def _plan(self, trainer: pl.Trainer, optimizer: Optimizer) -> _Plan:
         """Which of the optimizer's parameters are clipped and which are only checked, until its list changes."""

@@ -1,0 +1,107 @@
+"""Unit-wise adaptive gradient clipping (AGC), Brock et al. 2021: :class:`AGC` and :func:`adaptive_grad_clip`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_clipprune._validation import check_real
+from lightning_clipprune.clipping.base import _NORM_EPS, ClipAlgorithm, _nothing, _ratio, register_clipper
+
+__all__ = ["AGC", "adaptive_grad_clip"]
+
+
+def _unitwise_norm(x: Tensor, norm_type: float) -> Tensor:
+    """Norm per output unit (over all dims but 0, kept for broadcasting); whole-tensor norm for ndim <= 1."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, norm_type)
+    return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_grad_clip(
+    parameters: Iterable[Tensor] | Tensor,
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    norm_type: float = 2.0,
+) -> tuple[Tensor, Tensor]:
+    r"""Unit-wise adaptive gradient clipping (AGC), in place.
+
+    Brock, De, Smith, Simonyan 2021, "High-Performance Large-Scale Image Recognition Without
+    Normalization", https://arxiv.org/abs/2102.06171, eq. 3. For every unit :math:`i` (a row of a
+    weight: all dimensions but the first; a whole bias or other 1-d/0-d tensor):
+
+    .. math::
+
+        G_i \leftarrow \begin{cases}
+            \lambda \dfrac{\max(\|W_i\|, \epsilon)}{\max(\|G_i\|, 10^{-6})} G_i
+                & \text{if } \dfrac{\|G_i\|}{\max(\|W_i\|, \epsilon)} > \lambda \\
+            G_i & \text{otherwise}
+        \end{cases}
+
+    The same computation as timm's ``utils/agc.py``. The paper does not clip the final classifier
+    layer; leave it out of ``parameters``.
+
+    Args:
+        parameters: parameters whose ``.grad`` is clipped against their own values.
+        clip_factor: lambda, the largest allowed ratio of gradient norm to weight norm per unit.
+        eps: epsilon, the floor on the weight norm (so zero-initialised weights can move).
+        norm_type: p of the unit-wise and the reported norms.
+
+    Returns:
+        ``(total_norm, clip_coef)``: the global p-norm of the gradients before clipping and
+        ``||g_after||_p / ||g_before||_p``.
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return _nothing()
+    first_device = params[0].grad.device
+    unit_pre: list[Tensor] = []
+    unit_post: list[Tensor] = []
+    for p in params:
+        g = p.grad
+        max_norm = _unitwise_norm(p.detach(), norm_type).clamp(min=eps).mul_(clip_factor)
+        grad_norm = _unitwise_norm(g, norm_type)
+        # scale 1 where the unit is within bounds, so those entries stay bit-identical
+        scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=_NORM_EPS))
+        g.mul_(scale)
+        unit_pre.append(grad_norm.flatten().to(first_device))
+        unit_post.append((grad_norm * scale).flatten().to(first_device))
+    # The p-norm of all units' p-norms is the global p-norm: no extra pass over the gradients.
+    pre = torch.linalg.vector_norm(torch.cat(unit_pre), norm_type)
+    return pre, _ratio(torch.linalg.vector_norm(torch.cat(unit_post), norm_type), pre)
+
+
+class AGC(ClipAlgorithm):
+    r"""Unit-wise adaptive gradient clipping: :func:`adaptive_grad_clip` as a clipper.
+
+    Each unit's gradient norm is held to ``clip_factor`` times the norm of its weights (floored at
+    ``eps``); the formula and the paper are in :func:`adaptive_grad_clip`.
+
+    Args:
+        clip_factor: lambda (``GradientClipCallback``'s ``clip_val``). The default is NFNets' value,
+            tuned for batch 4096; smaller batches have noisier gradients and want a larger lambda,
+            about ``0.01 * sqrt(4096 / batch_size)`` (0.08 at batch 64).
+        eps: the floor on the weight norm, so zero-initialised (or pruned) units can still move.
+
+    Raises:
+        ValueError: an argument is not a finite number > 0.
+    """
+
+    clip_val_option: ClassVar[str | None] = "clip_factor"
+
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+        self.clip_factor = check_real("AGC", "clip_factor", clip_factor, low=0, low_open=True)
+        self.eps = check_real("AGC", "eps", eps, low=0, low_open=True)
+
+    def clip(self, parameters: Iterable[Tensor] | Tensor, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+        """See :func:`adaptive_grad_clip`."""
+        return adaptive_grad_clip(parameters, self.clip_factor, self.eps, norm_type)
+
+
+register_clipper("agc", AGC)
