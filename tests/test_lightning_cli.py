@@ -23,9 +23,7 @@ trainer:
   default_root_dir: {root}
   callbacks:
     - class_path: lightning_clipprune.GradientClipCallback
-      init_args:
-        clip_val: 0.5
-        algorithm: {algorithm}
+      init_args: {{clip_val: 0.5, algorithm: {algorithm}}}
     - class_path: lightning_clipprune.MagnitudePruneCallback
       init_args:
         sparsity: 0.75
@@ -44,7 +42,7 @@ class RandomData(L.LightningDataModule):
         return random_loader()
 
 
-@pytest.mark.parametrize("algorithm", ["norm", "zclip"])
+@pytest.mark.parametrize("algorithm", ["norm", "zclip, algorithm_options: {z_thresh: 3.0}"])
 def test_callbacks_from_lightning_cli_yaml(tmp_path: Path, algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback
 
@@ -55,6 +53,8 @@ def test_callbacks_from_lightning_cli_yaml(tmp_path: Path, algorithm: str, monke
 
     clip = next(c for c in cli.trainer.callbacks if isinstance(c, GradientClipCallback))
     prune = next(c for c in cli.trainer.callbacks if isinstance(c, MagnitudePruneCallback))
+    if "z_thresh" in algorithm:
+        assert clip.clipper.z_thresh == 3.0
     assert clip.summary()["steps"] == cli.trainer.global_step > 0
     assert prune.sparsity == 0.75
     weights = [m.weight for m in cli.model.modules() if isinstance(m, torch.nn.Linear)]
