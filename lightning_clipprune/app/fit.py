@@ -3,15 +3,20 @@
 Ctrl-C (SIGINT) and SIGTERM (what cluster schedulers send) do not end the process from inside Lightning:
 the run stops at the end of the current batch and :func:`fit_and_evaluate` returns an
 :class:`Outcome` marked ``"interrupted"``, so the caller can still write ``results.json`` and say how to
-resume.
+resume. A full disk or quota while training (a checkpoint, the metrics file) is one line naming the folder
+(:class:`~lightning_clipprune._io.StorageFullError`); the checkpoints, written atomically
+(:class:`~lightning_clipprune.checkpoint_io.AtomicCheckpointIO`), keep the last good one.
 """
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_clipprune._io import StorageFullError
 from lightning_clipprune.app.build import Components
 
 __all__ = ["Outcome", "fit_and_evaluate", "scalar"]
@@ -56,6 +61,36 @@ def _interrupt_signal(err: BaseException, trainer: Any) -> str | None:
     return None
 
 
+_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The ``ENOSPC``/``EDQUOT`` error behind ``err`` (itself or what it wraps), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _on_full_disk(step: Callable[[], Any], trainer: Any) -> Any:
+    """Run ``step``; a full disk or quota anywhere in it becomes one :class:`StorageFullError` line."""
+    try:
+        return step()
+    except StorageFullError:
+        raise
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        if full.filename:
+            raise StorageFullError(full.filename, full.errno) from None
+        raise StorageFullError(trainer.default_root_dir, full.errno, folder_only=True) from None
+
+
 def fit_and_evaluate(parts: Components, *, ckpt_path: str | Path | None = None, test: bool = True) -> Outcome:
     """``trainer.fit``, validation again after post-training pruning, ``trainer.test`` once.
 
@@ -66,6 +101,10 @@ def fit_and_evaluate(parts: Components, *, ckpt_path: str | Path | None = None, 
 
     Returns:
         The :class:`Outcome`; an interrupted fit returns at once with ``status="interrupted"``.
+
+    Raises:
+        StorageFullError: (an ``OSError``) the disk or quota filled up while training or evaluating; one line
+            naming the folder (the last checkpoint written before is intact).
     """
     import signal as signals
 
@@ -74,7 +113,9 @@ def fit_and_evaluate(parts: Components, *, ckpt_path: str | Path | None = None, 
     trainer, model, datamodule = parts.trainer, parts.model, parts.datamodule
     try:
         with safe_checkpoint_globals():  # the checkpoint is read with weights_only=True: no code runs from it
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+            _on_full_disk(lambda: trainer.fit(
+                model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+            ), trainer)
     except (KeyboardInterrupt, SystemExit) as err:
         which = _interrupt_signal(err, trainer)
         if which is None:
@@ -86,9 +127,9 @@ def fit_and_evaluate(parts: Components, *, ckpt_path: str | Path | None = None, 
     before = getattr(parts.prune, "metrics_before_pruning", None)
     if before is not None:  # post-training pruning happened in on_train_end: measure after it
         out.val_acc_before_prune = before.get("val/acc")
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+        _on_full_disk(lambda: trainer.validate(model, datamodule=datamodule, verbose=False), trainer)
         out.val_acc = scalar(trainer.callback_metrics.get("val/acc"))
     if test and datamodule.has_test:
-        metrics = trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics = _on_full_disk(lambda: trainer.test(model, datamodule=datamodule, verbose=False), trainer)
         out.test_acc = scalar(metrics[0].get("test/acc")) if metrics else None
     return out

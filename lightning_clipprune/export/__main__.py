@@ -1,7 +1,9 @@
 """``python -m lightning_clipprune.export CHECKPOINT OUT``: write a checkpoint's weights in the sparse format.
 
-The checkpoint is read without running code from it (:func:`lightning_clipprune.checkpoint.load_checkpoint`);
-``--unsafe-load`` unpickles it fully, for a trusted checkpoint holding objects outside the allowed list.
+The checkpoint is read without running code from it and within bounds
+(:func:`lightning_clipprune.checkpoint.read_state_dict`); ``--unsafe-load`` unpickles it fully, for a trusted
+checkpoint holding objects outside the allowed list. Every failure, to read or to write, is one ``error:``
+line and exit status 1.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ import argparse
 import io
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
+from lightning_clipprune.checkpoint import CheckpointError, read_state_dict
 from lightning_clipprune.export.format import save_sparse
 from lightning_clipprune.sparsity import format_bytes
 
@@ -28,35 +29,17 @@ _UNSAFE_WARNING = (
 )
 
 
-def _state_dict_of_checkpoint(ckpt: Any) -> dict[str, Tensor]:
-    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
-        return dict(ckpt["state_dict"])
-    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
-        return dict(ckpt)  # a bare torch.save(model.state_dict())
-    raise ValueError("neither a Lightning checkpoint (no 'state_dict' entry) nor a state dict of tensors")
-
-
 def _read_state_dict(path: str, unsafe: bool) -> dict[str, Tensor]:
-    if not unsafe:
-        return _state_dict_of_checkpoint(load_checkpoint(path))
-    sys.stderr.write(_UNSAFE_WARNING.format(path=path))
-    return _state_dict_of_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    if unsafe:
+        sys.stderr.write(_UNSAFE_WARNING.format(path=path))
+    return read_state_dict(path, unsafe=unsafe)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write the weights of a checkpoint in the sparse format and print the sizes before and after.
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
-    Args:
-        argv: the arguments (``sys.argv[1:]`` when ``None``).
 
-    Returns:
-        The exit status: 0 on success, 1 when the checkpoint cannot or must not be read, or the output cannot
-        be written (one ``error:`` line on stderr).
-
-    Example::
-
-        python -m lightning_clipprune.export outputs/2026-01-01/12-00-00/checkpoints/final.ckpt model.lcps
-    """
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_clipprune.export",
         description="Write the weights of a Lightning checkpoint (or a torch.save'd state dict) in the compact "
@@ -76,29 +59,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="DANGEROUS: unpickle the checkpoint fully (runs any code it holds); only for files you trust that "
         "hold objects the safe loader refuses",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the weights of a checkpoint in the sparse format and print the sizes before and after.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns:
+        The exit status: 0 on success, 1 when the checkpoint cannot or must not be read, or the output cannot
+        be written (one ``error:`` line on stderr).
+
+    Example::
+
+        python -m lightning_clipprune.export outputs/2026-01-01/12-00-00/checkpoints/final.ckpt model.lcps
+    """
+    args = _parser().parse_args(argv)
 
     try:
         state = _read_state_dict(args.checkpoint, args.unsafe_load)
+        ckpt_size = os.path.getsize(args.checkpoint)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        dense = buffer.getbuffer().nbytes
+        del buffer
     except CheckpointError as err:
-        sys.stderr.write(f"error: cannot read {err}\n")
+        sys.stderr.write(f"error: cannot read {_one_line(err)}\n")
         return 1
     except Exception as err:  # a CLI reports any failure to read as one line, not a traceback
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: {reason}\n")
+        sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: {_one_line(err)}\n")
         return 1
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    dense = buffer.getbuffer().nbytes
     try:
         compact = save_sparse(
             state, args.out, keep_zero_signs=not args.drop_zero_signs,
             metadata={"source": os.path.basename(args.checkpoint)},
         )
-    except (OSError, TypeError, ValueError) as err:
-        sys.stderr.write(f"error: cannot write {args.out}: {err}\n")
+    except Exception as err:  # disk full, a refused destination, an unsupported dtype: one line each
+        sys.stderr.write(f"error: cannot write {args.out}: {_one_line(err)}\n")
         return 1
-    ckpt_size = os.path.getsize(args.checkpoint)
     sys.stdout.write(
         f"checkpoint   {args.checkpoint}: {format_bytes(ckpt_size)} ({ckpt_size:,} bytes), {len(state)} tensors\n"
         f"dense        torch.save(state_dict): {format_bytes(dense)} ({dense:,} bytes)\n"

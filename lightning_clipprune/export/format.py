@@ -34,13 +34,19 @@ import os
 import struct
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_clipprune._io import atomic_path
+from lightning_clipprune._io import (
+    MAX_LOAD_BYTES_ENV,
+    RefusedPathError,
+    atomic_file,
+    max_load_bytes,
+    open_regular,
+)
 from lightning_clipprune.sparsity import BITS_DTYPE, encoded_sizes, storage_key
 
 __all__ = [
@@ -139,11 +145,13 @@ def _encode(tensor: Tensor, keep_zero_signs: bool) -> tuple[int, list[bytes]]:
 class _Reader:
     """Bounds-checked reads from the verified body of a file; every failure names the file."""
 
-    def __init__(self, data: bytes, end: int, path: str) -> None:
+    def __init__(self, data: bytes, end: int, path: str, limit: int) -> None:
         self.view = memoryview(data)
         self.pos = 0
         self.end = end
         self.path = path
+        self.limit = limit
+        self.budget = limit - len(data)  # bytes decoding may still allocate: the load limit less the file itself
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > self.end:
@@ -163,22 +171,26 @@ def _decode(r: _Reader, dtype: torch.dtype, encoding: int, shape: tuple[int, ...
     if encoding == _DENSE:
         arr = np.frombuffer(r.take(numel * itemsize, f"values of {name!r}"), dtype=np_bits).copy()
     elif encoding in (_BITMASK, _BITMASK_SIGNS):
+        # one byte per element for the mask, on top of the tensor itself: no other temporary of that size
         packed = np.frombuffer(r.take((numel + 7) // 8, f"mask of {name!r}"), dtype=np.uint8)
-        keep = np.unpackbits(packed, bitorder="little").astype(bool)
-        if keep[numel:].any():
+        if numel % 8 and int(packed[-1]) >> (numel % 8):
             raise SparseFormatError(r.path, f"malformed: padding bits set in the mask of {name!r}")
-        keep = keep[:numel]
-        nonzero = int(keep.sum())
-        signs = None
+        keep = np.unpackbits(packed, count=numel, bitorder="little").view(bool)
+        nonzero = int(np.count_nonzero(keep))
+        values = None
         if encoding == _BITMASK_SIGNS:
             zeros = numel - nonzero
             packed_signs = np.frombuffer(r.take((zeros + 7) // 8, f"zero signs of {name!r}"), dtype=np.uint8)
-            signs = np.unpackbits(packed_signs, count=zeros, bitorder="little").astype(bool)
-        values = np.frombuffer(r.take(nonzero * itemsize, f"values of {name!r}"), dtype=np_bits)
+            values = np.frombuffer(r.take(nonzero * itemsize, f"values of {name!r}"), dtype=np_bits)
+            negative = np.zeros(numel, dtype=bool)
+            negative[~keep] = np.unpackbits(packed_signs, count=zeros, bitorder="little").view(bool)
+        else:
+            values = np.frombuffer(r.take(nonzero * itemsize, f"values of {name!r}"), dtype=np_bits)
+            negative = None
         arr = np.zeros(numel, dtype=np_bits)
         arr[keep] = values
-        if signs is not None:
-            arr[np.flatnonzero(~keep)[signs]] = np.iinfo(np_bits).min  # the sign bit alone: -0.0
+        if negative is not None:
+            arr[negative] = np.iinfo(np_bits).min  # the sign bit alone: -0.0
     else:
         raise SparseFormatError(r.path, f"malformed: unknown encoding {encoding} for {name!r}")
     if dtype == torch.bool and bool((arr > 1).any()):
@@ -233,16 +245,7 @@ def save_sparse(
         True
     """
     state = _state_dict_of(module_or_state_dict)
-    for name, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}, not a tensor")
-        if value.dtype not in _DTYPE_CODES:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
-            raise TypeError(f"state dict entry {name!r} has dtype {value.dtype}; supported dtypes: {allowed}")
-        if value.is_sparse or value.layout != torch.strided:
-            raise TypeError(f"state dict entry {name!r} has layout {value.layout}; only dense tensors are supported")
-        if len(name.encode("utf-8")) > 0xFFFF or value.dim() > 255:
-            raise ValueError(f"state dict entry {name!r}: name longer than 65535 bytes or more than 255 dimensions")
+    _check_storable(state)
     meta = {
         "producer": "lightning_clipprune.export",
         "format_version": FORMAT_VERSION,
@@ -254,39 +257,57 @@ def save_sparse(
     except (TypeError, ValueError) as err:
         raise TypeError(f"`metadata` must be JSON-serialisable: {err}") from err
 
+    with atomic_file(path) as f:
+        return _write_body(f, state, meta_bytes, keep_zero_signs)
+
+
+def _check_storable(state: Mapping[str, Any]) -> None:
+    """Every entry is a dense tensor of a supported dtype, with a name and a rank the format can hold."""
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}, not a tensor")
+        if value.dtype not in _DTYPE_CODES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
+            raise TypeError(f"state dict entry {name!r} has dtype {value.dtype}; supported dtypes: {allowed}")
+        if value.is_sparse or value.layout != torch.strided:
+            raise TypeError(f"state dict entry {name!r} has layout {value.layout}; only dense tensors are supported")
+        if len(name.encode("utf-8")) > 0xFFFF or value.dim() > 255:
+            raise ValueError(f"state dict entry {name!r}: name longer than 65535 bytes or more than 255 dimensions")
+
+
+def _write_body(f: BinaryIO, state: Mapping[str, Tensor], meta_bytes: bytes, keep_zero_signs: bool) -> int:
+    """Header, metadata, records and footer into ``f``; returns the bytes written."""
     crc = 0
     size = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
 
-        def write(*chunks: bytes) -> None:
-            nonlocal crc, size
-            for chunk in chunks:
-                crc = zlib.crc32(chunk, crc)
-                size += len(chunk)
-                f.write(chunk)
+    def write(*chunks: bytes) -> None:
+        nonlocal crc, size
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+            f.write(chunk)
 
-        write(_HEADER.pack(_MAGIC, FORMAT_VERSION, 0, len(state), len(meta_bytes)), meta_bytes)
-        first_name: dict[tuple, str] = {}
-        for name, value in state.items():
-            tensor = value.detach()
-            name_bytes = name.encode("utf-8")
-            # keyed on the state dict's own tensor (alive all along) so an identity key is never reused
-            key = storage_key(value) if value.numel() else None
-            target = first_name.get(key) if key is not None else None
-            if target is None:
-                tensor = tensor.cpu().contiguous()
-                encoding, parts = _encode(tensor, keep_zero_signs)
-                if key is not None:
-                    first_name[key] = name
-            else:
-                encoding, target_bytes = _ALIAS, target.encode("utf-8")
-                parts = [_U16.pack(len(target_bytes)), target_bytes]
-            write(_U16.pack(len(name_bytes)), name_bytes)
-            write(_INFO.pack(_DTYPE_CODES[tensor.dtype], encoding, tensor.dim()))
-            write(*(_U64.pack(d) for d in tensor.shape), *parts)
-        f.write(_FOOTER.pack(crc, _END_MAGIC))
-        size += _FOOTER.size
-    return size
+    write(_HEADER.pack(_MAGIC, FORMAT_VERSION, 0, len(state), len(meta_bytes)), meta_bytes)
+    first_name: dict[tuple, str] = {}
+    for name, value in state.items():
+        tensor = value.detach()
+        name_bytes = name.encode("utf-8")
+        # keyed on the state dict's own tensor (alive all along) so an identity key is never reused
+        key = storage_key(value) if value.numel() else None
+        target = first_name.get(key) if key is not None else None
+        if target is None:
+            tensor = tensor.cpu().contiguous()
+            encoding, parts = _encode(tensor, keep_zero_signs)
+            if key is not None:
+                first_name[key] = name
+        else:
+            encoding, target_bytes = _ALIAS, target.encode("utf-8")
+            parts = [_U16.pack(len(target_bytes)), target_bytes]
+        write(_U16.pack(len(name_bytes)), name_bytes)
+        write(_INFO.pack(_DTYPE_CODES[tensor.dtype], encoding, tensor.dim()))
+        write(*(_U64.pack(d) for d in tensor.shape), *parts)
+    f.write(_FOOTER.pack(crc, _END_MAGIC))
+    return size + _FOOTER.size
 
 
 def _check_header(path: str, data: bytes) -> tuple[int, int]:
@@ -331,12 +352,32 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
     return n_records, meta_len
 
 
+def _read_file(path: str, limit: int) -> bytes:
+    """The file's bytes: a regular file only (a FIFO or a device is refused without blocking), within the limit."""
+    try:
+        f = open_regular(path)
+    except RefusedPathError as err:
+        raise SparseFormatError(path, f"{err.kind or 'a special file'}, not a regular file: refusing to read it") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise SparseFormatError(path, f"{size:,} bytes, over {_over_limit(limit)}")
+        return f.read(size)
+
+
+def _over_limit(limit: int) -> str:
+    return f"the {limit:,}-byte load limit (raise it with {MAX_LOAD_BYTES_ENV}=<bytes> if you trust the file)"
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        limit = max_load_bytes()
+    except ValueError as err:
+        raise SparseFormatError(path, str(err)) from None
+    data = _read_file(path, limit)
     n_records, meta_len = _check_header(path, data)
-    r = _Reader(data, len(data) - _FOOTER.size, path)
+    r = _Reader(data, len(data) - _FOOTER.size, path, limit)
     r.take(_HEADER.size, "header")
     try:
         meta = json.loads(bytes(r.take(meta_len, "metadata")).decode("utf-8"))
@@ -372,6 +413,10 @@ def _check_shape(r: _Reader, shape: tuple[int, ...], itemsize: int, encoding: in
         raise SparseFormatError(
             r.path, f"malformed: shape {shape} of {name!r} needs at least {least:,} bytes, {left:,} are left"
         )
+    # what decoding allocates: the tensor, plus one byte per element for a mask (two with zero signs)
+    r.budget -= numel * (itemsize + (0 if encoding == _DENSE else 1 if encoding == _BITMASK else 3))
+    if r.budget < 0:
+        raise SparseFormatError(r.path, f"decoding {name!r} (shape {shape}) would go over {_over_limit(r.limit)}")
 
 
 def _read_records(r: _Reader, n_records: int) -> dict[str, Tensor]:
@@ -428,13 +473,50 @@ def read_sparse_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read(path)[0]
 
 
+def _check_fits(module: nn.Module, state: Mapping[str, Tensor], path: str, strict: bool) -> None:
+    """Every key, shape and dtype of the file against the module, before anything is written into it."""
+    target = module.state_dict()
+    model = type(module).__name__
+    for key, value in state.items():
+        if key not in target:
+            if strict:
+                extra = sum(k not in target for k in state)
+                raise SparseFormatError(
+                    path, f"does not fit {model}: the file's {key!r} is not in the model ({extra} such keys; "
+                    "another model, or a `prefix=` to strip?)"
+                )
+            continue
+        want = target[key]
+        if tuple(value.shape) != tuple(want.shape):
+            raise SparseFormatError(
+                path, f"does not fit {model}: {key!r} has shape {tuple(value.shape)} in the file, the model expects "
+                f"{tuple(want.shape)}"
+            )
+        if value.dtype != want.dtype:
+            raise SparseFormatError(
+                path, f"does not fit {model}: {key!r} is {value.dtype} in the file, the model's is {want.dtype} "
+                f"(convert the model first, e.g. module.to({value.dtype}))"
+            )
+    missing = [k for k in target if k not in state]
+    if strict and missing:
+        raise SparseFormatError(
+            path, f"does not fit {model}: the model's {missing[0]!r} is not in the file ({len(missing)} missing keys; "
+            "another model, or strict=False to load only what is there?)"
+        )
+
+
 def load_sparse_into(module: nn.Module, path: str | os.PathLike, *, strict: bool = True, prefix: str = "") -> Any:
     """Load a sparse export into ``module`` (``module.load_state_dict``) and return its result.
+
+    Every key, shape and dtype is checked before any tensor of ``module`` is written: a file of another
+    model changes nothing.
 
     Args:
         module: an instance of the class that was saved (or any module with the same state-dict keys).
         path: the file written by :func:`save_sparse`.
-        strict: passed to ``load_state_dict``.
+        strict: every key of the file in the module and every key of the module in the file (as
+            ``load_state_dict``); with ``False`` only the keys both have are loaded. Shapes and dtypes of those
+            must match either way.
         prefix: only keys starting with it are loaded, with it removed: ``prefix="model."`` loads the
             inner network of a LightningModule saved whole into the bare network.
 
@@ -442,11 +524,11 @@ def load_sparse_into(module: nn.Module, path: str | os.PathLike, *, strict: bool
         ``load_state_dict``'s named tuple of missing and unexpected keys.
 
     Raises:
-        SparseFormatError: as :func:`load_sparse`.
+        SparseFormatError: (a ``ValueError``) as :func:`load_sparse`, or the file does not fit ``module``: one
+            line naming the first bad key and the shape or dtype expected and found.
     """
     state = load_sparse(path)
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    _check_fits(module, state, os.fspath(path), strict)
     return module.load_state_dict(state, strict=strict)
-
-
