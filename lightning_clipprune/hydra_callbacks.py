@@ -9,8 +9,10 @@ They are Hydra callbacks, not launcher features, so they work with any launcher 
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-__all__ = ["ResultsObjective", "SweepReport"]
+__all__ = ["ResultsObjective", "RunFolderGuard", "SweepReport"]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,57 @@ class ResultsObjective(Callback):
         if job_return.status != JobStatus.COMPLETED:
             return
         path = Path(config.hydra.runtime.output_dir) / "results.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             return
-        results = json.loads(path.read_text())
-        values = [float(results[m]) for m in self.metrics]
+        try:
+            values = self._values(path)
+        except ValueError as err:  # the sweeper records the trial as failed, with this one line
+            log.error(f"objectives not read: {err}")
+            job_return.status = JobStatus.FAILED
+            job_return.return_value = err
+            return
         job_return.return_value = values[0] if len(values) == 1 else values
+
+    def _values(self, path: Path) -> list[float]:
+        """The metrics from ``path``, read bounded; each must be a finite number."""
+        from lightning_clipprune.app.untrusted import UntrustedFileError, read_json_object
+
+        results = read_json_object(path)
+        values = []
+        for m in self.metrics:
+            value = results.get(m)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UntrustedFileError(path, f"{m}={value!r} is not a finite number (the sweeper's objective)")
+            values.append(float(value))
+        return values
+
+
+class RunFolderGuard(Callback):
+    """Refuses a single run's ``hydra.run.dir`` before Hydra writes anything into it.
+
+    Hydra writes ``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml`` and the job's log into the run folder
+    before the app starts, so a second run in a folder another run holds (or finished in) would rewrite the
+    first run's ``.hydra/overrides.yaml`` even though the app then refuses it, and a planted link there would
+    be written through. At ``on_run_start`` (before Hydra writes) this callback applies the app's checks
+    (:func:`lightning_clipprune.app.rundir.check_output_dir`) and ends the command with one line and exit
+    status 1. Enable it in ``hydra.callbacks``::
+
+        hydra:
+          callbacks:
+            run_folder_guard:
+              _target_: lightning_clipprune.hydra_callbacks.RunFolderGuard
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from lightning_clipprune.app.checks import ConfigError
+        from lightning_clipprune.app.rundir import check_output_dir
+
+        ckpt = config.get("ckpt_path")
+        try:
+            check_output_dir(
+                Path(str(config.hydra.run.dir)), Path(str(ckpt)).expanduser() if ckpt else None,
+                log_name=f"{config.hydra.job.name}.log",
+            )
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)  # SystemExit passes Hydra's error report: one line, before anything is written

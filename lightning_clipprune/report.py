@@ -11,15 +11,22 @@ sweeper's Pareto front when there is one) and ``accuracy_vs_sparsity.png`` (one 
 sparsity, the dense runs marked). A job folder without ``results.json`` is reported ``failed``; it never
 breaks the report. :class:`lightning_clipprune.hydra_callbacks.SweepReport` calls :func:`write_report` at the
 end of every multirun.
+
+The job folders are files from somewhere else: each file is read bounded, without following a symbolic link,
+and checked (a number where a number belongs); a job whose ``results.json`` is refused is reported
+``unreadable`` with one warning line naming the file and why, and the rest of the sweep still gets its report.
+The report's files are written through a temporary file and a rename, never through a link.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,12 @@ __all__ = ["Job", "collect", "main", "pareto_front", "varying_keys", "write_repo
 #: override keys that set the sparsity: the x axis of the plot, not a setting of its own
 SPARSITY_KEYS = ("prune.sparsity", "prune.threshold", "prune", "~prune")
 METRICS = ("val_acc", "test_acc", "sparsity", "params_nonzero", "params_total", "compressed_bytes", "wall_time_s")
+#: keys of results.json the report reads, and what each must hold: a fraction, a count or a non-negative number
+_FRACTIONS = ("val_acc", "test_acc", "sparsity")
+_COUNTS = ("params_nonzero", "params_total", "compressed_bytes", "compressed_size_bytes", "sparse_bytes")
+
+Warn = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,10 +54,11 @@ class Job:
     results: dict[str, Any] | None
     pareto: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    unreadable: bool = False  # its results.json was refused (see the warning)
 
     @property
     def status(self) -> str:
-        return "ok" if self.results is not None else "failed"
+        return "ok" if self.results is not None else ("unreadable" if self.unreadable else "failed")
 
     def metric(self, key: str) -> Any:
         if self.results is None:
@@ -77,17 +91,73 @@ def _parse_overrides(lines: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "results.json").is_file())]
+def _job_dirs(sweep_dir: Path, warn: Warn) -> list[Path]:
+    dirs = []
+    for p in sweep_dir.iterdir():
+        if not (os.path.lexists(p / ".hydra") or os.path.lexists(p / "results.json")) or not p.is_dir():
+            continue
+        if p.is_symlink():  # its files are elsewhere: not part of this sweep folder
+            warn(f"{p}: a symbolic link to a folder, not a job folder of the sweep; left out")
+            continue
+        dirs.append(p)
 
     def order(p: Path) -> tuple[int, Any]:
-        return (0, int(p.name)) if p.name.isdigit() else (1, p.name)
+        return (0, int(p.name)) if p.name.isascii() and p.name.isdigit() else (1, p.name)
 
     return sorted(dirs, key=order)
 
 
-def collect(sweep_dir: str | os.PathLike) -> list[Job]:
+def _check_results(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``results`` (read from ``path``) when every value the report uses has the right type and range."""
+    from lightning_clipprune.app.untrusted import UntrustedFileError, read_string_list
+
+    for key in (*_FRACTIONS, *_COUNTS, "wall_time_s"):
+        value = results.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (key in _FRACTIONS and value > 1) or (key in _COUNTS and not isinstance(value, int)):
+            kind = "a fraction in [0, 1]" if key in _FRACTIONS else "an integer >= 0" if key in _COUNTS else "a number >= 0"
+            shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+            raise UntrustedFileError(path, f"{key}={shown}, not {kind}")
+    read_string_list(results.get("overrides"), path)
+    return results
+
+
+def _read_job(d: Path, warn: Warn) -> Job:
+    """One job folder: its overrides and results, each file read bounded and checked; problems warned about."""
+    from lightning_clipprune.app.untrusted import (
+        UntrustedFileError,
+        read_json_object,
+        read_string_list,
+        read_yaml,
+    )
+
+    overrides: list[str] = []
+    results, unreadable = None, False
+    hydra_file, results_file = d / ".hydra" / "overrides.yaml", d / "results.json"
+    if os.path.lexists(hydra_file):
+        try:
+            overrides = read_string_list(read_yaml(hydra_file), hydra_file)
+        except UntrustedFileError as err:
+            warn(f"job {d.name}: its settings are not shown: {err}")
+    if os.path.lexists(results_file):
+        try:
+            results = _check_results(read_json_object(results_file), results_file)
+        except UntrustedFileError as err:
+            warn(f"job {d.name} reported as unreadable: {err}")
+            unreadable = True
+        if results is not None and not overrides:
+            overrides = read_string_list(results.get("overrides"), results_file)
+    return Job(d.name, d, _parse_overrides(overrides), results, unreadable=unreadable)
+
+
+def collect(sweep_dir: str | os.PathLike, *, warn: Warn | None = None) -> list[Job]:
     """Every job folder below ``sweep_dir`` (a folder holding ``.hydra/`` or ``results.json``), in job order.
+
+    Args:
+        sweep_dir: the sweep folder.
+        warn: called with one line for each file refused (default: a logging warning).
 
     Raises:
         FileNotFoundError: ``sweep_dir`` is not a folder.
@@ -95,25 +165,8 @@ def collect(sweep_dir: str | os.PathLike) -> list[Job]:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep folder not found: {root}")
-    jobs = []
-    for d in _job_dirs(root):
-        overrides: list[str] = []
-        results = None
-        if (d / ".hydra" / "overrides.yaml").is_file():
-            from omegaconf import OmegaConf
-
-            try:
-                overrides = [str(o) for o in (OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "overrides.yaml")) or [])]
-            except Exception:  # a half-written file: the job still gets a row
-                overrides = []
-        if (d / "results.json").is_file():
-            try:
-                results = json.loads((d / "results.json").read_text())
-            except (OSError, ValueError):
-                results = None
-            if results is not None and not overrides:
-                overrides = [str(o) for o in results.get("overrides") or []]
-        jobs.append(Job(d.name, d, _parse_overrides(overrides), results))
+    warn = warn or log.warning
+    jobs = [_read_job(d, warn) for d in _job_dirs(root, warn)]
     for j, on in zip(jobs, pareto_front([(j.metric("val_acc"), j.metric("sparsity")) for j in jobs]), strict=True):
         j.pareto = on
     return jobs
@@ -166,6 +219,12 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def _cell(text: str, limit: int = 200) -> str:
+    """A markdown table cell: one line, ``|`` escaped, at most ``limit`` characters (the file may be crafted)."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 _HEADERS = {
     "val_acc": "val acc %", "test_acc": "test acc %", "sparsity": "sparsity %", "params_nonzero": "params kept",
     "params_total": "params", "compressed_bytes": "compressed B", "wall_time_s": "time s", "pareto": "front",
@@ -180,11 +239,11 @@ def to_markdown(jobs: Sequence[Job], title: str = "Sweep summary", front: Sequen
     cols = list(table[0])
     lines = [f"# {title}", "", "| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(c, r[c]).replace("|", "\\|") for c in cols) + " |" for r in table]
-    failed = sum(j.status == "failed" for j in jobs)
+    failed = sum(j.status != "ok" for j in jobs)
     lines += ["", f"{len(jobs)} jobs, {failed} failed. front: on the val accuracy / sparsity Pareto front."]
     if front:
         lines += ["", "## Optuna Pareto front", "", "| params | values |", "|---|---|"]
-        lines += [f"| {json.dumps(s.get('params'))} | {s.get('values')} |" for s in front]
+        lines += [f"| {_cell(json.dumps(s.get('params')))} | {_cell(str(s.get('values')))} |" for s in front]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +258,7 @@ def to_table(jobs: Sequence[Job], title: str = "Sweep summary"):
     for c in table_rows[0]:
         table.add_column(_HEADERS.get(c, c), justify="right" if c in METRICS else "left")
     for r in table_rows:
-        table.add_row(*(_fmt(c, v) for c, v in r.items()), style="red" if r["status"] == "failed" else None)
+        table.add_row(*(_fmt(c, v) for c, v in r.items()), style="red" if r["status"] != "ok" else None)
     return table
 
 
@@ -236,46 +295,55 @@ def plot(jobs: Sequence[Job], path: str | os.PathLike | None = None, ax: Any = N
     if groups:
         ax.legend(loc="lower left", fontsize="small")
     if path is not None:
+        from lightning_clipprune._io import atomic_path
+
         path = Path(path)
-        tmp = _tmp(path)
         ax.figure.tight_layout()
-        ax.figure.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        # a fresh temporary name per write (jobs of a parallel launcher may write the report at the same time)
+        with atomic_path(path) as tmp:
+            ax.figure.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     return ax
 
 
-def _tmp(path: Path) -> Path:
-    # per process: jobs of a parallel launcher may write the report at the same time
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+def _optuna_front(sweep_dir: Path, warn: Warn) -> list[dict[str, Any]] | None:
+    from lightning_clipprune.app.untrusted import UntrustedFileError, read_yaml
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _optuna_front(sweep_dir: Path) -> list[dict[str, Any]] | None:
     f = sweep_dir / "optimization_results.yaml"
-    if not f.is_file():
+    if not os.path.lexists(f):
         return None
-    from omegaconf import OmegaConf
+    try:
+        data = read_yaml(f)
+        if not isinstance(data, dict):
+            raise UntrustedFileError(f, f"holds a {type(data).__name__}, not a mapping with `solutions`")
+        solutions = data.get("solutions")
+        if not isinstance(solutions, list | None) or not all(isinstance(s, dict) for s in solutions or []):
+            raise UntrustedFileError(f, "`solutions` must be a list of mappings")
+    except UntrustedFileError as err:
+        warn(f"the Optuna Pareto front is not shown: {err}")
+        return None
+    return list(solutions or []) or None
 
-    data = OmegaConf.to_container(OmegaConf.load(f)) or {}
-    return list(data.get("solutions") or []) or None
 
-
-def write_report(sweep_dir: str | os.PathLike, *, console: bool = True) -> list[Job]:
+def write_report(sweep_dir: str | os.PathLike, *, console: bool = True, warn: Warn | None = None) -> list[Job]:
     """Write ``summary.csv``, ``summary.md`` and ``accuracy_vs_sparsity.png`` into ``sweep_dir``; return the jobs.
+
+    Args:
+        sweep_dir: the sweep folder.
+        console: also print the table.
+        warn: called with one line for each file of the sweep that is refused (default: a logging warning).
 
     Raises:
         FileNotFoundError: ``sweep_dir`` is not a folder.
+        OSError: a summary file cannot be written (no temporary file is left behind).
     """
     import csv
     import io
 
+    from lightning_clipprune._io import atomic_write_text
+
     root = Path(sweep_dir)
-    jobs = collect(root)
+    warn = warn or log.warning
+    jobs = collect(root, warn=warn)
     table = rows(jobs)
     buf = io.StringIO()
     if table:
@@ -283,8 +351,8 @@ def write_report(sweep_dir: str | os.PathLike, *, console: bool = True) -> list[
         writer.writeheader()
         for r in table:
             writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    _write_text(root / "summary.csv", buf.getvalue())
-    _write_text(root / "summary.md", to_markdown(jobs, f"Sweep summary: {root}", _optuna_front(root)))
+    atomic_write_text(root / "summary.csv", buf.getvalue())
+    atomic_write_text(root / "summary.md", to_markdown(jobs, f"Sweep summary: {root}", _optuna_front(root, warn)))
     plot(jobs, root / "accuracy_vs_sparsity.png")
     if console:
         from rich.console import Console
@@ -299,11 +367,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder (its job folders hold results.json)")
     parser.add_argument("--quiet", action="store_true", help="write the files, print nothing")
     args = parser.parse_args(argv)
+    warnings: list[str] = []  # printed once it is known whether the report is usable at all
     try:
-        jobs = write_report(args.sweep_dir, console=not args.quiet)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+        jobs = write_report(args.sweep_dir, console=not args.quiet, warn=warnings.append)
+    except (OSError, ValueError) as err:
+        text = " ".join(str(err).split())
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+            text = f"{err.filename}: {text}"
+        print(f"error: {text}", file=sys.stderr)
         return 1
+    if not jobs or all(j.results is None for j in jobs):
+        what = f"{len(jobs)} failed or unreadable" if jobs else "no job folders holding .hydra/ or results.json"
+        first = f"; {warnings[0]}" if warnings else ""
+        print(f"error: no job of {args.sweep_dir} has a usable results.json ({what}){first}", file=sys.stderr)
+        return 1
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     if not args.quiet:
         print(f"{len(jobs)} jobs: {args.sweep_dir / 'summary.csv'}, summary.md, accuracy_vs_sparsity.png")
     return 0

@@ -18,6 +18,14 @@ Connections for Efficient Neural Networks", https://arxiv.org/abs/1506.02626) pr
 to a grid of sparsities, the others dense; :func:`suggest_layer_sparsity` turns it into per-layer
 sparsities for a global budget (the most tolerant layers pruned most) and :func:`compare_allocation` checks
 that allocation against the global ranking at the same budget.
+
+A run folder is a file from somewhere else, and the command line treats it so: the model is rebuilt only from
+the suite's own config groups, with the overrides of the run's own record (``run_config.json``; older folders:
+``.hydra/overrides.yaml``, else ``results.json``), each read bounded and checked, and every ``_target_`` of
+the composed config must be one of the suite's own classes (:mod:`lightning_clipprune.app.targets`). The
+checkpoint is read by :func:`lightning_clipprune.checkpoint.load_checkpoint` (nothing outside an allowed list
+is unpickled) and checked key by key against the model. Outputs go into ``RUN/search`` (a real folder, never a
+link) through temporary files and renames. Every refusal is one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_clipprune._io import atomic_write_text
+from lightning_clipprune._io import atomic_path, atomic_write_text
 from lightning_clipprune._validation import bad_value, check_choice, check_real
 
 _OWNER = "search_threshold"
@@ -307,13 +316,11 @@ class SearchResult:
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -330,10 +337,9 @@ def new_axes(detached: bool, figsize: tuple[float, float] = (7, 4.5)) -> Any:
 
 def _save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a fresh temporary name: a planted `*.tmp.png` link is never written through
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
 
 
 def _progress(total: int, description: str, enabled: bool):
@@ -682,6 +688,10 @@ def layer_sparsity_snippets(allocation: Mapping[str, float]) -> tuple[str, str]:
 
 def _run_dir_of(path: Path) -> tuple[Path, Path]:
     """``(run folder, checkpoint)`` from a run folder or a checkpoint inside one."""
+    if path.is_dir() and path.suffix in (".ckpt", ".pt", ".pth"):
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file")
+    if os.path.lexists(path) and not path.is_dir() and not path.is_file():
+        raise FileNotFoundError(f"{path} is not a regular file (a device, a pipe, or a broken or special link)")
     if path.is_dir():
         for name in ("final.ckpt", "last.ckpt"):
             if (path / "checkpoints" / name).is_file():
@@ -693,54 +703,100 @@ def _run_dir_of(path: Path) -> tuple[Path, Path]:
 
 
 def run_overrides(run_dir: Path) -> list[str]:
-    """The overrides the run was made with: ``.hydra/overrides.yaml``, else ``results.json``'s ``overrides``."""
-    hydra_file = run_dir / ".hydra" / "overrides.yaml"
-    if hydra_file.is_file():
-        from omegaconf import OmegaConf
+    """The overrides the run was made with, read and checked as untrusted input.
 
-        overrides = list(OmegaConf.to_container(OmegaConf.load(hydra_file)) or [])
-    elif (run_dir / "results.json").is_file():
-        overrides = list(json.loads((run_dir / "results.json").read_text()).get("overrides") or [])
-    else:
-        overrides = []
-    return [str(o) for o in overrides if not str(o).lstrip("+~").startswith("hydra.")]
+    From the run's own ``run_config.json``, else (older folders) ``.hydra/overrides.yaml``, else
+    ``results.json``'s ``overrides`` (:func:`lightning_clipprune.app.rundir.read_run_overrides`).
+
+    Raises:
+        ValueError: a record that cannot be read, or an override that would build anything but the suite's
+            own classes (one line naming the file and the override).
+    """
+    from lightning_clipprune.app.rundir import read_run_overrides
+
+    return read_run_overrides(run_dir)[0]
 
 
 def compose_run_config(overrides: Sequence[str], output_dir: Path) -> Any:
-    """The app's config composed with ``overrides`` (as ``python -m lightning_clipprune.run`` would)."""
+    """The app's config composed with ``overrides`` (as ``python -m lightning_clipprune.run`` would), checked.
+
+    Only the suite's own config groups are used, and the composed config goes through
+    :func:`lightning_clipprune.app.targets.check_targets`: every ``_target_`` in it is one of the suite's
+    own classes. The returned config is resolved (no interpolation left): build from it.
+
+    Raises:
+        ConfigError: (a ``ValueError``) an override Hydra cannot apply, or a refused ``_target_`` (one line).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
+    from lightning_clipprune.app.checks import ConfigError, one_line
+    from lightning_clipprune.app.targets import check_targets
     from lightning_clipprune.run import config_dir
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+    except HydraException as err:  # an unknown key or group option: Hydra's first line names it
+        raise ConfigError(one_line(str(err).split("\n")[0]) + " (in the run's overrides or the extra ones given)") from None
+    finally:
+        GlobalHydra.instance().clear()
+    # set after composing, not as an override: a folder name may hold what the override grammar parses (",", "'")
+    if "${" in str(output_dir):
+        raise ConfigError(f"output folder {str(output_dir)!r}: a name holding '${{' would be read as an interpolation; rename it")
+    cfg.output_dir = str(output_dir)
+    return check_targets(cfg)
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Load a Lightning checkpoint's ``state_dict`` (or a bare state dict) into ``model``, unpickling nothing else.
+    """Load a Lightning checkpoint's ``state_dict`` (or a bare state dict) into ``model``, running no code.
 
-    TODO: use ``lightning_clipprune.checkpoint.load_checkpoint`` once it lands.
+    The file is read with :func:`lightning_clipprune.checkpoint.load_checkpoint` (no global outside its
+    allowed list is unpickled, reads are bounded); every key, shape and value is checked against ``model``
+    before any weight is written.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) the file is unsafe, broken, or not this model's; one line naming it.
     """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, Mapping):
-        raise ValueError(f"{checkpoint}: neither a Lightning checkpoint nor a state dict")
+        raise CheckpointError(checkpoint, f"its 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [str(k) for k in state if k not in own]
+    if missing or unexpected:
+        what = "its state_dict" if "state_dict" in ckpt else "it has no 'state_dict' entry, and as a bare state dict it"
+        raise CheckpointError(
+            checkpoint, f"{what} does not match this run's model ({len(missing)} keys missing, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); is it the checkpoint of this run folder?"
+        )
+    for key, ref in own.items():
+        value = state[key]
+        if not isinstance(value, Tensor) or value.shape != ref.shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(checkpoint, f"{key} is {got}, the model's is {tuple(ref.shape)}; not this run's model")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(checkpoint, f"{key} holds NaN or infinite values; nothing to search on")
+        if value.is_complex() or (ref.is_floating_point() and not value.is_floating_point()):
+            raise CheckpointError(checkpoint, f"{key} is {value.dtype}, the model's is {ref.dtype}")
     model.load_state_dict(state, strict=True)
 
 
 def save_pruned(model: nn.Module, out_dir: Path, metadata: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write ``pruned.ckpt`` (``{"state_dict": ...}``, Lightning's shape) and ``pruned.lcps`` into ``out_dir``."""
+    from lightning_clipprune.app.untrusted import make_output_dir
     from lightning_clipprune.export import save_sparse
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     ckpt, lcps = out_dir / "pruned.ckpt", out_dir / "pruned.lcps"
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
     hparams = dict(getattr(model, "hparams", {}) or {})
-    torch.save({"state_dict": state, "hyper_parameters": hparams, "search": dict(metadata)}, tmp)
-    os.replace(tmp, ckpt)
+    with atomic_path(ckpt) as tmp:
+        torch.save({"state_dict": state, "hyper_parameters": hparams, "search": dict(metadata)}, tmp)
     save_sparse(state, lcps, metadata=dict(metadata))
     return ckpt, lcps
 
@@ -817,25 +873,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _main(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError, ConfigError, UntrustedFileError...
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        text = " ".join(str(err).split())
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+            text = f"{err.filename}: {text}"
+        print(f"error: {text}", file=sys.stderr)
         return 1
 
 
 def _main(args: argparse.Namespace) -> int:
-    import hydra
     from rich.console import Console
+
+    from lightning_clipprune.app.build import instantiate
+    from lightning_clipprune.app.untrusted import make_output_dir
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     run_dir, checkpoint = _run_dir_of(Path(args.run))
     out = args.out or run_dir / "search"
     overrides = [*run_overrides(run_dir), *args.overrides]
     cfg = compose_run_config(overrides, out)
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    make_output_dir(out)  # before the work: a planted `search` link or file is refused at once
+    model = instantiate(cfg.model, "model")
     load_weights(model, checkpoint)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("fit")
     grads = None
@@ -850,9 +912,9 @@ def _main(args: argparse.Namespace) -> int:
     console.print(result.to_table())
     result.write_csv(out / "search.csv")
     result.plot(out / "search.png")
-    # the run's own prune choice is replaced by the one found
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] != "prune"]
-    base = " ".join(o if " " not in o else repr(o) for o in kept)
+    # the run's own prune choice is replaced by the one found; a fresh run resumes nothing
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in ("prune", "ckpt_path")]
+    base = " ".join(shlex.quote(o) for o in kept)  # overrides read from a file: pasted into a shell, quoted
     commands = [f"python -m lightning_clipprune.run {base} {o}".replace("  ", " ") for o in result.overrides()]
     summary: dict[str, Any] = {
         "checkpoint": str(checkpoint), "criterion": result.criterion, "tolerance_points": result.tolerance,
@@ -882,9 +944,9 @@ def _sensitivity_step(
     args: argparse.Namespace, cfg: Any, checkpoint: Path, datamodule: Any, result: Any, out: Path, console: Any
 ) -> dict[str, Any]:
     """``--sensitivity``: one layer at a time, the suggested per-layer allocation and its comparison."""
-    import hydra
+    from lightning_clipprune.app.build import instantiate
 
-    model_dense = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model_dense = instantiate(cfg.model, "model")
     load_weights(model_dense, checkpoint)
     sens = layer_sensitivity(model_dense, datamodule.val_dataloader(), sparsities=args.layer_grid, names=result.names, progress=True)
     console.print(sens.to_table())

@@ -4,19 +4,28 @@ Two runs started in the same second (scripts, job arrays) would get the same ``o
 the ``${run_id:}`` resolver in ``conf/config.yaml`` adds a token unique to the process. Two runs given
 the same ``hydra.run.dir`` are refused: :func:`claim_output_dir` takes the folder with an exclusive lock
 file and refuses a folder that already holds a run, unless the run resumes from a checkpoint in it.
+
+Hydra writes ``.hydra/overrides.yaml`` before the run starts, so a second run refused in the same folder
+still rewrites it. The run's own record of its overrides, ``run_config.json``, is written only once the run
+holds the folder (:func:`write_run_record`), and the search reads that one first (:func:`read_run_overrides`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_clipprune.app.checks import ConfigError
 
-__all__ = ["LOCK_NAME", "claim_output_dir", "release_output_dir", "run_id"]
+__all__ = ["LOCK_NAME", "RUN_RECORD", "check_output_dir", "claim_output_dir", "read_run_overrides", "release_output_dir", "run_id",
+           "write_run_record"]
 
 LOCK_NAME = ".clipprune.lock"
+#: The run's own record of its command-line overrides, written once the run holds its folder.
+RUN_RECORD = "run_config.json"
 _RUN_ID = secrets.token_hex(3)
 _RUN_FILES = ("results.json", "checkpoints", "csv", "tensorboard")
 
@@ -29,7 +38,7 @@ def run_id() -> str:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no process id can be
         return False
     except PermissionError:
         return True
@@ -56,10 +65,7 @@ def claim_output_dir(output_dir: Path, resume_from: Path | None = None) -> Path:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
+            pid = _lock_pid(lock)
             if pid and pid != os.getpid() and _alive(pid):
                 raise ConfigError(
                     f"hydra.run.dir={str(output_dir)!r} is in use by another run (process {pid}); give each run its "
@@ -82,14 +88,119 @@ def claim_output_dir(output_dir: Path, resume_from: Path | None = None) -> Path:
     return lock
 
 
+def check_output_dir(output_dir: Path, resume_from: Path | None = None, log_name: str = "run.log") -> None:
+    """Refuse a run folder before anything is written into it (Hydra writes ``.hydra/`` and its log first).
+
+    What :func:`claim_output_dir` refuses (a live run's lock, a finished run not resumed here), and planted
+    links: ``.hydra`` or its files, or the job's log, as a symbolic link or something other than a file
+    would have Hydra write elsewhere. A folder that does not exist yet is fine. Nothing is created.
+
+    Args:
+        output_dir: the run's folder (``hydra.run.dir``).
+        resume_from: the checkpoint the run resumes from (``ckpt_path``).
+        log_name: the name of the job's log file in the folder (``<hydra.job.name>.log``).
+
+    Raises:
+        ConfigError: one line naming the folder or file and what to do.
+    """
+    if not os.path.lexists(output_dir) or not output_dir.is_dir():
+        return
+    hydra_dir = output_dir / ".hydra"
+    planted = [hydra_dir] if hydra_dir.is_symlink() or (os.path.lexists(hydra_dir) and not hydra_dir.is_dir()) else []
+    for path in [*(hydra_dir / n for n in ("config.yaml", "hydra.yaml", "overrides.yaml")), output_dir / log_name]:
+        if not planted and os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+            planted.append(path)
+    if planted:
+        raise ConfigError(
+            f"hydra.run.dir={str(output_dir)!r}: {planted[0]} is a symbolic link or not a regular file; Hydra would "
+            "write through it. Remove it, or leave hydra.run.dir out for a fresh folder"
+        )
+    lock = output_dir / LOCK_NAME
+    pid = _lock_pid(lock) if os.path.lexists(lock) else 0
+    if pid and pid != os.getpid() and _alive(pid):
+        raise ConfigError(
+            f"hydra.run.dir={str(output_dir)!r} is in use by another run (process {pid}); give each run its "
+            "own folder (leave hydra.run.dir out for a fresh one)"
+        )
+    resuming_here = resume_from is not None and output_dir.resolve() in resume_from.resolve().parents
+    used = [name for name in _RUN_FILES if os.path.lexists(output_dir / name)]
+    if used and not resuming_here:
+        raise ConfigError(
+            f"hydra.run.dir={str(output_dir)!r} already holds a run ({', '.join(used)}); choose another folder, or "
+            f"resume that run with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}"
+        )
+
+
 def release_output_dir(output_dir: Path) -> None:
     """Remove this process's lock file from ``output_dir`` (a lock of another process is left alone)."""
     lock = output_dir / LOCK_NAME
     try:
-        if int(lock.read_text().strip() or "0") == os.getpid():
+        if _lock_pid(lock) == os.getpid():
             lock.unlink()
-    except (OSError, ValueError):
+    except (OSError, ConfigError):
         pass
+
+
+def _lock_pid(lock: Path) -> int:
+    """The process id in a lock file (0: unreadable or empty); a planted link, pipe or device is refused."""
+    from lightning_clipprune.app.untrusted import UntrustedFileError, read_limited
+
+    try:
+        text = read_limited(lock, 64).decode("ascii", "replace").strip()
+    except UntrustedFileError as err:
+        if os.path.lexists(lock) and (lock.is_symlink() or not lock.is_file()):
+            raise ConfigError(f"{err}: not a lock file of the suite; remove it") from None
+        return 0  # over 64 bytes, or gone meanwhile: not a live run's lock
+    return int(text) if text.isascii() and text.isdigit() else 0
+
+
+def write_run_record(output_dir: Path, overrides: Sequence[str]) -> Path:
+    """Write ``run_config.json`` (the run's overrides) into ``output_dir``; call it after :func:`claim_output_dir`.
+
+    A run refused by :func:`claim_output_dir` never reaches this, so the record stays the one of the run
+    that holds the folder (Hydra's ``.hydra/overrides.yaml`` is rewritten even by a refused run).
+
+    Returns:
+        The record's path.
+    """
+    from lightning_clipprune._io import atomic_write_text
+
+    path = output_dir / RUN_RECORD
+    atomic_write_text(path, json.dumps({"format": 1, "overrides": [str(o) for o in overrides]}, indent=2) + "\n")
+    return path
+
+
+def _is_hydra_override(text: str) -> bool:
+    key = text.lstrip("+~")
+    return key.startswith(("hydra.", "hydra/", "hydra=")) or key == "hydra"
+
+
+def read_run_overrides(run_dir: Path) -> tuple[list[str], Path | None]:
+    """The overrides a run was made with, and the file they were read from (``None``: no record, no overrides).
+
+    Read from the run's own ``run_config.json``; for folders written before it existed,
+    ``.hydra/overrides.yaml``, else ``results.json``'s ``overrides``. Every file is read bounded and
+    checked (:mod:`lightning_clipprune.app.untrusted`, :func:`~lightning_clipprune.app.targets.check_overrides`);
+    Hydra's own settings (``hydra.*``, ``hydra/...``) are dropped.
+
+    Raises:
+        UntrustedFileError: a record that cannot be read or is not a list of strings (one line naming it).
+        UntrustedConfigError: an override that would build something other than the suite's own classes.
+    """
+    from lightning_clipprune.app.targets import check_overrides
+    from lightning_clipprune.app.untrusted import read_json_object, read_string_list, read_yaml
+
+    record, hydra_file, results = run_dir / RUN_RECORD, run_dir / ".hydra" / "overrides.yaml", run_dir / "results.json"
+    if os.path.lexists(record):
+        source, overrides = record, read_string_list(read_json_object(record).get("overrides"), record)
+    elif os.path.lexists(hydra_file):
+        source, overrides = hydra_file, read_string_list(read_yaml(hydra_file), hydra_file)
+    elif os.path.lexists(results):
+        source, overrides = results, read_string_list(read_json_object(results).get("overrides"), results)
+    else:
+        return [], None
+    kept = [o for o in overrides if not _is_hydra_override(o)]
+    return check_overrides(kept, source=str(source)), source
 
 
 _ASIDE = "metrics.before-resume.csv"
@@ -99,7 +210,7 @@ def set_aside_metrics(output_dir: Path) -> Path | None:
     """Before a run resumes in its own folder: move ``csv/metrics.csv`` aside (Lightning's CSV logger would
     delete it) so :func:`merge_metrics` can put the earlier rows back in front of the new ones."""
     current = output_dir / "csv" / "metrics.csv"
-    if not current.is_file():
+    if current.is_symlink() or not current.is_file():  # a planted link is not this run's history
         return None
     aside = current.with_name(_ASIDE)
     os.replace(current, aside)
