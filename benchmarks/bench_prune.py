@@ -92,7 +92,7 @@ def held_bytes(model: nn.Module, extra: dict[str, torch.Tensor] | None = None) -
 def ours(model: nn.Module, sparsity: float, masks=None):
     params = select_prunable_parameters(model)
     weights = {n: p.detach() for n, p in params.items()}
-    new = compute_masks(weights, sparsity=sparsity, masks=masks)
+    new = compute_masks(weights, sparsity=sparsity, masks=masks, ranking="raw", max_layer_sparsity=None)  # torch's rule
     apply_masks_(list(params.values()), [new[n] for n in params])
     return new
 

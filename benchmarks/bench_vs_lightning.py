@@ -52,6 +52,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback
+from lightning_clipprune.pruning import Taylor
 from lightning_clipprune.run import config_dir
 
 # The variant the "ours" arm runs by default: the recommended defaults of issue 12 (see VARIANTS).
@@ -256,36 +257,34 @@ class LRRestartAfterPruning(Callback):
         scheduler.lr_lambdas = [lr_factor for _ in scheduler.lr_lambdas]
 
 
-class SquaredTaylorPrune(MagnitudePruneCallback):
+class SquaredTaylor(Taylor):
     """Prototype of the squared (Fisher, OBD-like) form of "taylor": score ``w^2 * EMA(g^2)``.
 
     The first-order score ``|w * EMA(g)|`` averages a gradient whose mean is small next to its step-to-step
     noise (``taylor_signal.py``: 0.05 of its std for the median weight), so it ranks like ``|w|`` times
-    noise. The second moment does not average out: here the running average holds ``g^2``;
-    at an event its square root stands in for the gradient, so ``|w| * sqrt(EMA(g^2))`` is ranked (the same
-    order as ``w^2 * EMA(g^2)``).
+    noise. The second moment does not average out: here the running average holds ``g^2`` and
+    ``|w| * sqrt(EMA(g^2))`` is ranked (the same order as ``w^2 * EMA(g^2)``). A criterion object
+    (``lightning_clipprune.pruning.criteria``): the callback takes it as ``criterion=SquaredTaylor(beta)``.
     """
 
-    def _fold_gradients(self, avgs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        torch._foreach_mul_(avgs, self.taylor_beta)
-        torch._foreach_addcmul_(avgs, grads, grads, value=1.0 - self.taylor_beta)
+    name = "taylor_sq"
 
-    def _update(self, trainer: L.Trainer, t: int) -> None:
-        squares = self._grad_avg
-        self._grad_avg = {n: v.sqrt() for n, v in squares.items()}
-        try:
-            super()._update(trainer, t)
-        finally:
-            self._grad_avg = squares
-        for n, v in squares.items():
-            v.mul_(self.masks[n])
+    def fold(self, avgs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        torch._foreach_mul_(avgs, self.beta)
+        torch._foreach_addcmul_(avgs, grads, grads, value=1.0 - self.beta)
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().float() if weight.dtype in (torch.float16, torch.bfloat16) else weight.detach()
+        return w.abs() * self.grad_avg[name].to(w.dtype).sqrt()
 
 
 def variant_callbacks(sparsity: float, variant: str) -> list[Callback]:
     spec = VARIANTS[variant]
     clip = spec.get("clip", 1.0)
-    prune_cls = SquaredTaylorPrune if spec.get("squared") else MagnitudePruneCallback
-    prune = prune_cls(sparsity=sparsity, schedule="cubic", verbose=False, **spec.get("prune", {}))
+    settings = dict(spec.get("prune", {}))
+    if spec.get("squared"):
+        settings["criterion"] = SquaredTaylor(beta=settings.get("taylor_beta", 0.9))
+    prune = MagnitudePruneCallback(sparsity=sparsity, schedule="cubic", verbose=False, **settings)
     callbacks: list[Callback] = [GradientClipCallback(clip_val=clip, algorithm="norm")] if clip is not None else []
     callbacks.append(prune)
     if spec.get("restart") is not None:

@@ -124,9 +124,10 @@ def named_weights(module: nn.Module) -> dict[str, Tensor]:
 
 def prunable_names(module: nn.Module) -> list[str]:
     """The default reported set: :func:`~lightning_clipprune.pruning.select_prunable_parameters` (Linear and
-    Conv weights, tied tensors once), plus the effective weights of such layers pruned by ``torch.nn.utils.prune``.
+    Conv weights, tied tensors once, frozen ones included: a report counts every such weight of the model),
+    plus the effective weights of such layers pruned by ``torch.nn.utils.prune``.
     """
-    selected = set(select_prunable_parameters(module))
+    selected = set(select_prunable_parameters(module, include_frozen=True))
     for mod_name, mod in module.named_modules():
         if isinstance(mod, PRUNABLE_TYPES) and isinstance(getattr(mod, "weight_mask", None), Tensor):
             selected.add(f"{mod_name}.weight" if mod_name else "weight")

@@ -257,8 +257,8 @@ def test_callback_layer_sparsity_mapping_reaches_each_layer_target(tmp_path) -> 
 def test_callback_checks_the_new_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MagnitudePruneCallback(**kwargs)
-    assert MagnitudePruneCallback(sparsity=0.995, max_layer_sparsity=None).max_layer_sparsity is None
-    assert MagnitudePruneCallback(sparsity=0.995, scope="local").max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY
+    assert MagnitudePruneCallback(sparsity=0.995, max_layer_sparsity=None).effective_max_layer_sparsity is None
+    assert MagnitudePruneCallback(sparsity=0.995, scope="local").effective_max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY
 
 
 def test_default_budgets_reach_99_5_percent_without_a_warning(tmp_path) -> None:
@@ -277,9 +277,12 @@ def test_default_budgets_reach_99_5_percent_without_a_warning(tmp_path) -> None:
 
 
 def test_auto_ceiling_is_off_only_where_per_layer_budgets_decide() -> None:
-    assert MagnitudePruneCallback(sparsity=0.995).max_layer_sparsity is None  # the defaults: global budgets
-    assert MagnitudePruneCallback(sparsity=0.995, ranking="erk").max_layer_sparsity is None
-    assert MagnitudePruneCallback(sparsity=0.9, ranking="erk", max_layer_sparsity=0.95).max_layer_sparsity == 0.95
+    # the instance keeps the value given ("auto"); the number in use is effective_max_layer_sparsity
+    assert MagnitudePruneCallback(sparsity=0.995).max_layer_sparsity == "auto"
+    assert MagnitudePruneCallback(sparsity=0.995).effective_max_layer_sparsity is None  # the defaults: global budgets
+    assert MagnitudePruneCallback(sparsity=0.995, ranking="erk").effective_max_layer_sparsity is None
+    capped = MagnitudePruneCallback(sparsity=0.9, ranking="erk", max_layer_sparsity=0.95)
+    assert capped.max_layer_sparsity == capped.effective_max_layer_sparsity == 0.95
     for kwargs in (dict(sparsity=0.9, ranking="raw"), dict(sparsity=0.9, ranking="layer_normalized"),
                    dict(sparsity=0.5, pattern="channel"), dict(pattern="2:4"), dict(threshold=0.01)):
-        assert MagnitudePruneCallback(**kwargs).max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY, kwargs
+        assert MagnitudePruneCallback(**kwargs).effective_max_layer_sparsity == DEFAULT_MAX_LAYER_SPARSITY, kwargs

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_clipprune.callbacks import magnitude_prune
+from lightning_clipprune.callbacks import _prune_masking
 from lightning_clipprune.callbacks.contract import GradientMasker, PruneState, find_callbacks
 from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
 from tests.helpers import TinyClassifier, random_loader, tiny_trainer
@@ -136,14 +136,14 @@ def test_real_clip_callback_masks_once_per_step_in_either_order(tmp_path, monkey
     prune = MagnitudePruneCallback(sparsity=0.5, schedule="oneshot", start=1, verbose=False)
     model = TinyClassifier()
     grad_passes = []
-    original = magnitude_prune.apply_masks_
+    original = _prune_masking.apply_masks_  # the hot path lives in callbacks/_prune_masking.py
 
     def counting(tensors, masks):
         grads = {id(p.grad) for p in model.parameters() if p.grad is not None}
         grad_passes.extend(1 for t in tensors[:1] if id(t) in grads)
         original(tensors, masks)
 
-    monkeypatch.setattr(magnitude_prune, "apply_masks_", counting)
+    monkeypatch.setattr(_prune_masking, "apply_masks_", counting)
     clip = GradientClipCallback(clip_val=0.5)
     checker = Checker()
     L.seed_everything(0, verbose=False)
@@ -319,7 +319,7 @@ def test_unit_epoch(tmp_path) -> None:
 def test_taylor_ema_sees_clipped_gradients(tmp_path) -> None:
     prune = MagnitudePruneCallback(sparsity=0.5, criterion="taylor", schedule="oneshot", start=1.0, verbose=False)
     _fit(tmp_path, prune, max_epochs=1, gradient_clip_val=1e-3)
-    state = prune.state_dict()
+    state = prune.state_dict()["criterion"]  # the Taylor criterion carries its own state
     ema_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in state["grad_avg"].values()]))
     assert 0 < float(ema_norm) <= 1e-3 * (1 + 1e-4)
     assert state["ema_steps"] == 8
@@ -438,7 +438,7 @@ def test_taylor_ema_sees_unscaled_gradients_under_amp_grad_scaler(tmp_path) -> N
         if scale is not None:  # fp16 autocast with a GradScaler that scales by 4096
             kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))]}
         model = _fit(tmp_path / str(scale), prune, max_epochs=1, **kw)
-        norms[scale] = float(torch.stack([g.norm() for g in prune.state_dict()["grad_avg"].values()]).norm())
+        norms[scale] = float(torch.stack([g.norm() for g in prune.state_dict()["criterion"]["grad_avg"].values()]).norm())
         params = dict(model.named_parameters())
         assert all(bool((params[n][~prune.masks[n]] == 0).all()) for n in prune.parameter_names)
     assert norms[2.0**12] == pytest.approx(norms[None], rel=0.05)  # not 4096x larger

@@ -9,6 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_clipprune import SparsityLogger
@@ -190,8 +191,9 @@ def test_nan_weights_are_never_ranked(tmp_path) -> None:
 
 
 def test_two_prune_callbacks_are_refused_at_setup(tmp_path) -> None:
+    # one rule for a second callback of a kind, as for GradientClipCallback: MisconfigurationException
     callbacks = [MagnitudePruneCallback(sparsity=0.5), MagnitudePruneCallback(sparsity=0.9)]
-    with pytest.raises(ValueError, match="2 MagnitudePruneCallbacks, at most one") as err:
+    with pytest.raises(MisconfigurationException, match="2 MagnitudePruneCallbacks, at most one") as err:
         tiny_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(TinyClassifier(), random_loader())
     assert "\n" not in str(err.value)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from lightning_clipprune import MagnitudePruneCallback, pruning
 from lightning_clipprune.pruning import (
+    DEFAULT_RANKING,
     PATTERNS,
     Layout,
     apply_masks_,
     check_pattern_fits,
-    compute_masks,
     erk_counts,
     importance,
     keep_mask_by_count,
@@ -30,6 +33,23 @@ from lightning_clipprune.pruning import (
     select_prunable_parameters,
     weight_layouts,
 )
+
+# Most tests below pin one global ranking with no ceiling ("raw", None: one threshold over every tensor,
+# torch's global_unstructured); a test that means another ranking or ceiling names it, which overrides these.
+compute_masks = functools.partial(pruning.compute_masks, ranking="raw", max_layer_sparsity=None)
+
+
+def test_compute_masks_and_the_callback_share_one_set_of_defaults() -> None:
+    masks_defaults = inspect.signature(pruning.compute_masks).parameters
+    callback_defaults = inspect.signature(MagnitudePruneCallback).parameters
+    for name in ("ranking", "max_layer_sparsity", "scope", "pattern", "criterion"):
+        assert masks_defaults[name].default == callback_defaults[name].default, name
+    assert masks_defaults["ranking"].default == DEFAULT_RANKING == "er"
+    w = {"wide": torch.randn(64, 64), "narrow": torch.randn(4, 64)}
+    default = pruning.compute_masks(w, sparsity=0.9)
+    spelled = pruning.compute_masks(w, sparsity=0.9, ranking="er", max_layer_sparsity=None)  # "auto" under budgets
+    assert all(torch.equal(default[n], spelled[n]) for n in w)
+    assert not torch.equal(default["narrow"], compute_masks(w, sparsity=0.9)["narrow"])  # raw ranks differently
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -422,7 +442,7 @@ def test_new_arguments_are_checked_with_the_shared_messages() -> None:
     w = {"a": torch.rand(4)}
     with pytest.raises(ValueError, match=r"`compute_masks\(ranking=...\)` must be one of 'raw', 'layer_normalized', 'erk'"):
         compute_masks(w, sparsity=0.5, ranking="snip")
-    with pytest.raises(ValueError, match=r"`compute_masks\(max_layer_sparsity=...\)` must be a finite number in \(0, 1\] or None"):
+    with pytest.raises(ValueError, match=r"`compute_masks\(max_layer_sparsity=...\)` must be 'auto', a number in \(0, 1\] or None, got 0.0"):
         compute_masks(w, sparsity=0.5, max_layer_sparsity=0.0)
     with pytest.raises(ValueError, match=r"`compute_masks\(sparsity=...\)` must be a finite number in \[0, 1\] or None"):
         compute_masks(w, sparsity=1.5)
@@ -504,3 +524,41 @@ def test_low_precision_weights_are_ranked_like_their_float32_values(dtype: torch
     expected = compute_masks({k: v.float() for k, v in w.items()}, sparsity=0.5)
     assert all(torch.equal(masks[k], expected[k]) for k in w)
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * (128 + 64))
+
+
+class _InOut(nn.Module):
+    """A layer whose weight is stored (in, out), as Hugging Face's Conv1D."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_a_user_layout_is_one_registration() -> None:
+    from lightning_clipprune.pruning import layout_of, register_layout
+
+    net = nn.Sequential(nn.Linear(4, 6), _InOut(6, 5))
+    assert list(select_prunable_parameters(net)) == ["0.weight"]  # unknown type: not selected, standard layout
+    assert layout_of(net[1]) == Layout()
+    register_layout(_InOut, Layout(transposed=True), prunable=True)
+    assert list(select_prunable_parameters(net)) == ["0.weight", "1.weight"]
+    layouts = weight_layouts(net)
+    assert layouts == {"1.weight": Layout(transposed=True, groups=1)}
+    w = {"1.weight": net[1].weight.detach()}
+    masks = compute_masks(w, sparsity=0.4, pattern="channel", scope="local", layouts=layouts)["1.weight"]
+    assert masks.all(dim=0).sum() == 3 and (~masks).all(dim=0).sum() == 2  # whole output columns go
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_layout(int, Layout())
+
+
+def test_frozen_parameters_are_not_selected_unless_asked() -> None:
+    from lightning_clipprune.pruning import frozen_names
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    net[0].weight.requires_grad_(False)
+    assert list(select_prunable_parameters(net)) == ["1.weight"]
+    assert list(select_prunable_parameters(net, include_frozen=True)) == ["0.weight", "1.weight"]
+    assert frozen_names(net) == ["0.weight"]

@@ -1,0 +1,103 @@
+"""``MagnitudePruneCallback``'s per-step work: masking gradients, and weights after a step where needed.
+
+Held apart from the callback so the hot path is all in one place: the parameters that have pruned
+entries, their integer masks (:func:`~lightning_clipprune.pruning.mask_factors`, rebuilt at each event)
+and one flag saying whether this step's gradients are masked already. No host synchronisation here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_clipprune.pruning import apply_masks_, mask_factors, mask_optimizer_state_
+
+
+class MaskHotPath:
+    """The parameters with pruned entries and their integer masks, for the per-step passes.
+
+    Example::
+
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> hot = MaskHotPath()
+        >>> hot.build({"p": p}, {"p": torch.tensor([True, False])}, ["p"])
+        >>> p.grad = torch.tensor([float("nan"), float("nan")])
+        >>> hot.mask_gradients(); p.grad
+        tensor([nan, 0.])
+    """
+
+    def __init__(self) -> None:
+        self.drop()
+
+    @property
+    def built(self) -> bool:
+        return self.live is not None
+
+    def build(self, params: Mapping[str, torch.nn.Parameter], masks: Mapping[str, Tensor], names: Sequence[str]) -> None:
+        """Cache the parameters of ``names`` that have pruned entries, and their integer masks."""
+        live = [n for n in names if not bool(masks[n].all())]
+        self.params = params
+        self.live: list[torch.nn.Parameter] | None = [params[n] for n in live]
+        self.factors = mask_factors([masks[n] for n in live], self.live)
+        self.factor_of = dict(zip(live, self.factors, strict=True))
+        self.grads_masked = False
+
+    def drop(self) -> None:
+        """Forget the cache (its integer masks are a training-time cost)."""
+        self.params: Mapping[str, torch.nn.Parameter] = {}
+        self.live = None
+        self.factors: list[Tensor] = []
+        self.factor_of: dict[str, Tensor] = {}
+        self.grads_masked = False  # mask_gradients() did its work since the last backward / optimizer step
+
+    def mask_gradients(self) -> None:
+        """Set the gradients of pruned entries to exactly zero (NaN included); once per step."""
+        if self.grads_masked or not self.live:
+            return
+        self.grads_masked = True
+        grads = [p.grad for p in self.live]
+        if any(g is None for g in grads):
+            pairs = [(g, f) for g, f in zip(grads, self.factors, strict=True) if g is not None]
+            apply_masks_([g for g, _ in pairs], [f for _, f in pairs])
+        else:
+            apply_masks_(grads, self.factors)
+
+    def apply_weights(self, names: Sequence[str]) -> None:
+        """Set the pruned weights of ``names`` to exactly ``+0.0``."""
+        names = [n for n in names if n in self.factor_of]
+        apply_masks_([self.params[n] for n in names], [self.factor_of[n] for n in names])
+
+    def post_hook(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        names: list[str],
+        zero_keeping: bool,
+        observe: Callable[[dict[str, Tensor]], None] | None,
+    ) -> Any:
+        """An ``optimizer.register_step_post_hook`` hook for the parameters ``names`` (of ``params``) of one optimizer.
+
+        ``zero_keeping`` (:func:`~lightning_clipprune.pruning.keeps_pruned_weights_zero`): with the gradients
+        masked before the step and the state zeroed at the event, this optimizer's step provably leaves
+        pruned weights at zero, so the weights need no second pass; any other optimizer is re-masked after
+        every step. ``observe`` gets the step's gradients (a criterion that needs them).
+        """
+
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if observe is not None:
+                # after optimizer.step: `.grad` is what the step used (masked, clipped, AMP-unscaled). A step
+                # *pre*-hook would be too early: Lightning passes the closure that runs backward to step().
+                grads = {n: params[n].grad for n in names}
+                observe({n: g for n, g in grads.items() if g is not None})
+            if self.live:
+                if not self.grads_masked:  # stepped without mask_gradients(): the state may have moved too
+                    live = [n for n in names if n in self.factor_of]
+                    self.apply_weights(live)
+                    mask_optimizer_state_(optimizer, [self.params[n] for n in live], [self.factor_of[n] for n in live])
+                elif not zero_keeping:
+                    self.apply_weights(names)
+            self.grads_masked = False
+
+        return hook

@@ -1,0 +1,207 @@
+"""``MagnitudePruneCallback``'s plan: arguments that involve each other, which parameters, where events fall.
+
+Each argument alone is checked by :mod:`lightning_clipprune._validation` in ``__init__``; what is here
+needs two arguments together (``__init__``), the module (``setup``) or the Trainer (train start), plus the
+helpers that turn a criterion's state into checkpoint data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_clipprune._validation import bad_value
+from lightning_clipprune.pruning import (
+    CEILING,
+    nonfinite_names,
+    saturated_layers,
+    select_prunable_parameters,
+    uninitialized_names,
+)
+from lightning_clipprune.schedules import resolve_position
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+OWNER = "MagnitudePruneCallback"
+
+
+def check_combination(cb: Any, kind: str, n: int, m: int) -> None:
+    """The checks that involve two arguments of ``cb`` (a ``MagnitudePruneCallback`` being built).
+
+    Raises:
+        ValueError: naming the arguments that clash and what would fit.
+    """
+    if (cb.sparsity is None) == (cb.threshold is None):
+        raise ValueError(
+            f"`{OWNER}` needs exactly one of `sparsity` and `threshold`, got sparsity={cb.sparsity!r},"
+            f" threshold={cb.threshold!r}."
+        )
+    if cb.threshold is not None and kind != "unstructured":
+        raise ValueError(f"`{OWNER}(threshold=...)` works with pattern 'unstructured' only, got pattern={cb.pattern!r}.")
+    if kind == "nm" and not math.isclose(cb.sparsity, 1.0 - n / m, abs_tol=1e-9):
+        raise ValueError(
+            f"`{OWNER}(pattern={cb.pattern!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
+            f" (or left out), got sparsity={cb.sparsity!r}."
+        )
+    if cb.schedule != "oneshot" and type(cb.start) is type(cb.end) and cb.start > cb.end:
+        raise ValueError(f"`{OWNER}`: `start` must be <= `end`, got start={cb.start!r}, end={cb.end!r}.")
+    ceiling = cb.effective_max_layer_sparsity
+    if ceiling is not None and cb.scope == "global" and (cb.sparsity or 0.0) > ceiling:
+        raise bad_value(OWNER, "max_layer_sparsity", f">= sparsity={cb.sparsity} or None", ceiling)
+    if cb.layer_sparsity and (cb.scope != "local" or cb.sparsity is None or kind == "nm"):
+        allowed = "None unless scope='local' with a `sparsity` (not N:M)"
+        raise bad_value(OWNER, "layer_sparsity", allowed, cb.layer_sparsity)
+
+
+def run_length(unit: str, trainer: pl.Trainer) -> float | None:
+    """The whole training in ``unit``s ("step" or "epoch"), None when unknown or infinite."""
+    if unit == "step":
+        total = float(trainer.estimated_stepping_batches)
+    else:
+        total = float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else math.inf
+    return total if math.isfinite(total) and total >= 0 else None
+
+
+def resolve_positions(cb: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int, int]:
+    """``(start, end, frequency)`` of ``cb`` in ``cb.unit``s for this run.
+
+    Raises:
+        ValueError: when ``end < start`` once resolved, or the window lies past the end of a run of known length.
+    """
+    total = run_length(cb.unit, trainer)
+    unit = f"{cb.unit}s"
+    start = resolve_position(cb.start, total, "start")
+    end = start if cb.schedule == "oneshot" else resolve_position(cb.end, total, "end")
+    length = f"a run of {total:g} {unit}" if total is not None else f"a run of unknown length ({unit})"
+    if end < start:
+        raise ValueError(
+            f"{OWNER}: `start` must be <= `end`, got start={cb.start!r} -> {unit[:-1]} {start},"
+            f" end={cb.end!r} -> {unit[:-1]} {end}, in {length}."
+        )
+    # Only a known, fixed length can be checked (manual optimization may step several times a batch).
+    if total is not None and pl_module.automatic_optimization and end > total:
+        which = f"start={cb.start!r}" if cb.schedule == "oneshot" else f"start={cb.start!r}, end={cb.end!r}"
+        raise ValueError(
+            f"{OWNER}: the prune window ({which}: {unit} {start} to {end}) is never reached"
+            f" in {length}: lower them or train longer (a float such as 0.75 is a fraction of the run)."
+        )
+    frequency = cb.frequency
+    if frequency is None:
+        frequency = 1 if cb.unit == "epoch" else max(1, min(100, (end - start) // 10))
+    return start, end, frequency
+
+
+def parameter_changes(old: dict[str, Any], new: dict[str, Any], old_names: list[str]) -> str | None:
+    """What changed between the parameters a callback pruned and the module's now, in words; None if nothing.
+
+    A parameter counts as changed when its name set, its shape or its identity (the ``Parameter`` object:
+    a replaced layer) differs.
+    """
+    if not old_names:
+        return None
+    if old_names != list(new):
+        return f"the prunable parameters are now {list(new)} instead of {old_names}"
+    for name, p in new.items():
+        before = old.get(name)
+        if before is None:
+            continue  # names from a checkpoint, before any module was seen: load_state_dict checks those
+        if tuple(before.shape) != tuple(p.shape):
+            return f"`{name}` changed shape from {tuple(before.shape)} to {tuple(p.shape)}"
+        if before is not p:
+            return f"`{name}` is a new tensor (its layer was replaced)"
+    return None
+
+
+def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``cb`` prunes in ``pl_module``; with ``announce``, one info line names the frozen ones left dense.
+
+    Raises:
+        ValueError: when there is none, or one is a lazy parameter not materialised yet (what to do, in one line).
+    """
+    how = dict(include=cb.include, exclude=cb.exclude, prune_bias=cb.prune_bias)
+    params = select_prunable_parameters(
+        pl_module, **how, keep_first_and_last=cb.keep_first_and_last, include_frozen=cb.prune_frozen
+    )
+    frozen = [] if cb.prune_frozen else [
+        n for n, p in select_prunable_parameters(pl_module, **how, include_frozen=True).items() if not p.requires_grad
+    ]
+    if frozen and announce:
+        rank_zero_info(
+            f"{OWNER}: {len(frozen)} frozen parameter(s) (requires_grad=False) left dense: {', '.join(frozen)}"
+            " (prune_frozen=True prunes them too)."
+        )
+    if not params:
+        raise ValueError(
+            f"{OWNER} found no prunable parameter in {type(pl_module).__name__} (include={cb.include},"
+            f" exclude={cb.exclude}, frozen left out: {frozen}): it prunes the weights of Linear, Conv,"
+            " ConvTranspose and attention (Q/K/V, output) layers; name other parameters with `include`"
+        )
+    lazy = uninitialized_names(params)
+    if lazy:
+        raise ValueError(
+            f"{OWNER}: {', '.join(lazy)} not materialised yet (a lazy layer such as nn.LazyLinear gets its"
+            " shape at its first forward pass): run one forward pass on an example batch before"
+            " `trainer.fit`, or give the layer its input size."
+        )
+    return params
+
+
+def warn_saturated(cb: Any, new: dict[str, Tensor], layouts: dict[str, Any], named: set[str]) -> set[str]:
+    """Warn once per layer (``named``: those already warned about) that global ranking pruned to its ceiling
+    (or, with none, to 99 % / 100 %); returns the layers named now."""
+    if cb.scope != "global":
+        return set()
+    # under per-layer budgets the largest layer is the sparsest by design: only an emptied layer is named
+    ceiling, budgets = cb.effective_max_layer_sparsity, cb._budgets
+    saturated = saturated_layers(new, ceiling, layouts, level=1.0 if budgets else CEILING)
+    if not set(saturated) - named:
+        return set()
+    limit = "its ceiling" if ceiling is not None else "100 %" if budgets else "99 % or more (no ceiling)"
+    rank_zero_warn(
+        f"{OWNER}: global ranking pruned {len(saturated)} layer(s) to {limit}: "
+        + ", ".join(f"{n} ({s:.1%})" for n, s in saturated.items())
+        + ". If accuracy suffers, try ranking='layer_normalized' or scope='local'."
+    )
+    return set(saturated)
+
+
+def cpu_copy(state: Any) -> Any:
+    """``state`` with every tensor copied to the CPU (dicts and lists walked): a criterion's state for a checkpoint."""
+    if isinstance(state, Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state
+
+
+def state_tensors(state: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """Every floating tensor in ``state`` (dicts and lists walked), named by its path."""
+    if isinstance(state, Tensor):
+        return [(prefix, state)] if state.is_floating_point() else []
+    if isinstance(state, dict):
+        return [x for k, v in state.items() for x in state_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [x for i, v in enumerate(state) for x in state_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_finite(tensors: dict[str, Tensor], when: str, why: str = "") -> None:
+    """Raise one line naming the tensors that hold NaN or inf (one host sync), the first one first.
+
+    Raises:
+        FloatingPointError: ``"MagnitudePruneCallback: <when> `a`, `b` hold NaN or inf ..."`` with what to do.
+    """
+    bad = nonfinite_names(tensors)
+    if bad:
+        named = ", ".join(f"`{n}`" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise FloatingPointError(
+            f"{OWNER}: {when} {named} hold NaN or inf{why}. Training diverged: lower the learning rate, or add a"
+            " GradientClipCallback, which skips non-finite steps."
+        )

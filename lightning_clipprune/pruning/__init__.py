@@ -1,0 +1,130 @@
+"""Pure pruning core: which parameters, importance criteria, rankings and budgets, masks, applying them.
+
+No Lightning import here: everything is tested on hand-built tensors and modules. One module per job:
+
+- :mod:`~lightning_clipprune.pruning.selection`: which parameters are prunable and how each weight stores
+  its channels (layouts, a registry: :func:`register_layout`).
+- :mod:`~lightning_clipprune.pruning.criteria`: importance criteria as objects (:class:`Magnitude`,
+  :class:`Taylor`, your own: :func:`register_criterion`).
+- :mod:`~lightning_clipprune.pruning.ranking`: scores, rankings, per-layer budgets, the ceiling, and the
+  defaults shared by every entry point (:data:`DEFAULT_RANKING`, ``max_layer_sparsity="auto"``).
+- :mod:`~lightning_clipprune.pruning.masks`: keep-masks per pattern (:func:`compute_masks`).
+- :mod:`~lightning_clipprune.pruning.apply`: applying masks in place (exact ``+0.0``) and keeping
+  optimizer state clean.
+
+Every name that ``lightning_clipprune.pruning`` offered as one module is importable from here.
+"""
+
+from lightning_clipprune.pruning.apply import (
+    ZERO_KEEPING_OPTIMIZERS,
+    apply_masks_,
+    keeps_pruned_weights_zero,
+    mask_factors,
+    mask_optimizer_state_,
+    nonfinite_names,
+)
+from lightning_clipprune.pruning.criteria import (
+    CRITERIA,
+    NEEDS,
+    Criterion,
+    CriterionProtocol,
+    Magnitude,
+    Taylor,
+    criterion_names,
+    importance,
+    make_criterion,
+    register_criterion,
+)
+from lightning_clipprune.pruning.masks import (
+    PATTERNS,
+    SCOPES,
+    check_layer_sparsity,
+    check_pattern_fits,
+    compute_masks,
+    nm_candidates,
+    parse_pattern,
+    resolve_layer_sparsity,
+)
+from lightning_clipprune.pruning.ranking import (
+    BUDGET_RANKINGS,
+    CEILING,
+    DEFAULT_MAX_LAYER_SPARSITY,
+    DEFAULT_RANKING,
+    RANKINGS,
+    erk_counts,
+    keep_mask_by_count,
+    kth_smallest,
+    layer_cap,
+    resolve_max_layer_sparsity,
+    saturated_layers,
+    uses_budgets,
+)
+from lightning_clipprune.pruning.selection import (
+    ATTENTION_WEIGHTS,
+    PRUNABLE_TYPES,
+    STANDARD_LAYOUT,
+    TRANSPOSED_TYPES,
+    Layout,
+    frozen_names,
+    layout_of,
+    matrix_shape,
+    output_rows,
+    register_layout,
+    rows_to_mask,
+    select_prunable_parameters,
+    uninitialized_names,
+    weight_layouts,
+)
+
+__all__ = [
+    "ATTENTION_WEIGHTS",
+    "BUDGET_RANKINGS",
+    "CEILING",
+    "CRITERIA",
+    "DEFAULT_MAX_LAYER_SPARSITY",
+    "DEFAULT_RANKING",
+    "NEEDS",
+    "PATTERNS",
+    "PRUNABLE_TYPES",
+    "RANKINGS",
+    "SCOPES",
+    "STANDARD_LAYOUT",
+    "TRANSPOSED_TYPES",
+    "ZERO_KEEPING_OPTIMIZERS",
+    "Criterion",
+    "CriterionProtocol",
+    "Layout",
+    "Magnitude",
+    "Taylor",
+    "apply_masks_",
+    "check_layer_sparsity",
+    "check_pattern_fits",
+    "compute_masks",
+    "criterion_names",
+    "erk_counts",
+    "frozen_names",
+    "importance",
+    "keep_mask_by_count",
+    "keeps_pruned_weights_zero",
+    "kth_smallest",
+    "layer_cap",
+    "layout_of",
+    "make_criterion",
+    "mask_factors",
+    "mask_optimizer_state_",
+    "matrix_shape",
+    "nm_candidates",
+    "nonfinite_names",
+    "output_rows",
+    "parse_pattern",
+    "register_criterion",
+    "register_layout",
+    "resolve_layer_sparsity",
+    "resolve_max_layer_sparsity",
+    "rows_to_mask",
+    "saturated_layers",
+    "select_prunable_parameters",
+    "uninitialized_names",
+    "uses_budgets",
+    "weight_layouts",
+]

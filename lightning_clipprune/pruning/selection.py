@@ -1,0 +1,307 @@
+"""Which parameters are prunable, and how each weight stores its channels (its layout).
+
+What is prunable by default (:func:`select_prunable_parameters`): the ``weight`` of ``Linear``,
+``Conv1d/2d/3d`` (grouped and depthwise included), ``ConvTranspose1d/2d/3d``, the Q/K/V projections of
+``nn.MultiheadAttention`` (``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when
+separate; its ``out_proj`` is a ``Linear``), and the ``weight`` of every layer type given to
+:func:`register_layout` with ``prunable=True``. Embeddings, normalisation layers and recurrent layers
+(``LSTM``/``GRU``/``RNN``) are left dense unless named in ``include``. Frozen parameters
+(``requires_grad=False``) are left out unless ``include_frozen``.
+
+Layouts: ``Linear``, ``Conv`` and the attention projections store ``(out, in, *k)``, ``ConvTranspose``
+stores ``(in, out / groups, *k)``. Output channels ("channel" pattern, one weight kept per output row) and
+input channels ("N:M" groups) are read through :class:`Layout`, from :func:`weight_layouts`. The layouts
+are a registry (:func:`register_layout`): a layer type of your own, such as a ``Conv1D`` whose weight is
+stored ``(in, out)``, is one call::
+
+    register_layout(Conv1D, lambda module: Layout(transposed=True), prunable=True)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+
+__all__ = [
+    "ATTENTION_WEIGHTS",
+    "PRUNABLE_TYPES",
+    "STANDARD_LAYOUT",
+    "TRANSPOSED_TYPES",
+    "Layout",
+    "frozen_names",
+    "layout_of",
+    "matrix_shape",
+    "output_rows",
+    "register_layout",
+    "rows_to_mask",
+    "select_prunable_parameters",
+    "uninitialized_names",
+    "weight_layouts",
+]
+
+#: Module types whose ``weight`` is prunable by default (see also :func:`register_layout`).
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+#: Transposed convolutions: weight ``(in, out / groups, *k)``.
+TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: ``nn.MultiheadAttention`` parameters prunable by default: the Q/K/V projections, each ``(out, in)``
+#: (``in_proj_weight`` is the three stacked, ``(3 * embed_dim, embed_dim)``).
+ATTENTION_WEIGHTS: tuple[str, ...] = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+class Layout(NamedTuple):
+    """How a weight stores its channels.
+
+    ``transposed=False`` (``Linear``, ``Conv``, attention projections, the default): ``(out, in / groups,
+    *k)``, output channels along dim 0, input channels along dim 1. ``transposed=True`` (``ConvTranspose``, or
+    a ``(in, out)`` matrix with ``groups=1``): ``(in, out / groups, *k)``, input channels along dim 0 and
+    output channel ``g * (out / groups) + j`` at ``[g * in / groups : (g + 1) * in / groups, j]``.
+    """
+
+    transposed: bool = False
+    groups: int = 1
+
+
+#: The layout of ``Linear``, ``Conv`` and attention weights.
+STANDARD_LAYOUT = Layout()
+
+# {module type: its weight's layout}, looked up along the MRO; types registered as prunable also join
+# the default selection.
+_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module], Layout]] = {
+    t: (lambda m: Layout(True, m.groups)) for t in TRANSPOSED_TYPES
+}
+_EXTRA_PRUNABLE: list[type[nn.Module]] = []
+
+
+def register_layout(
+    module_type: type[nn.Module], layout: Callable[[nn.Module], Layout] | Layout, *, prunable: bool = False
+) -> None:
+    """Declare how the ``weight`` of ``module_type`` (and its subclasses) stores its channels.
+
+    Args:
+        module_type: the layer class.
+        layout: a :class:`Layout`, or a function of the module instance returning one (for a ``groups``
+            read from the module).
+        prunable: also select this type's ``weight`` by default (:func:`select_prunable_parameters`).
+
+    Raises:
+        TypeError: if ``module_type`` is not an ``nn.Module`` subclass or ``layout`` neither a Layout nor callable.
+
+    Example::
+
+        >>> class RowsIn(nn.Module):  # weight stored (in, out)
+        ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.ones(3, 2))
+        >>> register_layout(RowsIn, Layout(transposed=True), prunable=True)
+        >>> weight_layouts(nn.Sequential(RowsIn()))
+        {'0.weight': Layout(transposed=True, groups=1)}
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"`module_type` must be an nn.Module subclass, got {module_type!r}")
+    if isinstance(layout, Layout):
+        fixed = layout
+        layout = lambda m: fixed  # noqa: E731
+    elif not callable(layout):
+        raise TypeError(f"`layout` must be a Layout or a function of the module, got {layout!r}")
+    _LAYOUTS[module_type] = layout
+    if prunable and module_type not in _EXTRA_PRUNABLE:
+        _EXTRA_PRUNABLE.append(module_type)
+
+
+def layout_of(module: nn.Module) -> Layout:
+    """The :class:`Layout` of ``module.weight``: the registered one of the nearest class in its MRO, else standard."""
+    for cls in type(module).__mro__:
+        if cls in _LAYOUTS:
+            return _LAYOUTS[cls](module)
+    return STANDARD_LAYOUT
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _default_names(module: nn.Module, prune_bias: bool) -> set[str]:
+    names: set[str] = set()
+    types = PRUNABLE_TYPES + tuple(_EXTRA_PRUNABLE)
+    for mod_name, mod in module.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, types):
+            names.update(prefix + k for k in (("weight", "bias") if prune_bias else ("weight",)))
+        elif isinstance(mod, nn.MultiheadAttention):
+            names.update(prefix + k for k in ATTENTION_WEIGHTS)
+            if prune_bias:
+                names.add(prefix + "in_proj_bias")
+    return names
+
+
+def select_prunable_parameters(
+    module: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    prune_bias: bool = False,
+    keep_first_and_last: bool = False,
+    include_frozen: bool = False,
+) -> dict[str, nn.Parameter]:
+    """The parameters that pruning (and sparsity reporting) considers, by their ``named_parameters`` name.
+
+    By default the ``weight`` of every ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` layer and
+    the Q/K/V projections of ``nn.MultiheadAttention`` (:data:`ATTENTION_WEIGHTS`); biases only when
+    ``prune_bias``. Embedding, normalisation and recurrent (``LSTM``, ``GRU``) layers are never selected
+    unless named in ``include``: to add an embedding to the default set, name both, for example
+    ``include=["*weight"], exclude=["*norm*"]``. A tensor reached through two modules (tied weights)
+    appears once, under its first name. Frozen parameters (``requires_grad=False``) are left out unless
+    ``include_frozen`` (pruning would change values the user froze; :func:`frozen_names` lists them).
+
+    Args:
+        module: the network.
+        include: ``fnmatch`` patterns over parameter names (``"features.*.weight"``). When given, the
+            parameters matching it are selected whatever their layer type (replaces the default).
+        exclude: ``fnmatch`` patterns of parameter names to leave dense, applied after ``include``.
+        prune_bias: also select the ``bias`` of the default layer types (``in_proj_bias`` for attention).
+        keep_first_and_last: leave the first and the last selected layer (in module order) dense.
+        include_frozen: also select parameters with ``requires_grad=False``.
+
+    Returns:
+        An ordered ``{name: parameter}`` dict, in ``named_parameters`` order.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> list(select_prunable_parameters(net))
+        ['0.weight', '2.weight']
+        >>> list(select_prunable_parameters(nn.MultiheadAttention(8, 2)))
+        ['in_proj_weight', 'out_proj.weight']
+    """
+    seen: set[int] = set()
+    selected: dict[str, nn.Parameter] = {}
+    default_names = _default_names(module, prune_bias) if include is None else set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen or not (param.requires_grad or include_frozen):
+            continue
+        chosen = _matches(name, include) if include is not None else name in default_names
+        if chosen and not _matches(name, exclude):
+            seen.add(id(param))
+            selected[name] = param
+    if keep_first_and_last and selected:
+        weights = [n for n in selected if n.endswith("weight")] or list(selected)
+        for n in {weights[0], weights[-1]}:
+            layer = n.rsplit(".", 1)[0] if "." in n else ""
+            for key in [k for k in selected if (k.rsplit(".", 1)[0] if "." in k else "") == layer]:
+                del selected[key]
+    return selected
+
+
+def frozen_names(module: nn.Module, **selection: object) -> list[str]:
+    """The parameters :func:`select_prunable_parameters` would select with ``include_frozen=True`` but not without.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        >>> net[0].weight.requires_grad_(False) is not None
+        True
+        >>> frozen_names(net)
+        ['0.weight']
+    """
+    selection.pop("include_frozen", None)
+    everything = select_prunable_parameters(module, include_frozen=True, **selection)  # type: ignore[arg-type]
+    return [n for n, p in everything.items() if not p.requires_grad]
+
+
+def uninitialized_names(params: dict[str, Tensor]) -> list[str]:
+    """The names of lazy parameters not materialised yet (``nn.LazyLinear`` before its first forward).
+
+    Example::
+
+        >>> uninitialized_names(dict(nn.LazyLinear(3).named_parameters()))
+        ['weight', 'bias']
+    """
+    return [n for n, p in params.items() if is_lazy(p)]
+
+
+def weight_layouts(module: nn.Module, names: Iterable[str] | None = None) -> dict[str, Layout]:
+    """``{parameter name: Layout}`` for the weights of ``module`` not stored ``(out, in, *k)``.
+
+    Args:
+        module: the network.
+        names: keep only these parameter names (None: all).
+
+    Example::
+
+        >>> weight_layouts(nn.Sequential(nn.Linear(2, 2), nn.ConvTranspose2d(4, 6, 3, groups=2)))
+        {'1.weight': Layout(transposed=True, groups=2)}
+    """
+    wanted = None if names is None else set(names)
+    out = {}
+    for mod_name, mod in module.named_modules():
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if wanted is not None and name not in wanted:
+            continue
+        layout = layout_of(mod)
+        if layout != STANDARD_LAYOUT:
+            out[name] = layout
+    return out
+
+
+def output_rows(t: Tensor, layout: Layout = STANDARD_LAYOUT) -> Tensor:
+    """``t`` as ``(output channels, weights of each)``: a view, or a copy for a grouped ``ConvTranspose``.
+
+    A 1-D tensor (a bias) is one row per entry.
+
+    Example::
+
+        >>> output_rows(torch.arange(12).reshape(2, 3, 2), Layout(transposed=True)).tolist()  # (in=2, out=3, k=2)
+        [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
+    """
+    if t.dim() < 2:
+        return t.reshape(-1, 1)
+    if not layout.transposed:
+        return t.reshape(t.shape[0], -1)
+    g = layout.groups
+    return t.reshape(g, t.shape[0] // g, t.shape[1], -1).permute(0, 2, 1, 3).reshape(g * t.shape[1], -1)
+
+
+def rows_to_mask(row_keep: Tensor, shape: torch.Size, layout: Layout = STANDARD_LAYOUT) -> Tensor:
+    """The element mask of ``shape`` that keeps the output rows where ``row_keep`` (inverse of :func:`output_rows`).
+
+    Example::
+
+        >>> rows_to_mask(torch.tensor([True, False]), torch.Size([2, 3])).tolist()
+        [[True, True, True], [False, False, False]]
+    """
+    if len(shape) < 2:
+        return row_keep.reshape(shape).clone()
+    if not layout.transposed:
+        return row_keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+    g = layout.groups
+    k = math.prod(shape[2:])
+    grid = row_keep.view(g, 1, shape[1], 1).expand(g, shape[0] // g, shape[1], k)
+    return grid.reshape(shape[0], shape[1], *shape[2:]).clone()
+
+
+def matrix_shape(shape: Sequence[int], layout: Layout = STANDARD_LAYOUT) -> tuple[int, ...]:
+    """``(output channels, fan-in)`` of a weight: the matrix that Erdos-Renyi budgets ("er") see.
+
+    Example::
+
+        >>> matrix_shape((64, 32, 3, 3))  # a convolution: its kernel counts in the fan-in
+        (64, 288)
+        >>> matrix_shape((16, 8, 3, 3), Layout(transposed=True))  # ConvTranspose (in, out, k, k)
+        (8, 144)
+    """
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return (n,)
+    out = shape[1] * layout.groups if layout.transposed else shape[0]
+    return (out, n // out)
