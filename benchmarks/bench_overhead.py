@@ -73,12 +73,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
-from lightning_clipprune.data import DataNotFoundError, FashionMNISTDataModule, TensorBatches
-from lightning_clipprune.models import CifarResNet, Classifier, LeNet300100
+from lightning_clipprune.app.data import DataNotFoundError, FashionMNISTDataModule, TensorBatches
+from lightning_clipprune.app.models import CifarResNet, Classifier, LeNet300100
+from lightning_clipprune.loggers import MemoryLogger
 
 ARMS = ("none", "lightning_pair", "clip", "prune", "logger", "ours_three")
 EXTRA_ARMS = ("lightning_pair_pruned", "ours_three_pruned")
@@ -88,30 +88,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_overhead.json
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-class MemoryLogger(Logger):
-    """A logger that keeps the last metrics in memory: logging costs what Lightning's own path costs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[str, float] = {}
-        self.calls = 0
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update(metrics)
-        self.calls += 1
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 class EpochTimer(Callback):
@@ -277,7 +253,7 @@ def fit_once(
             accelerator="cpu",
             devices=1,
             max_epochs=1,
-            logger=MemoryLogger(),
+            logger=MemoryLogger(keep_rows=False),
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,

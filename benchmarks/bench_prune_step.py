@@ -45,7 +45,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
-from lightning_clipprune.models import Classifier, LeNet300100, resnet20
+from lightning_clipprune.app.models import Classifier, LeNet300100, resnet20
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("none", "prune", "clip+prune", "all3")
@@ -93,7 +93,7 @@ def callbacks(arm: str) -> list[Callback]:
 
 
 def lenet_setup() -> tuple[Any, Any]:
-    from lightning_clipprune.data import FashionMNISTDataModule
+    from lightning_clipprune.app.data import FashionMNISTDataModule
 
     dm = FashionMNISTDataModule(root="/usr/share/datasets/fashion-mnist", download=False, batch_size=128)
     dm.prepare_data()

@@ -86,12 +86,12 @@ except ImportError:  # run from a checkout without installing it
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
-from lightning_clipprune.data import FashionMNISTDataModule, TensorBatches
+from lightning_clipprune.app.data import FashionMNISTDataModule, TensorBatches
+from lightning_clipprune.app.models import CifarResNet, Classifier, LeNet5
 from lightning_clipprune.export import is_n_m_sparse, to_semi_structured
-from lightning_clipprune.models import CifarResNet, Classifier, LeNet5
+from lightning_clipprune.loggers import MemoryLogger
 from lightning_clipprune.pruning import apply_masks_, compute_masks
 
 ARMS = ("none", "clip", "prune", "logger", "all_three")
@@ -221,28 +221,6 @@ def _precision() -> str:
 # ---------------------------------------------------------------------------------------------- training pieces
 
 
-class MemoryLogger(Logger):
-    """Keeps the last metrics in memory: the Trainer logs (and reads values) as with any logger."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[str, float] = {}
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update(metrics)
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class StepTimer(Callback):
     """Marks the start of every training step and the end of training: CUDA events (no host sync) or clocks."""
 
@@ -293,7 +271,7 @@ def _trainer(callbacks: list[Callback], root: str, **kwargs: Any) -> L.Trainer:
         "devices": 1,
         "precision": _precision(),
         "benchmark": cuda,
-        "logger": MemoryLogger(),
+        "logger": MemoryLogger(keep_rows=False),
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_clipprune.loggers import MemoryLogger
+
+__all__ = ["MemoryLogger", "TinyClassifier", "random_loader", "tiny_trainer"]
 
 
 def random_loader(n: int = 128, in_features: int = 16, classes: int = 4, batch_size: int = 16, seed: int = 0) -> DataLoader:
@@ -71,29 +72,3 @@ def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, metrics)`` in :attr:`rows`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def rows_with(self, key: str) -> list[tuple[int | None, dict[str, float]]]:
-        """The logged rows that contain ``key``."""
-        return [(s, m) for s, m in self.rows if key in m]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_clipprune.data import (
+from lightning_clipprune.app.data import (
     CIFAR10DataModule,
     DataNotFoundError,
     DigitsDataModule,
@@ -28,7 +28,7 @@ from lightning_clipprune.data import (
     read_cifar_batch,
     read_idx,
 )
-from lightning_clipprune.data.cifar import CIFAR10_MD5
+from lightning_clipprune.app.data.cifar import CIFAR10_MD5
 
 from .conftest import write_cifar10, write_idx, write_mnist_like
 from .helpers import tiny_trainer
@@ -360,7 +360,7 @@ def test_cifar_download_with_the_wrong_md5_is_refused_and_deleted(tmp_path: Path
 def test_cifar_download_with_the_published_md5_is_extracted(tmp_path: Path, monkeypatch) -> None:
     payload = _cifar_archive(tmp_path)
     _serve(monkeypatch, payload)
-    monkeypatch.setattr("lightning_clipprune.data.cifar.CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    monkeypatch.setattr("lightning_clipprune.app.data.cifar.CIFAR10_MD5", hashlib.md5(payload).hexdigest())
     root = tmp_path / "root"
     root.mkdir()
     dm = CIFAR10DataModule(root=str(root), batch_size=4)

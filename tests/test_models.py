@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_clipprune.models import (
+from lightning_clipprune.app.models import (
     MLP,
     CifarResNet,
     Classifier,
@@ -20,7 +20,7 @@ from lightning_clipprune.models import (
     resnet32,
     resnet56,
 )
-from lightning_clipprune.models.networks import _BasicBlock
+from lightning_clipprune.app.models.networks import _BasicBlock
 
 from .helpers import random_loader, tiny_trainer
 

@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lightning_clipprune.hydra_callbacks import ResultsObjective, SweepReport
-from lightning_clipprune.report import collect, main, pareto_front, varying_keys, write_report
+from lightning_clipprune.app.hydra_callbacks import ResultsObjective, SweepReport
+from lightning_clipprune.app.report import collect, main, pareto_front, varying_keys, write_report
 from lightning_clipprune.run import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def compose_hydra(overrides: list[str]):
 
 def test_sweep_report_preset_composes() -> None:
     cfg = compose_hydra(["hydra/callbacks=sweep_report"])
-    assert cfg.hydra.callbacks.sweep_report._target_ == "lightning_clipprune.hydra_callbacks.SweepReport"
+    assert cfg.hydra.callbacks.sweep_report._target_ == "lightning_clipprune.app.hydra_callbacks.SweepReport"
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_clipprune.data import DigitsDataModule
-from lightning_clipprune.models import MLP
+from lightning_clipprune.app.data import DigitsDataModule
+from lightning_clipprune.app.models import MLP
 from lightning_clipprune.search import (
     Ranking,
     compare_allocation,

@@ -52,8 +52,8 @@ def test_seed_cnn_is_the_methods_network() -> None:
 
 def test_seed_preset_is_the_methods_recipe(tmp_path: Path) -> None:
     cfg, _ = compose_seed(tmp_path)
-    assert cfg.model.net._target_ == "lightning_clipprune.models.SeedCNN"
-    assert cfg.data._target_ == "lightning_clipprune.data.FashionMNISTDataModule"
+    assert cfg.model.net._target_ == "lightning_clipprune.app.models.SeedCNN"
+    assert cfg.data._target_ == "lightning_clipprune.app.data.FashionMNISTDataModule"
     opt = cfg.model.optimizer
     assert (opt._target_, opt.lr, opt.momentum, opt.weight_decay) == ("torch.optim.SGD", 0.01, 0.9, 0.0)
     assert cfg.model.lr_schedule == "constant"

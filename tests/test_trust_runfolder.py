@@ -20,18 +20,18 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from lightning_clipprune.app.report import collect
+from lightning_clipprune.app.report import main as report_main
 from lightning_clipprune.app.rundir import RUN_RECORD, read_run_overrides
+from lightning_clipprune.app.search_cli import compose_run_config, run_overrides
+from lightning_clipprune.app.search_cli import main as search_main
 from lightning_clipprune.app.targets import (
     ALLOWED_TARGETS,
     UntrustedConfigError,
     check_overrides,
     check_targets,
 )
-from lightning_clipprune.report import collect
-from lightning_clipprune.report import main as report_main
 from lightning_clipprune.run import config_dir, train
-from lightning_clipprune.search import compose_run_config, run_overrides
-from lightning_clipprune.search import main as search_main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_OVERRIDES = ["~prune", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -308,7 +308,7 @@ def test_crafted_checkpoints_are_one_line_and_run_nothing(run: Path, tmp_path: P
 
 def test_a_plain_state_dict_of_the_runs_model_loads(run: Path, tmp_path: Path) -> None:
     from lightning_clipprune.app.build import instantiate
-    from lightning_clipprune.search import load_weights
+    from lightning_clipprune.app.search_cli import load_weights
 
     state = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     torch.save(state, tmp_path / "bare.pt")
@@ -492,7 +492,7 @@ def test_a_symlinked_job_folder_is_left_out(tmp_path: Path, capsys: pytest.Captu
 def test_results_objective_refuses_a_crafted_results_json(tmp_path: Path) -> None:
     from hydra.core.utils import JobReturn, JobStatus
 
-    from lightning_clipprune.hydra_callbacks import ResultsObjective
+    from lightning_clipprune.app.hydra_callbacks import ResultsObjective
 
     config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}})
     for content in ('{"val_acc": "0.9", "sparsity": 0.5}', "[]", '{"val_acc": 0.9}'):
@@ -570,7 +570,7 @@ def guard_config(run_dir: Path, ckpt_path: str | None = None):
 
 def test_run_folder_guard_refuses_before_hydra_writes(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """At on_run_start (before Hydra writes .hydra/ and the log): a held or finished folder, planted links."""
-    from lightning_clipprune.hydra_callbacks import RunFolderGuard
+    from lightning_clipprune.app.hydra_callbacks import RunFolderGuard
 
     guard = RunFolderGuard()
     guard.on_run_start(guard_config(tmp_path / "fresh"))  # a new folder: nothing to refuse, nothing created
@@ -600,7 +600,7 @@ def test_a_refused_second_cli_run_leaves_the_first_runs_hydra_files(tmp_path: Pa
     before = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
     second = subprocess.run(
         [sys.executable, "-m", "lightning_clipprune.run", "debug=smoke", "model=lenet300", f"hydra.run.dir={run_dir}",
-         "+hydra.callbacks.run_folder_guard._target_=lightning_clipprune.hydra_callbacks.RunFolderGuard"],
+         "+hydra.callbacks.run_folder_guard._target_=lightning_clipprune.app.hydra_callbacks.RunFolderGuard"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr

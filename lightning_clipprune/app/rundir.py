@@ -12,13 +12,23 @@ holds the folder (:func:`write_run_record`), and the search reads that one first
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_clipprune._io import atomic_path, atomic_write_text
 from lightning_clipprune.app.checks import ConfigError
+from lightning_clipprune.app.targets import check_overrides
+from lightning_clipprune.app.untrusted import (
+    UntrustedFileError,
+    read_json_object,
+    read_limited,
+    read_string_list,
+    read_yaml,
+)
 
 __all__ = ["LOCK_NAME", "RUN_RECORD", "check_output_dir", "claim_output_dir", "read_run_overrides", "release_output_dir", "run_id",
            "write_run_record"]
@@ -143,8 +153,6 @@ def release_output_dir(output_dir: Path) -> None:
 
 def _lock_pid(lock: Path) -> int:
     """The process id in a lock file (0: unreadable or empty); a planted link, pipe or device is refused."""
-    from lightning_clipprune.app.untrusted import UntrustedFileError, read_limited
-
     try:
         text = read_limited(lock, 64).decode("ascii", "replace").strip()
     except UntrustedFileError as err:
@@ -163,8 +171,6 @@ def write_run_record(output_dir: Path, overrides: Sequence[str]) -> Path:
     Returns:
         The record's path.
     """
-    from lightning_clipprune._io import atomic_write_text
-
     path = output_dir / RUN_RECORD
     atomic_write_text(path, json.dumps({"format": 1, "overrides": [str(o) for o in overrides]}, indent=2) + "\n")
     return path
@@ -187,9 +193,6 @@ def read_run_overrides(run_dir: Path) -> tuple[list[str], Path | None]:
         UntrustedFileError: a record that cannot be read or is not a list of strings (one line naming it).
         UntrustedConfigError: an override that would build something other than the suite's own classes.
     """
-    from lightning_clipprune.app.targets import check_overrides
-    from lightning_clipprune.app.untrusted import read_json_object, read_string_list, read_yaml
-
     record, hydra_file, results = run_dir / RUN_RECORD, run_dir / ".hydra" / "overrides.yaml", run_dir / "results.json"
     if os.path.lexists(record):
         source, overrides = record, read_string_list(read_json_object(record).get("overrides"), record)
@@ -219,10 +222,6 @@ def set_aside_metrics(output_dir: Path) -> Path | None:
 
 def merge_metrics(output_dir: Path, aside: Path | None) -> None:
     """One ``csv/metrics.csv`` for a resumed run: the earlier rows (before the resumed step), then the new ones."""
-    import csv
-
-    from lightning_clipprune._io import atomic_path
-
     if aside is None or not aside.is_file():
         return
     current = output_dir / "csv" / "metrics.csv"
@@ -234,7 +233,17 @@ def merge_metrics(output_dir: Path, aside: Path | None) -> None:
             new = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in new if r.get("step", "").isdigit()]
     if steps:  # rows the resumed run logged again (after the checkpoint, before the interruption) are dropped
-        old = [r for r in old if r.get("step", "").isdigit() and int(r["step"]) < min(steps)]
+        first = min(steps)
+
+        def keys(row: dict[str, str]) -> frozenset[str]:
+            return frozenset(k for k, v in row.items() if v)
+
+        # at the resumed run's first step, the old rows end with those it logs again (its first batch); the
+        # rows before them were logged at that step before the checkpoint (the epoch end it closed): kept
+        at = [r for r in old if r.get("step") == str(first)]
+        again = [keys(r) for r in new if r.get("step") == str(first)]
+        n = next(k for k in range(len(at), -1, -1) if [keys(r) for r in at[len(at) - k :]] == again[:k])
+        old = [r for r in old if r.get("step", "").isdigit() and int(r["step"]) < first] + at[: len(at) - n]
     keys = sorted({k for row in old + new for k in row})
     with atomic_path(current) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)

@@ -25,18 +25,36 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
 from lightning_clipprune.app.checks import ConfigError, one_line
 
 __all__ = ["ALLOWED_TARGETS", "SAFE_RESOLVERS", "UntrustedConfigError", "check_overrides", "check_targets"]
 
 #: Every ``_target_`` a config read from a file may name: the ``_target_`` values of ``conf/**/*.yaml``
 #: (the suite's callbacks, data modules, models, Hydra callbacks; Lightning's Trainer, ModelCheckpoint and
-#: loggers; SGD) plus the documented optimizers ``model.optimizer._target_`` may be switched to.
+#: loggers; SGD) plus the documented optimizers ``model.optimizer._target_`` may be switched to, and the
+#: app's classes under their older public paths (``lightning_clipprune.models.MLP``, kept as aliases).
 #: ``tests/test_trust_runfolder.py`` checks that every ``_target_`` in ``conf/`` is listed here.
 ALLOWED_TARGETS: frozenset[str] = frozenset({
     "lightning_clipprune.GradientClipCallback",
     "lightning_clipprune.MagnitudePruneCallback",
     "lightning_clipprune.SparsityLogger",
+    "lightning_clipprune.app.data.CIFAR10DataModule",
+    "lightning_clipprune.app.data.DigitsDataModule",
+    "lightning_clipprune.app.data.FashionMNISTDataModule",
+    "lightning_clipprune.app.data.MNISTDataModule",
+    "lightning_clipprune.app.models.Classifier",
+    "lightning_clipprune.app.models.CifarResNet",
+    "lightning_clipprune.app.models.LeNet300100",
+    "lightning_clipprune.app.models.LeNet5",
+    "lightning_clipprune.app.models.MLP",
+    "lightning_clipprune.app.models.SeedCNN",
+    "lightning_clipprune.app.hydra_callbacks.ResultsObjective",
+    "lightning_clipprune.app.hydra_callbacks.RunFolderGuard",
+    "lightning_clipprune.app.hydra_callbacks.SweepReport",
+    # the same classes under their paths before they moved into the app (run folders written then)
     "lightning_clipprune.data.CIFAR10DataModule",
     "lightning_clipprune.data.DigitsDataModule",
     "lightning_clipprune.data.FashionMNISTDataModule",
@@ -80,6 +98,7 @@ class UntrustedConfigError(ConfigError):
 
 
 def _config_dir() -> Path:
+    # lazy: run.py imports app.rundir, which imports this module (an import cycle at the top)
     from lightning_clipprune.run import config_dir
 
     return config_dir()
@@ -127,8 +146,6 @@ def check_overrides(overrides: Iterable[str], *, source: str) -> list[str]:
     Raises:
         UntrustedConfigError: (a ``ValueError``) one line naming the file and the override.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     out = []
     for text in overrides:
@@ -234,8 +251,6 @@ def check_targets(cfg: Any, *, extra: Sequence[str] = ()) -> Any:
         ...
         lightning_clipprune.app.targets.UntrustedConfigError: model._target_='os.system': not one of the suite's own classes; ...
     """
-    from omegaconf import OmegaConf
-
     _check_resolvers(OmegaConf.to_container(cfg, resolve=False), "")
     resolved = copy.deepcopy(cfg)
     try:

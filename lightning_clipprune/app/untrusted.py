@@ -21,6 +21,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = ["MAX_FILE_BYTES", "UntrustedFileError", "make_output_dir", "read_json_object", "read_limited", "read_string_list",
            "read_yaml"]
 
@@ -116,8 +118,6 @@ def read_yaml(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> Any:
     Raises:
         UntrustedFileError: the read is refused, or the YAML is invalid or too deeply nested.
     """
-    import yaml
-
     text = _text(path, limit)
     try:
         return yaml.safe_load(text)

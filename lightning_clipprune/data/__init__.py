@@ -1,22 +1,20 @@
-"""In-memory tensor data modules: digits (embedded), MNIST / Fashion-MNIST (IDX files), CIFAR-10 (pickles)."""
+"""Old import path of :mod:`lightning_clipprune.app.data` (the in-memory data modules of the app).
 
-from lightning_clipprune.data.cifar import CIFAR10DataModule, read_cifar_batch
-from lightning_clipprune.data.digits import DigitsDataModule
-from lightning_clipprune.data.idx import FashionMNISTDataModule, IDXDataModule, MNISTDataModule, read_idx
-from lightning_clipprune.data.locate import DataNotFoundError
-from lightning_clipprune.data.tensors import ShuffleSampler, TensorBatches, TensorDataModule, random_crop_flip
+Kept so that user code and older configs (``_target_: lightning_clipprune.data.DigitsDataModule``) keep
+working: ``lightning_clipprune.data`` and its submodules (``.cifar``, ``.digits``, ``.idx``, ``.locate``,
+``.tensors``) are the very modules of :mod:`lightning_clipprune.app.data`, so a class, a module attribute
+and a monkeypatch are the same whichever path is used.
+"""
 
-__all__ = [
-    "CIFAR10DataModule",
-    "DataNotFoundError",
-    "DigitsDataModule",
-    "FashionMNISTDataModule",
-    "IDXDataModule",
-    "MNISTDataModule",
-    "ShuffleSampler",
-    "TensorBatches",
-    "TensorDataModule",
-    "random_crop_flip",
-    "read_cifar_batch",
-    "read_idx",
-]
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lightning_clipprune.app.data import *  # noqa: F403
+from lightning_clipprune.app.data import __all__  # noqa: F401
+
+for _sub in ("cifar", "digits", "idx", "locate", "tensors"):
+    _module = importlib.import_module(f"lightning_clipprune.app.data.{_sub}")
+    sys.modules[f"{__name__}.{_sub}"] = _module
+    globals()[_sub] = _module

@@ -1,26 +1,20 @@
-"""Networks (MLP, LeNet-300-100, LeNet-5, the seed CNN, CIFAR ResNet-20/32/56) and the ``Classifier`` LightningModule."""
+"""Old import path of :mod:`lightning_clipprune.app.models` (the networks and the ``Classifier`` of the app).
 
-from lightning_clipprune.models.classifier import LR_SCHEDULES, Classifier
-from lightning_clipprune.models.networks import (
-    MLP,
-    CifarResNet,
-    LeNet5,
-    LeNet300100,
-    SeedCNN,
-    resnet20,
-    resnet32,
-    resnet56,
-)
+Kept so that user code, older configs (``_target_: lightning_clipprune.models.MLP``) and checkpoints keep
+working: ``lightning_clipprune.models`` and its submodules (``.classifier``, ``.networks``) are the very
+modules of :mod:`lightning_clipprune.app.models`, so a class, a module attribute and a monkeypatch are the
+same whichever path is used.
+"""
 
-__all__ = [
-    "LR_SCHEDULES",
-    "MLP",
-    "CifarResNet",
-    "Classifier",
-    "LeNet300100",
-    "LeNet5",
-    "SeedCNN",
-    "resnet20",
-    "resnet32",
-    "resnet56",
-]
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lightning_clipprune.app.models import *  # noqa: F403
+from lightning_clipprune.app.models import __all__  # noqa: F401
+
+for _sub in ("classifier", "networks"):
+    _module = importlib.import_module(f"lightning_clipprune.app.models.{_sub}")
+    sys.modules[f"{__name__}.{_sub}"] = _module
+    globals()[_sub] = _module

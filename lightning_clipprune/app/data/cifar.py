@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_clipprune.data.locate import (
+from lightning_clipprune.app.data.locate import (
     FileDataModule,
     cache_dir,
     candidate_dirs,
@@ -109,7 +109,7 @@ class CIFAR10DataModule(FileDataModule):
     Args:
         root: folder holding the batches (``None``: search the default locations).
         download: try to download the archive when the batches are not found.
-        **kwargs: the :class:`~lightning_clipprune.data.tensors.TensorDataModule` arguments.
+        **kwargs: the :class:`~lightning_clipprune.app.data.tensors.TensorDataModule` arguments.
 
     Raises:
         DataNotFoundError: if the batches are neither found nor downloadable (from ``prepare_data``/``setup``),

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_clipprune.data.tensors import TensorDataModule
+from lightning_clipprune.app.data.tensors import TensorDataModule
 
 __all__ = [
     "DOWNLOAD_TIMEOUT_S",
@@ -150,7 +150,7 @@ def download_error_text(err: BaseException) -> str:
 
 
 class FileDataModule(TensorDataModule):
-    """A :class:`~lightning_clipprune.data.tensors.TensorDataModule` whose files are found on disk or downloaded.
+    """A :class:`~lightning_clipprune.app.data.tensors.TensorDataModule` whose files are found on disk or downloaded.
 
     Subclasses implement :meth:`_locate`; :meth:`locate` runs it once and remembers the folder, and
     ``prepare_data`` calls it, so a missing data set fails before anything trains.
@@ -158,7 +158,7 @@ class FileDataModule(TensorDataModule):
     Args:
         root: folder holding the files (``None``: search the default locations).
         download: try to download the files when they are not found.
-        **kwargs: the :class:`~lightning_clipprune.data.tensors.TensorDataModule` arguments.
+        **kwargs: the :class:`~lightning_clipprune.app.data.tensors.TensorDataModule` arguments.
 
     Raises:
         DataNotFoundError: if ``root`` is not a folder (at construction).

@@ -46,7 +46,7 @@ class Classifier(L.LightningModule):
     Example::
 
         >>> from functools import partial
-        >>> from lightning_clipprune.models import MLP
+        >>> from lightning_clipprune.app.models import MLP
         >>> model = Classifier(MLP(64, [32], 10), num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.05))
     """
 

@@ -2,7 +2,7 @@
 (2016).
 
 Each is a plain ``nn.Module`` that maps a batch of inputs to class logits, so any of them can be wrapped
-by :class:`~lightning_clipprune.models.Classifier` or used on its own.
+by :class:`~lightning_clipprune.app.models.Classifier` or used on its own.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_clipprune.data.tensors import TensorDataModule
+from lightning_clipprune.app.data.tensors import TensorDataModule
 
 __all__ = ["DigitsDataModule"]
 
@@ -18,7 +18,7 @@ class DigitsDataModule(TensorDataModule):
 
     Args:
         test_fraction: fraction of the 1,797 images held out as the test set, in (0, 1).
-        **kwargs: the :class:`~lightning_clipprune.data.tensors.TensorDataModule` arguments.
+        **kwargs: the :class:`~lightning_clipprune.app.data.tensors.TensorDataModule` arguments.
 
     Raises:
         ValueError: if ``test_fraction`` is not in (0, 1).
@@ -43,7 +43,7 @@ class DigitsDataModule(TensorDataModule):
         self.test_fraction = test_fraction
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: scikit-learn is optional outside the digits data
 
         bunch = load_digits()
         x = torch.as_tensor(bunch.data, dtype=torch.uint8).view(-1, 1, 8, 8)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_clipprune.data.locate import (
+from lightning_clipprune.app.data.locate import (
     FileDataModule,
     candidate_dirs,
     download,
@@ -62,7 +62,7 @@ class IDXDataModule(FileDataModule):
     Args:
         root: folder holding the files (``None``: search the default locations).
         download: try to download the files when they are not found.
-        **kwargs: the :class:`~lightning_clipprune.data.tensors.TensorDataModule` arguments.
+        **kwargs: the :class:`~lightning_clipprune.app.data.tensors.TensorDataModule` arguments.
 
     Raises:
         DataNotFoundError: from :meth:`prepare_data`/:meth:`setup`, if the files are neither found nor

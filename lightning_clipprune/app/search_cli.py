@@ -1,0 +1,365 @@
+"""``python -m lightning_clipprune.search RUN``: the threshold search on a run folder of the app.
+
+::
+
+    python -m lightning_clipprune.search outputs/2026-11-29/01-00-00            # a run folder of the app
+    python -m lightning_clipprune.search outputs/.../checkpoints/final.ckpt --tolerance 0.5 --sensitivity
+    python -m lightning_clipprune.search RUN_DIR --criterion taylor --finetune-epochs 2
+
+The search itself is the library's (:mod:`lightning_clipprune.search`); this module is the app side:
+rebuilding the run's model and data from its folder, loading its weights, an optional short fine-tune, and
+the files written.
+
+A run folder is a file from somewhere else, and the command line treats it so: the model is rebuilt only from
+the suite's own config groups, with the overrides of the run's own record (``run_config.json``; older folders:
+``.hydra/overrides.yaml``, else ``results.json``), each read bounded and checked, and every ``_target_`` of
+the composed config must be one of the suite's own classes (:mod:`lightning_clipprune.app.targets`). The
+checkpoint is read by :func:`lightning_clipprune.checkpoint.load_checkpoint` (nothing outside an allowed list
+is unpickled) and checked key by key against the model. Outputs go into ``RUN/search`` (a real folder, never a
+link) through temporary files and renames. Every refusal is one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import open_dict
+from rich.console import Console
+from torch import Tensor, nn
+
+from lightning_clipprune._io import atomic_path, atomic_write_text
+from lightning_clipprune.app.build import instantiate
+from lightning_clipprune.app.checks import ConfigError, one_line
+from lightning_clipprune.app.rundir import read_run_overrides
+from lightning_clipprune.app.targets import check_targets
+from lightning_clipprune.app.untrusted import make_output_dir
+from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
+from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
+from lightning_clipprune.export import save_sparse
+from lightning_clipprune.run import config_dir
+from lightning_clipprune.search import (
+    DEFAULT_GRID,
+    DEFAULT_LAYER_GRID,
+    SearchResult,
+    compare_allocation,
+    layer_sensitivity,
+    layer_sparsity_snippets,
+    search_threshold,
+    suggest_layer_sparsity,
+    taylor_gradients,
+)
+
+__all__ = ["compose_run_config", "finetune", "load_weights", "main", "run_overrides", "save_pruned"]
+
+
+def _run_dir_of(path: Path) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` from a run folder or a checkpoint inside one."""
+    if path.is_dir() and path.suffix in (".ckpt", ".pt", ".pth"):
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file")
+    if os.path.lexists(path) and not path.is_dir() and not path.is_file():
+        raise FileNotFoundError(f"{path} is not a regular file (a device, a pipe, or a broken or special link)")
+    if path.is_dir():
+        for name in ("final.ckpt", "last.ckpt"):
+            if (path / "checkpoints" / name).is_file():
+                return path, path / "checkpoints" / name
+        raise FileNotFoundError(f"no checkpoints/final.ckpt or checkpoints/last.ckpt in {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such run folder or checkpoint: {path}")
+    return (path.parent.parent if path.parent.name == "checkpoints" else path.parent), path
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The overrides the run was made with, read and checked as untrusted input.
+
+    From the run's own ``run_config.json``, else (older folders) ``.hydra/overrides.yaml``, else
+    ``results.json``'s ``overrides`` (:func:`lightning_clipprune.app.rundir.read_run_overrides`).
+
+    Raises:
+        ValueError: a record that cannot be read, or an override that would build anything but the suite's
+            own classes (one line naming the file and the override).
+    """
+    return read_run_overrides(run_dir)[0]
+
+
+def compose_run_config(overrides: Sequence[str], output_dir: Path) -> Any:
+    """The app's config composed with ``overrides`` (as ``python -m lightning_clipprune.run`` would), checked.
+
+    Only the suite's own config groups are used, and the composed config goes through
+    :func:`lightning_clipprune.app.targets.check_targets`: every ``_target_`` in it is one of the suite's
+    own classes. The returned config is resolved (no interpolation left): build from it.
+
+    Raises:
+        ConfigError: (a ``ValueError``) an override Hydra cannot apply, or a refused ``_target_`` (one line).
+    """
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+    except HydraException as err:  # an unknown key or group option: Hydra's first line names it
+        raise ConfigError(one_line(str(err).split("\n")[0]) + " (in the run's overrides or the extra ones given)") from None
+    finally:
+        GlobalHydra.instance().clear()
+    # set after composing, not as an override: a folder name may hold what the override grammar parses (",", "'")
+    if "${" in str(output_dir):
+        raise ConfigError(f"output folder {str(output_dir)!r}: a name holding '${{' would be read as an interpolation; rename it")
+    cfg.output_dir = str(output_dir)
+    return check_targets(cfg)
+
+
+def _check_state(checkpoint: Path, key: str, value: Any, ref: Tensor) -> None:
+    """One entry of a checkpoint's state dict against the model's: a tensor of its shape, finite, its kind."""
+    if not isinstance(value, Tensor) or value.shape != ref.shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise CheckpointError(checkpoint, f"{key} is {got}, the model's is {tuple(ref.shape)}; not this run's model")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(checkpoint, f"{key} holds NaN or infinite values; nothing to search on")
+    if value.is_complex() or (ref.is_floating_point() and not value.is_floating_point()):
+        raise CheckpointError(checkpoint, f"{key} is {value.dtype}, the model's is {ref.dtype}")
+
+
+def load_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` (or a bare state dict) into ``model``, running no code.
+
+    The file is read with :func:`lightning_clipprune.checkpoint.load_checkpoint` (no global outside its
+    allowed list is unpickled, reads are bounded); every key, shape and value is checked against ``model``
+    before any weight is written.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) the file is unsafe, broken, or not this model's; one line naming it.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(checkpoint, f"its 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [str(k) for k in state if k not in own]
+    if missing or unexpected:
+        what = "its state_dict" if "state_dict" in ckpt else "it has no 'state_dict' entry, and as a bare state dict it"
+        raise CheckpointError(
+            checkpoint, f"{what} does not match this run's model ({len(missing)} keys missing, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); is it the checkpoint of this run folder?"
+        )
+    for key, ref in own.items():
+        _check_state(checkpoint, key, state[key], ref)
+    model.load_state_dict(state, strict=True)
+
+
+def save_pruned(model: nn.Module, out_dir: Path, metadata: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write ``pruned.ckpt`` (``{"state_dict": ...}``, Lightning's shape) and ``pruned.lcps`` into ``out_dir``."""
+    make_output_dir(out_dir)
+    ckpt, lcps = out_dir / "pruned.ckpt", out_dir / "pruned.lcps"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hparams = dict(getattr(model, "hparams", {}) or {})
+    with atomic_path(ckpt) as tmp:
+        torch.save({"state_dict": state, "hyper_parameters": hparams, "search": dict(metadata)}, tmp)
+    save_sparse(state, lcps, metadata=dict(metadata))
+    return ckpt, lcps
+
+
+def _clip_settings(cfg: Any) -> tuple[float | None, str]:
+    clip = cfg.get("clip")
+    if clip is None:
+        return None, "norm"
+    algorithm = clip.get("algorithm", "norm")
+    # agc/autoclip/zclip have no single fixed bound on a one-off gradient; their clip_val is the cap (or None)
+    return (None if clip.get("clip_val") is None else float(clip.clip_val)), ("value" if algorithm == "value" else "norm")
+
+
+def finetune(cfg: Any, model: nn.Module, datamodule: Any, sparsity: float, epochs: int, lr: float | None) -> dict[str, float]:
+    """Fine-tune ``model`` (already pruned) for ``epochs`` at ``sparsity`` with the run's clip; masks kept fixed.
+
+    Returns ``{"val_acc": ..., "test_acc": ...}`` after fine-tuning.
+    """
+    model_cfg = cfg.model.copy()
+    if lr is not None and model_cfg.get("optimizer") is not None:
+        with open_dict(model_cfg):
+            model_cfg.optimizer.lr = lr
+    tuned = hydra.utils.instantiate(model_cfg, _convert_="all")
+    tuned.load_state_dict(model.state_dict())
+    # ranking="raw": the global magnitude ranking the search measured, so the pruned entries stay the same
+    callbacks: list[Any] = [
+        MagnitudePruneCallback(sparsity=sparsity, schedule="oneshot", start=0.0, ranking="raw", verbose=False)
+    ]
+    if cfg.get("clip") is not None:
+        callbacks.insert(0, hydra.utils.instantiate(cfg.clip))
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
+        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=True, num_sanity_val_steps=0,
+    )
+    trainer.fit(tuned, datamodule=datamodule)
+    val = trainer.validate(tuned, datamodule=datamodule, verbose=False)[0]["val/acc"]
+    test = trainer.test(tuned, datamodule=datamodule, verbose=False)[0]["test/acc"] if datamodule.has_test else None
+    model.load_state_dict(tuned.state_dict())
+    return {"val_acc": float(val), "test_acc": None if test is None else float(test)}
+
+
+def _parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lightning_clipprune.search``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_clipprune.search",
+        description="Find the largest global sparsity whose validation accuracy, without retraining, stays within "
+        "a tolerance of the dense model; optionally the per-layer sensitivity and a short fine-tune.",
+    )
+    add = parser.add_argument
+    add("run", help="a run folder of `python -m lightning_clipprune.run` or a checkpoint inside it")
+    add("overrides", nargs="*", help="extra Hydra overrides (such as data.root=...) after the run's own")
+    add("--tolerance", type=float, default=0.5, help="allowed val accuracy drop, percentage points (0.5)")
+    add("--grid", type=_parse_floats, default=list(DEFAULT_GRID), help="coarse sparsity grid, comma-separated")
+    add("--resolution", type=float, default=0.001, help="bisection stops at this sparsity width (0.001)")
+    add("--criterion", choices=("magnitude", "taylor"), default="magnitude")
+    add("--taylor-batches", type=int, default=20, help="training batches averaged for the taylor gradient")
+    add("--sensitivity", action="store_true", help="also the per-layer sensitivity and an allocation")
+    add("--layer-grid", type=_parse_floats, default=list(DEFAULT_LAYER_GRID))
+    add("--target", type=float, default=None, help="global sparsity of the per-layer allocation (default: the one found)")
+    add("--finetune-epochs", type=int, default=0, help="fine-tune at the sparsity found for N epochs")
+    add("--finetune-lr", type=float, default=None, help="peak learning rate of the fine-tune (default: run's / 10)")
+    add("--no-test", action="store_true", help="do not evaluate the test split at all")
+    add("--out", type=Path, default=None, help="output folder (default: RUN/search)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lightning_clipprune.search RUN_DIR_OR_CKPT [options] [overrides]``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError, ConfigError, UntrustedFileError...
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        text = " ".join(str(err).split())
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+            text = f"{err.filename}: {text}"
+        print(f"error: {text}", file=sys.stderr)
+        return 1
+
+
+def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: Any) -> SearchResult:
+    """The threshold search of the command line; the model is left pruned to the point found."""
+    grads = None
+    if args.criterion == "taylor":
+        clip_val, algorithm = _clip_settings(cfg)
+        grads = taylor_gradients(
+            model, datamodule.train_dataloader(), batches=args.taylor_batches, clip_val=clip_val, clip_algorithm=algorithm
+        )
+    return search_threshold(
+        model, datamodule.val_dataloader(), tolerance=args.tolerance, grid=args.grid, resolution=args.resolution,
+        criterion=args.criterion, grads=grads, progress=True,
+        test_loader=None if args.no_test or not datamodule.has_test else datamodule.test_dataloader, apply=True,
+    )
+
+
+def _commands(overrides: Sequence[str], result: SearchResult) -> list[str]:
+    """The ``python -m lightning_clipprune.run`` commands that train at the point found."""
+    # the run's own prune choice is replaced by the one found; a fresh run resumes nothing
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in ("prune", "ckpt_path")]
+    base = " ".join(shlex.quote(o) for o in kept)  # overrides read from a file: pasted into a shell, quoted
+    return [f"python -m lightning_clipprune.run {base} {o}".replace("  ", " ") for o in result.overrides()]
+
+
+def _summary(checkpoint: Path, result: SearchResult, commands: list[str]) -> dict[str, Any]:
+    return {
+        "checkpoint": str(checkpoint), "criterion": result.criterion, "tolerance_points": result.tolerance,
+        "dense_val_acc": result.dense_val_acc, "sparsity": result.chosen.sparsity, "threshold": result.chosen.threshold,
+        "val_acc": result.chosen.val_acc, "val_loss": result.chosen.val_loss,
+        "test_acc_at_chosen_point": result.test_acc, "dense_test_acc": result.dense_test_acc,
+        "evaluations": len(result.points), "commands": commands,
+    }
+
+
+def _main(args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    run_dir, checkpoint = _run_dir_of(Path(args.run))
+    out = args.out or run_dir / "search"
+    overrides = [*run_overrides(run_dir), *args.overrides]
+    cfg = compose_run_config(overrides, out)
+    make_output_dir(out)  # before the work: a planted `search` link or file is refused at once
+    model = instantiate(cfg.model, "model")
+    load_weights(model, checkpoint)
+    datamodule = instantiate(cfg.data, "data")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    result = _search(args, cfg, model, datamodule)
+    console.print(result.to_table())
+    result.write_csv(out / "search.csv")
+    result.plot(out / "search.png")
+    commands = _commands(overrides, result)
+    summary = _summary(checkpoint, result, commands)
+    ckpt, lcps = save_pruned(model, out, {"sparsity": result.chosen.sparsity, "threshold": result.chosen.threshold})
+    summary["pruned_checkpoint"], summary["pruned_lcps"] = str(ckpt), str(lcps)
+    console.print("train at this point with:")
+    for c in commands:
+        console.print(f"  {c}", soft_wrap=True, highlight=False)
+    if result.test_acc is not None:
+        console.print(f"test accuracy at the chosen point (read once, after the search): {100 * result.test_acc:.2f} % "
+                      f"(dense {100 * (result.dense_test_acc or 0):.2f} %)")
+    if args.sensitivity:
+        summary["allocation"] = _sensitivity_step(args, cfg, checkpoint, datamodule, result, out, console)
+    if args.finetune_epochs > 0:
+        summary["finetune"] = _finetune_step(args, cfg, model, datamodule, result, out, console)
+    atomic_write_text(out / "search.json", json.dumps(summary, indent=2) + "\n")
+    console.print(f"written: {out}/search.csv, search.png, search.json, pruned.ckpt, pruned.lcps")
+    return 0
+
+
+def _sensitivity_step(
+    args: argparse.Namespace, cfg: Any, checkpoint: Path, datamodule: Any, result: SearchResult, out: Path, console: Any
+) -> dict[str, Any]:
+    """``--sensitivity``: one layer at a time, the suggested per-layer allocation and its comparison."""
+    model_dense = instantiate(cfg.model, "model")
+    load_weights(model_dense, checkpoint)
+    val = datamodule.val_dataloader()
+    sens = layer_sensitivity(model_dense, val, sparsities=args.layer_grid, names=result.names, progress=True)
+    console.print(sens.to_table())
+    sens.write_csv(out / "sensitivity.csv")
+    sens.plot(out / "sensitivity.png")
+    target = args.target if args.target is not None else result.chosen.sparsity
+    allocation = suggest_layer_sparsity(sens, target)
+    comparison = compare_allocation(model_dense, datamodule.val_dataloader(), allocation)
+    python, hydra_overrides = layer_sparsity_snippets(allocation)
+    console.print(f"per-layer sparsities for {100 * target:.2f} % global: val acc {100 * comparison['layerwise_val_acc']:.2f} % "
+                  f"vs global ranking {100 * comparison['global_val_acc']:.2f} % (no retraining)")
+    console.print(f"  {python}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"  {hydra_overrides}", soft_wrap=True, highlight=False, markup=False)
+    return {"target": target, "layer_sparsity": allocation, **comparison, "callback": python, "overrides": hydra_overrides}
+
+
+def _finetune_step(
+    args: argparse.Namespace, cfg: Any, model: Any, datamodule: Any, result: SearchResult, out: Path, console: Any
+) -> dict[str, Any]:
+    """``--finetune-epochs N``: a short run at the sparsity found, masks fixed; before/after accuracy."""
+    lr = args.finetune_lr
+    if lr is None and cfg.model.get("optimizer") is not None and cfg.model.optimizer.get("lr") is not None:
+        lr = float(cfg.model.optimizer.lr) / 10
+    tuned = finetune(cfg, model, datamodule, result.chosen.sparsity, args.finetune_epochs, lr)
+    console.print(
+        f"fine-tuned {args.finetune_epochs} epoch(s) at {100 * result.chosen.sparsity:.2f} %: val acc "
+        f"{100 * result.chosen.val_acc:.2f} % -> {100 * tuned['val_acc']:.2f} %"
+        + (f", test acc {100 * tuned['test_acc']:.2f} %" if tuned["test_acc"] is not None else "")
+    )
+    summary = {"epochs": args.finetune_epochs, "lr": lr, "val_acc_before": result.chosen.val_acc, **tuned}
+    ckpt, _ = save_pruned(model, out / "finetuned", {"sparsity": result.chosen.sparsity, "finetune_epochs": args.finetune_epochs})
+    summary["checkpoint"] = str(ckpt)
+    return summary
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(main())
