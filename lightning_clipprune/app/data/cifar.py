@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_clipprune._io import MAX_LOAD_BYTES_ENV, max_load_bytes, open_regular
 from lightning_clipprune.app.data.locate import (
     FileDataModule,
     cache_dir,
@@ -79,7 +80,9 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     """
     where = f"read_cifar_batch: {os.fspath(path)}"
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > max_load_bytes():
+                raise ValueError(f"over the load limit (raise it with {MAX_LOAD_BYTES_ENV}=<bytes> if you trust the file)")
             batch = _BatchUnpickler(f, encoding="bytes").load()
     except _RefusedGlobal as err:
         raise ValueError(f"{where}: {err}") from None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from lightning_clipprune._io import MAX_LOAD_BYTES_ENV, max_load_bytes, open_regular
 from lightning_clipprune.app.data.locate import (
     FileDataModule,
     candidate_dirs,
@@ -32,22 +35,42 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (LeCun's MNIST format), gzipped when its name ends in ``.gz``.
 
+    Only a regular file is read (a FIFO or a device is refused), and no more bytes than its header declares:
+    a gzip bomb stops at the declared size, and a header declaring more than the load limit
+    (``$LIGHTNING_CLIPPRUNE_MAX_LOAD_BYTES``, 8 GiB by default) is refused before anything is read.
+
     Raises:
-        ValueError: if the file is not in IDX format.
+        ValueError: if the file is not in IDX format, is truncated, or declares too much; one line naming it.
+        OSError: not a regular file, or unreadable.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise ValueError(f"read_idx: {str(path)!r} is not an IDX file (bad magic number)")
-    dtype, ndim = np.dtype(_DTYPES[data[2]]), data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    count = int(np.prod(shape)) if shape else 0
-    if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f"read_idx: {str(path)!r} is truncated: header says {shape}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    with open_regular(path) as raw:
+        f = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+        try:
+            return _read_idx_stream(f, str(path))
+        except (OSError, EOFError, gzip.BadGzipFile) as err:
+            raise ValueError(f"read_idx: {str(path)!r} cannot be read as IDX ({type(err).__name__}: {err})") from None
+
+
+def _read_idx_stream(f: Any, where: str) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _DTYPES:
+        raise ValueError(f"read_idx: {where!r} is not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(_DTYPES[head[2]]), head[3]
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise ValueError(f"read_idx: {where!r} is truncated in its header")
+    shape = tuple(int.from_bytes(dims[4 * i : 4 + 4 * i], "big") for i in range(ndim))
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_load_bytes():
+        raise ValueError(
+            f"read_idx: {where!r} declares {shape} ({nbytes:,} bytes), over the load limit"
+            f" (raise it with {MAX_LOAD_BYTES_ENV}=<bytes> if you trust the file)"
+        )
+    data = f.read(nbytes)
+    if len(data) < nbytes:
+        raise ValueError(f"read_idx: {where!r} is truncated: header says {shape}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class IDXDataModule(FileDataModule):

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_clipprune._io import atomic_path, open_regular
 from lightning_clipprune.app.data.tensors import TensorDataModule
 
 __all__ = [
@@ -92,8 +93,8 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, md5: str
         OSError: on any network or file error (``urllib.error.URLError`` is an ``OSError``).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    # a temporary file of our own beside dest (never through a planted link), renamed only once verified
+    with atomic_path(dest) as tmp:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)
         if md5 is not None:
@@ -103,15 +104,12 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, md5: str
                     f"{dest.name}: MD5 {actual} is not the published {md5.lower()} (a corrupt download or not "
                     "the official file); it was deleted"
                 )
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def file_md5(path: Path, chunk: int = 1 << 20) -> str:
     """The MD5 of a file, hex (read in 1 MiB chunks)."""
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
