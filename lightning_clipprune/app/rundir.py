@@ -13,13 +13,14 @@ holds the folder (:func:`write_run_record`), and the search reads that one first
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_clipprune._io import atomic_path, atomic_write_text
+from lightning_clipprune._io import atomic_path, atomic_write_text, read_regular
 from lightning_clipprune.app.checks import ConfigError
 from lightning_clipprune.app.targets import check_overrides
 from lightning_clipprune.app.untrusted import (
@@ -213,11 +214,16 @@ def set_aside_metrics(output_dir: Path) -> Path | None:
     """Before a run resumes in its own folder: move ``csv/metrics.csv`` aside (Lightning's CSV logger would
     delete it) so :func:`merge_metrics` can put the earlier rows back in front of the new ones."""
     current = output_dir / "csv" / "metrics.csv"
-    if current.is_symlink() or not current.is_file():  # a planted link is not this run's history
+    if current.parent.is_symlink() or current.is_symlink() or not current.is_file():  # a planted link is not this run's history
         return None
     aside = current.with_name(_ASIDE)
     os.replace(current, aside)
     return aside
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file the run wrote: a regular file only, within the load limit."""
+    return list(csv.DictReader(io.StringIO(read_regular(path).decode("utf-8", "replace"), newline="")))
 
 
 def merge_metrics(output_dir: Path, aside: Path | None) -> None:
@@ -225,12 +231,8 @@ def merge_metrics(output_dir: Path, aside: Path | None) -> None:
     if aside is None or not aside.is_file():
         return
     current = output_dir / "csv" / "metrics.csv"
-    with open(aside, newline="") as f:
-        old = list(csv.DictReader(f))
-    new: list[dict[str, str]] = []
-    if current.is_file():
-        with open(current, newline="") as f:
-            new = list(csv.DictReader(f))
+    old = _csv_rows(aside)
+    new = _csv_rows(current) if current.is_file() else []
     steps = [int(r["step"]) for r in new if r.get("step", "").isdigit()]
     if steps:  # rows the resumed run logged again (after the checkpoint, before the interruption) are dropped
         first = min(steps)
