@@ -79,8 +79,9 @@ def mask_factors(masks: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor
     """Bool ``masks`` as the integer masks :func:`apply_masks_` multiplies by on the hot path.
 
     1 (kept) or 0 (pruned), of the element size of ``like`` (``int32`` for float32, ``int16`` for
-    bfloat16) and on its device: 4 bytes per fp32 weight, bought for a gradient pass about 5x faster than
-    with the bool mask on CPU (``benchmarks/bench_prune_step.md``).
+    bfloat16) and on its device: 4 bytes per fp32 weight, bought for a gradient pass much faster than with
+    the bool mask on CPU (measured in ``benchmarks/bench_prune_step.md``), and multiplying the bits makes a
+    pruned entry +0.0 even where the gradient is NaN or inf.
 
     Example::
 

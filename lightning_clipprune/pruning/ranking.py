@@ -130,8 +130,8 @@ def kth_smallest(x: Tensor, k: int, sample_size: int = 2**18, seed: int = 0) -> 
 def _select(x: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest of the 1-D ``x``: ``x.kthvalue(k).values``, by a partial ``topk`` of the shorter side.
 
-    On CPU ``topk(sorted=False)`` is about 3x faster than ``kthvalue`` (measured on 266 k entries, the
-    LeNet-300-100 weights), and it is exact: the largest of the ``k`` smallest is the ``k``-th smallest.
+    On CPU ``topk(sorted=False)`` is faster than ``kthvalue`` (``benchmarks/bench_prune.md``), and it is
+    exact: the largest of the ``k`` smallest is the ``k``-th smallest.
     """
     n = x.numel()
     if k <= n - k + 1:
