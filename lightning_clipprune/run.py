@@ -10,9 +10,12 @@ Every run writes ``results.json`` (``val_acc``, ``test_acc``, ``sparsity``, ``pa
 ``params_nonzero``, ``wall_time_s``, clip statistics, the overrides, ``status``) and ``checkpoints/``
 into its own Hydra output folder, and prints one summary table. :func:`train` strings the stages of
 :mod:`lightning_clipprune.app` together (check, build, fit and evaluate, report) and returns the
-results; :func:`main` is the command-line entry point: configuration mistakes become one line on stderr
-and exit status 1 (``HYDRA_FULL_ERROR=1`` shows the traceback instead); Ctrl-C or SIGTERM ends with
-``results.json`` marked interrupted and the command that resumes the run.
+results; :func:`main` is the command-line entry point: configuration mistakes (Hydra's included: an
+unknown key or group option, an override its grammar refuses) become one line on stderr and exit status 1
+(``HYDRA_FULL_ERROR=1`` shows the traceback instead); weights that are no longer finite end the run the
+same way, without ``results.json``. Ctrl-C or SIGTERM during training ends with ``results.json`` marked
+interrupted and the command that resumes the run (exit status 130 or 143); a SIGTERM at any other point
+ends with one line and status 143 too (:mod:`lightning_clipprune.app.interrupts`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,21 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_clipprune.app.checks import ConfigError, check_config, one_line
+from lightning_clipprune.app.checks import ConfigError, check_against_model, check_config, one_line
+from lightning_clipprune.app.interrupts import (
+    begin_run,
+    defer_signals,
+    deferred_signal,
+    install_sigterm_handler,
+    is_sigterm,
+)
 from lightning_clipprune.app.rundir import (
     claim_output_dir,
     merge_metrics,
     release_output_dir,
     run_id,
     set_aside_metrics,
+    write_run_record,
 )
 
 __all__ = ["ConfigError", "config_dir", "main", "train"]
@@ -53,20 +64,17 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
-def _checkpoint_path(cfg: DictConfig) -> Path | None:
+def _resume_checkpoint(cfg: DictConfig) -> Any:
+    """``ckpt_path``, read once (safely: no code runs from it) into its outline; None when not resuming."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
         return None
-    from lightning_clipprune.checkpoint import CheckpointError, check_checkpoint_file
+    from lightning_clipprune.app.resume import outline_checkpoint
 
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
-    try:  # read without unpickling anything but tensors and plain values: a hostile file runs no code
-        check_checkpoint_file(path)
-    except CheckpointError as err:
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: {one_line(err)}") from None
-    return path
+    return outline_checkpoint(path, str(ckpt_path))
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None) -> dict[str, Any]:
@@ -92,12 +100,14 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None
     import torch
 
     check_config(cfg)
-    ckpt = _checkpoint_path(cfg)
+    resume = _resume_checkpoint(cfg)
+    ckpt = resume.file if resume is not None else None
     output_dir = Path(cfg.output_dir)
     # DDP re-launches this command for ranks > 0 into the same folder: only the launching process claims it
     launcher = _launching_process()
     if launcher:
         claim_output_dir(output_dir, ckpt)
+        write_run_record(output_dir, overrides)  # the search reads this, not .hydra/ (a refused run rewrites that)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         if cfg.get("cpu_threads"):
@@ -105,7 +115,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None
 
             if on_cpu(cfg.trainer.get("accelerator")):
                 torch.set_num_threads(int(cfg.cpu_threads))
-        return _train(cfg, list(overrides), output_dir, ckpt, job)
+        return _train(cfg, list(overrides), output_dir, resume, job)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -113,16 +123,23 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None
             release_output_dir(output_dir)
 
 
-def _train(cfg: DictConfig, overrides: list[str], output_dir: Path, ckpt: Path | None, job: str | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, overrides: list[str], output_dir: Path, resume: Any, job: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_info
 
     from lightning_clipprune.app.build import build
+    from lightning_clipprune.app.resume import check_resume
     from lightning_clipprune.app.summary import collect_results, print_summary, write_results
 
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    parts = build(cfg)
+    check_against_model(cfg, parts.model, parts.datamodule)
+    ckpt = None
+    if resume is not None:  # before Lightning indexes into the file: one line for a file that does not fit
+        check_resume(resume, cfg, parts.model)
+        ckpt = resume.file
     resumed_from = aside = None
     if ckpt is not None:
         resumed_from = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -131,7 +148,6 @@ def _train(cfg: DictConfig, overrides: list[str], output_dir: Path, ckpt: Path |
             warnings.filterwarnings("ignore", message=r".*(Experiment logs|Checkpoint) directory .* exists and is not empty.*")
         else:
             rank_zero_info(f"resuming the run of {resumed_from}; its earlier metrics are in that folder")
-    parts = build(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in parts.trainer.loggers:
         logger.log_hyperparams({"config": config, "overrides": overrides})
@@ -140,6 +156,9 @@ def _train(cfg: DictConfig, overrides: list[str], output_dir: Path, ckpt: Path |
     finally:
         if aside is not None:
             merge_metrics(output_dir, aside)
+    if outcome.status == "completed":
+        defer_signals()  # the training is over: a SIGTERM from here on ends the run after its results
+        _check_finite(parts.model)
     if outcome.status == "completed" and cfg.get("callbacks") is not None and cfg.callbacks.get("checkpoint") is not None:
         parts.trainer.save_checkpoint(output_dir / "checkpoints" / "final.ckpt", weights_only=False)
 
@@ -160,10 +179,11 @@ def _launching_process() -> bool:
 
 
 def _fit(parts: Any, ckpt: Path | None, test: bool) -> Any:
-    """fit_and_evaluate, where a callback's refusal at setup (before any step) is a ConfigError line."""
+    """fit_and_evaluate, where a callback's refusal at setup (before any step) is a ConfigError line, and a
+    signal during the evaluation after ``fit`` (``fit`` itself returns an interrupted Outcome) is one too."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from lightning_clipprune.app.fit import fit_and_evaluate
+    from lightning_clipprune.app.fit import Outcome, _interrupt_signal, fit_and_evaluate, scalar
 
     try:
         return fit_and_evaluate(parts, ckpt_path=ckpt, test=test)
@@ -171,6 +191,24 @@ def _fit(parts: Any, ckpt: Path | None, test: bool) -> Any:
         if parts.trainer.global_step > 0 or isinstance(err, ConfigError):
             raise
         raise ConfigError(one_line(err)) from err
+    except (KeyboardInterrupt, SystemExit) as err:
+        which = _interrupt_signal(err, parts.trainer)
+        if which is None:
+            raise
+        return Outcome(status="interrupted", val_acc=scalar(parts.trainer.callback_metrics.get("val/acc")), signal=which)
+
+
+def _check_finite(model: Any) -> None:
+    """After training: weights holding NaN or inf end the run (one line, exit 1), before any result is written."""
+    from lightning_clipprune.app.guards import (
+        NonFiniteWeightsError,
+        first_nonfinite_parameter,
+        nonfinite_message,
+    )
+
+    name = first_nonfinite_parameter(model)
+    if name is not None:
+        raise NonFiniteWeightsError(nonfinite_message(name, "at the end of training"))
 
 
 def _quiet_console(verbose: bool) -> None:
@@ -210,17 +248,38 @@ def _fail(err: BaseException, sweeping: bool) -> None:
     message = str(err) if isinstance(err, ConfigError) else one_line(err)
     print(f"error: {message}", file=sys.stderr)
     if sweeping:  # Hydra marks the job failed and goes on with the sweep (sys.exit would end the sweep)
-        raise err
+        from lightning_clipprune.app.cli import mark_reported
+
+        raise mark_reported(err)
     sys.exit(1)
 
 
+def _interrupted_at_start(which: str) -> None:
+    """A signal outside the training loop: during start-up, or (Ctrl-C) while the results were written."""
+    from lightning_clipprune.app.interrupts import training_over
+
+    if training_over():
+        print(f"interrupted by {which} after the training had ended, while its results were written; results.json "
+              "may be missing or from before", file=sys.stderr)
+    else:
+        print(f"interrupted by {which} during start-up; nothing was trained, nothing to resume", file=sys.stderr)
+    sys.exit(_INTERRUPTED_STATUS[which])
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """``python -m lightning_clipprune.run [overrides]``: see the module docstring and ``conf/config.yaml``.
+def _app(cfg: DictConfig) -> float | None:
+    """The Hydra task: one run (one job of a sweep).
 
     Returns:
         The validation accuracy (Hydra's convention, so sweepers such as Optuna can optimise it).
     """
+    from lightning_clipprune.app.cli import hydra_task_started
+
+    with hydra_task_started():
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> float | None:
     # OpenMP threads spin while they wait for work; on a shared or oversubscribed CPU (other jobs, DDP ranks
     # on one machine) the spinning threads starve the working ones: one Fashion-MNIST epoch took 110 s
     # instead of 3.5 s on 2 busy cores. Sleeping waiters cost nothing measurable here. Only effective
@@ -228,20 +287,64 @@ def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from hydra.core.hydra_config import HydraConfig
 
+    from lightning_clipprune._io import RefusedPathError, StorageFullError
     from lightning_clipprune.data.locate import DataNotFoundError
 
     _quiet_console(bool(cfg.get("verbose", False)))
     job = _job_label()
+    stopped = begin_run()  # a sweep's jobs run in one process: each starts in the start-up phase
+    if stopped is not None:
+        _interrupted_at_start(stopped)
     try:
         results = train(cfg, list(HydraConfig.get().overrides.task), job=job)
-    except (ConfigError, DataNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN weights at a prune event
+    # FloatingPointError: NaN weights at a prune event; StorageFullError: disk full (one line naming the folder)
+    except (ConfigError, DataNotFoundError, FloatingPointError, StorageFullError, RefusedPathError) as err:
         _fail(err, sweeping=job is not None)
     except KeyboardInterrupt:
-        print("error: interrupted before training started; nothing was trained", file=sys.stderr)
-        sys.exit(_INTERRUPTED_STATUS["SIGINT"])
-    if results.get("status") == "interrupted":
+        _interrupted_at_start("SIGINT")
+    except SystemExit as err:
+        if not is_sigterm(err):
+            raise
+        _interrupted_at_start("SIGTERM")
+    if results.get("status") == "interrupted":  # the summary printed the line that says how to resume
         sys.exit(_INTERRUPTED_STATUS.get(results.get("signal") or "", 1))
+    which = deferred_signal()
+    if which is not None:
+        print(f"interrupted by {which} after the training had ended; the run finished first: results.json is complete",
+              file=sys.stderr)
+        sys.exit(_INTERRUPTED_STATUS[which])
     return results.get("val_acc")
+
+
+def main() -> None:
+    """``python -m lightning_clipprune.run [overrides]``: see the module docstring and ``conf/config.yaml``.
+
+    SIGTERM is handled from the first line on. Overrides Hydra refuses, and those that would write outside
+    the run's folder, are one line on stderr and exit status 1 before anything runs.
+    """
+    install_sigterm_handler()
+    argv = sys.argv[1:]
+    try:
+        from lightning_clipprune.app.cli import check_overrides, hydra_errors_raised
+
+        check_overrides(argv)
+        with hydra_errors_raised():
+            _app()
+    except SystemExit as err:
+        if not is_sigterm(err):
+            raise
+        _interrupted_at_start("SIGTERM")
+    except KeyboardInterrupt:
+        _interrupted_at_start("SIGINT")
+    except Exception as err:  # raised by Hydra before (or between) the runs (a bad override), or check_overrides
+        from lightning_clipprune.app.cli import hydra_error_line, is_reported
+
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user's own setting: the traceback
+            raise
+        if is_reported(err):  # a sweep job's error, already one line on stderr
+            sys.exit(1)
+        print(f"error: {err if isinstance(err, ConfigError) else hydra_error_line(err, argv)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ def build(cfg: DictConfig) -> Components:
             :func:`~lightning_clipprune.app.checks.check_config`.
 
     Returns:
-        The components; the callbacks are in the Trainer in the order clip, prune, the ``callbacks`` group.
+        The components; the callbacks are in the Trainer in the order clip, prune, the ``callbacks`` group,
+        then the app's own (model summary, :class:`~lightning_clipprune.app.guards.FiniteWeights`,
+        :class:`~lightning_clipprune.app.guards.SigtermRelay`).
 
     Raises:
         ConfigError: a value a component refuses (the message names the config key and the value).
@@ -125,6 +127,11 @@ def build(cfg: DictConfig) -> Components:
         if node is not None:
             callbacks.append(instantiate(node, f"callbacks.{key}"))
     callbacks.extend(_model_summary(cfg))
+    # the app's guards: weights that turn NaN/inf end the run before that epoch's checkpoint is written;
+    # a SIGTERM after the last training step lets the run finish (app/interrupts.py says why)
+    from lightning_clipprune.app.guards import FiniteWeights, SigtermRelay
+
+    callbacks.extend([FiniteWeights(), SigtermRelay()])
 
     # 3. model, logger, trainer
     model = instantiate(cfg.model, "model")
@@ -132,5 +139,9 @@ def build(cfg: DictConfig) -> Components:
     kwargs: dict[str, Any] = {}
     if cfg.trainer.get("deterministic") is None and cfg.get("seed") is not None and on_cpu(cfg.trainer.get("accelerator")):
         kwargs["deterministic"] = True
+    from lightning_clipprune.checkpoint_io import AtomicCheckpointIO
+
+    # checkpoints written in their own folder and renamed: never half-written, even on another filesystem
+    kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, **kwargs)
     return Components(datamodule=datamodule, model=model, trainer=trainer, callbacks=callbacks, clip=clip, prune=prune)

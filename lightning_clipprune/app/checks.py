@@ -1,18 +1,20 @@
 """App-level checks of the composed config, before anything is built or trained.
 
 The callbacks, models and data modules check their own arguments when they are built; this module
-checks what only the app knows about: the Trainer's length, the seed, thread counts, the optimizer's
-hyper-parameters, and settings that contradict each other. Every failure is one :class:`ConfigError`
-line naming the config key, the value and the fix.
+checks what only the app knows about: the Trainer's length and logging, the batch sizes, the seed, thread
+counts, the optimizer's hyper-parameters, NaN anywhere, settings that contradict each other, and (once
+the model is built) that the data set's classes and the parameter-name patterns fit the model. Every
+failure is one :class:`ConfigError` line naming the config key, the value and the fix.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["ConfigError", "check_config", "one_line", "root_cause"]
+__all__ = ["ConfigError", "check_against_model", "check_config", "one_line", "root_cause"]
 
 
 class ConfigError(ValueError):
@@ -34,10 +36,81 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _int_or_none(cfg: DictConfig, key: str, value: Any, *, low: int, allow_none: bool, what: str) -> None:
-    ok = (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value >= low)
+def _int_or_none(
+    cfg: DictConfig, key: str, value: Any, *, low: int, allow_none: bool, what: str, high: int | None = None
+) -> None:
+    ok = (value is None and allow_none) or (
+        isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    )
     if not ok:
-        raise ConfigError(f"{key}={value!r}: must be {what}")
+        raise ConfigError(f"{key}={_shown(value)}: must be {what}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user typed it on the command line (YAML's true/false/null), else as Python prints it."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
+
+
+#: numpy's and torch's seeds are 32-bit: a larger one fails inside seed_everything
+_MAX_SEED = 2**32 - 1
+
+
+def _check_trainer(cfg: DictConfig, trainer: Any) -> None:
+    """The Trainer's counts: Lightning divides by some of them and silently accepts others (bools, 0, -1)."""
+    for key, what in (
+        ("accumulate_grad_batches", "an integer >= 1 (an optimizer step every N batches)"),
+        ("log_every_n_steps", "an integer >= 1 (log every N optimizer steps)"),
+    ):
+        if key in trainer:
+            _int_or_none(cfg, f"trainer.{key}", trainer.get(key), low=1, allow_none=False, what=what)
+    if "check_val_every_n_epoch" in trainer:
+        _int_or_none(cfg, "trainer.check_val_every_n_epoch", trainer.get("check_val_every_n_epoch"), low=1,
+                     allow_none=True, what="an integer >= 1 (validate every N epochs)")
+    limit = trainer.get("limit_train_batches")
+    fraction = isinstance(limit, float) and 0.0 < limit <= 1.0
+    count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if limit is not None and not (fraction or count):
+        raise ConfigError(
+            f"trainer.limit_train_batches={_shown(limit)}: must be a fraction in (0, 1], a number of batches >= 1, "
+            "or null (every batch); 0 would train nothing"
+        )
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """The batch sizes' types (the data module checks their range): ``true`` trained at batch size 1, 1.5 failed late."""
+    data = cfg.get("data")
+    if data is None or not hasattr(data, "get"):
+        return
+    for key, what in (("batch_size", "an integer >= 1 (samples per training batch)"),
+                      ("eval_batch_size", "an integer >= 1, or null (4 x data.batch_size)")):
+        value = data.get(key)
+        if key in data and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"data.{key}={_shown(value)}: must be {what}")
+
+
+def _check_not_nan(cfg: DictConfig) -> None:
+    """NaN is never a meaningful setting (and passes every ``x < low`` check): refuse it anywhere."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(one_line(err)) from None
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, float) and math.isnan(node):
+            raise ConfigError(f"{path}=nan: not a number; give a finite value")
+
+    walk(tree, "")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -62,7 +135,10 @@ def check_config(cfg: DictConfig) -> None:
         _int_or_none(cfg, "trainer.max_steps", max_steps, low=1, allow_none=True, what="-1 (no limit) or an integer >= 1")
     if trainer.get("max_epochs") is None and max_steps in (-1, None):
         raise ConfigError("trainer.max_epochs=null and trainer.max_steps=-1: the run would never end; set one of them")
-    _int_or_none(cfg, "seed", cfg.get("seed"), low=0, allow_none=True, what="an integer >= 0 or null (unseeded)")
+    _check_trainer(cfg, trainer)
+    _int_or_none(cfg, "seed", cfg.get("seed"), low=0, high=_MAX_SEED, allow_none=True,
+                 what=f"an integer in [0, {_MAX_SEED}] (2**32 - 1) or null (unseeded)")
+    _check_data(cfg)
     _int_or_none(cfg, "cpu_threads", cfg.get("cpu_threads"), low=1, allow_none=True,
                  what="an integer >= 1 or null (torch's default: one thread per core)")
     for key in ("test", "verbose"):
@@ -80,6 +156,7 @@ def check_config(cfg: DictConfig) -> None:
             f"rule use `prune=threshold prune.threshold={prune.threshold}` (or add `prune.sparsity=null`); "
             "for a sparsity target, leave prune.threshold out"
         )
+    _check_not_nan(cfg)
     _check_optimizer(cfg)
 
 
@@ -93,8 +170,50 @@ def _check_optimizer(cfg: DictConfig) -> None:
     import torch
     from hydra.errors import InstantiationException
 
+    for key, value in node.items():  # torch checks `lr < 0` and the like: inf passes
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"model.optimizer.{key}={value!r}: must be a finite number")
     try:
         factory = hydra.utils.instantiate(node, _convert_="all")
         factory([torch.nn.Parameter(torch.zeros(1))])
     except (InstantiationException, ValueError, TypeError) as err:
         raise ConfigError(f"model.optimizer: {one_line(root_cause(err))}") from None
+
+
+def _patterns(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def check_against_model(cfg: DictConfig, model: Any, datamodule: Any) -> None:
+    """What fits only once the model is built: the data set's classes, and the parameter-name patterns.
+
+    A pattern in ``prune.include``/``prune.exclude``/``clip.exclude`` that matches no parameter of the
+    model is a typo: the run would go on pruning (or clipping) what the user meant to keep out.
+
+    Raises:
+        ConfigError: naming the key, the value and the fix (for a pattern: a few of the model's names).
+    """
+    import fnmatch
+
+    classes = getattr(datamodule, "num_classes", None)
+    model_cfg = cfg.get("model")
+    num_classes = model_cfg.get("num_classes") if model_cfg is not None and hasattr(model_cfg, "get") else None
+    if isinstance(classes, int) and isinstance(num_classes, int) and num_classes < classes:
+        raise ConfigError(
+            f"model.num_classes={num_classes}: the data set ({type(datamodule).__name__}) has {classes} classes; "
+            f"set model.num_classes={classes}"
+        )
+    names = [name for name, _ in model.named_parameters()]
+    for group, key in (("prune", "include"), ("prune", "exclude"), ("clip", "exclude")):
+        node = cfg.get(group)
+        if node is None or not hasattr(node, "get"):
+            continue
+        for pattern in _patterns(node.get(key)):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise ConfigError(
+                    f"{group}.{key}={pattern!r} matches no parameter of the model (a typo?); its parameters are "
+                    f"named like {shown}"
+                )

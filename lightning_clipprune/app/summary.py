@@ -147,9 +147,12 @@ def print_summary(results: dict[str, Any], job: str | None = None) -> None:
     if results.get("resumed_from"):
         table.add_row("resumed from", results["resumed_from"])
     Console().print(table)
-    if results.get("status") == "interrupted":
+    if results.get("status") == "interrupted":  # one line on stderr: what happened and what to do
         command = results.get("resume_command")
+        which = results.get("signal") or "a signal"
         Console(stderr=True).print(
-            f"resume with: {command}" if command else "no checkpoint yet (none before the first epoch ended): run again",
+            f"interrupted by {which}; resume with: {command}" if command else
+            f"interrupted by {which} before the first checkpoint (none before the first epoch ended); nothing to "
+            "resume: run the command again",
             soft_wrap=True, highlight=False, markup=False,
         )

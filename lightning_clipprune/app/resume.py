@@ -1,0 +1,187 @@
+"""``ckpt_path=...``: check that a checkpoint can resume *this* run before Lightning reads it.
+
+Lightning resumes from a checkpoint by indexing into it: a file holding only a state dict, a weights-only
+checkpoint, or another model's checkpoint ends in a ``KeyError`` or a multi-line ``RuntimeError`` deep in
+``trainer.fit``. :func:`outline_checkpoint` reads the file once (without running code from it, through
+:func:`~lightning_clipprune.checkpoint.load_checkpoint`) and keeps only its outline (entry names, tensor
+shapes, progress); :func:`check_resume` compares that outline with the built run. Each failure is one
+:class:`~lightning_clipprune.app.checks.ConfigError` line naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_clipprune.app.checks import ConfigError, one_line
+
+__all__ = ["CheckpointOutline", "check_resume", "outline_checkpoint"]
+
+#: what Lightning indexes when it resumes training (weights-only checkpoints lack the last four)
+_RESUME_ENTRIES = ("pytorch-lightning_version", "global_step", "optimizer_states", "lr_schedulers", "loops")
+
+
+@dataclass(frozen=True)
+class CheckpointOutline:
+    """What :func:`check_resume` needs from a checkpoint, without its tensors.
+
+    Attributes:
+        file: the checkpoint file.
+        path: the file as the user wrote it (``ckpt_path=...`` in messages).
+        entries: the names of the checkpoint's top-level entries.
+        shapes: ``state_dict`` name -> tensor shape.
+        epochs_done: the epochs the checkpoint's training had finished (or processed), when recorded.
+        global_step: its optimizer step, when recorded.
+        optimizer_options: the option names of each optimizer's first parameter group.
+    """
+
+    file: Path
+    path: str
+    entries: frozenset[str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    epochs_done: int | None = None
+    global_step: int | None = None
+    optimizer_options: list[frozenset[str]] = field(default_factory=list)
+
+
+def _get(tree: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def outline_checkpoint(path: Path, shown: str) -> CheckpointOutline:
+    """Load ``path`` safely and keep its outline.
+
+    Args:
+        path: the checkpoint file.
+        shown: the path as the user wrote it (``ckpt_path=...`` in messages).
+
+    Raises:
+        ConfigError: the file is not a readable, safe checkpoint, or is a bare state dict.
+    """
+    import torch
+
+    from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
+
+    try:  # read without unpickling anything but tensors and plain values: a hostile file runs no code
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt_path={shown!r}: {one_line(err)}") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"ckpt_path={shown!r}: not a Lightning checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise ConfigError(
+                f"ckpt_path={shown!r}: holds a bare state dict (parameter name -> tensor), not a Lightning checkpoint: "
+                "it cannot resume training; resume from the run's checkpoints/last.ckpt"
+            )
+        raise ConfigError(f"ckpt_path={shown!r}: not a Lightning checkpoint (no 'state_dict' entry)")
+    shapes = {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    groups = [_get(o, "param_groups") for o in ckpt.get("optimizer_states") or [] if isinstance(o, dict)]
+    fit_loop = _get(ckpt, "loops", "fit_loop", "epoch_progress", "current")
+    return CheckpointOutline(
+        file=path,
+        path=shown,
+        entries=frozenset(str(k) for k in ckpt),
+        shapes=shapes,
+        epochs_done=_int(_get(fit_loop, "processed")),
+        global_step=_int(ckpt.get("global_step")),
+        optimizer_options=[
+            frozenset(k for k in g[0] if k != "params") for g in groups if isinstance(g, list) and g and isinstance(g[0], dict)
+        ],
+    )
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_state_dict(outline: CheckpointOutline, model: Any, model_name: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in outline.shapes]
+    unexpected = [k for k in outline.shapes if k not in expected]
+    shapes = [
+        f"{k} {list(outline.shapes[k])} in the file, {list(expected[k])} in the model"
+        for k in expected if k in outline.shapes and outline.shapes[k] != expected[k]
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    what = "; ".join(
+        part for part in (
+            f"missing {_listed(missing)}" if missing else "",
+            f"unexpected {_listed(unexpected)}" if unexpected else "",
+            f"shape of {_listed(shapes, 2)}" if shapes else "",
+        ) if part
+    )
+    raise ConfigError(
+        f"ckpt_path={outline.path!r}: the checkpoint is of another model than this run's ({model_name}): {what}; "
+        "resume with the model options the checkpoint was trained with"
+    )
+
+
+def check_resume(outline: CheckpointOutline, cfg: Any, model: Any) -> None:
+    """Check that the run built from ``cfg`` can resume training from the checkpoint ``outline`` describes.
+
+    Raises:
+        ConfigError: one line naming the file and what does not fit: entries a weights-only checkpoint
+            lacks, state-dict keys and shapes of another model, another optimizer, or a training that is
+            already over (resuming it would skip the end of training and report no accuracy).
+    """
+    absent = [k for k in _RESUME_ENTRIES if k not in outline.entries]
+    if absent:
+        raise ConfigError(
+            f"ckpt_path={outline.path!r}: holds the model's weights only (no {', '.join(absent)}): it cannot resume "
+            "training; resume from the run's checkpoints/last.ckpt"
+        )
+    model_name = str(_get_cfg(cfg, "model", "net", "_target_") or type(model).__name__).rsplit(".", 1)[-1]
+    _check_state_dict(outline, model, model_name)
+    options = _optimizer_options(cfg)
+    if options and outline.optimizer_options and not options <= outline.optimizer_options[0]:
+        target = str(_get_cfg(cfg, "model", "optimizer", "_target_"))
+        raise ConfigError(
+            f"ckpt_path={outline.path!r}: holds the state of another optimizer than model.optimizer ({target}; the "
+            f"file has no {_listed(sorted(options - outline.optimizer_options[0]))}); resume with the optimizer it was trained with"
+        )
+    trainer = cfg.get("trainer") or {}
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    over = (max_epochs not in (None, -1) and outline.epochs_done is not None and outline.epochs_done >= max_epochs) or (
+        max_steps not in (None, -1) and outline.global_step is not None and outline.global_step >= max_steps
+    )
+    if over:
+        raise ConfigError(
+            f"ckpt_path={outline.path!r}: its training is already over ({outline.epochs_done} epochs, "
+            f"{outline.global_step} steps done; trainer.max_epochs={max_epochs}, trainer.max_steps={max_steps}): "
+            "raise trainer.max_epochs (or trainer.max_steps) to train on"
+        )
+
+
+def _get_cfg(cfg: Any, *keys: str) -> Any:
+    for key in keys:
+        if cfg is None or not hasattr(cfg, "get"):
+            return None
+        cfg = cfg.get(key)
+    return cfg
+
+
+def _optimizer_options(cfg: Any) -> frozenset[str]:
+    """The option names of the run's optimizer (as ``optimizer.state_dict()`` lists them), or an empty set."""
+    node = _get_cfg(cfg, "model", "optimizer")
+    if node is None or _get_cfg(node, "_target_") is None:
+        return frozenset()
+    import hydra
+    import torch
+
+    try:
+        optimizer = hydra.utils.instantiate(node, _convert_="all")([torch.nn.Parameter(torch.zeros(1))])
+    except Exception:  # checks.check_config has reported a bad optimizer already: nothing to compare with
+        return frozenset()
+    return frozenset(k for k in optimizer.state_dict()["param_groups"][0] if k != "params")
