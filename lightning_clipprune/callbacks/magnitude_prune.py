@@ -126,6 +126,9 @@ class MagnitudePruneCallback(Callback):
             gradient as the optimizer sees it), a criterion class or instance
             (:mod:`lightning_clipprune.pruning.criteria`, :func:`~lightning_clipprune.pruning.register_criterion`).
             A criterion that needs gradients and has seen none yet ranks the first event by magnitude.
+            A criterion that needs calibration data ("obs": layer-wise reconstruction,
+            :mod:`lightning_clipprune.posttrain`) runs with ``schedule="oneshot", start=1.0`` only: at the end
+            of training, on batches of the training loader, it prunes and updates the weights.
         include: ``fnmatch`` patterns of parameter names to prune (replaces the default selection).
         exclude: patterns of parameter names to keep dense.
         prune_bias: also prune the biases of the default layers.
@@ -216,8 +219,12 @@ class MagnitudePruneCallback(Callback):
         self.taylor_beta = check_real(OWNER, "taylor_beta", taylor_beta, low=0, high=1, high_open=True)
         self.criterion = criterion  # as given; the object in use is self._criterion
         self._criterion = make_criterion(criterion, owner=OWNER, beta=self.taylor_beta)
-        if self._criterion.needs == "calibration":
-            raise ValueError(f"`{OWNER}(criterion={criterion!r})` needs a calibration pass: use it after training.")
+        post_training = self.schedule == "oneshot" and isinstance(self.start, float) and self.start == 1.0
+        if self._criterion.needs == "calibration" and not (post_training and self.threshold is None):
+            raise ValueError(
+                f"`{OWNER}(criterion={criterion!r})` needs a calibration pass after training: give it a"
+                " `sparsity` with schedule='oneshot', start=1.0."
+            )
         self.include = None if include is None else list(check_patterns(OWNER, "include", include, allow_none=True))
         self.exclude = list(check_patterns(OWNER, "exclude", exclude, allow_none=True) or ())
         self.prune_bias = check_bool(OWNER, "prune_bias", prune_bias)
@@ -424,7 +431,7 @@ class MagnitudePruneCallback(Callback):
             for k, v in self.layer_sparsity.items()
         }
         layouts = weight_layouts(trainer.lightning_module, self.parameter_names)
-        new = compute_masks(
+        new = self._calibrate(trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(
             {n: p.detach() for n, p in self._params.items()},
             sparsity=target,
             threshold=self.threshold,
@@ -443,6 +450,13 @@ class MagnitudePruneCallback(Callback):
             new = {n: m.to(self._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
         self.masks.update(new)
         self._after_event(trainer, t, target)
+
+    def _calibrate(self, trainer: pl.Trainer, criterion: Any, target: float | None) -> dict[str, Tensor]:
+        """Post-training (``__init__`` checked it): the criterion prunes and updates the weights in place on
+        calibration batches of the TRAINING loader (never validation), and returns the masks."""
+        if trainer.world_size > 1:
+            raise ValueError(f"{OWNER}: criterion {criterion!r} runs on one process only; prune after `fit` with `reconstruct_prune`.")
+        return criterion.calibrate(trainer.lightning_module, trainer.train_dataloader, self._params, target, self.pattern)
 
     def _check_finite(self, t: int) -> None:
         # A NaN ranks nowhere (every comparison is False): the event would prune everything and keep the NaNs.

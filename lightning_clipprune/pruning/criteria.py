@@ -2,7 +2,8 @@
 
 A criterion says what it needs (:data:`NEEDS`): ``"nothing"`` (the weights alone, :class:`Magnitude`),
 ``"gradients"`` (it is shown the gradient of every optimizer step, :class:`Taylor`) or ``"calibration"``
-(a pass over calibration data, for post-training methods; ``MagnitudePruneCallback`` refuses those).
+(a pass over calibration data, for post-training methods such as "obs", :mod:`lightning_clipprune.posttrain`:
+``MagnitudePruneCallback`` runs those once, after training, on its training loader).
 It carries its own state for checkpoints (``state_dict``/``load_state_dict``), so a run resumed from a
 checkpoint ranks exactly as one that was not stopped.
 
@@ -21,6 +22,7 @@ first.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -216,6 +218,8 @@ class Taylor(Criterion):
 
 
 _REGISTRY: dict[str, type] = {"magnitude": Magnitude, "taylor": Taylor}
+# Criteria defined above this package (they import it): the module registers its class when imported.
+_LAZY: dict[str, str] = {"obs": "lightning_clipprune.posttrain.criterion"}
 _METHODS = ("score", "prepare", "observe", "ready", "masked", "state_dict", "load_state_dict")
 
 
@@ -264,6 +268,8 @@ def make_criterion(value: Any, owner: str = "compute_masks", **options: Any) -> 
         Taylor(beta=0.99)
     """
     if isinstance(value, str):
+        if value not in _REGISTRY and value in _LAZY:
+            importlib.import_module(_LAZY[value])
         if value not in _REGISTRY:
             raise bad_value(owner, "criterion", f"one of {', '.join(map(repr, _REGISTRY))} or a Criterion", value)
         value = _REGISTRY[value]

@@ -1,0 +1,440 @@
+"""``reconstruct_prune``: post-training pruning that repairs each layer it prunes (SparseGPT / OBS).
+
+For each prunable layer, in the order the forward pass reaches them: its inputs are seen on the
+calibration batches through the layers before it (already pruned), its Hessian ``2 X^T X / n`` is
+accumulated, and :func:`~lightning_clipprune.posttrain.obs.reconstruct_matrix_` prunes it and updates its
+kept weights to preserve its outputs. No gradient step, no labels.
+
+Cost: one forward pass over the calibration set per layer, plus ``O(rows * cols^2 / block)`` for each
+layer's update; memory: each layer's Hessian ``groups * cols^2 * 4`` bytes (checked against
+``max_hessian_bytes`` before anything is allocated) and about twice that while it is inverted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_clipprune._validation import bad_value, check_bool, check_choice, check_int, check_real
+from lightning_clipprune.posttrain.allocation import layer_counts, spread
+from lightning_clipprune.posttrain.calibration import (
+    SUPPORTED_TYPES,
+    batch_input,
+    collect_calibration,
+    hessian_shape,
+    layer_hessian,
+    weight_from_groups,
+    weight_to_groups,
+)
+from lightning_clipprune.posttrain.obs import reconstruct_matrix_, refit_rows_, refit_to_reference
+from lightning_clipprune.pruning import (
+    check_pattern_fits,
+    parse_pattern,
+    select_prunable_parameters,
+    weight_layouts,
+)
+
+__all__ = [
+    "DEFAULT_MAX_HESSIAN_BYTES",
+    "DEFAULT_NUM_SAMPLES",
+    "REFERENCES",
+    "LayerReport",
+    "PostTrainReport",
+    "reconstruct_prune",
+]
+
+OWNER = "reconstruct_prune"
+#: Default calibration size: SparseGPT used 128 sequences of 2048 tokens (262 k rows); a few thousand
+#: images give a well-conditioned Hessian for layers up to a few thousand inputs.
+DEFAULT_NUM_SAMPLES = 2048
+#: Default memory allowed for one layer's Hessian: 2 GiB (a 23 k-input layer); the seed CNN's
+#: ``Linear(9216, 100)`` needs 340 MB.
+DEFAULT_MAX_HESSIAN_BYTES = 2 * 1024**3
+#: What each layer's reconstruction preserves: "dense" (the dense model's outputs of that layer, on the
+#: dense inputs: repairs the drift of the earlier pruned layers too; keeps a copy of the model) or "layer"
+#: (the layer's own outputs on its current inputs, as SparseGPT).
+REFERENCES: tuple[str, ...] = ("dense", "layer")
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer: entries pruned, the OBS estimate of the output error added, time."""
+
+    name: str
+    shape: tuple[int, ...]
+    pruned: int
+    numel: int
+    error: float
+    seconds: float
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel if self.numel else 0.0
+
+
+@dataclass
+class PostTrainReport:
+    """The result of :func:`reconstruct_prune`: the target, what was reached, each layer, the time."""
+
+    target: float
+    sparsity: float
+    pruned: int
+    total: int
+    allocation: str
+    pattern: str
+    num_samples: int
+    wall_time_s: float
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (JSON-ready), each layer with its sparsity."""
+        out = asdict(self)
+        for row, layer in zip(out["layers"], self.layers, strict=True):
+            row["sparsity"] = layer.sparsity
+        return out
+
+    def table(self) -> str:
+        """A plain-text table, one line per layer, then the total."""
+        lines = [f"{'layer':<32} {'shape':<18} {'sparsity':>8} {'obs error':>10} {'s':>6}"]
+        for r in self.layers:
+            lines.append(
+                f"{r.name:<32} {str(r.shape):<18} {r.sparsity:8.4f} {r.error:10.4g} {r.seconds:6.2f}"
+            )
+        lines.append(f"{'total':<32} {'':<18} {self.sparsity:8.4f} {'':>10} {self.wall_time_s:6.2f}")
+        return "\n".join(lines)
+
+
+def _modules_of(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+    """``{parameter name: the layer owning it}``; refuses what the reconstruction does not handle."""
+    modules = dict(model.named_modules())
+    out, bad = {}, []
+    for name in params:
+        owner, _, leaf = name.rpartition(".")
+        mod = modules.get(owner)
+        if leaf != "weight" or not isinstance(mod, SUPPORTED_TYPES):
+            bad.append(name)
+        else:
+            out[name] = mod
+    if bad:
+        raise ValueError(
+            f"`{OWNER}` reconstructs the weight of Linear, Conv1d and Conv2d layers only, not {bad}: "
+            f"leave them dense with `exclude={bad!r}`."
+        )
+    return out
+
+
+def _check_hessians(modules: Mapping[str, nn.Module], max_bytes: int, update_bias: bool) -> None:
+    for name, mod in modules.items():
+        groups, cols = hessian_shape(mod)
+        cols += int(update_bias and getattr(mod, "bias", None) is not None)
+        need = groups * cols * cols * 4
+        if need > max_bytes:
+            raise ValueError(
+                f"`{name}` needs a {groups}x{cols}x{cols} float32 Hessian ({need / 2**20:.0f} MiB), more than "
+                f"max_hessian_bytes={max_bytes} ({max_bytes / 2**20:.0f} MiB): raise `max_hessian_bytes` or "
+                f"leave it dense with `exclude=[{name!r}]`."
+            )
+
+
+def _forward_order(
+    model: nn.Module, modules: Mapping[str, nn.Module], x: Tensor, forward: Callable
+) -> list[str]:
+    """The layers in the order one forward pass first calls them (unreached ones last, in name order)."""
+    seen: list[str] = []
+    handles = [
+        mod.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
+        for name, mod in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            forward(model, x.to(next(iter(modules.values())).weight.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [n for n in modules if n not in seen]
+
+
+@dataclass
+class _Options:
+    block_size: int
+    damp: float
+    steps: int
+    refit: bool
+    update_bias: bool
+    reference: nn.Module | None
+    progress: bool
+
+
+def _grouped(module: nn.Module, bias: bool) -> Tensor:
+    """The weight as ``(groups, rows, cols)`` float32, the bias appended as a last column when ``bias``."""
+    grouped = weight_to_groups(module, module.weight)
+    if bias:
+        grouped = torch.cat([grouped, module.bias.detach().float().reshape(grouped.shape[0], -1, 1)], dim=2)
+    return grouped
+
+
+def _write_back(module: nn.Module, grouped: Tensor, bias: bool) -> None:
+    with torch.no_grad():
+        if bias:
+            module.bias.copy_(grouped[:, :, -1].reshape(-1).to(module.bias.dtype))
+            grouped = grouped[:, :, :-1]
+        module.weight.copy_(weight_from_groups(module, grouped, module.weight.shape).to(module.weight.dtype))
+
+
+def _reconstruct_group(
+    w: Tensor,
+    hessian: Tensor,
+    cross: Tensor | None,
+    n_prune: int | None,
+    nm: tuple[int, int] | None,
+    frozen: int,
+    opts: _Options,
+    name: str,
+    on_block: Callable[[], None],
+) -> float:
+    """Prune one group's matrix ``w`` in place (``opts.steps`` rounds, each refit); return its output error."""
+    if cross is not None:
+        w.copy_(refit_to_reference(w, hessian, cross, opts.damp))
+    target = w.clone()
+    keep, steps = None, opts.steps if nm is None else 1
+    for step in range(1, steps + 1):
+        count = None if nm is not None else round(n_prune * step / steps)
+        keep, _ = reconstruct_matrix_(
+            w,
+            hessian,
+            n_prune=count,
+            nm=nm,
+            block_size=opts.block_size,
+            damp=opts.damp,
+            name=f"`{name}`",
+            on_block=on_block,
+            frozen=frozen,
+            prior=None if keep is None else ~keep,
+        )
+        if opts.refit:
+            refit_rows_(w, target, hessian, keep, opts.damp)
+    diff = (target - w).double()
+    return float(((diff @ hessian.double()) * diff).sum() / 2)
+
+
+def _prune_layer(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    batches: list[Tensor],
+    forward: Callable,
+    n_prune: int | None,
+    nm: tuple[int, int] | None,
+    opts: _Options,
+) -> LayerReport:
+    """Collect the layer's Hessian, reconstruct each group, write the weight back; return its report."""
+    start = time.perf_counter()
+    bias = opts.update_bias and getattr(module, "bias", None) is not None
+    ref = (
+        None
+        if opts.reference is None
+        else (opts.reference, opts.reference.get_submodule(name.rpartition(".")[0]))
+    )
+    hessian, cross = layer_hessian(model, module, batches, forward, name, bias=bias, reference=ref)
+    grouped = _grouped(module, bias)
+    groups, rows, cols = grouped.shape
+    per_group = (
+        [None] * groups
+        if nm is not None
+        else list(spread(dict.fromkeys(range(groups), rows * (cols - bias)), n_prune).values())
+    )
+    blocks = groups * math.ceil(cols / opts.block_size) * (opts.steps if nm is None else 1)
+    error = 0.0
+    with _progress_bar()(total=blocks, desc=name, disable=not opts.progress, leave=False) as bar:
+        for g in range(groups):
+            c = None if cross is None else cross[g]
+            error += _reconstruct_group(
+                grouped[g], hessian[g], c, per_group[g], nm, int(bias), opts, name, bar.update
+            )
+    del hessian, cross
+    _write_back(module, grouped, bias)
+    pruned = int((module.weight == 0).sum()) if nm is not None else n_prune
+    return LayerReport(
+        name, tuple(module.weight.shape), pruned, module.weight.numel(), error, time.perf_counter() - start
+    )
+
+
+def _restore(
+    modules: Mapping[str, nn.Module], ref: nn.Module | None, saved: Mapping[tuple, Tensor] | None
+) -> None:
+    """Put back the weights and biases of ``modules`` from the reference copy or the saved tensors."""
+    with torch.no_grad():
+        for name, mod in modules.items():
+            source = ref.get_submodule(name.rpartition(".")[0]) if ref is not None else None
+            for key, t in mod.named_parameters():
+                t.copy_(getattr(source, key) if source is not None else saved[(name, key)])
+
+
+def _check_args(
+    sparsity: Any, allocation: Any, pattern: str, numbers: Mapping[str, Any], flags: Mapping[str, Any]
+) -> tuple | None:
+    """Check the arguments of :func:`reconstruct_prune`; return ``(N, M)`` or None (unstructured)."""
+    kind, n, m = parse_pattern(pattern, owner=OWNER)
+    if kind == "channel":
+        raise bad_value(OWNER, "pattern", "'unstructured' or 'N:M' (such as '2:4')", pattern)
+    nm = (n, m) if kind == "nm" else None
+    if nm is not None and sparsity is not None and not math.isclose(sparsity, 1 - n / m):
+        raise bad_value(
+            OWNER,
+            "sparsity",
+            f"None or {1 - n / m} with pattern {pattern!r} (every layer keeps {n} of {m})",
+            sparsity,
+        )
+    if nm is None and not isinstance(allocation, Mapping):
+        check_real(OWNER, "sparsity", sparsity, low=0.0, high=1.0, high_open=True)
+    for key in ("num_samples", "block_size", "max_hessian_bytes", "steps"):
+        check_int(OWNER, key, numbers[key], low=1)
+    check_real(OWNER, "damp", numbers["damp"], low=0.0, low_open=True)
+    if nm is not None and numbers["block_size"] % m:
+        raise bad_value(
+            OWNER, "block_size", f"a multiple of {m} with pattern {pattern!r}", numbers["block_size"]
+        )
+    check_choice(OWNER, "reference", flags["reference"], REFERENCES)
+    for key in ("update_bias", "refit", "progress"):
+        check_bool(OWNER, key, flags[key])
+    return nm
+
+
+def _progress_bar() -> Callable[..., Any]:
+    from tqdm.auto import tqdm  # a Lightning dependency
+
+    return tqdm
+
+
+def reconstruct_prune(
+    model: nn.Module,
+    calibration_loader: Iterable[Any],
+    sparsity: float | None,
+    *,
+    allocation: str | Mapping[str, float] = "global_magnitude",
+    pattern: str = "unstructured",
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    damp: float = 0.01,
+    block_size: int = 128,
+    max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES,
+    seed: int = 0,
+    progress: bool = True,
+    reference: str = "dense",
+    update_bias: bool = True,
+    refit: bool = True,
+    steps: int = 1,
+    include: list[str] | None = None,
+    exclude: list[str] = (),
+    forward: Callable[[nn.Module, Tensor], Any] | None = None,
+    inputs: Callable[[Any], Tensor] = batch_input,
+) -> tuple[nn.Module, PostTrainReport]:
+    """Prune ``model`` in place after training and update its kept weights to preserve each layer's outputs.
+
+    SparseGPT (Frantar & Alistarh, ICML 2023): layer by layer in forward order, the OBS saliency
+    ``w^2 / [H^-1]_jj^2`` chooses the mask in blocks of columns and the error of every pruned weight is
+    spread over the weights still to be visited (:mod:`~lightning_clipprune.posttrain.obs`). The
+    calibration samples come from ``calibration_loader`` only: give it (part of) the training split,
+    never validation or test data.
+
+    Args:
+        model: the trained network; its prunable weights (``select_prunable_parameters``, with ``include``
+            and ``exclude``) must be of ``Linear``, ``Conv1d`` or ``Conv2d`` layers.
+        calibration_loader: yields batches (a tensor, or a tuple whose first element is the input).
+        sparsity: fraction of the selected weights pruned, exactly ``round(sparsity * n)`` entries; None
+            with an "N:M" pattern or a dict naming every layer.
+        allocation: the per-layer sparsities: "global_magnitude" (default, best on LeNet-300-100), "er",
+            "uniform" or ``{name or fnmatch pattern: sparsity}``
+            (:mod:`~lightning_clipprune.posttrain.allocation`). Ignored under "N:M".
+        pattern: "unstructured" or "N:M" such as "2:4" (keep N of every M consecutive input channels, chosen
+            with the update).
+        num_samples: calibration samples, the first ones of the loader in its order.
+        damp: relative damping of the Hessian (SparseGPT's 0.01).
+        block_size: columns per block of the adaptive mask selection (SparseGPT's 128).
+        max_hessian_bytes: refuse a layer whose float32 Hessian(s) would be larger (checked first).
+        seed: the random state while the loader is iterated (a shuffling loader is then deterministic).
+        progress: show a progress bar per layer (tqdm).
+        include: ``fnmatch`` patterns replacing the default selection.
+        exclude: ``fnmatch`` patterns of weights to leave dense.
+        forward: how to run the model on a batch input (default ``model(x)``).
+        inputs: how to get the model input from a batch (default: the batch or its first element).
+
+    Returns:
+        ``(model, report)``: the same model object, pruned, and a :class:`PostTrainReport`.
+
+    Raises:
+        ValueError: for bad arguments, unsupported layers, a Hessian over ``max_hessian_bytes``, or an
+            empty loader; nothing has changed in the model then.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> data = [torch.randn(64, 16) for _ in range(4)]
+        >>> net, report = reconstruct_prune(net, data, 0.5, num_samples=256, progress=False)
+        >>> report.pruned, report.total
+        (320, 640)
+    """
+    numbers = {
+        "num_samples": num_samples,
+        "damp": damp,
+        "block_size": block_size,
+        "max_hessian_bytes": max_hessian_bytes,
+        "steps": steps,
+    }
+    flags = {"reference": reference, "update_bias": update_bias, "refit": refit, "progress": progress}
+    nm = _check_args(sparsity, allocation, pattern, numbers, flags)
+    start = time.perf_counter()
+    params = select_prunable_parameters(model, include=include, exclude=list(exclude))
+    if not params:
+        raise ValueError(f"`{OWNER}` found no prunable weight in the model (check `include`/`exclude`).")
+    modules = _modules_of(model, params)
+    layouts = weight_layouts(model, params)
+    if nm is not None:
+        check_pattern_fits(params, pattern, layouts)
+    _check_hessians(modules, max_hessian_bytes, update_bias)
+    counts = None if nm is not None else layer_counts(params, sparsity, allocation, layouts)
+    forward = forward or (lambda net, x: net(x))
+    batches = collect_calibration(calibration_loader, num_samples, seed, inputs)
+    was_training = model.training
+    model.eval()
+    ref = copy.deepcopy(model) if reference == "dense" else None
+    opts = _Options(block_size, damp, steps, refit, update_bias, ref, progress)
+    saved = None
+    if ref is None:
+        saved = {(x, k): t.detach().clone() for x, m in modules.items() for k, t in m.named_parameters()}
+    try:
+        order = _forward_order(model, modules, batches[0], forward)
+        layers = [
+            _prune_layer(
+                model, n, modules[n], batches, forward, None if counts is None else counts[n], nm, opts
+            )
+            for n in order
+        ]
+    except BaseException:
+        _restore(
+            modules, ref, saved
+        )  # a failure half-way (a Hessian that cannot be factorised) leaves no half-pruned model
+        raise
+    finally:
+        model.train(was_training)
+    pruned, total = sum(r.pruned for r in layers), sum(r.numel for r in layers)
+    target = sparsity if sparsity is not None else pruned / total
+    name = allocation if isinstance(allocation, str) else "dict"
+    report = PostTrainReport(
+        target,
+        pruned / total,
+        pruned,
+        total,
+        name,
+        pattern,
+        sum(b.shape[0] for b in batches),
+        time.perf_counter() - start,
+        layers,
+    )
+    return model, report
