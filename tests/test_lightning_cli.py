@@ -7,11 +7,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.cli import LightningCLI
 
 from tests.helpers import TinyClassifier, random_loader
-
-pytest.importorskip("jsonargparse")
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 CONFIG = """
 trainer:
