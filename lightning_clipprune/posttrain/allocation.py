@@ -16,7 +16,6 @@ Every allocation prunes exactly ``round(sparsity * total)`` entries over the sel
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ from lightning_clipprune.pruning import (
     matrix_shape,
     resolve_layer_sparsity,
 )
+from lightning_clipprune.pruning.ranking import round_to_total
 
 __all__ = ["ALLOCATIONS", "layer_counts", "spread"]
 
@@ -50,14 +50,7 @@ def spread(sizes: Mapping[str, int], k: int) -> dict[str, int]:
     total = sum(sizes.values())
     if total == 0:
         return dict.fromkeys(sizes, 0)
-    real = {x: k * n / total for x, n in sizes.items()}
-    counts = {x: min(math.floor(v + 1e-9), sizes[x]) for x, v in real.items()}
-    for x in sorted(sizes, key=lambda x: counts[x] - real[x]):  # largest remainder first, ties in order
-        if sum(counts.values()) >= k:
-            break
-        if counts[x] < sizes[x]:
-            counts[x] += 1
-    return counts
+    return round_to_total({x: k * n / total for x, n in sizes.items()}, k, sizes, sizes)
 
 
 def _from_dict(

@@ -374,10 +374,23 @@ def erk_counts(
     for _ in range(100):
         mid = (a + b) / 2
         a, b = (mid, b) if sum(pruned(mid).values()) > k else (a, mid)
-    real = pruned(b)
-    counts = {x: min(math.floor(v + 1e-9), n[x]) for x, v in real.items()}
     upper = {x: n[x] if caps is None else caps[x] for x in n}
-    for x in sorted(n, key=lambda x: counts[x] - real[x]):  # largest remainder first, ties in order
+    return round_to_total(pruned(b), k, n, upper)
+
+
+def round_to_total(
+    real: Mapping[str, float], k: int, sizes: Mapping[str, int], upper: Mapping[str, int]
+) -> dict[str, int]:
+    """Whole counts from ``real`` ones summing to ``k``: floors (at most ``sizes``), then one more for the
+    largest remainders first (ties in order), never past ``upper``.
+
+    Example::
+
+        >>> round_to_total({"a": 1.75, "b": 5.25}, 7, {"a": 10, "b": 30}, {"a": 10, "b": 30})
+        {'a': 2, 'b': 5}
+    """
+    counts = {x: min(math.floor(v + 1e-9), sizes[x]) for x, v in real.items()}
+    for x in sorted(real, key=lambda x: counts[x] - real[x]):
         if sum(counts.values()) >= k:
             break
         if counts[x] < upper[x]:
