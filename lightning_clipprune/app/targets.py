@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,18 +174,24 @@ def _path(parent: str, key: Any) -> str:
     return f"{parent}[{key}]" if isinstance(key, int) else (f"{parent}.{key}" if parent else str(key))
 
 
-def _check_resolvers(value: Any, path: str) -> None:
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(path, text)`` of every string in a nested container of dicts and lists."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_resolvers(v, _path(path, k))
+            yield from _strings(v, _path(path, k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_resolvers(v, _path(path, i))
+            yield from _strings(v, _path(path, i))
     elif isinstance(value, str):
-        for name in _RESOLVER.findall(value):
+        yield path, value
+
+
+def _check_resolvers(value: Any, path: str) -> None:
+    for where, text in _strings(value, path):
+        for name in _RESOLVER.findall(text):
             if name not in SAFE_RESOLVERS:
                 raise UntrustedConfigError(
-                    f"{path}={value!r}: the interpolation resolver {name!r} is not allowed in a config read from "
+                    f"{where}={text!r}: the interpolation resolver {name!r} is not allowed in a config read from "
                     f"a file (allowed: {', '.join(sorted(SAFE_RESOLVERS))})"
                 )
 
@@ -193,16 +199,11 @@ def _check_resolvers(value: Any, path: str) -> None:
 def _check_resolved(value: Any, path: str) -> None:
     """No interpolation may be left after resolving: a value that resolves to ``${...}`` (built from pieces, or
     escaped) would be resolved again when the config is used, by a resolver the first scan never saw."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_resolved(v, _path(path, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_resolved(v, _path(path, i))
-    elif isinstance(value, str) and "${" in value:
-        raise UntrustedConfigError(
-            f"{path}={value!r}: resolves to another interpolation; not allowed in a config read from a file"
-        )
+    for where, text in _strings(value, path):
+        if "${" in text:
+            raise UntrustedConfigError(
+                f"{where}={text!r}: resolves to another interpolation; not allowed in a config read from a file"
+            )
 
 
 def _check_nodes(value: Any, path: str, allowed: frozenset[str]) -> None:
