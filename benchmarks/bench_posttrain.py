@@ -157,24 +157,11 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
     }
     methods = method_names(args)
     grid = sorted(set(FINE) | set(TABLE_SPARSITIES)) if args.fine else TABLE_SPARSITIES
-    for method in methods:
-        for s in grid:
-            model, seconds = prune(dense, method, s, calib, args.num_samples, "unstructured")
-            row = {
-                "method": method,
-                "sparsity": s,
-                "reached": sparsity_of(model),
-                "val": accuracy(model, data["val"]),
-                "test": accuracy(model, data["test"]),
-                "seconds": seconds,
-            }
-            out["rows"].append(row)
-            print(json.dumps({"seed": seed, **row}), flush=True)
-    for method in ("magnitude", "sparsegpt/global_magnitude", "obs/global_magnitude"):
-        model, seconds = prune(dense, method, 0.5, calib, args.num_samples, "2:4")
+    def record(method: str, sparsity: float, label: float | str, pattern: str) -> None:
+        model, seconds = prune(dense, method, sparsity, calib, args.num_samples, pattern)
         row = {
             "method": method,
-            "sparsity": "2:4",
+            "sparsity": label,
             "reached": sparsity_of(model),
             "val": accuracy(model, data["val"]),
             "test": accuracy(model, data["test"]),
@@ -182,6 +169,12 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
         }
         out["rows"].append(row)
         print(json.dumps({"seed": seed, **row}), flush=True)
+
+    for method in methods:
+        for s in grid:
+            record(method, s, s, "unstructured")
+    for method in ("magnitude", "sparsegpt/global_magnitude", "obs/global_magnitude"):
+        record(method, 0.5, "2:4", "2:4")
     return out
 
 
