@@ -38,6 +38,10 @@ MEAN, STD = 0.2860, 0.3530
 TABLE_SPARSITIES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97)
 FINE = tuple(round(0.5 + 0.01 * i, 2) for i in range(48))  # 0.50 .. 0.97
 ALLOCATIONS = ("global_magnitude", "er", "uniform")
+#: Allocations suggested by a layer sensitivity on the validation split (``suggest_layer_sparsity``):
+#: "sensitivity" from the search's magnitude sensitivity (``layer_sensitivity``), "sensitivity_obs" from
+#: the same measure with each layer alone pruned by reconstruction. Set per seed in ``run_seed``.
+SENSITIVITY: dict[str, object] = {}
 #: Variants of the reconstruction: "obs" is reconstruct_prune's defaults (dense reference, bias in the
 #: update, exact refit of the kept weights); "sparsegpt" the plain algorithm (each layer's own outputs,
 #: weights only, SparseGPT's updates); "obs4" the defaults in 4 rounds per layer (25/50/75/100 % of its count).
@@ -126,6 +130,8 @@ def prune(
     else:
         variant, allocation = method.split("/", 1)
         s = None if pattern != "unstructured" else sparsity
+        if allocation in SENSITIVITY and pattern == "unstructured":
+            allocation = suggested(SENSITIVITY[allocation], sparsity)
         reconstruct_prune(
             model,
             calib,
@@ -139,6 +145,34 @@ def prune(
     return model, time.perf_counter() - start
 
 
+def suggested(sens, sparsity: float) -> dict[str, float]:
+    """``suggest_layer_sparsity`` for the target, the largest layer left out so it takes the exact remainder."""
+    from lightning_clipprune.search import suggest_layer_sparsity
+
+    alloc = suggest_layer_sparsity(sens, sparsity)
+    largest = max(sens.numel, key=sens.numel.get)
+    return {n: v for n, v in alloc.items() if n != largest}
+
+
+def sensitivities(dense: nn.Module, data: dict, calib: list, num_samples: int) -> dict:
+    """Per-layer validation accuracy with one layer pruned alone: by magnitude, and by reconstruction."""
+    from lightning_clipprune.search import SensitivityResult, layer_sensitivity
+
+    x, y = data["val"]
+    val = list(zip(x.split(1000), y.split(1000), strict=True))
+    by_magnitude = layer_sensitivity(copy.deepcopy(dense), val)
+    accuracy_obs = {}
+    for name in by_magnitude.accuracy:
+        accs = []
+        for s in by_magnitude.sparsities:
+            model = copy.deepcopy(dense)
+            reconstruct_prune(model, calib, s, include=[name], num_samples=num_samples, progress=False)
+            accs.append(accuracy(model, data["val"]) / 100)
+        accuracy_obs[name] = accs
+    by_obs = SensitivityResult(by_magnitude.sparsities, by_magnitude.dense_val_acc, accuracy_obs, by_magnitude.numel)
+    return {"sensitivity": by_magnitude, "sensitivity_obs": by_obs}
+
+
 def sparsity_of(model: nn.Module) -> float:
     params = select_prunable_parameters(model)
     return sum(int((p == 0).sum()) for p in params.values()) / sum(p.numel() for p in params.values())
@@ -149,6 +183,9 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict) -> dict:
         data, seed, args.epochs, Path(f"/tmp/bench_posttrain_lenet300_seed{seed}_e{args.epochs}.pt")
     )
     calib = calibration_batches(data, seed)
+    if any(a.startswith("sensitivity") for a in args.allocations):
+        SENSITIVITY.clear()
+        SENSITIVITY.update(sensitivities(dense, data, calib, args.num_samples))
     out = {
         "seed": seed,
         "dense_val": accuracy(dense, data["val"]),
@@ -227,7 +264,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=2048)
-    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS))
+    parser.add_argument(
+        "--allocations", nargs="+", default=list(ALLOCATIONS), help=f"of {ALLOCATIONS}, sensitivity, sensitivity_obs"
+    )
     parser.add_argument(
         "--steps-allocations", nargs="*", default=["global_magnitude"], help="allocations also run as obs4"
     )

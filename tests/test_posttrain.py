@@ -122,10 +122,10 @@ def _unfolded_linear_equivalent(
     return linears, list(cols)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 4])  # 4: depthwise
 def test_conv2d_equals_the_unfolded_linear_layer(groups):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=groups)
+    conv = nn.Conv2d(4, 8, 3, padding=1, stride=2, groups=groups)
     x = torch.randn(16, 4, 9, 9, generator=_gen(1))
     linears, inputs = _unfolded_linear_equivalent(conv, x)
     reconstruct_prune(conv, [x], 0.5, allocation="uniform", num_samples=16, block_size=8, progress=False)
@@ -269,10 +269,50 @@ def test_bad_arguments_are_one_line_errors(kwargs, fragment):
     assert "\n" not in str(err.value)
 
 
-def test_unsupported_layers_are_refused_with_the_exclude_that_skips_them():
-    net = nn.Sequential(nn.Linear(8, 8), nn.ConvTranspose1d(8, 8, 1))
-    with pytest.raises(ValueError, match=r"exclude=\['1.weight'\]"):
-        reconstruct_prune(net, [torch.randn(4, 8)], 0.5, num_samples=4, progress=False)
+def test_layers_it_cannot_reconstruct_go_to_magnitude_with_one_warning_naming_the_exclude():
+    net = nn.Sequential(nn.Linear(8, 8), nn.Unflatten(1, (8, 1)), nn.ConvTranspose1d(8, 8, 1))
+    dense = net[2].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"2.weight \(a ConvTranspose1d\).*exclude=\['2.weight'\]") as record:
+        _, report = reconstruct_prune(net, [torch.randn(4, 8)], 0.5, num_samples=4, progress=False)
+    assert len(record) == 1
+    methods = {r.name: r.method for r in report.layers}
+    assert methods == {"0.weight": "obs", "2.weight": "magnitude"} and report.pruned == 64  # the target, exact
+    # by magnitude within the layer, no update: the kept entries are the dense ones, the largest |w|
+    w = net[2].weight.detach()
+    kept = w != 0
+    assert torch.equal(w[kept], dense[kept])
+    assert dense[kept].abs().min() >= dense[~kept].abs().max()
+    assert "magnitude" in report.table()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_attention_projections_go_to_magnitude_and_the_linear_layers_are_reconstructed(pattern):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    net = Block()
+    data = [torch.randn(32, 5, 16, generator=_gen(0))]
+    sparsity = 0.5 if pattern == "2:4" else 0.6
+    with pytest.warns(UserWarning, match="attn.in_proj_weight") as record:
+        _, report = reconstruct_prune(net, data, None if pattern == "2:4" else sparsity, pattern=pattern,
+                                      num_samples=32, progress=False)
+    assert len(record) == 1 and "attn.out_proj.weight (never called as a module" in str(record[0].message)
+    methods = {r.name: r.method for r in report.layers}
+    assert methods == {"attn.in_proj_weight": "magnitude", "attn.out_proj.weight": "magnitude", "head.weight": "obs"}
+    total = sum(r.numel for r in report.layers)
+    assert report.pruned == round(sparsity * total) == sum(int((p == 0).sum()) for p in
+                                                           (net.attn.in_proj_weight, net.attn.out_proj.weight,
+                                                            net.head.weight))
+    if pattern == "2:4":  # along the input dimension, as the rest of the suite
+        for w in (net.attn.in_proj_weight, net.attn.out_proj.weight, net.head.weight):
+            assert bool(((w.detach().reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
 def test_layers_are_visited_in_forward_order_and_report_adds_up():

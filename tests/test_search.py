@@ -233,7 +233,7 @@ def test_search_cli_on_an_app_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rows = (out / "search.csv").read_text().splitlines()
     assert len(rows) == 1 + summary["evaluations"] and sum(r.endswith(",1") for r in rows[1:]) == 1
     printed = capsys.readouterr().out
-    assert "read once, after the search" in printed and "prune.sparsity=" in printed
+    assert "evaluated once, after the search" in " ".join(printed.split()) and "prune.sparsity=" in printed
 
 
 def test_search_cli_names_a_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -241,3 +241,28 @@ def test_search_cli_names_a_missing_run(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert main([str(tmp_path / "nope")]) == 1
     assert "no such run folder or checkpoint" in capsys.readouterr().err
+
+
+def test_reconstruction_search_goes_at_least_as_far_and_calibrates_on_train_only(trained) -> None:
+    from lightning_clipprune.posttrain import ReconstructionOptions
+    from lightning_clipprune.search import search_reconstruction
+
+    net, dm = trained
+    before = weights(net)
+    grid = (0.5, 0.7, 0.8, 0.9, 0.95)
+    magnitude = search_threshold(net, dm.val_dataloader(), tolerance=0.5, grid=grid, resolution=0.01)
+    val, train = Counting(dm.val_dataloader()), Counting(dm.train_dataloader())
+    result = search_reconstruction(
+        net, val, train, tolerance=0.5, grid=grid, resolution=0.01, options=ReconstructionOptions(num_samples=512)
+    )
+    assert train.iterations == 1 and val.iterations == len(result.points)  # calibration drawn once, from train
+    assert result.extra["calibration_samples"] == 512
+    chosen, nxt = result.chosen, result.next_point()
+    assert result.dense_val_acc - chosen.val_acc <= 0.005 + 1e-9
+    assert nxt is None or not nxt.within_tolerance
+    assert chosen.sparsity >= magnitude.chosen.sparsity  # the reconstruction prunes at least as far, no retraining
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # dense weights (and biases) back
+    assert result.overrides() == [
+        f"prune=oneshot prune.start=1.0 prune.sparsity={chosen.sparsity:.4f} prune.threshold=null prune.criterion=obs"
+    ]
+    assert "-" in [c for c in result.to_table().columns[1].cells]  # no magnitude threshold for reconstructed weights

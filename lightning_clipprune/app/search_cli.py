@@ -5,6 +5,7 @@
     python -m lightning_clipprune.search outputs/2026-11-29/01-00-00            # a run folder of the app
     python -m lightning_clipprune.search outputs/.../checkpoints/final.ckpt --tolerance 0.5 --sensitivity
     python -m lightning_clipprune.search RUN_DIR --criterion taylor --finetune-epochs 2
+    python -m lightning_clipprune.search RUN_DIR --method sparsegpt --calibration-samples 2048   # reconstruction
 
 The search itself is the library's (:mod:`lightning_clipprune.search`); this module is the app side:
 rebuilding the run's model and data from its folder, loading its weights, an optional short fine-tune, and
@@ -16,17 +17,21 @@ the suite's own config groups, with the overrides of the run's own record (``run
 the composed config must be one of the suite's own classes (:mod:`lightning_clipprune.app.targets`). The
 checkpoint is read by :func:`lightning_clipprune.checkpoint.load_checkpoint` (nothing outside an allowed list
 is unpickled) and checked key by key against the model. Outputs go into ``RUN/search`` (a real folder, never a
-link) through temporary files and renames. Every refusal is one line and exit status 1.
+link) through temporary files and renames; a folder that already holds a search is refused unless
+``--overwrite``, which first removes the files of the earlier search (and only those). Every refusal is one line
+and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +54,33 @@ from lightning_clipprune.app.untrusted import make_output_dir
 from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
 from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
 from lightning_clipprune.export import save_sparse
+from lightning_clipprune.posttrain import (
+    DEFAULT_MAX_HESSIAN_BYTES,
+    DEFAULT_NUM_SAMPLES,
+    ReconstructionOptions,
+)
 from lightning_clipprune.run import config_dir
 from lightning_clipprune.search import (
     DEFAULT_GRID,
     DEFAULT_LAYER_GRID,
+    METHODS,
     SearchResult,
     compare_allocation,
     layer_sensitivity,
     layer_sparsity_snippets,
+    search_reconstruction,
     search_threshold,
     suggest_layer_sparsity,
     taylor_gradients,
 )
 
-__all__ = ["compose_run_config", "finetune", "load_weights", "main", "run_overrides", "save_pruned"]
+__all__ = ["OUTPUT_NAMES", "compose_run_config", "finetune", "load_weights", "main", "run_overrides", "save_pruned"]
+
+#: The files and folder a search writes into its output folder: what ``--overwrite`` removes, and nothing else.
+OUTPUT_NAMES: tuple[str, ...] = (
+    "search.csv", "search.png", "search.json", "pruned.ckpt", "pruned.lcps",
+    "sensitivity.csv", "sensitivity.png", "finetuned",
+)
 
 
 def _run_dir_of(path: Path) -> tuple[Path, Path]:
@@ -195,6 +213,25 @@ def finetune(cfg: Any, model: nn.Module, datamodule: Any, sparsity: float, epoch
     ]
     if cfg.get("clip") is not None:
         callbacks.insert(0, hydra.utils.instantiate(cfg.clip))
+    with _quiet_lightning():
+        return _fit_and_score(model, tuned, datamodule, callbacks, epochs)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines ("GPU available: ...", "`Trainer.fit` stopped: ...") hidden; warnings still shown."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _fit_and_score(model: nn.Module, tuned: Any, datamodule: Any, callbacks: list[Any], epochs: int) -> dict[str, float]:
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
         callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -224,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tolerance", type=float, default=0.5, help="allowed val accuracy drop, percentage points (0.5)")
     add("--grid", type=_parse_floats, default=list(DEFAULT_GRID), help="coarse sparsity grid, comma-separated")
     add("--resolution", type=float, default=0.001, help="bisection stops at this sparsity width (0.001)")
-    add("--criterion", choices=("magnitude", "taylor"), default="magnitude")
+    add("--method", default="magnitude", help="magnitude (one global threshold, default) or sparsegpt (layer-wise "
+        "reconstruction on training samples, no retraining; 'obs' is another name)")
+    add("--calibration-samples", type=int, default=DEFAULT_NUM_SAMPLES,
+        help=f"sparsegpt: training samples of the calibration ({DEFAULT_NUM_SAMPLES})")
+    add("--seed", type=int, default=0, help="sparsegpt: random state while the calibration samples are drawn (0)")
+    add("--max-hessian-mib", type=float, default=DEFAULT_MAX_HESSIAN_BYTES / 2**20,
+        help="sparsegpt: refuse a layer whose float32 Hessian is larger (MiB; 2048); the run needs several times it")
+    add("--criterion", choices=("magnitude", "taylor"), default="magnitude", help="ranking of --method magnitude")
     add("--taylor-batches", type=int, default=20, help="training batches averaged for the taylor gradient")
     add("--sensitivity", action="store_true", help="also the per-layer sensitivity and an allocation")
     add("--layer-grid", type=_parse_floats, default=list(DEFAULT_LAYER_GRID))
@@ -233,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--finetune-lr", type=float, default=None, help="peak learning rate of the fine-tune (default: run's / 10)")
     add("--no-test", action="store_true", help="do not evaluate the test split at all")
     add("--out", type=Path, default=None, help="output folder (default: RUN/search)")
+    add("--overwrite", action="store_true", help="replace an earlier search in the output folder (default: refuse)")
     return parser
 
 
@@ -252,7 +297,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: Any) -> SearchResult:
-    """The threshold search of the command line; the model is left pruned to the point found."""
+    """The search of the command line; the model is left pruned to the point found."""
+    test = None if args.no_test or not datamodule.has_test else datamodule.test_dataloader
+    if args.method == "sparsegpt":
+        options = ReconstructionOptions(num_samples=args.calibration_samples, seed=args.seed,
+                                        max_hessian_bytes=max(1, int(args.max_hessian_mib * 2**20)))
+        try:
+            return search_reconstruction(
+                model, datamodule.val_dataloader(), datamodule.train_dataloader(), tolerance=args.tolerance,
+                grid=args.grid, resolution=args.resolution, options=options, test_loader=test, apply=True, progress=True,
+            )
+        except ValueError as err:
+            if "max_hessian_bytes" not in str(err):
+                raise
+            raise ValueError(f"{err} (on the command line: --max-hessian-mib)") from None
     grads = None
     if args.criterion == "taylor":
         clip_val, algorithm = _clip_settings(cfg)
@@ -261,8 +319,7 @@ def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: An
         )
     return search_threshold(
         model, datamodule.val_dataloader(), tolerance=args.tolerance, grid=args.grid, resolution=args.resolution,
-        criterion=args.criterion, grads=grads, progress=True,
-        test_loader=None if args.no_test or not datamodule.has_test else datamodule.test_dataloader, apply=True,
+        criterion=args.criterion, grads=grads, progress=True, test_loader=test, apply=True,
     )
 
 
@@ -275,48 +332,96 @@ def _commands(overrides: Sequence[str], result: SearchResult) -> list[str]:
 
 
 def _summary(checkpoint: Path, result: SearchResult, commands: list[str]) -> dict[str, Any]:
+    threshold = None if result.criterion == "sparsegpt" else result.chosen.threshold  # NaN is not JSON
     return {
-        "checkpoint": str(checkpoint), "criterion": result.criterion, "tolerance_points": result.tolerance,
-        "dense_val_acc": result.dense_val_acc, "sparsity": result.chosen.sparsity, "threshold": result.chosen.threshold,
+        "checkpoint": str(checkpoint), "method": "sparsegpt" if result.criterion == "sparsegpt" else "magnitude",
+        "criterion": result.criterion, "tolerance_points": result.tolerance, **result.extra,
+        "dense_val_acc": result.dense_val_acc, "sparsity": result.chosen.sparsity, "threshold": threshold,
         "val_acc": result.chosen.val_acc, "val_loss": result.chosen.val_loss,
         "test_acc_at_chosen_point": result.test_acc, "dense_test_acc": result.dense_test_acc,
         "evaluations": len(result.points), "commands": commands,
     }
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The options argparse cannot check in one line; ``--method`` resolved to its canonical name."""
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
+    args.method = METHODS[args.method]
+    if args.method == "sparsegpt" and args.criterion != "magnitude":
+        raise ValueError(f"--criterion {args.criterion} ranks the magnitude search; drop it with --method sparsegpt")
+    if args.calibration_samples < 1:
+        raise ValueError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Create ``out`` (a real folder); refuse one holding an earlier search unless ``overwrite``, which removes
+    the earlier search's files (:data:`OUTPUT_NAMES`, nothing else) so no stale file stays beside the new ones.
+
+    Raises:
+        ValueError: ``out`` holds an earlier search and ``overwrite`` is False (one line naming the way out).
+    """
+    make_output_dir(out)  # before the work: a planted `search` link or file is refused at once
+    earlier = [n for n in OUTPUT_NAMES if os.path.lexists(out / n)]
+    if earlier and not overwrite:
+        raise ValueError(f"{out} already holds a search ({', '.join(earlier)}): pass --overwrite to replace it, "
+                         "or --out NEW_FOLDER to keep it")
+    for name in earlier:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            for inner in ("pruned.ckpt", "pruned.lcps"):
+                with contextlib.suppress(FileNotFoundError):
+                    (path / inner).unlink()
+            with contextlib.suppress(OSError):  # a folder holding files of the user's own is left as it is
+                path.rmdir()
+        else:
+            path.unlink()  # a link is removed itself, never followed
+
+
 def _main(args: argparse.Namespace) -> int:
+    _check_args(args)
     console = Console(width=None if sys.stdout.isatty() else 120)
     run_dir, checkpoint = _run_dir_of(Path(args.run))
     out = args.out or run_dir / "search"
     overrides = [*run_overrides(run_dir), *args.overrides]
     cfg = compose_run_config(overrides, out)
-    make_output_dir(out)  # before the work: a planted `search` link or file is refused at once
+    prepare_output_dir(out, args.overwrite)
     model = instantiate(cfg.model, "model")
     load_weights(model, checkpoint)
     datamodule = instantiate(cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("fit")
     result = _search(args, cfg, model, datamodule)
-    console.print(result.to_table())
-    result.write_csv(out / "search.csv")
+    console.print(result.to_table())  # its caption holds the test accuracy, read once
     result.plot(out / "search.png")
+    written = [result.write_csv(out / "search.csv"), out / "search.png"]
     commands = _commands(overrides, result)
     summary = _summary(checkpoint, result, commands)
-    ckpt, lcps = save_pruned(model, out, {"sparsity": result.chosen.sparsity, "threshold": result.chosen.threshold})
+    ckpt, lcps = save_pruned(model, out, {"sparsity": result.chosen.sparsity, "threshold": summary["threshold"]})
     summary["pruned_checkpoint"], summary["pruned_lcps"] = str(ckpt), str(lcps)
+    written += [ckpt, lcps]
     console.print("train at this point with:")
     for c in commands:
         console.print(f"  {c}", soft_wrap=True, highlight=False)
-    if result.test_acc is not None:
-        console.print(f"test accuracy at the chosen point (read once, after the search): {100 * result.test_acc:.2f} % "
-                      f"(dense {100 * (result.dense_test_acc or 0):.2f} %)")
+    if args.method == "sparsegpt" and args.calibration_samples != DEFAULT_NUM_SAMPLES:
+        console.print(f"  (the run's prune.criterion=obs calibrates on {DEFAULT_NUM_SAMPLES} training samples; "
+                      f"this search used {args.calibration_samples})", highlight=False)
     if args.sensitivity:
         summary["allocation"] = _sensitivity_step(args, cfg, checkpoint, datamodule, result, out, console)
+        written += [out / "sensitivity.csv", out / "sensitivity.png"]
     if args.finetune_epochs > 0:
         summary["finetune"] = _finetune_step(args, cfg, model, datamodule, result, out, console)
+        written.append(Path(summary["finetune"]["checkpoint"]).parent)
     atomic_write_text(out / "search.json", json.dumps(summary, indent=2) + "\n")
-    console.print(f"written: {out}/search.csv, search.png, search.json, pruned.ckpt, pruned.lcps")
+    written.append(out / "search.json")
+    console.print(f"written in {out}: " + ", ".join(_relative(p, out) for p in written), soft_wrap=True, highlight=False)
     return 0
+
+
+def _relative(path: Path, out: Path) -> str:
+    """``path`` relative to ``out`` (a folder with a trailing ``/``)."""
+    rel = Path(path).relative_to(out).as_posix()
+    return rel + "/" if Path(path).is_dir() else rel
 
 
 def _sensitivity_step(

@@ -5,6 +5,9 @@
 - :mod:`~lightning_clipprune.posttrain.obs`: the algorithm on one weight matrix (pure tensor code).
 - :mod:`~lightning_clipprune.posttrain.calibration`: calibration batches, unfolded inputs, Hessians.
 - :mod:`~lightning_clipprune.posttrain.allocation`: the per-layer sparsities.
+- :mod:`~lightning_clipprune.posttrain.fallback`: weights it cannot reconstruct (attention projections,
+  ``Conv3d``, ``ConvTranspose``, ...): pruned by magnitude to their share, with one warning.
+- :class:`ReconstructionOptions`: the settings and their defaults, written once.
 
 Example::
 
@@ -22,6 +25,7 @@ from lightning_clipprune.posttrain.reconstruct import (
     DEFAULT_NUM_SAMPLES,
     LayerReport,
     PostTrainReport,
+    ReconstructionOptions,
     reconstruct_prune,
 )
 
@@ -32,6 +36,7 @@ __all__ = [
     "SUPPORTED_TYPES",
     "LayerReport",
     "PostTrainReport",
+    "ReconstructionOptions",
     "collect_calibration",
     "layer_counts",
     "reconstruct_matrix_",

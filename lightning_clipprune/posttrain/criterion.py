@@ -9,15 +9,12 @@ prunes the callback's parameters in place and updates their kept weights. The ma
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_clipprune.posttrain.reconstruct import (
-    DEFAULT_MAX_HESSIAN_BYTES,
-    DEFAULT_NUM_SAMPLES,
-    reconstruct_prune,
-)
+from lightning_clipprune.posttrain.reconstruct import ReconstructionOptions, reconstruct_prune
 from lightning_clipprune.pruning.criteria import Criterion, register_criterion
 
 __all__ = ["Reconstruction"]
@@ -27,8 +24,12 @@ class Reconstruction(Criterion):
     """SparseGPT / OBS reconstruction (:func:`~lightning_clipprune.posttrain.reconstruct_prune`) as a criterion.
 
     Args:
-        allocation, num_samples, damp, block_size, max_hessian_bytes, seed, progress, reference,
-            update_bias, refit, steps: as :func:`~lightning_clipprune.posttrain.reconstruct_prune`.
+        options: the settings (:class:`~lightning_clipprune.posttrain.ReconstructionOptions`; default: its
+            defaults, the ones of :func:`~lightning_clipprune.posttrain.reconstruct_prune`).
+        **overrides: single fields of ``options`` by name (``num_samples=512``, ``progress=False``, ...).
+
+    Raises:
+        TypeError: an override that is not a field of :class:`ReconstructionOptions`.
 
     ``score`` is ``|w|``: after :meth:`calibrate` the pruned entries are exactly 0, so magnitude ranks them
     first. The last report is kept in :attr:`report`.
@@ -46,33 +47,8 @@ class Reconstruction(Criterion):
     name = "obs"
     needs = "calibration"
 
-    def __init__(
-        self,
-        allocation: str | Mapping[str, float] = "global_magnitude",
-        num_samples: int = DEFAULT_NUM_SAMPLES,
-        damp: float = 0.01,
-        block_size: int = 128,
-        max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES,
-        seed: int = 0,
-        progress: bool = True,
-        reference: str = "dense",
-        update_bias: bool = True,
-        refit: bool = True,
-        steps: int = 1,
-    ) -> None:
-        self.options = {
-            "allocation": allocation,
-            "num_samples": num_samples,
-            "damp": damp,
-            "block_size": block_size,
-            "max_hessian_bytes": max_hessian_bytes,
-            "seed": seed,
-            "progress": progress,
-            "reference": reference,
-            "update_bias": update_bias,
-            "refit": refit,
-            "steps": steps,
-        }
+    def __init__(self, options: ReconstructionOptions | None = None, **overrides: Any) -> None:
+        self.options = replace(options or ReconstructionOptions(), **overrides)
         self.report: Any = None
 
     def score(self, name: str, weight: Tensor) -> Tensor:
@@ -89,12 +65,12 @@ class Reconstruction(Criterion):
     ) -> dict[str, Tensor]:
         """Prune ``params`` (``{name in module: parameter}``) in place on batches of ``loader``; return the keep-masks."""
         _, self.report = reconstruct_prune(
-            module, loader, sparsity, pattern=pattern, include=list(params), **self.options
+            module, loader, sparsity, pattern=pattern, include=list(params), **self.options.as_kwargs()
         )
         return {n: p.detach() != 0 for n, p in params.items()}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(allocation={self.options['allocation']!r}, num_samples={self.options['num_samples']})"
+        return f"{type(self).__name__}(allocation={self.options.allocation!r}, num_samples={self.options.num_samples})"
 
 
 register_criterion("obs", Reconstruction)

@@ -16,16 +16,15 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._validation import bad_value, check_bool, check_choice, check_int, check_real
-from lightning_clipprune.posttrain.allocation import layer_counts, spread
+from lightning_clipprune.posttrain.allocation import ALLOCATIONS, layer_counts, spread
 from lightning_clipprune.posttrain.calibration import (
-    SUPPORTED_TYPES,
     batch_input,
     collect_calibration,
     hessian_shape,
@@ -33,6 +32,7 @@ from lightning_clipprune.posttrain.calibration import (
     weight_from_groups,
     weight_to_groups,
 )
+from lightning_clipprune.posttrain.fallback import magnitude_layer_, split_layers, warn_fallback
 from lightning_clipprune.posttrain.obs import reconstruct_matrix_, refit_rows_, refit_to_reference
 from lightning_clipprune.pruning import (
     check_pattern_fits,
@@ -47,6 +47,7 @@ __all__ = [
     "REFERENCES",
     "LayerReport",
     "PostTrainReport",
+    "ReconstructionOptions",
     "reconstruct_prune",
 ]
 
@@ -63,16 +64,62 @@ DEFAULT_MAX_HESSIAN_BYTES = 2 * 1024**3
 REFERENCES: tuple[str, ...] = ("dense", "layer")
 
 
+@dataclass(frozen=True)
+class ReconstructionOptions:
+    """The settings of :func:`reconstruct_prune`, written once: its keyword defaults and the "obs" criterion's.
+
+    Every field is the keyword argument of the same name of :func:`reconstruct_prune` (see there); the
+    defaults are the ones measured best on LeNet-300-100 (``benchmarks/bench_posttrain.md``).
+
+    Example::
+
+        >>> ReconstructionOptions(num_samples=512).damp
+        0.01
+    """
+
+    allocation: str | Mapping[str, float] = "global_magnitude"
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    damp: float = 0.01  # SparseGPT's relative damping
+    block_size: int = 128  # SparseGPT's column block
+    max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES
+    seed: int = 0
+    progress: bool = True
+    reference: str = "dense"
+    update_bias: bool = True
+    refit: bool = True
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        # checked when built, so the "obs" criterion refuses a bad value before training, not after it
+        for key in ("num_samples", "block_size", "max_hessian_bytes", "steps", "seed"):
+            check_int(OWNER, key, getattr(self, key), low=1 if key != "seed" else None)
+        check_real(OWNER, "damp", self.damp, low=0.0, low_open=True)
+        check_choice(OWNER, "reference", self.reference, REFERENCES)
+        for key in ("update_bias", "refit", "progress"):
+            check_bool(OWNER, key, getattr(self, key))
+        if not isinstance(self.allocation, Mapping) and self.allocation not in ALLOCATIONS:
+            raise bad_value(OWNER, "allocation", f"one of {', '.join(map(repr, ALLOCATIONS))} or a dict", self.allocation)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments of :func:`reconstruct_prune`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_DEFAULTS = ReconstructionOptions()
+
+
 @dataclass
 class LayerReport:
-    """What happened to one layer: entries pruned, the OBS estimate of the output error added, time."""
+    """What happened to one layer: entries pruned, the OBS estimate of the output error added, time, and
+    ``method``: "obs" (reconstructed) or "magnitude" (a weight it cannot reconstruct; ``error`` None)."""
 
     name: str
     shape: tuple[int, ...]
     pruned: int
     numel: int
-    error: float
+    error: float | None
     seconds: float
+    method: str = "obs"
 
     @property
     def sparsity(self) -> float:
@@ -105,29 +152,11 @@ class PostTrainReport:
         lines = [f"{'layer':<32} {'shape':<18} {'sparsity':>8} {'obs error':>10} {'s':>6}"]
         for r in self.layers:
             lines.append(
-                f"{r.name:<32} {str(r.shape):<18} {r.sparsity:8.4f} {r.error:10.4g} {r.seconds:6.2f}"
+                f"{r.name:<32} {str(r.shape):<18} {r.sparsity:8.4f} "
+                f"{'magnitude' if r.error is None else format(r.error, '.4g'):>10} {r.seconds:6.2f}"
             )
         lines.append(f"{'total':<32} {'':<18} {self.sparsity:8.4f} {'':>10} {self.wall_time_s:6.2f}")
         return "\n".join(lines)
-
-
-def _modules_of(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:
-    """``{parameter name: the layer owning it}``; refuses what the reconstruction does not handle."""
-    modules = dict(model.named_modules())
-    out, bad = {}, []
-    for name in params:
-        owner, _, leaf = name.rpartition(".")
-        mod = modules.get(owner)
-        if leaf != "weight" or not isinstance(mod, SUPPORTED_TYPES):
-            bad.append(name)
-        else:
-            out[name] = mod
-    if bad:
-        raise ValueError(
-            f"`{OWNER}` reconstructs the weight of Linear, Conv1d and Conv2d layers only, not {bad}: "
-            f"leave them dense with `exclude={bad!r}`."
-        )
-    return out
 
 
 def _check_hessians(modules: Mapping[str, nn.Module], max_bytes: int, update_bias: bool) -> None:
@@ -146,8 +175,10 @@ def _check_hessians(modules: Mapping[str, nn.Module], max_bytes: int, update_bia
 def _forward_order(
     model: nn.Module, modules: Mapping[str, nn.Module], x: Tensor, forward: Callable
 ) -> list[str]:
-    """The layers in the order one forward pass first calls them (unreached ones last, in name order)."""
+    """The layers in the order one forward pass first calls them; those it never calls are left out."""
     seen: list[str] = []
+    if not modules:
+        return seen
     handles = [
         mod.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
         for name, mod in modules.items()
@@ -158,7 +189,7 @@ def _forward_order(
     finally:
         for h in handles:
             h.remove()
-    return seen + [n for n in modules if n not in seen]
+    return seen
 
 
 @dataclass
@@ -266,21 +297,23 @@ def _prune_layer(
     )
 
 
-def _restore(
-    modules: Mapping[str, nn.Module], ref: nn.Module | None, saved: Mapping[tuple, Tensor] | None
-) -> None:
-    """Put back the weights and biases of ``modules`` from the reference copy or the saved tensors."""
+def _restore(model: nn.Module, saved: Mapping[str, Tensor]) -> None:
+    """Put back the parameters named in ``saved``."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, mod in modules.items():
-            source = ref.get_submodule(name.rpartition(".")[0]) if ref is not None else None
-            for key, t in mod.named_parameters():
-                t.copy_(getattr(source, key) if source is not None else saved[(name, key)])
+        for name, t in saved.items():
+            params[name].copy_(t)
 
 
-def _check_args(
-    sparsity: Any, allocation: Any, pattern: str, numbers: Mapping[str, Any], flags: Mapping[str, Any]
-) -> tuple | None:
-    """Check the arguments of :func:`reconstruct_prune`; return ``(N, M)`` or None (unstructured)."""
+def _magnitude_report(
+    name: str, weight: Tensor, counts: Mapping[str, int] | None, nm: tuple[int, int] | None, layout: Any
+) -> LayerReport:
+    pruned, seconds = magnitude_layer_(name, weight, None if counts is None else counts[name], nm, layout)
+    return LayerReport(name, tuple(weight.shape), pruned, weight.numel(), None, seconds, "magnitude")
+
+
+def _check_args(sparsity: Any, pattern: str, options: ReconstructionOptions) -> tuple | None:
+    """Check the arguments of :func:`reconstruct_prune` beyond ``options``; return ``(N, M)`` or None."""
     kind, n, m = parse_pattern(pattern, owner=OWNER)
     if kind == "channel":
         raise bad_value(OWNER, "pattern", "'unstructured' or 'N:M' (such as '2:4')", pattern)
@@ -292,18 +325,10 @@ def _check_args(
             f"None or {1 - n / m} with pattern {pattern!r} (every layer keeps {n} of {m})",
             sparsity,
         )
-    if nm is None and not isinstance(allocation, Mapping):
+    if nm is None and not isinstance(options.allocation, Mapping):
         check_real(OWNER, "sparsity", sparsity, low=0.0, high=1.0, high_open=True)
-    for key in ("num_samples", "block_size", "max_hessian_bytes", "steps"):
-        check_int(OWNER, key, numbers[key], low=1)
-    check_real(OWNER, "damp", numbers["damp"], low=0.0, low_open=True)
-    if nm is not None and numbers["block_size"] % m:
-        raise bad_value(
-            OWNER, "block_size", f"a multiple of {m} with pattern {pattern!r}", numbers["block_size"]
-        )
-    check_choice(OWNER, "reference", flags["reference"], REFERENCES)
-    for key in ("update_bias", "refit", "progress"):
-        check_bool(OWNER, key, flags[key])
+    if nm is not None and options.block_size % m:
+        raise bad_value(OWNER, "block_size", f"a multiple of {m} with pattern {pattern!r}", options.block_size)
     return nm
 
 
@@ -318,18 +343,18 @@ def reconstruct_prune(
     calibration_loader: Iterable[Any],
     sparsity: float | None,
     *,
-    allocation: str | Mapping[str, float] = "global_magnitude",
+    allocation: str | Mapping[str, float] = _DEFAULTS.allocation,
     pattern: str = "unstructured",
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    damp: float = 0.01,
-    block_size: int = 128,
-    max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES,
-    seed: int = 0,
-    progress: bool = True,
-    reference: str = "dense",
-    update_bias: bool = True,
-    refit: bool = True,
-    steps: int = 1,
+    num_samples: int = _DEFAULTS.num_samples,
+    damp: float = _DEFAULTS.damp,
+    block_size: int = _DEFAULTS.block_size,
+    max_hessian_bytes: int = _DEFAULTS.max_hessian_bytes,
+    seed: int = _DEFAULTS.seed,
+    progress: bool = _DEFAULTS.progress,
+    reference: str = _DEFAULTS.reference,
+    update_bias: bool = _DEFAULTS.update_bias,
+    refit: bool = _DEFAULTS.refit,
+    steps: int = _DEFAULTS.steps,
     include: list[str] | None = None,
     exclude: list[str] = (),
     forward: Callable[[nn.Module, Tensor], Any] | None = None,
@@ -345,7 +370,9 @@ def reconstruct_prune(
 
     Args:
         model: the trained network; its prunable weights (``select_prunable_parameters``, with ``include``
-            and ``exclude``) must be of ``Linear``, ``Conv1d`` or ``Conv2d`` layers.
+            and ``exclude``) of ``Linear``, ``Conv1d`` and ``Conv2d`` layers are reconstructed (``groups``
+            respected); any other (attention projections, ``Conv3d``, ``ConvTranspose``, registered types)
+            is pruned to its share by magnitude, with one warning (:mod:`~lightning_clipprune.posttrain.fallback`).
         calibration_loader: yields batches (a tensor, or a tuple whose first element is the input).
         sparsity: fraction of the selected weights pruned, exactly ``round(sparsity * n)`` entries; None
             with an "N:M" pattern or a dict naming every layer.
@@ -360,6 +387,11 @@ def reconstruct_prune(
         max_hessian_bytes: refuse a layer whose float32 Hessian(s) would be larger (checked first).
         seed: the random state while the loader is iterated (a shuffling loader is then deterministic).
         progress: show a progress bar per layer (tqdm).
+        reference: "dense" (match the dense model's outputs of each layer; default) or "layer" (the layer's
+            own outputs on its current inputs, plain SparseGPT); see :data:`REFERENCES`.
+        update_bias: the bias takes part in the update as a never-pruned column.
+        refit: after the mask is chosen, the exact least-squares kept weights of every row.
+        steps: rounds per layer (each prunes a share of its count and refits).
         include: ``fnmatch`` patterns replacing the default selection.
         exclude: ``fnmatch`` patterns of weights to leave dense.
         forward: how to run the model on a batch input (default ``model(x)``).
@@ -369,8 +401,8 @@ def reconstruct_prune(
         ``(model, report)``: the same model object, pruned, and a :class:`PostTrainReport`.
 
     Raises:
-        ValueError: for bad arguments, unsupported layers, a Hessian over ``max_hessian_bytes``, or an
-            empty loader; nothing has changed in the model then.
+        ValueError: for bad arguments, a Hessian over ``max_hessian_bytes``, or an empty loader; nothing has
+            changed in the model then.
 
     Example::
 
@@ -380,20 +412,15 @@ def reconstruct_prune(
         >>> report.pruned, report.total
         (320, 640)
     """
-    numbers = {
-        "num_samples": num_samples,
-        "damp": damp,
-        "block_size": block_size,
-        "max_hessian_bytes": max_hessian_bytes,
-        "steps": steps,
-    }
-    flags = {"reference": reference, "update_bias": update_bias, "refit": refit, "progress": progress}
-    nm = _check_args(sparsity, allocation, pattern, numbers, flags)
+    options = ReconstructionOptions(
+        allocation, num_samples, damp, block_size, max_hessian_bytes, seed, progress, reference, update_bias, refit, steps
+    )
+    nm = _check_args(sparsity, pattern, options)
     start = time.perf_counter()
     params = select_prunable_parameters(model, include=include, exclude=list(exclude))
     if not params:
         raise ValueError(f"`{OWNER}` found no prunable weight in the model (check `include`/`exclude`).")
-    modules = _modules_of(model, params)
+    modules, fallback = split_layers(model, params)
     layouts = weight_layouts(model, params)
     if nm is not None:
         check_pattern_fits(params, pattern, layouts)
@@ -405,21 +432,21 @@ def reconstruct_prune(
     model.eval()
     ref = copy.deepcopy(model) if reference == "dense" else None
     opts = _Options(block_size, damp, steps, refit, update_bias, ref, progress)
-    saved = None
-    if ref is None:
-        saved = {(x, k): t.detach().clone() for x, m in modules.items() for k, t in m.named_parameters()}
+    names = [f"{x.rpartition('.')[0]}.{k}".lstrip(".") for x, m in modules.items() for k, _ in m.named_parameters()]
+    saved = {n: t.detach().clone() for n, t in model.named_parameters() if n in set(names) | set(fallback)}
     try:
         order = _forward_order(model, modules, batches[0], forward)
-        layers = [
+        fallback.update({n: "never called as a module in the forward pass" for n in modules if n not in order})
+        warn_fallback(fallback)
+        layers = [_magnitude_report(n, params[n], counts, nm, layouts.get(n)) for n in fallback]
+        layers += [
             _prune_layer(
                 model, n, modules[n], batches, forward, None if counts is None else counts[n], nm, opts
             )
             for n in order
         ]
     except BaseException:
-        _restore(
-            modules, ref, saved
-        )  # a failure half-way (a Hessian that cannot be factorised) leaves no half-pruned model
+        _restore(model, saved)  # a failure half-way (a Hessian that cannot be factorised) leaves no half-pruned model
         raise
     finally:
         model.train(was_training)

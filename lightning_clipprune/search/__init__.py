@@ -6,6 +6,8 @@ The library part, one module per job (torch and Lightning's neighbours only; not
   (:func:`taylor_gradients`) and the one global ranking of the prunable weights (:class:`Ranking`).
 * :mod:`~lightning_clipprune.search.threshold`: :func:`search_threshold`, a coarse grid of sparsities on the
   validation split, then a bisection; :class:`SearchResult`.
+* :mod:`~lightning_clipprune.search.reconstruction`: :func:`search_reconstruction`, the same search with each
+  point pruned by layer-wise reconstruction (:func:`~lightning_clipprune.posttrain.reconstruct_prune`).
 * :mod:`~lightning_clipprune.search.sensitivity`: :func:`layer_sensitivity` (one layer pruned at a time),
   :func:`suggest_layer_sparsity`, :func:`compare_allocation`.
 * :mod:`~lightning_clipprune.search.plots`: csv, matplotlib figures and rich tables (imported when drawn).
@@ -36,6 +38,7 @@ from lightning_clipprune.search.ranking import (
     prunable_parameters,
     taylor_gradients,
 )
+from lightning_clipprune.search.reconstruction import METHODS, search_reconstruction
 from lightning_clipprune.search.sensitivity import (
     DEFAULT_LAYER_GRID,
     SensitivityResult,
@@ -49,6 +52,7 @@ from lightning_clipprune.search.threshold import DEFAULT_GRID, SearchPoint, Sear
 __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_LAYER_GRID",
+    "METHODS",
     "Ranking",
     "SearchPoint",
     "SearchResult",
@@ -65,6 +69,7 @@ __all__ = [
     "prunable_parameters",
     "run_overrides",
     "save_pruned",
+    "search_reconstruction",
     "search_threshold",
     "suggest_layer_sparsity",
     "taylor_gradients",

@@ -8,6 +8,7 @@ written to a temporary name and renamed (a planted link at the final name is nev
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,7 +85,7 @@ def search_table(result: SearchResult, title: str | None = None) -> Any:
     for p in result.sorted_points():
         mark = "chosen" if p is result.chosen else ("" if p.within_tolerance else "over")
         table.add_row(
-            f"{100 * p.sparsity:.2f}", f"{p.threshold:.4g}", f"{100 * p.val_acc:.2f}", f"{p.val_loss:.4f}",
+            f"{100 * p.sparsity:.2f}", "-" if math.isnan(p.threshold) else f"{p.threshold:.4g}", f"{100 * p.val_acc:.2f}", f"{p.val_loss:.4f}",
             f"{100 * (result.dense_val_acc - p.val_acc):+.2f}", p.stage, mark,
             style="bold green" if p is result.chosen else None,
         )
@@ -92,6 +93,8 @@ def search_table(result: SearchResult, title: str | None = None) -> Any:
     caption = f"chosen: sparsity {100 * chosen.sparsity:.2f} %, val acc {100 * chosen.val_acc:.2f} %"
     if result.test_acc is not None:
         caption += f"; test acc at the chosen point (evaluated once, after the search): {100 * result.test_acc:.2f} %"
+        if result.dense_test_acc is not None:
+            caption += f" (dense {100 * result.dense_test_acc:.2f} %)"
     table.caption = caption
     return table
 

@@ -79,6 +79,7 @@ def layer_sensitivity(
 
     Example::
 
+        >>> import torch
         >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> res = layer_sensitivity(net, [(torch.randn(32, 8), torch.randint(0, 3, (32,)))], sparsities=(0.5, 0.9))
         >>> list(res.accuracy)

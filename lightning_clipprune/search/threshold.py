@@ -67,9 +67,12 @@ class SearchResult:
         return above[0] if above else None
 
     def overrides(self) -> list[str]:
-        """The app's overrides that prune to the chosen point: threshold rule (magnitude only) and sparsity."""
+        """The app's overrides that prune to the chosen point: threshold rule (magnitude only) and sparsity;
+        for "sparsegpt", the post-training "obs" criterion at that sparsity."""
         # prune.threshold=null: a run whose prune config is the threshold rule would refuse both set
         out = [f"prune.sparsity={self.chosen.sparsity:.4f} prune.threshold=null"]
+        if self.criterion == "sparsegpt":  # post-training reconstruction: the "obs" criterion, after the last step
+            return [f"prune=oneshot prune.start=1.0 {out[0]} prune.criterion=obs"]
         if self.criterion == "magnitude":
             out.insert(0, f"prune=threshold prune.threshold={self.chosen.threshold:.6g}")
         else:
@@ -115,11 +118,16 @@ class _Points:
         return point
 
 
-def _check_search_args(tolerance: float, grid: Sequence[float], resolution: float, criterion: str) -> None:
-    check_real(_OWNER, "tolerance", tolerance, low=0.0)  # percentage points
+def check_grid_args(owner: str, tolerance: float, grid: Sequence[float], resolution: float) -> None:
+    """The checks every search shares: ``tolerance`` (points) >= 0, a grid in (0, 1), a resolution in (0, 1)."""
+    check_real(owner, "tolerance", tolerance, low=0.0)  # percentage points
     if not grid or any(not 0.0 < s < 1.0 for s in grid):
-        raise bad_value(_OWNER, "grid", "a non-empty sequence of sparsities in (0, 1)", grid)
-    check_real(_OWNER, "resolution", resolution, low=0.0, high=1.0, low_open=True, high_open=True)
+        raise bad_value(owner, "grid", "a non-empty sequence of sparsities in (0, 1)", grid)
+    check_real(owner, "resolution", resolution, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
+def _check_search_args(tolerance: float, grid: Sequence[float], resolution: float, criterion: str) -> None:
+    check_grid_args(_OWNER, tolerance, grid, resolution)
     check_choice(_OWNER, "criterion", criterion, ("magnitude", "taylor"))
 
 
@@ -200,21 +208,30 @@ def _grid_then_bisect(
     points: _Points, grid: list[float], resolution: float, max_bisections: int, progress: bool
 ) -> SearchPoint:
     """The dense point, every grid point, then the bisection above the last grid point within tolerance."""
-    ranking = points.ranking
+    return grid_then_bisect(points.at, points.ranking.count, points.ranking.numel, grid, resolution, max_bisections,
+                            progress, "threshold search (val)")
+
+
+def grid_then_bisect(
+    at: Callable[[int, str], SearchPoint], count: Callable[[float], int], numel: int, grid: list[float],
+    resolution: float, max_bisections: int, progress: bool, label: str,
+) -> SearchPoint:
+    """The search shared by every method: ``at(0, "dense")``, ``at(count(s), "grid")`` for each grid
+    sparsity, then the bisection on the pruned count above the last grid point within tolerance."""
     with plots.progress_bar(progress) as bar:
-        task = bar.add_task("threshold search (val)", total=len(grid) + 1)
-        dense = points.at(0, "dense")
+        task = bar.add_task(label, total=len(grid) + 1)
+        dense = at(0, "dense")
         bar.advance(task)
         grid_points = []
         for s in grid:
-            grid_points.append(points.at(ranking.count(s), "grid"))
+            grid_points.append(at(count(s), "grid"))
             bar.advance(task)
         good = [p for p in grid_points if p.within_tolerance]
         lo = good[-1] if good else dense
         above = [p for p in grid_points if p.sparsity > lo.sparsity]
         if above:
             bar.update(task, total=len(grid) + 1 + max_bisections)
-            lo = _bisect(lo, above[0], lambda k: points.at(k, "bisect"), ranking.numel,
+            lo = _bisect(lo, above[0], lambda k: at(k, "bisect"), numel,
                          resolution, max_bisections, lambda: bar.advance(task))
     return lo
 
