@@ -288,13 +288,13 @@ class SparsityReport:
         """A ``rich.table.Table``: per layer shape, parameters, non-zeros, sparsity; totals and sizes."""
         from rich.table import Table
 
-        table = Table(title=self.title, show_footer=True, caption=self._caption())
-        table.add_column("Parameter", footer="Total")
+        table = Table(title=f"{self.title}: {self.headline()}", show_footer=True, caption=self._caption())
+        # long names fold onto a second line instead of being cut, so two rows never read the same
+        table.add_column("Parameter", footer="Total", overflow="fold")
         table.add_column("Shape")
         table.add_column("Params", justify="right", footer=f"{self.total_numel:,}")
         table.add_column("Non-zero", justify="right", footer=f"{self.total_nonzero:,}")
-        total_sparsity = (self.total_numel - self.total_nonzero) / self.total_numel if self.total_numel else 0.0
-        table.add_column("Sparsity", justify="right", footer=f"{total_sparsity:.2%}")
+        table.add_column("Sparsity", justify="right", footer=f"{self.total_sparsity:.2%}")
         for row in self.rows:
             table.add_row(row.name, "x".join(map(str, row.shape)) or "()", f"{row.numel:,}", f"{row.nonzero:,}",
                           f"{row.sparsity:.2%}")
@@ -302,6 +302,24 @@ class SparsityReport:
             table.add_row(self.other.name, "", f"{self.other.numel:,}", f"{self.other.nonzero:,}",
                           f"{self.other.sparsity:.2%}", style="dim")
         return table
+
+    @property
+    def total_sparsity(self) -> float:
+        """Fraction of zeros over all parameters (``rows`` and ``other``)."""
+        return (self.total_numel - self.total_nonzero) / self.total_numel if self.total_numel else 0.0
+
+    def headline(self) -> str:
+        """Both figures in one line: the sparsity of the reported (prunable) weights and of all parameters.
+
+        Example::
+
+            >>> SparsityReport([LayerSparsity("w", (4,), 4, 1, 16, 5)], LayerSparsity("b", (4,), 4, 4, 16, 16)).headline()
+            'prunable weights 75.00 % sparse, all parameters 37.50 % sparse'
+        """
+        if self.other is None:
+            return f"{self.sparsity:.2%} sparse".replace("%", " %")
+        return (f"prunable weights {self.sparsity:.2%} sparse, all parameters {self.total_sparsity:.2%} sparse"
+                .replace("%", " %"))
 
     def _caption(self) -> str:
         ratio = self.compressed_bytes / self.dense_bytes if self.dense_bytes else 1.0

@@ -10,6 +10,7 @@ import torch.nn.utils.prune as tprune
 from rich.console import Console
 from torch import nn
 
+from lightning_clipprune.pruning import select_prunable_parameters
 from lightning_clipprune.sparsity import (
     compressed_size_bytes,
     encoded_sizes,
@@ -69,10 +70,12 @@ def test_each_tensor_counted_once():
     assert list(unique_parameters(m, ["head.weight", "emb.weight", "blocks.1.weight"])) == ["head.weight",
                                                                                           "blocks.1.weight"]
     assert parameter_counts(m, ["head.weight", "emb.weight"]) == (42, 42)
-    # The default prunable set is the two Linear weights, the tied one once.
-    assert prunable_names(m) == ["shared.weight", "head.weight"]
+    # The default prunable set: the Linear used twice, once; the head tied to the embedding is left dense
+    # (issue 25: it would prune the embedding), unless include_tied.
+    assert prunable_names(m) == ["shared.weight"]
     selected, rest = split_parameters(m, prunable_names(m))
-    assert sum(p.numel() for p in selected.values()) == 78 and rest == {}
+    assert sum(p.numel() for p in selected.values()) == 36 and list(rest) == ["emb.weight"]
+    assert list(select_prunable_parameters(m, include_tied=True)) == ["shared.weight", "head.weight"]
 
 
 def test_unknown_name_is_a_key_error():

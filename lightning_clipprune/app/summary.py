@@ -49,12 +49,15 @@ def collect_results(
 
     Keys: ``experiment``, ``status`` ("completed" | "interrupted"), ``val_acc``, ``test_acc`` (when
     measured), ``val_acc_before_prune`` (after post-training pruning), ``sparsity`` (of the prunable
-    weights), ``params_total``, ``params_nonzero``, ``prunable_total``, ``prunable_nonzero``, ``clip``
+    weights), ``params_total``, ``params_nonzero``, ``prunable_total``, ``prunable_nonzero``,
+    ``compressed_bytes`` (what the sparse export writes for all parameters), ``clip``
     (the clip callback's summary), ``epochs``, ``steps``, ``seed``, ``wall_time_s``, ``overrides``,
-    ``output_dir``; ``resume_command`` for an interrupted run; ``resumed_from`` for a resumed one.
+    ``output_dir``; ``resume_command`` for an interrupted run; ``resumed_from`` for a resumed one;
+    ``inference_latency`` (CPU, dense vs :func:`~lightning_clipprune.to_inference`'s model, see
+    :func:`~lightning_clipprune.export.latency.measure_inference`) when the ``SparsityLogger`` measured it.
     """
     from lightning_clipprune.callbacks.contract import PruneState
-    from lightning_clipprune.sparsity import parameter_counts, prunable_names
+    from lightning_clipprune.sparsity import parameter_counts, prunable_names, sparsity_report
 
     model, trainer = parts.model, parts.trainer
     if isinstance(parts.prune, PruneState) and parts.prune.parameter_names:
@@ -75,6 +78,7 @@ def collect_results(
         "params_nonzero": params_nonzero,
         "prunable_total": prunable_total,
         "prunable_nonzero": prunable_nonzero,
+        "compressed_bytes": sparsity_report(model).compressed_bytes,  # the sweep report's "compressed B"
         "clip": summary() if callable(summary) else None,
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
@@ -91,6 +95,10 @@ def collect_results(
         results["resume_command"] = resume_command(overrides, output_dir)
     if resumed_from is not None:
         results["resumed_from"] = str(resumed_from)
+    latency = next((getattr(cb, "inference_latency", None) for cb in trainer.callbacks
+                    if getattr(cb, "inference_latency", None)), None)
+    if latency:
+        results["inference_latency"] = dict(latency)
     return results
 
 
@@ -142,6 +150,10 @@ def print_summary(results: dict[str, Any], job: str | None = None) -> None:
         )
     else:
         table.add_row("gradient clipping", "off")
+    if results.get("inference_latency"):
+        from lightning_clipprune.export.latency import format_latency
+
+        table.add_row("inference latency (CPU)", format_latency(results["inference_latency"]))
     table.add_row("epochs / steps", f"{results['epochs']} / {results['steps']}")
     table.add_row("wall time", f"{results['wall_time_s']:.1f} s")
     if results.get("resumed_from"):

@@ -45,7 +45,12 @@ class SparsityLogger(Callback):
     Each tensor is counted once (tied weights, a module used twice). The counts are computed on the
     device and reach the host once per logging step; nothing is computed on the other steps, on ranks
     other than zero, or when the Trainer has no logger. At the end of ``fit``, rank zero prints one table
-    (rich): per layer shape, parameters, non-zeros and sparsity, totals, dense and compressed size.
+    (rich): per layer shape, parameters, non-zeros and sparsity, totals, dense and compressed size; and,
+    with ``inference_latency``, one line of measured CPU inference latency at ``latency_batch_size``: the
+    model as it is (dense compute) against :func:`~lightning_clipprune.to_inference`'s model (CSR layers where
+    they are faster, zero channels removed), also kept in :attr:`inference_latency`. It runs a few
+    interleaved rounds on the first training batch's first input, repeated to the batch size; a model on a
+    GPU is not measured.
 
     Args:
         per_layer: log ``sparsity/<parameter name>`` for each prunable weight. ``None`` (default): when
@@ -54,6 +59,9 @@ class SparsityLogger(Callback):
         log_every_n_steps: log every this many optimizer steps (``trainer.global_step``); ``None`` follows
             ``Trainer(log_every_n_steps=...)``; ``0`` logs only at the end of each training epoch.
         print_table: print the table at the end of ``fit`` (rank zero only).
+        inference_latency: measure and print the inference latency line with the table (``False`` skips it;
+            nothing is measured when ``print_table`` is ``False``).
+        latency_batch_size: the batch size of that measurement; ``None``: the training batch size.
 
     Raises:
         ValueError: an argument is out of range.
@@ -72,6 +80,8 @@ class SparsityLogger(Callback):
         max_layers_per_layer_logging: int = 50,
         log_every_n_steps: int | None = None,
         print_table: bool = True,
+        inference_latency: bool = True,
+        latency_batch_size: int | None = None,
     ) -> None:
         owner = "SparsityLogger"
         self.per_layer = check_bool(owner, "per_layer", per_layer, allow_none=True)
@@ -81,6 +91,12 @@ class SparsityLogger(Callback):
         # 0 is meaningful: log at epoch ends only (see Args).
         self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, low=0, allow_none=True)
         self.print_table = check_bool(owner, "print_table", print_table)
+        self.measure_latency = check_bool(owner, "inference_latency", inference_latency)
+        self.latency_batch_size = check_int(owner, "latency_batch_size", latency_batch_size, low=1, allow_none=True)
+        #: The end-of-fit inference measurement (:func:`~lightning_clipprune.export.latency.measure_inference`).
+        self.inference_latency: dict[str, Any] | None = None
+        self._example: torch.Tensor | None = None
+        self._train_batch_size: int | None = None
         #: The metrics of the last logging step, as Python numbers (rank zero).
         self.last_metrics: dict[str, float] = {}
         self._prune_callback: PruneState | None = None
@@ -116,6 +132,14 @@ class SparsityLogger(Callback):
         )
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # One input sample of the first batch, for the end-of-fit latency line: nothing on the later batches.
+        if self._example is None and self.print_table and self.measure_latency and trainer.is_global_zero:
+            x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+            if isinstance(x, torch.Tensor) and x.dim() > 0:
+                self._example, self._train_batch_size = x[:1].detach().clone(), int(x.shape[0])
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -135,6 +159,8 @@ class SparsityLogger(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_table:
             self._print_table(pl_module)
+            if self.measure_latency:
+                self._print_latency(pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.loggers or not trainer.is_global_zero:
@@ -168,3 +194,19 @@ class SparsityLogger(Callback):
         names = self._names if self._names is not None else prunable_names(pl_module)
         report = sparsity_report(pl_module, names, title=f"Sparsity of {type(pl_module).__name__} at the end of fit")
         Console().print(report.to_table())
+
+    @rank_zero_only
+    def _print_latency(self, pl_module: pl.LightningModule) -> None:
+        from rich.console import Console
+
+        from lightning_clipprune.export.latency import format_latency, measure_inference
+
+        if self._example is None or pl_module.device.type != "cpu":
+            return  # no tensor input seen, or a GPU model (the CPU measurement would not be its latency)
+        batch_size = self.latency_batch_size or self._train_batch_size
+        try:
+            self.inference_latency = measure_inference(pl_module, self._example, batch_size=batch_size, rounds=3)
+        except Exception as err:  # the run's result stands; the measurement is a bonus, say why it is missing
+            rank_zero_warn(f"SparsityLogger: inference latency not measured: {' '.join(str(err).split())}")
+            return
+        Console().print(f"Inference latency (CPU): {format_latency(self.inference_latency)}", highlight=False)

@@ -4,6 +4,10 @@
   no pickle: :func:`save_sparse`, :func:`load_sparse`, :func:`load_sparse_into`, :func:`read_sparse_metadata`.
 * :mod:`~lightning_clipprune.export.semi_structured`: 2:4 semi-structured conversion for CUDA inference
   (:func:`to_semi_structured`), the only place that reads torch private internals.
+* :mod:`~lightning_clipprune.export.inference`: the fastest inference model for a device in one call
+  (:func:`to_inference`): CSR layers where timing says they pay (:mod:`~lightning_clipprune.export.sparse_linear`),
+  pruned channels removed physically (:mod:`~lightning_clipprune.export.compact`, Torch-Pruning optional), 2:4 on
+  CUDA; stored and replayed with :func:`save_inference` / :func:`load_inference`.
 * :mod:`~lightning_clipprune.export.__main__`: the command line, ``python -m lightning_clipprune.export CKPT OUT``
   (:func:`main`).
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_clipprune.export.compact import compact_channels
 from lightning_clipprune.export.format import (
     FORMAT_VERSION,
     SparseFormatError,
@@ -23,18 +28,38 @@ from lightning_clipprune.export.format import (
     record_overhead_bytes,
     save_sparse,
 )
+from lightning_clipprune.export.inference import (
+    InferenceReport,
+    LayerChoice,
+    compare_latency,
+    inference_report,
+    load_inference,
+    save_inference,
+    to_inference,
+)
 from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
+from lightning_clipprune.export.sparse_linear import SparseConv2d, SparseLinear
 
 __all__ = [
     "FORMAT_VERSION",
+    "InferenceReport",
+    "LayerChoice",
+    "SparseConv2d",
     "SparseFormatError",
+    "SparseLinear",
+    "compact_channels",
+    "compare_latency",
+    "inference_report",
     "is_n_m_sparse",
+    "load_inference",
     "load_sparse",
     "load_sparse_into",
     "main",
     "read_sparse_metadata",
     "record_overhead_bytes",
+    "save_inference",
     "save_sparse",
+    "to_inference",
     "to_semi_structured",
 ]
 

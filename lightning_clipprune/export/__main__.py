@@ -4,6 +4,10 @@ The checkpoint is read without running code from it and within bounds
 (:func:`lightning_clipprune.checkpoint.read_state_dict`); ``--unsafe-load`` unpickles it fully, for a trusted
 checkpoint holding objects outside the allowed list. Every failure, to read or to write, is one ``error:``
 line and exit status 1.
+
+``--inference-batch-size N`` also writes the inference recipe into the file (JSON metadata, no pickle): each
+``Linear`` weight is timed dense against CSR at batch ``N`` on this machine, and
+:func:`~lightning_clipprune.export.load_inference` rebuilds that inference model from the file.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _inference_recipe(state: dict[str, Tensor], batch_size: int) -> dict[str, object]:
+    """Time the Linear weights at ``batch_size`` and print one line per layer: what CSR buys there."""
+    from lightning_clipprune.export.inference import recipe_for_state_dict
+
+    recipe = recipe_for_state_dict(state, batch_size)
+    for layer in recipe["layers"]:
+        if layer["dense_s"] is None:
+            timing = layer["reason"]
+        else:
+            timing = (f"dense {layer['dense_s'] * 1e6:.0f} us, CSR {layer['sparse_s'] * 1e6:.0f} us "
+                      f"({layer['dense_s'] / layer['sparse_s']:.2f}x)")
+        sys.stdout.write(f"inference    {layer['name']}: {layer['sparsity']:.1%} zeros -> {layer['format']} ({timing})\n")
+    return recipe
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_clipprune.export",
@@ -52,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         "--drop-zero-signs",
         action="store_true",
         help="store -0.0 as +0.0 (smaller when the pruning left negative zeros; equal in value, not in bits)",
+    )
+    parser.add_argument(
+        "--inference-batch-size",
+        type=int,
+        metavar="N",
+        help="also store the CPU inference recipe: time every Linear weight dense vs CSR (sparse) at batch N here, "
+        "keep CSR where faster; load it with lightning_clipprune.export.load_inference(model, OUT, ...)",
     )
     parser.add_argument(
         "--unsafe-load",
@@ -77,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         python -m lightning_clipprune.export outputs/2026-01-01/12-00-00/checkpoints/final.ckpt model.lcps
     """
     args = _parser().parse_args(argv)
+    if args.inference_batch_size is not None and args.inference_batch_size < 1:
+        sys.stderr.write(f"error: --inference-batch-size must be a positive integer, got {args.inference_batch_size}\n")
+        return 1
 
     try:
         state = _read_state_dict(args.checkpoint, args.unsafe_load)
@@ -91,10 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a CLI reports any failure to read as one line, not a traceback
         sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: {_one_line(err)}\n")
         return 1
+    metadata: dict[str, object] = {"source": os.path.basename(args.checkpoint)}
+    if args.inference_batch_size is not None:
+        metadata["inference_recipe"] = _inference_recipe(state, args.inference_batch_size)
     try:
         compact = save_sparse(
-            state, args.out, keep_zero_signs=not args.drop_zero_signs,
-            metadata={"source": os.path.basename(args.checkpoint)},
+            state, args.out, keep_zero_signs=not args.drop_zero_signs, metadata=metadata,
         )
     except Exception as err:  # disk full, a refused destination, an unsupported dtype: one line each
         sys.stderr.write(f"error: cannot write {args.out}: {_one_line(err)}\n")

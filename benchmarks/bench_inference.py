@@ -1,0 +1,179 @@
+"""End-to-end CPU inference latency: a pruned model against the same model's ``to_inference`` result (issue #24).
+
+Rows: LeNet-300-100 at 90/95/98 % unstructured, the seed CNN (``+experiment=seed``) at 90 %, ResNet-20 with
+50 % channel pruning (compacted), and a Transformer block (``lightning.pytorch.demos.Transformer``) at 90 %;
+each at batch 1 and 256, with 1 and 2 threads. Per row, the inference model is built for that batch size and
+thread count (``to_inference`` times each layer there), then the dense and the inference model are timed
+interleaved, ``--rounds`` times each, and the medians compared. Memory: the model's tensors (CSR values and
+indices included) and the peak of what one forward allocates (torch profiler), dense against inference.
+
+Weights are random (seeded), then pruned by the library's own masks (``compute_masks``: global magnitude with
+its default ranking for "unstructured", local per-layer L2 rows for "channel"): latency does not depend on
+accuracy. BatchNorm keeps its initial statistics, so a zeroed channel carries no constant and compacts.
+
+    python benchmarks/bench_inference.py --out benchmarks/results/bench_inference.json
+    python benchmarks/bench_inference.py --smoke            # seconds: one small row, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_clipprune.app.models.networks import LeNet300100, SeedCNN, resnet20  # noqa: E402
+from lightning_clipprune.export import compare_latency, inference_report, to_inference  # noqa: E402
+from lightning_clipprune.pruning import compute_masks  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class TransformerBlock(nn.Module):
+    """Lightning's demo Transformer (one encoder and one decoder layer), fed the same tokens as source and target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning.pytorch.demos import Transformer
+
+        self.t = Transformer(vocab_size=1000, ninp=256, nhead=4, nhid=1024, nlayers=1, dropout=0.0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.t(tokens, tokens)
+
+
+def prune(model: nn.Module, sparsity: float, pattern: str) -> nn.Module:
+    """Zero the model's Linear/Conv weights with the library's masks (global unstructured or local channels)."""
+    weights = {n: p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n}
+    scope = "local" if pattern == "channel" else "global"
+    masks = compute_masks({n: p.detach() for n, p in weights.items()}, sparsity=sparsity, scope=scope, pattern=pattern)
+    with torch.no_grad():
+        for name, p in weights.items():
+            p.mul_(masks[name])
+    return model.eval()
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.layout == torch.sparse_csr:
+            parts = (t.values(), t.crow_indices(), t.col_indices())
+            total += sum(p.numel() * p.element_size() for p in parts)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def forward_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """The most one forward holds allocated at once (the profiler's allocation and free events, in order)."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof, torch.inference_mode():
+        model(x)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def cases(smoke: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[int], torch.Tensor]]]:
+    torch.manual_seed(0)
+    img = lambda c, s: (lambda b: torch.randn(b, c, s, s))  # noqa: E731
+    if smoke:
+        return [("LeNet-300-100 95 %", lambda: prune(LeNet300100(), 0.95, "unstructured"), img(1, 28))]
+    out = [
+        (f"LeNet-300-100 {int(s * 100)} %", (lambda s=s: prune(LeNet300100(), s, "unstructured")), img(1, 28))
+        for s in (0.9, 0.95, 0.98)
+    ]
+    out.append(("Seed CNN 90 %", lambda: prune(SeedCNN(), 0.9, "unstructured"), img(1, 28)))
+    out.append(("ResNet-20 channels 50 % (compacted)", lambda: prune(resnet20(), 0.5, "channel"), img(3, 32)))
+    out.append(("Transformer block 90 %", lambda: prune(TransformerBlock(), 0.9, "unstructured"),
+                lambda b: torch.randint(0, 1000, (b, 16))))
+    return out
+
+
+def run_row(name: str, dense: nn.Module, make_x: Callable[[int], torch.Tensor], batch: int, threads: int,
+            rounds: int) -> dict:
+    torch.set_num_threads(threads)
+    x = make_x(batch)
+    start = time.perf_counter()
+    fast = to_inference(dense, example_input=x, rounds=max(3, rounds // 3))
+    convert_s = time.perf_counter() - start
+    dense_s, fast_s = compare_latency(dense, fast, x, rounds=rounds)
+    report = inference_report(fast)
+    with torch.inference_mode():
+        max_diff = float((fast(x).float() - dense(x).float()).abs().max())
+    return {
+        "model": name, "batch": batch, "threads": threads,
+        "dense_ms": 1e3 * dense_s, "inference_ms": 1e3 * fast_s, "speedup": dense_s / fast_s,
+        "csr_layers": report.sparse_names(), "compacted": {k: list(v) for k, v in report.compacted.items()},
+        "convert_s": convert_s, "max_abs_diff": max_diff,
+        "model_bytes_dense": tensor_bytes(dense), "model_bytes_inference": tensor_bytes(fast),
+        "forward_peak_bytes_dense": forward_peak_bytes(dense, x),
+        "forward_peak_bytes_inference": forward_peak_bytes(fast, x),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | batch | threads | dense ms | inference ms | speedup | CSR / compacted layers | model MiB dense -> inf."
+        " | forward peak KiB dense -> inf. |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    mib = 2.0**20
+    for r in rows:
+        layers = f"{len(r['csr_layers'])} CSR" + (f", {len(r['compacted'])} compacted" if r["compacted"] else "")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | {r['inference_ms']:.3f} | "
+            f"**{r['speedup']:.2f}x** | {layers} | {r['model_bytes_dense'] / mib:.2f} -> "
+            f"{r['model_bytes_inference'] / mib:.2f} | {r['forward_peak_bytes_dense'] / 1024:.0f} -> "
+            f"{r['forward_peak_bytes_inference'] / 1024:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the rows and the machine as JSON here")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved end-to-end rounds per row (medians)")
+    parser.add_argument("--smoke", action="store_true", help="one small row, few rounds (for the tests)")
+    parser.add_argument("--only", default="", help="run only the models whose name contains this text")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
+    args = parser.parse_args(argv)
+    rounds = 3 if args.smoke else args.rounds
+    batches, thread_counts = ((1, 32), (1,)) if args.smoke else ((1, 256), tuple(args.threads))
+    rows = []
+    for name, build, make_x in cases(args.smoke):
+        if args.only and args.only not in name:
+            continue
+        dense = build()
+        for threads in thread_counts:
+            for batch in batches:
+                rows.append(run_row(name, dense, make_x, batch, threads, rounds))
+                r = rows[-1]
+                print(f"{name:38s} batch {batch:3d} threads {threads}: dense {r['dense_ms']:.3f} ms, inference "
+                      f"{r['inference_ms']:.3f} ms, {r['speedup']:.2f}x", flush=True)
+    print(markdown(rows))
+    if args.out:
+        meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                "cpus": torch.get_num_threads(), "rounds": rounds,
+                "median_speedup": statistics.median(r["speedup"] for r in rows) if rows else None}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Physical compaction of channel pruning: :func:`compact_channels` removes dead channels and gives a smaller dense model.
+
+``MagnitudePruneCallback(pattern="channel")`` zeroes whole output rows; the layers keep their size. Here a
+channel is removed from its producers (the ``Linear``/``Conv`` rows and their ``BatchNorm`` entries) and
+from every consumer (the matching input columns), through residual additions, concatenations, splits and
+reshapes. The dependencies are traced by Torch-Pruning's ``DependencyGraph`` (``pip install torch-pruning``,
+the ``compact`` extra), a maintained tracer, rather than one written here.
+
+A channel is removed only when it is *dead*: the weight rows of every layer writing it are zero, and what
+reaches every consumer is exactly zero on the example input (a zeroed conv followed by a ``BatchNorm``
+carries the constant ``beta - gamma * mean / sqrt(var + eps)``; after a ``ReLU`` it is zero when that
+constant is not positive). A zero-weight channel that still carries a constant is kept, so the compacted
+model computes what the masked one does. The outputs are compared on the example input before the
+compacted model is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["compact_channels", "has_zero_channels", "torch_pruning_missing"]
+
+_INSTALL = "pip install 'lightning-clipprune[compact]' (or: pip install torch-pruning)"
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Modules a removed channel may pass through: per-channel ones. LayerNorm/GroupNorm mix channels.
+_PASSABLE = (*_LAYERS, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def torch_pruning_missing() -> bool:
+    """Whether Torch-Pruning (``torch_pruning``) cannot be imported."""
+    return importlib.util.find_spec("torch_pruning") is None
+
+
+def _torch_pruning() -> Any:
+    try:
+        return importlib.import_module("torch_pruning")
+    except ImportError:
+        raise ImportError(f"compacting pruned channels needs Torch-Pruning: {_INSTALL}") from None
+
+
+def has_zero_channels(model: nn.Module) -> bool:
+    """Whether some ``Linear``/``Conv`` layer has a whole output channel (weight row) of zeros.
+
+    Example::
+
+        >>> lin = nn.Linear(3, 2); _ = lin.weight.data[0].zero_()
+        >>> has_zero_channels(lin)
+        True
+    """
+    return any(
+        bool((m.weight.detach().flatten(1) == 0).all(dim=1).any())
+        for m in model.modules() if isinstance(m, _LAYERS) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+    )
+
+
+def _consumer_inputs(model: nn.Module, x: Tensor) -> dict[nn.Module, Tensor]:
+    """Per layer, which input channels are non-zero anywhere on ``x`` (channel dim: last for Linear, 1 for Conv)."""
+    live: dict[nn.Module, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        inp = args[0]
+        dim = inp.dim() - 1 if isinstance(module, nn.Linear) else 1
+        nonzero = (inp != 0).movedim(dim, 0).reshape(inp.shape[dim], -1).any(dim=1)
+        live[module] = live[module] | nonzero if module in live else nonzero
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return live
+
+
+def _check_passable(module: nn.Module, names: dict[nn.Module, str], tp_ops: Any) -> None:
+    if type(module).__module__ == tp_ops.__name__:  # Torch-Pruning's own nodes: add, cat, split, reshape, ...
+        return
+    name = names.get(module, "?")
+    if not isinstance(module, _PASSABLE):
+        raise ValueError(
+            f"compact: cannot remove channels through {type(module).__name__} {name!r} (it mixes channels or is "
+            "not supported); exclude its producer from channel pruning, or pass compact=False"
+        )
+    if isinstance(module, _LAYERS[1:]) and module.groups not in (1, module.in_channels):
+        raise ValueError(
+            f"compact: cannot remove channels of grouped convolution {name!r} (groups={module.groups}); exclude it "
+            "from channel pruning, or pass compact=False"
+        )
+
+
+def _dead_channels(group: Any, live: dict[nn.Module, Tensor], is_out: Callable[[Any], bool]) -> list[int]:
+    """The root indices of ``group`` whose every producer row is zero and every consumer input is zero."""
+    dead: set[int] | None = None
+    consumers = 0
+    for item in group.items:
+        module, out = item.dep.target.module, is_out(item.dep.handler)
+        if not isinstance(module, _LAYERS):
+            continue
+        if out:
+            rows = module.weight.detach().flatten(1)
+            ok = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if not bool(rows[i].any())}
+        else:
+            consumers += 1
+            seen = live.get(module)
+            ok = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if seen is not None and not bool(seen[i])}
+        dead = ok if dead is None else dead & ok
+        # A root index any item maps twice must fail in every mapping: the intersection does that.
+        bad = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if r not in ok}
+        dead -= bad
+    return sorted(dead) if dead and consumers else []
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {
+        n: (m.out_channels if hasattr(m, "out_channels") else m.out_features if hasattr(m, "out_features")
+            else m.num_features)
+        for n, m in model.named_modules() if isinstance(m, _PASSABLE)
+    }
+
+
+def compact_channels(
+    model: nn.Module, example_input: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4
+) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
+    """A smaller dense copy of ``model`` without its dead channels, and ``{layer: (width before, after)}``.
+
+    Args:
+        model: a model pruned with ``pattern="channel"`` (rows of zeros); it is not changed.
+        example_input: a real input batch: traced (its first sample) and used to check the outputs.
+        atol: absolute tolerance of the output check.
+        rtol: relative tolerance of the output check.
+
+    Returns:
+        The compacted model (in ``eval()`` mode) and, per layer whose width changed, the widths.
+
+    Raises:
+        ImportError: Torch-Pruning is not installed (one line with the pip command).
+        ValueError: a dead channel runs through a layer that cannot lose channels (``LayerNorm``,
+            ``GroupNorm``, a grouped convolution, an attention or recurrent layer ...), or the compacted
+            outputs would differ from the masked model's.
+
+    Example::
+
+        small, widths = compact_channels(net, x[:8])
+    """
+    tp = _torch_pruning()
+    out = copy.deepcopy(model).eval()
+    names = {m: n for n, m in out.named_modules()}
+    with torch.no_grad():
+        reference = out(example_input)
+    live = _consumer_inputs(out, example_input)
+    before = _widths(out)
+    graph = tp.DependencyGraph().build_dependency(out, example_inputs=example_input[:1], verbose=False)
+    plans = []
+    for group in graph.get_all_groups(root_module_types=_LAYERS):
+        dead = _dead_channels(group, live, graph.is_out_channel_pruning_fn)
+        if dead:
+            for item in group.items:
+                _check_passable(item.dep.target.module, names, tp.ops)
+            root = group.items[0].dep
+            plans.append((root.target.module, root.handler, dead))
+    for module, handler, dead in plans:
+        graph.get_pruning_group(module, handler, idxs=dead).prune()
+    _check_equal(out, example_input, reference, atol, rtol)
+    after = _widths(out)
+    return out, {n: (before[n], after[n]) for n in before if before[n] != after.get(n, before[n])}
+
+
+def _check_equal(model: nn.Module, x: Tensor, reference: Tensor, atol: float, rtol: float) -> None:
+    with torch.no_grad():
+        got = model(x)
+    if not isinstance(got, Tensor) or got.shape != reference.shape:
+        shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+        raise ValueError(
+            f"compact: removing the dead channels changed the output shape ({tuple(reference.shape)} -> {shape}); "
+            "pass compact=False"
+        )
+    if not torch.allclose(got, reference, atol=atol, rtol=rtol):
+        diff = float((got - reference).abs().max())
+        raise ValueError(
+            f"compact: the compacted model's outputs differ from the masked model's (max |diff| {diff:.3g}); "
+            "a layer the tracer does not understand mixes channels: pass compact=False"
+        )

@@ -1,0 +1,540 @@
+"""The fastest inference model for a device, in one call: :func:`to_inference`.
+
+What it does to a copy of the pruned model, by device:
+
+- ``"cpu"``: layers whose whole output channels are zero (``pattern="channel"``) are removed physically
+  (:func:`~lightning_clipprune.export.compact.compact_channels`, through Torch-Pruning when installed); then
+  every ``Linear`` (and ``Conv2d`` with ``groups=1``) at least ``min_sparsity`` sparse is timed at the
+  batch size asked, dense against CSR (:class:`~lightning_clipprune.export.sparse_linear.SparseLinear`,
+  :class:`~lightning_clipprune.export.sparse_linear.SparseConv2d`), and converted only where CSR is faster
+  by ``margin``. A layer below ``min_sparsity`` stays dense untimed: CSR never won there in our measurements
+  (benchmarks/bench_inference.md).
+- ``"cuda"``: 2:4 sparse ``Linear`` weights in half precision go to
+  :func:`~lightning_clipprune.export.semi_structured.to_semi_structured` (sparse tensor cores); the rest
+  stays dense.
+
+The choices are recorded on the returned model (:func:`inference_report`) and can be stored with the
+weights in a ``.lcps`` file (:func:`save_inference`) and replayed without timing (:func:`load_inference`):
+the file holds tensors and a JSON recipe of layer names, never a pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
+from lightning_clipprune.export.sparse_linear import SparseConv2d, SparseLinear
+
+__all__ = [
+    "InferenceReport",
+    "LayerChoice",
+    "compare_latency",
+    "inference_report",
+    "load_inference",
+    "recipe_for_state_dict",
+    "save_inference",
+    "to_inference",
+]
+
+#: ``timer(module, x) -> seconds`` for one call; the default runs it once under ``perf_counter``.
+Timer = Callable[[nn.Module, Tensor], float]
+_REPORT_ATTR = "clipprune_inference"
+_RECIPE_KEY = "inference_recipe"
+
+
+@dataclass
+class LayerChoice:
+    """What :func:`to_inference` did with one layer.
+
+    Attributes:
+        name: the module's name in the model.
+        kind: ``"Linear"`` or ``"Conv2d"``.
+        sparsity: fraction of zeros in its weight.
+        dense_s: median time of the dense layer at the batch size (None: not timed).
+        sparse_s: median time of the CSR layer (None: not timed).
+        format: ``"csr"``, ``"dense"`` or ``"semi_structured"``.
+        reason: why, in words.
+    """
+
+    name: str
+    kind: str
+    sparsity: float
+    dense_s: float | None
+    sparse_s: float | None
+    format: str
+    reason: str
+
+
+@dataclass
+class InferenceReport:
+    """The choices of :func:`to_inference`: per layer, plus what compaction removed.
+
+    Attributes:
+        device: the device asked for.
+        batch_size: the batch size the layers were timed at.
+        layers: one :class:`LayerChoice` per candidate layer.
+        compacted: ``{layer name: (channels before, channels after)}`` for the layers compaction shrank.
+    """
+
+    device: str
+    batch_size: int
+    layers: list[LayerChoice]
+    compacted: dict[str, tuple[int, int]]
+
+    def sparse_names(self) -> list[str]:
+        """The layers converted to a sparse format."""
+        return [c.name for c in self.layers if c.format != "dense"]
+
+    def recipe(self) -> dict[str, Any]:
+        """The JSON recipe :func:`load_inference` replays: the layer names and formats, no code."""
+        return {
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "compact": bool(self.compacted),
+            "csr": [c.name for c in self.layers if c.format == "csr"],
+            "layers": [asdict(c) for c in self.layers],
+        }
+
+
+def _one_call_timer(module: nn.Module, x: Tensor, min_seconds: float = 2e-3) -> float:
+    # Seconds per call, over as many calls as fill ``min_seconds``: one sub-millisecond call is mostly noise.
+    calls, start = 0, time.perf_counter()
+    while True:
+        module(x)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds or calls >= 1000:
+            return elapsed / calls
+
+
+def compare_latency(
+    first: nn.Module, second: nn.Module, x: Tensor, *, rounds: int = 7, timer: Timer | None = None
+) -> tuple[float, float]:
+    """Median seconds per call of ``first(x)`` and ``second(x)``, timed interleaved under ``torch.inference_mode``.
+
+    One warm-up call each, then ``rounds`` alternations, so that a change in machine load hits both alike.
+
+    Example::
+
+        >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        >>> t_a, t_b = compare_latency(a, b, torch.randn(2, 4), rounds=3)
+        >>> t_a > 0 and t_b > 0
+        True
+    """
+    timer = timer or _one_call_timer
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        first(x), second(x)
+        for _ in range(rounds):
+            times[0].append(timer(first, x))
+            times[1].append(timer(second, x))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _batch_of(example_input: Tensor, batch_size: int | None) -> Tensor:
+    if not isinstance(example_input, Tensor) or example_input.dim() == 0:
+        raise ValueError(
+            f"to_inference: `example_input` must be a batch tensor (first dimension the batch), got "
+            f"{type(example_input).__name__}; pass one real input, e.g. example_input=x[:1]"
+        )
+    if batch_size is None or batch_size == example_input.shape[0]:
+        return example_input
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"to_inference: `batch_size` must be a positive int, got {batch_size!r}")
+    reps = -(-batch_size // example_input.shape[0])
+    return example_input.repeat(reps, *([1] * (example_input.dim() - 1)))[:batch_size]
+
+
+#: Parents whose fused kernels read their layers' weights directly (the encoder fast path, attention): the
+#: layers inside stay dense.
+_FUSED_PARENTS = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    fused = {
+        f"{p}.{c}" if p else c for p, parent in model.named_modules() if isinstance(parent, _FUSED_PARENTS)
+        for c, _ in parent.named_modules() if c
+    }
+    return {
+        n: m for n, m in model.named_modules()
+        if n not in fused and (type(m) is nn.Linear or (
+            type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)))
+    }
+
+
+def _layer_inputs(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, Tensor]:
+    """The input each named layer sees when ``model(x)`` runs (the first call, when a layer runs twice)."""
+    seen: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name: str) -> Callable[..., None]:
+        return lambda _m, args: seen.setdefault(name, args[0])
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _sparsity(weight: Tensor) -> float:
+    return 1.0 - int(torch.count_nonzero(weight.detach())) / max(weight.numel(), 1)
+
+
+def _sparse_module(module: nn.Module) -> nn.Module:
+    return SparseLinear(module) if isinstance(module, nn.Linear) else SparseConv2d(module)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _choose(
+    name: str, module: nn.Module, x: Tensor | None, *, min_sparsity: float, margin: float, rounds: int,
+    timer: Timer | None,
+) -> LayerChoice:
+    """Time one layer dense against CSR on its real input and say which to keep."""
+    sparsity = _sparsity(module.weight)
+    kind = type(module).__name__
+    if sparsity < min_sparsity:
+        return LayerChoice(name, kind, sparsity, None, None, "dense", f"sparsity below min_sparsity={min_sparsity}")
+    if x is None:
+        return LayerChoice(name, kind, sparsity, None, None, "dense", "not run by the example input")
+    dense_s, sparse_s = compare_latency(module, _sparse_module(module), x, rounds=rounds, timer=timer)
+    if sparse_s * margin < dense_s:
+        return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "csr", f"CSR {dense_s / sparse_s:.2f}x faster")
+    return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "dense", "CSR not faster at this batch size")
+
+
+def _check_options(device: str, compact: bool | str, min_sparsity: float, margin: float, rounds: int) -> None:
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"to_inference: `device` must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if compact not in (True, False, "auto"):
+        raise ValueError(f"to_inference: `compact` must be True, False or 'auto', got {compact!r}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"to_inference: `min_sparsity` must be in [0, 1], got {min_sparsity!r}")
+    if not margin >= 1.0:
+        raise ValueError(f"to_inference: `margin` must be >= 1 (how much faster CSR must be), got {margin!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"to_inference: `rounds` must be a positive int, got {rounds!r}")
+
+
+def to_inference(
+    model: nn.Module,
+    *,
+    example_input: Tensor,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    compact: bool | str = "auto",
+    min_sparsity: float = 0.5,
+    margin: float = 1.05,
+    rounds: int = 7,
+    timer: Timer | None = None,
+) -> nn.Module:
+    """The fastest inference model for ``device``: a pruned model's copy, compacted and/or sparse where it pays.
+
+    The model given is not changed. Outputs equal the pruned model's within float rounding (compaction is
+    checked on ``example_input`` and refused when they would differ). The copy is in ``eval()`` mode, its
+    sparse layers hold buffers, not parameters (inference only, under ``torch.inference_mode`` or
+    ``torch.no_grad``). What was chosen and why: :func:`inference_report`.
+
+    ``torch.jit.script`` and ``torch.jit.trace`` work on the result; ``torch.compile`` works with its default
+    ``fullgraph=False`` (torch breaks the graph around the sparse products); ``fullgraph=True`` is refused by
+    torch for a ``SparseConv2d`` ("torch.compile does not support sparse Tensors"). See ``docs/inference.md``.
+
+    Args:
+        model: the pruned network (an ``nn.Module``; a ``LightningModule`` is copied without its Trainer).
+        example_input: one real input batch (any batch size); it is repeated or cut to ``batch_size``.
+        batch_size: the batch size to decide for: CSR wins at large batches and loses on small layers at
+            batch 1. ``None``: the batch size of ``example_input``.
+        device: ``"cpu"`` (compaction + CSR) or ``"cuda"`` (2:4 semi-structured on sparse tensor cores).
+        compact: remove whole zero output channels physically: ``"auto"`` when Torch-Pruning is installed
+            (warns once otherwise), ``True`` (raises without it), ``False`` never.
+        min_sparsity: layers less sparse than this stay dense without timing.
+        margin: CSR is kept only where it is at least this many times faster than dense.
+        rounds: interleaved timing rounds per layer (median of each).
+        timer: ``timer(module, x) -> seconds`` for one call, replacing the wall clock (for tests).
+
+    Returns:
+        The inference model; ``inference_report(model)`` says what was done per layer.
+
+    Raises:
+        ValueError: a bad argument, or compaction would change the outputs (one line).
+        ImportError: ``compact=True`` without Torch-Pruning (one line with the pip command).
+        RuntimeError: ``device="cuda"`` without a suitable GPU (from ``to_semi_structured``).
+
+    Example::
+
+        fast = to_inference(net, example_input=x[:1], batch_size=256)
+        with torch.inference_mode():
+            y = fast(x)
+    """
+    _check_options(str(device), compact, min_sparsity, margin, rounds)
+    x = _batch_of(example_input, batch_size)
+    out = copy.deepcopy(model).eval()
+    if str(device).startswith("cuda"):
+        return _to_cuda(out, str(device), x.shape[0])
+    out, compacted = _maybe_compact(out, x, compact)
+    before_csr = copy.deepcopy(out)
+    order = list(_layer_inputs(out, list(_candidates(out)), x))  # the candidates in the order they run
+    originals: dict[str, nn.Module] = {}
+    choices = [
+        LayerChoice(n, type(m).__name__, _sparsity(m.weight), None, None, "dense", "not run by the example input")
+        for n, m in _candidates(out).items() if n not in order
+    ]
+    for name in order:
+        # Re-captured after each conversion: a CSR layer hands the next one its input in the (features, batch)
+        # layout, which changes what the next one costs.
+        module = out.get_submodule(name)
+        inp = _layer_inputs(out, [name], x).get(name) if _sparsity(module.weight) >= min_sparsity else None
+        choice = _choose(name, module, inp, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
+        if choice.format == "csr" and not _swap_runs(out, name, module, x):
+            choice.format, choice.reason = "dense", "the model's forward fails with a CSR weight there"
+        if choice.format == "csr":
+            originals[name] = module
+        choices.append(choice)
+    _verify(model, out, x, originals, choices)
+    _keep_if_faster(before_csr, out, x, originals, choices, rounds, timer)
+    setattr(out, _REPORT_ATTR, InferenceReport("cpu", int(x.shape[0]), choices, compacted))
+    return out
+
+
+def _swap_runs(model: nn.Module, name: str, module: nn.Module, x: Tensor) -> bool:
+    """Put the CSR layer in; keep it when the model still runs, else put the dense one back."""
+    _set_module(model, name, _sparse_module(module))
+    try:
+        with torch.inference_mode():
+            model(x)
+    except (RuntimeError, NotImplementedError, TypeError):  # a kernel that reads the weight directly
+        _set_module(model, name, module)
+        return False
+    return True
+
+
+def _restore(out: nn.Module, originals: dict[str, nn.Module], choices: list[LayerChoice], reason: str) -> None:
+    for name, module in originals.items():
+        _set_module(out, name, module)
+    for choice in choices:
+        if choice.name in originals:
+            choice.format, choice.reason = "dense", reason
+    originals.clear()
+
+
+def _keep_if_faster(
+    dense: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice],
+    rounds: int, timer: Timer | None,
+) -> None:
+    """The end-to-end guard: layer timings that each said "faster" must add up to a faster model, else all
+    CSR layers go back to dense (never slower than the model without them)."""
+    if not originals:
+        return
+    dense_s, sparse_s = compare_latency(dense, out, x, rounds=rounds, timer=timer)
+    if sparse_s > dense_s:
+        _restore(out, originals, choices, f"end to end {dense_s / sparse_s:.2f}x of dense with CSR: not faster")
+
+
+def _verify(model: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice]) -> None:
+    """Compare the outputs; when CSR changed them (a weight also read outside its layer's forward, such as a
+    fused attention fast path or a tied weight), put the dense layers back and warn."""
+    if not originals:
+        return
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            ref = model.eval()(x)
+            try:
+                got = out(x)
+            except Exception:  # a CSR weight where a dense one is read directly: put the dense layers back
+                got = None
+    finally:
+        model.train(was_training)
+    if isinstance(ref, Tensor) and isinstance(got, Tensor) and ref.shape == got.shape and torch.allclose(
+        got, ref, atol=1e-4 * (1.0 + float(ref.abs().max())), rtol=1e-3
+    ):
+        return
+    count = len(originals)
+    _restore(out, originals, choices, "CSR changed the model's outputs (weight used outside forward)")
+    warnings.warn(
+        f"to_inference: with CSR layers the outputs of {type(model).__name__} differ from the dense model's (a "
+        f"weight is read outside its layer's forward: tied, or a fused fast path), so {count} layer(s) "
+        "stay dense",
+        stacklevel=3,
+    )
+
+
+def _maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
+    if compact is False:
+        return model, {}
+    from lightning_clipprune.export.compact import compact_channels, has_zero_channels, torch_pruning_missing
+
+    if not has_zero_channels(model):
+        return model, {}
+    if compact == "auto" and torch_pruning_missing():
+        warnings.warn(
+            "to_inference: whole output channels are zero but Torch-Pruning is not installed, so they are kept; "
+            "pip install 'lightning-clipprune[compact]' (torch-pruning) to remove them physically",
+            stacklevel=3,
+        )
+        return model, {}
+    return compact_channels(model, x)
+
+
+def _to_cuda(model: nn.Module, device: str, batch_size: int) -> nn.Module:
+    from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"to_inference: device={device!r} but CUDA is not available; use device='cpu' (CSR and compaction)"
+        )
+    model = model.to(device)
+    half = {torch.float16, torch.bfloat16}
+    names = [
+        n for n, m in model.named_modules()
+        if type(m) is nn.Linear and m.weight.dtype in half and is_n_m_sparse(m.weight)
+    ]
+    converted = to_semi_structured(model, names) if names else []
+    sparsity = {n: _sparsity(m.weight) for n, m in model.named_modules() if type(m) is nn.Linear and n not in converted}
+    choices = [
+        LayerChoice(n, "Linear", 0.5, None, None, "semi_structured", "2:4 on sparse tensor cores") for n in converted
+    ] + [
+        LayerChoice(n, "Linear", s, None, None, "dense", "not 2:4 sparse in float16/bfloat16")
+        for n, s in sparsity.items()
+    ]
+    setattr(model, _REPORT_ATTR, InferenceReport(device, batch_size, choices, {}))
+    return model
+
+
+def inference_report(model: nn.Module) -> InferenceReport:
+    """What :func:`to_inference` or :func:`load_inference` did to ``model``.
+
+    Raises:
+        ValueError: ``model`` did not come from either.
+    """
+    report = getattr(model, _REPORT_ATTR, None)
+    if not isinstance(report, InferenceReport):
+        raise ValueError(f"{type(model).__name__} was not made by to_inference() or load_inference(): no report")
+    return report
+
+
+def save_inference(
+    pruned: nn.Module, inference_model: nn.Module, path: str, *, metadata: Mapping[str, Any] | None = None
+) -> int:
+    """Write the pruned weights and the inference recipe (JSON) to a ``.lcps`` file; returns its size.
+
+    The file holds the weights of ``pruned`` (as :func:`~lightning_clipprune.export.save_sparse` does)
+    and, in its metadata, which layers ``inference_model`` computes in CSR and whether it was compacted,
+    so :func:`load_inference` rebuilds the same inference model without timing and without unpickling.
+
+    Example::
+
+        fast = to_inference(net, example_input=x[:1], batch_size=256)
+        save_inference(net, fast, "net.lcps")
+    """
+    recipe = inference_report(inference_model).recipe()
+    return save_sparse(pruned, path, metadata={**dict(metadata or {}), _RECIPE_KEY: recipe})
+
+
+def load_inference(
+    module: nn.Module, path: str, *, example_input: Tensor, prefix: str = "", **to_inference_kwargs: Any
+) -> nn.Module:
+    """Load a ``.lcps`` file into ``module`` and return its inference model.
+
+    With a recipe in the file (:func:`save_inference`, or ``python -m lightning_clipprune.export
+    --inference-batch-size``), the recorded layers are converted without timing; without one,
+    :func:`to_inference` decides (pass ``batch_size=`` then). ``module`` itself receives the pruned weights.
+
+    Args:
+        module: an instance of the saved model's class.
+        path: the ``.lcps`` file.
+        example_input: one real input batch (needed to trace compaction and check outputs).
+        prefix: only the file's keys (and recipe names) under this prefix, with it removed: ``prefix="net."``
+            loads a LightningModule's checkpoint into its bare network.
+        **to_inference_kwargs: passed to :func:`to_inference` when the file holds no recipe.
+
+    Raises:
+        SparseFormatError: the file is not a sparse export or does not fit ``module``.
+        ValueError: the recipe names a layer that is not a ``Linear``/``Conv2d`` of ``module``.
+    """
+    load_sparse_into(module, path, prefix=prefix)
+    recipe = read_sparse_metadata(path).get("user", {}).get(_RECIPE_KEY)
+    if not isinstance(recipe, dict):
+        return to_inference(module, example_input=example_input, **to_inference_kwargs)
+    if prefix and isinstance(recipe.get("csr"), list):
+        dotted = prefix.rstrip(".") + "."
+        recipe = {**recipe, "csr": [n[len(dotted):] for n in recipe["csr"] if isinstance(n, str) and n.startswith(dotted)]}
+    return _replay(module, recipe, example_input, path)
+
+
+def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, path: str) -> nn.Module:
+    names = recipe.get("csr", [])
+    batch_size = recipe.get("batch_size")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(batch_size, int):
+        raise ValueError(f"{path}: the inference recipe is malformed (expected layer names and a batch size)")
+    out = copy.deepcopy(module).eval()
+    x = _batch_of(example_input, None)
+    out, compacted = _maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
+    candidates, every = _candidates(out), dict(out.named_modules())
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise ValueError(
+            f"{path}: the inference recipe names {unknown[0]!r}, which is not a module of {type(module).__name__}; "
+            "the file was written for another model (or pass prefix= to strip a wrapper's name)"
+        )
+    choices = []
+    for name, m in candidates.items():
+        fmt = "csr" if name in names else "dense"
+        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, "from the recipe"))
+        if fmt == "csr":
+            _set_module(out, name, _sparse_module(m))
+    # A 2-D weight the command line timed as a Linear may be another layer (an Embedding): it stays as it is.
+    choices += [
+        LayerChoice(n, type(every[n]).__name__, 0.0, None, None, "dense", "not a Linear or Conv2d (groups=1)")
+        for n in names if n not in candidates
+    ]
+    setattr(out, _REPORT_ATTR, InferenceReport(str(recipe.get("device", "cpu")), batch_size, choices, compacted))
+    return out
+
+
+def recipe_for_state_dict(
+    state: Mapping[str, Tensor], batch_size: int, *, min_sparsity: float = 0.5, margin: float = 1.05,
+    rounds: int = 7, timer: Timer | None = None,
+) -> dict[str, Any]:
+    """The inference recipe of a bare state dict: each 2-D ``<name>.weight`` timed as a ``Linear`` at ``batch_size``.
+
+    What ``python -m lightning_clipprune.export --inference-batch-size N`` stores, with no model class at hand:
+    convolutions stay dense (their input size is unknown), and a 2-D weight that is not a ``Linear`` (an
+    ``Embedding``) is left dense when :func:`load_inference` replays the recipe on the real model.
+
+    Example::
+
+        >>> lin = nn.Linear(8, 4)
+        >>> recipe_for_state_dict({"fc.weight": lin.weight, "fc.bias": lin.bias}, 2, rounds=1)["csr"]
+        []
+    """
+    choices = []
+    for key, weight in state.items():
+        if not key.endswith("weight") or weight.dim() != 2 or not weight.is_floating_point():
+            continue
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        bias = state.get(f"{name}.bias")
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None and bias.shape == weight.shape[:1])
+        with torch.no_grad():
+            lin.weight.copy_(weight.to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_(bias)
+        x = torch.randn(batch_size, weight.shape[1])
+        choices.append(_choose(name, lin, x, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer))
+    return InferenceReport("cpu", batch_size, choices, {}).recipe()

@@ -1,0 +1,125 @@
+"""Inference layers that multiply by a CSR (compressed sparse row) weight: :class:`SparseLinear`, :class:`SparseConv2d`.
+
+Each holds the pruned weight as a ``torch.sparse_csr_tensor`` and computes ``W @ x^T`` with
+``torch.addmm`` (sparse-dense, MKL on CPU), so only the kept weights are multiplied. The activations are
+multiplied in the ``(features, batch)`` layout the sparse kernel wants: the output is returned as a
+transposed view, so a chain of sparse layers (with element-wise activations between them) pays the
+layout copy once, at its first layer. They are for inference only: the weight is a buffer, not a parameter.
+
+Which layers are worth converting is decided in :mod:`lightning_clipprune.export.inference`, by timing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SparseConv2d", "SparseLinear", "to_csr"]
+
+
+def to_csr(weight: Tensor) -> Tensor:
+    """The 2-D ``weight`` as a CSR tensor holding only its non-zero entries (torch's "beta" warning silenced).
+
+    Example::
+
+        >>> to_csr(torch.tensor([[0.0, 2.0], [0.0, 0.0]])).values()
+        tensor([2.])
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return weight.detach().contiguous().to_sparse_csr()
+
+
+def _csr_matmul(weight: Tensor, bias: Tensor | None, x2d: Tensor) -> Tensor:
+    """``x2d @ weight.T + bias`` for a CSR ``weight``; the result is a transposed view of a contiguous tensor."""
+    xt = x2d.t()
+    if not xt.is_contiguous():  # the sparse kernel wants (features, batch) rows: one copy at a chain's start
+        xt = xt.contiguous()
+    out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
+    return out.t()
+
+
+class SparseLinear(nn.Module):
+    """A ``Linear`` whose weight is a CSR tensor: the same outputs (within float rounding), for inference only.
+
+    Args:
+        linear: the pruned ``nn.Linear`` to copy (its weight's zeros are not stored).
+
+    Example::
+
+        >>> lin = nn.Linear(8, 4); _ = lin.weight.data.mul_(torch.rand(4, 8) > 0.9)
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(SparseLinear(lin)(x), lin(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.register_buffer("weight", to_csr(linear.weight))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = list(x.shape[:-1])  # a list, not *unpacking: torch.jit.script accepts it
+        shape.append(self.out_features)
+        return _csr_matmul(self.weight, self.bias, x.reshape(-1, self.in_features)).reshape(shape)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        total = self.in_features * self.out_features
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz} ({nnz / total:.1%})"
+
+
+class SparseConv2d(nn.Module):
+    """A ``Conv2d`` (``groups=1``) computed as a CSR weight times the unfolded input (``F.unfold``), for inference.
+
+    The unfold copies the input ``kernel_h * kernel_w`` times, so this pays only for large, very sparse
+    convolutions; :func:`~lightning_clipprune.export.inference.to_inference` times it against the dense
+    convolution and keeps whichever is faster.
+
+    Args:
+        conv: the pruned ``nn.Conv2d`` to copy; ``groups`` must be 1 and ``padding_mode`` ``"zeros"``.
+
+    Raises:
+        ValueError: ``groups != 1``, a padding mode other than ``"zeros"``, or a string padding.
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 4, 3, padding=1); x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(SparseConv2d(conv)(x), conv(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"SparseConv2d: only groups=1, padding_mode='zeros' and numeric padding are supported, got "
+                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
+            )
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.register_buffer("weight", to_csr(conv.weight.reshape(conv.out_channels, -1)))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def _out_size(self, size: int, dim: int) -> int:
+        k, s, p, d = self.kernel_size[dim], self.stride[dim], self.padding[dim], self.dilation[dim]
+        return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        # (N, C*k*k, L) -> (C*k*k, N*L): one copy, then one sparse product for the whole batch.
+        xt = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
+        out = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight, xt)
+        out = out.reshape(self.out_channels, n, -1).permute(1, 0, 2)
+        return out.reshape(n, self.out_channels, self._out_size(h, 0), self._out_size(w, 1))
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        return f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, nnz={nnz}"

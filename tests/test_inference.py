@@ -1,0 +1,294 @@
+"""Sparse CPU inference (issue #24): CSR layers equal the dense ones, the timing rule picks per layer, round trips.
+
+The timing is injected (``timer=``) wherever a test asserts a choice, so no assertion depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_clipprune
+from lightning_clipprune.export import (
+    SparseConv2d,
+    SparseLinear,
+    inference_report,
+    load_inference,
+    save_inference,
+    save_sparse,
+    to_inference,
+)
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def _prune_(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) >= sparsity)
+    return model
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _prune_(nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                                 nn.Linear(32, 10)), 0.9, seed)
+
+
+def sparse_wins(module: nn.Module, x: torch.Tensor) -> float:
+    """An injected timer: every CSR layer takes 1 s, every dense one 10 s."""
+    return 1.0 if isinstance(module, (SparseLinear, SparseConv2d)) else 10.0
+
+
+def dense_wins(module: nn.Module, x: torch.Tensor) -> float:
+    return 10.0 if isinstance(module, (SparseLinear, SparseConv2d)) else 1.0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24), (1, 24)])
+def test_sparse_linear_equals_dense(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    lin = _prune_(nn.Linear(24, 12, bias=bias), 0.8)
+    x = torch.randn(*shape)
+    sparse = SparseLinear(lin)
+    with torch.inference_mode():
+        assert torch.allclose(sparse(x), lin(x), atol=1e-6)
+        # A transposed view (what a CSR layer hands the next one) gives the same values.
+        assert torch.allclose(sparse(x.reshape(-1, 24).t().contiguous().t()), lin(x.reshape(-1, 24)), atol=1e-6)
+    assert sparse.weight.layout == torch.sparse_csr
+    assert sparse.weight.values().numel() == int(torch.count_nonzero(lin.weight))
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "bias"), [(1, 0, 1, True), (2, 1, 1, False), (1, 2, 2, True)])
+def test_sparse_conv2d_equals_dense(stride: int, padding: int, dilation: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = _prune_(nn.Conv2d(3, 8, 3, stride=stride, padding=padding, dilation=dilation, bias=bias), 0.7)
+    x = torch.randn(2, 3, 11, 9)
+    with torch.inference_mode():
+        assert torch.allclose(SparseConv2d(conv)(x), conv(x), atol=1e-5)
+
+
+def test_sparse_conv2d_refuses_groups() -> None:
+    with pytest.raises(ValueError, match="groups=1"):
+        SparseConv2d(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_to_inference_converts_where_csr_is_faster_and_outputs_match() -> None:
+    net = _mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 8, 8)
+    fast = lightning_clipprune.to_inference(net, example_input=x, batch_size=16, timer=sparse_wins)
+    assert [type(m) for m in fast.modules()].count(SparseLinear) == 3
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model given is untouched
+    assert not any(isinstance(m, SparseLinear) for m in net.modules())
+    report = inference_report(fast)
+    assert report.batch_size == 16 and report.sparse_names() == ["1", "3", "5"]
+    assert all(c.dense_s == 10.0 and c.sparse_s == 1.0 for c in report.layers)
+
+
+def test_selection_leaves_a_layer_dense_when_told_csr_is_slower() -> None:
+    net = _mlp()
+    fast = to_inference(net, example_input=torch.randn(2, 64), batch_size=8, timer=dense_wins)
+    assert not any(isinstance(m, SparseLinear) for m in fast.modules())
+    assert {c.format for c in inference_report(fast).layers} == {"dense"}
+    assert all("not faster" in c.reason for c in inference_report(fast).layers)
+
+
+def middle_layer_slow(module: nn.Module, x: torch.Tensor) -> float:
+    """An injected timer: CSR wins everywhere except on the 48-input layer, where it is twice as slow."""
+    if isinstance(module, SparseLinear):
+        return 20.0 if module.in_features == 48 else 1.0
+    return 10.0
+
+
+def test_selection_is_per_layer() -> None:
+    fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=middle_layer_slow)
+    assert [c.format for c in inference_report(fast).layers] == ["csr", "dense", "csr"]
+    assert isinstance(fast[3], nn.Linear) and isinstance(fast[1], SparseLinear)
+
+
+def test_layers_below_min_sparsity_stay_dense_untimed() -> None:
+    timed: list[type] = []
+
+    def recording(module: nn.Module, x: torch.Tensor) -> float:
+        timed.append(type(module))
+        return sparse_wins(module, x)
+
+    net = _mlp()
+    torch.nn.init.normal_(net[3].weight)  # dense again
+    fast = to_inference(net, example_input=torch.randn(2, 64), timer=recording, rounds=2)
+    choice = {c.name: c for c in inference_report(fast).layers}["3"]
+    assert choice.format == "dense" and choice.dense_s is None and "min_sparsity" in choice.reason
+    layer_calls = [t for t in timed if t is not nn.Sequential]
+    assert len(layer_calls) == 2 * 2 * 2  # two layers timed, two rounds, both arms
+    assert timed.count(nn.Sequential) == 2 * 2  # then the end-to-end guard: two rounds, both arms
+
+
+def test_conv_through_unfolded_inputs_when_faster() -> None:
+    torch.manual_seed(0)
+    net = _prune_(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(),
+                                nn.Linear(4 * 6 * 6, 10)), 0.9)
+    x = torch.randn(3, 1, 8, 8)
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    assert isinstance(fast[0], SparseConv2d) and isinstance(fast[2], SparseConv2d)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+
+
+def test_round_trip_through_lcps_replays_the_recipe(tmp_path) -> None:
+    net = _mlp()
+    x = torch.randn(4, 64)
+    fast = to_inference(net, example_input=x, batch_size=32, timer=middle_layer_slow)
+    path = tmp_path / "net.lcps"
+    save_inference(net, fast, str(path))
+    fresh = _mlp(seed=1)  # other weights: everything must come from the file
+    loaded = load_inference(fresh, str(path), example_input=x)
+    report = inference_report(loaded)
+    assert report.sparse_names() == ["1", "5"] and report.batch_size == 32
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), net(x), atol=1e-5)
+
+
+def test_lcps_without_a_recipe_is_decided_at_load(tmp_path) -> None:
+    net = _mlp()
+    path = tmp_path / "plain.lcps"
+    save_sparse(net, path)
+    loaded = load_inference(_mlp(seed=3), str(path), example_input=torch.randn(2, 64), batch_size=8, timer=sparse_wins)
+    assert inference_report(loaded).sparse_names() == ["1", "3", "5"]
+
+
+def test_a_recipe_naming_another_models_layer_is_refused(tmp_path) -> None:
+    net = _mlp()
+    fast = to_inference(net, example_input=torch.randn(2, 64), timer=sparse_wins)
+    inference_report(fast).layers[0].name = "encoder.9"
+    path = tmp_path / "other.lcps"
+    save_inference(net, fast, str(path))
+    with pytest.raises(ValueError, match=r"'encoder.9', which is not a module of Sequential"):
+        load_inference(_mlp(), str(path), example_input=torch.randn(2, 64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"device": "tpu"}, "`device` must be 'cpu' or 'cuda'"),
+        ({"batch_size": 0}, "`batch_size` must be a positive int"),
+        ({"compact": "yes"}, "`compact` must be True, False or 'auto'"),
+        ({"min_sparsity": 1.5}, "`min_sparsity` must be in"),
+        ({"margin": 0.5}, "`margin` must be >= 1"),
+        ({"example_input": [1, 2]}, "`example_input` must be a batch tensor"),
+    ],
+)
+def test_bad_arguments_are_one_line(kwargs: dict, match: str) -> None:
+    args = {"example_input": torch.randn(2, 64), **kwargs}
+    with pytest.raises(ValueError, match=match) as err:
+        to_inference(_mlp(), **args)
+    assert "\n" not in str(err.value)
+
+
+def test_report_of_a_plain_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="not made by to_inference"):
+        inference_report(nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line() -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available; use device='cpu'"):
+        to_inference(_mlp(), example_input=torch.randn(2, 64), device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compute capability >= 8.0)")
+def test_cuda_picks_semi_structured_for_two_four_layers() -> None:
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 sparse tensor cores need compute capability 8.0")
+    lin = nn.Linear(128, 128).half()
+    with torch.no_grad():
+        lin.weight.view(-1, 4)[:, :2] = 0
+    net = nn.Sequential(lin)
+    x = torch.randn(64, 128, dtype=torch.half, device="cuda")
+    fast = to_inference(net, example_input=x, device="cuda")
+    assert inference_report(fast).sparse_names() == ["0"]
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net.cuda()(x), atol=1e-2)
+
+
+def test_torchscript_script_and_trace() -> None:
+    torch.manual_seed(0)
+    net = _prune_(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)), 0.9)
+    x = torch.randn(2, 1, 8, 8)
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    with torch.no_grad():
+        expected = net(x)
+        assert torch.allclose(torch.jit.script(fast)(x), expected, atol=1e-5)
+        assert torch.allclose(torch.jit.trace(fast, x)(x), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_with_graph_breaks() -> None:
+    fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=sparse_wins)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(fast)(x), fast(x), atol=1e-5)
+
+
+class _ReadsItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = _prune_(nn.Linear(8, 8), 0.9)
+        self.head = _prune_(nn.Linear(8, 2), 0.9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x) + self.fc.weight.view(-1)[:8])  # a dense-only read outside fc's forward
+
+
+def test_a_layer_whose_weight_is_read_outside_its_forward_stays_dense() -> None:
+    torch.manual_seed(0)
+    net = _ReadsItsWeight()
+    x = torch.randn(4, 8)
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    formats = {c.name: (c.format, c.reason) for c in inference_report(fast).layers}
+    assert formats["fc"] == ("dense", "the model's forward fails with a CSR weight there")
+    assert formats["head"][0] == "csr"
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+
+
+def test_transformer_block_keeps_fused_layers_dense_and_matches() -> None:
+    from lightning.pytorch.demos import Transformer
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = Transformer(vocab_size=50, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.t(tokens, tokens)
+
+    torch.manual_seed(0)
+    net = _prune_(Block(), 0.9).eval()
+    x = torch.randint(0, 50, (3, 7))
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    names = inference_report(fast).sparse_names()
+    assert "t.decoder" in names and "t.transformer.decoder.layers.0.linear1" in names
+    assert not any(".encoder." in n or "self_attn" in n for n in names)  # fused fast path / attention: dense
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+
+
+def test_csr_layers_that_make_the_whole_model_slower_go_back_to_dense() -> None:
+    def whole_model_slower(module: nn.Module, x: torch.Tensor) -> float:
+        if isinstance(module, nn.Sequential):  # end to end: the CSR model loses
+            return 50.0 if any(isinstance(m, SparseLinear) for m in module.modules()) else 10.0
+        return sparse_wins(module, x)
+
+    fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=whole_model_slower)
+    assert not any(isinstance(m, SparseLinear) for m in fast.modules())
+    assert all(c.format == "dense" and c.reason.startswith("end to end 0.20x") for c in inference_report(fast).layers)

@@ -1,0 +1,140 @@
+"""What pruning bought, shown to the user (issue #24): SparsityLogger's latency line, the app summary, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_clipprune import MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune.app.summary import print_summary
+from lightning_clipprune.export import inference_report, load_inference, read_sparse_metadata
+from lightning_clipprune.export.__main__ import main as export_main
+from lightning_clipprune.export.latency import format_latency, measure_inference
+from tests.helpers import TinyClassifier, random_loader, tiny_trainer
+
+KEYS = {"batch_size", "threads", "dense_ms", "inference_ms", "speedup", "csr_layers", "compacted_layers"}
+
+
+def _fit(tmp_path, logger: SparsityLogger) -> TinyClassifier:
+    model = TinyClassifier()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[MagnitudePruneCallback(sparsity=0.9, schedule="oneshot"),
+                                                              logger])
+    trainer.fit(model, random_loader())
+    return model
+
+
+def test_the_end_of_fit_table_has_a_measured_latency_line(tmp_path, capsys) -> None:
+    logger = SparsityLogger(latency_batch_size=64)
+    model = _fit(tmp_path, logger)
+    assert logger.inference_latency is not None and set(logger.inference_latency) == KEYS
+    assert logger.inference_latency["batch_size"] == 64
+    assert logger.inference_latency["dense_ms"] > 0 and logger.inference_latency["inference_ms"] > 0
+    assert "Inference latency (CPU): batch 64" in capsys.readouterr().out
+    assert isinstance(model.net[0], torch.nn.Linear)
+
+
+def test_the_latency_line_defaults_to_the_training_batch_and_can_be_turned_off(tmp_path, capsys) -> None:
+    on = SparsityLogger()
+    _fit(tmp_path, on)
+    assert on.inference_latency["batch_size"] == 16  # random_loader's batch size
+    off = SparsityLogger(inference_latency=False)
+    _fit(tmp_path, off)
+    quiet = SparsityLogger(print_table=False)
+    _fit(tmp_path, quiet)
+    assert off.inference_latency is None and quiet.inference_latency is None
+    assert capsys.readouterr().out.count("Inference latency") == 1
+
+
+def test_bad_latency_batch_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="latency_batch_size"):
+        SparsityLogger(latency_batch_size=0)
+
+
+def test_measure_inference_leaves_the_model_alone() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)).train()
+    stats = net[1].running_mean.clone()
+    result = measure_inference(net, torch.randn(4, 8), batch_size=32, rounds=1)
+    assert net.training and torch.equal(net[1].running_mean, stats)
+    assert result["batch_size"] == 32 and "32" in format_latency(result)
+
+
+def test_a_dense_model_is_reported_as_unchanged_not_as_a_speedup() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    result = measure_inference(net, torch.randn(4, 8), rounds=1)
+    assert result["csr_layers"] == result["compacted_layers"] == 0
+    assert result["speedup"] == 1.0 and result["inference_ms"] == result["dense_ms"]
+    line = format_latency(result)
+    assert "inference stays dense" in line and "->" not in line
+
+
+def test_a_ratio_near_one_is_called_noise() -> None:
+    near = {"batch_size": 8, "threads": 1, "dense_ms": 1.0, "inference_ms": 1.02, "speedup": 0.98,
+            "csr_layers": 0, "compacted_layers": 1}
+    assert "within timing noise" in format_latency(near)
+    assert "noise" not in format_latency({**near, "inference_ms": 0.5, "speedup": 2.0})
+
+
+def test_app_summary_shows_the_latency_row(capsys) -> None:
+    results = {
+        "experiment": "x", "val_acc": 0.9, "sparsity": 0.9, "params_nonzero": 10, "params_total": 100,
+        "clip": None, "epochs": 1, "steps": 2, "wall_time_s": 1.0,
+        "inference_latency": {"batch_size": 256, "threads": 2, "dense_ms": 3.0, "inference_ms": 1.0, "speedup": 3.0,
+                              "csr_layers": 2, "compacted_layers": 0},
+    }
+    print_summary(results)
+    out = capsys.readouterr().out
+    assert "inference latency (CPU)" in out and "3.00x" in out
+
+
+def test_export_cli_writes_the_inference_recipe(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier(in_features=64, hidden=128)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand_like(p) > 0.95)
+    ckpt, out = tmp_path / "m.ckpt", tmp_path / "m.lcps"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    assert export_main([str(ckpt), str(out), "--inference-batch-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "inference    net.0: " in printed and "inference    net.2: " in printed
+    recipe = read_sparse_metadata(out)["user"]["inference_recipe"]
+    assert recipe["batch_size"] == 64 and [layer["name"] for layer in recipe["layers"]] == ["net.0", "net.2"]
+    json.dumps(recipe)  # data only
+    fresh = TinyClassifier(in_features=64, hidden=128)
+    fast = load_inference(fresh.net, str(out), example_input=torch.randn(2, 64), prefix="net.")
+    assert sorted(inference_report(fast).sparse_names()) == sorted(n.removeprefix("net.") for n in recipe["csr"])
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), model.net(x), atol=1e-5)
+
+
+def test_export_cli_refuses_a_bad_batch_size(tmp_path, capsys) -> None:
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": TinyClassifier().state_dict()}, ckpt)
+    assert export_main([str(ckpt), str(tmp_path / "o.lcps"), "--inference-batch-size", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --inference-batch-size must be a positive integer") and err.count("\n") == 1
+
+
+def test_bench_inference_smoke(tmp_path) -> None:
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = [str(script), "--smoke", "--out", str(out)]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:  # the benchmark sets the thread count: give the test session its own back
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    assert done.value.code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["threads"]) for r in rows] == [(1, 1), (32, 1)]
+    assert all(r["max_abs_diff"] < 1e-4 and r["dense_ms"] > 0 and r["model_bytes_dense"] > 0 for r in rows)
