@@ -1,0 +1,234 @@
+"""Regrowth (RigL, SET) against the current defaults, dense and Lightning's pair: accuracy and cost (issue 28).
+
+Every run goes through ``bench_vs_lightning.run_arm`` (the same data, model, Trainer and seeds as the
+headline study: 10 epochs of Fashion-MNIST LeNet-300-100, one torch thread, paired seeds), so the dense,
+default and Lightning runs recorded in ``results/bench_vs_lightning.json`` pair with the runs here; a
+``default`` run is repeated first to check that they still reproduce.
+
+The full study of the issue (every flag; hours on one core per seed and target)::
+
+    python benchmarks/bench_regrow.py --seeds 0 1 2 3 4 --sparsities 0.9 0.95 0.98 0.99 \\
+        --variants default rigl rigl_a01 rigl_a05 rigl_dt50 rigl_dt200 rigl_end90 rigl_noclip rigl_s0 set
+    python benchmarks/bench_regrow.py --epochs 20 --arms dense ours lightning --variants default rigl ...
+    python benchmarks/bench_regrow.py --experiment fashion_cnn ...          # LeNet-5
+    python benchmarks/bench_regrow.py --report                               # the tables
+
+Cost: every "ours" run with regrowth times its regrowth events and dense-gradient copies (``regrow_s``,
+``perf_counter`` around them); their share of the fit is the extra time regrowth adds, since a step
+without an event pays one attribute test (``--step-cost`` measures that per-step test in isolation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+import timeit
+import warnings
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_vs_lightning as bvl
+
+from lightning_clipprune import MagnitudePruneCallback
+from lightning_clipprune.callbacks import _regrow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_JSON = os.path.join(HERE, "results", "bench_regrow.json")
+PAIR_JSON = os.path.join(HERE, "results", "bench_vs_lightning.json")
+PAIR_JSON_CNN = os.path.join(HERE, "results", "bench_vs_lightning_cnn.json")  # LeNet-5 (fashion_cnn)
+_DEFAULTS = {"end": 0.5}  # the library defaults (ER budgets, no ceiling under them), end written out
+
+
+def _rigl(**regrow: Any) -> dict[str, Any]:
+    return {"prune": {**_DEFAULTS, "regrow": {"method": "rigl", **regrow}}}
+
+
+#: RigL's published settings are alpha 0.3, delta T 100, end 0.75; regrowth starts where the ramp ends (0.5).
+REGROW_VARIANTS: dict[str, dict[str, Any]] = {
+    "rigl": _rigl(),
+    "rigl_a01": _rigl(fraction=0.1),
+    "rigl_a05": _rigl(fraction=0.5),
+    "rigl_dt50": _rigl(interval=50),
+    "rigl_dt200": _rigl(interval=200),
+    "rigl_end90": _rigl(end=0.9),
+    "rigl_s0": _rigl(start=0.0),  # also during the ramp (from the first pruning event)
+    "rigl_noclip": {**_rigl(), "clip": None},
+    "default_noclip": {"prune": dict(_DEFAULTS), "clip": None},  # rigl_noclip's pair: the defaults without clipping
+    "set": {"prune": {**_DEFAULTS, "regrow": {"method": "set"}}},
+    "set_a01": {"prune": {**_DEFAULTS, "regrow": {"method": "set", "fraction": 0.1}}},
+}
+bvl.VARIANTS.update(REGROW_VARIANTS)
+
+
+class _Timer:
+    """Wall time spent in regrowth (events and dense-gradient copies) during one fit."""
+
+    seconds = 0.0
+
+    @classmethod
+    def wrap(cls, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+_BEFORE_MASK = _regrow.Regrowth.before_mask  # unwrapped, for --step-cost
+_regrow.Regrowth._event = _Timer.wrap(_regrow.Regrowth._event)
+_regrow.Regrowth.before_mask = _Timer.wrap(_regrow.Regrowth.before_mask)
+_made: list[MagnitudePruneCallback] = []
+_variant_callbacks = bvl.variant_callbacks
+
+
+def _capture(sparsity: float, variant: str) -> list[Any]:
+    callbacks = _variant_callbacks(sparsity, variant)
+    _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+    return callbacks
+
+
+bvl.variant_callbacks = _capture
+
+
+def run(arm: str, seed: int, sparsity: float | None, args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    _Timer.seconds, _made[:] = 0.0, []
+    r = bvl.run_arm(arm, seed, sparsity, args, variant)
+    regrowth = _made[0]._regrow if _made and _made[0]._regrow is not None else None
+    r["regrow_s"] = _Timer.seconds if regrowth is not None else 0.0
+    r["regrow_events"] = regrowth.events if regrowth is not None else 0
+    r["regrown_total"] = regrowth.regrown_total if regrowth is not None else 0
+    r["regrow_share"] = r["regrow_s"] / r["fit_s"]
+    r["settings"] = bvl.VARIANTS.get(variant, {}) if arm == "ours" else {}
+    return r
+
+
+def step_cost(n: int = 200_000) -> dict[str, float]:
+    """Seconds per call of the test regrowth adds to ``mask_gradients``, net of an empty call's cost.
+
+    "off": ``regrow=None`` (one ``is None`` test); "on": regrowth on, a step without an event (the test, a
+    method call and the ``armed`` test). Interleaved, median of 5; a shared machine.
+    """
+    off = MagnitudePruneCallback(sparsity=0.5)
+    on = MagnitudePruneCallback(sparsity=0.5, regrow="rigl")
+    hot = on._hot
+    before_mask = _BEFORE_MASK
+
+    def empty() -> None:
+        pass
+
+    def test_off() -> None:
+        if off._regrow is not None:
+            before_mask(off._regrow, hot)
+
+    def test_on() -> None:
+        if on._regrow is not None:
+            before_mask(on._regrow, hot)
+
+    times: dict[str, list[float]] = {"empty": [], "off": [], "on": []}
+    for _ in range(5):
+        for name, fn in (("empty", empty), ("off", test_off), ("on", test_on)):
+            times[name].append(timeit.timeit(fn, number=n) / n)
+    base = statistics.median(times["empty"])
+    return {k: statistics.median(v) - base for k, v in times.items() if k != "empty"}
+
+
+def _pairs(runs: list[dict[str, Any]], a: tuple[str, str], b: tuple[str, str], target: float) -> list[float]:
+    by = {}
+    for r in runs:
+        if r["target"] == target or (r["arm"] == "dense" and r["target"] is None):
+            by.setdefault((r["arm"], r["variant"]), {})[r["seed"]] = r["test_acc"]
+    x, y = by.get(a, {}), by.get(b, {})
+    return [100 * (x[s] - y[s]) for s in sorted(set(x) & set(y))]
+
+
+def _fmt(d: list[float]) -> str:
+    if not d:
+        return ""
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return f"{statistics.mean(d):+.2f} (se {se:.2f}, n={len(d)}, {sum(v > 0 for v in d)}/{len(d)} > 0)"
+
+
+def report(runs: list[dict[str, Any]], pair: list[dict[str, Any]], epochs: int, experiment: str) -> None:
+    runs = [r for r in runs if r.get("epochs") == epochs and r.get("experiment", "fashion_mnist") == experiment]
+    pair = [r for r in pair if r.get("epochs") == epochs and r.get("experiment", "fashion_mnist") == experiment]
+    print(f"\n### {experiment}, {epochs} epochs: every run (test accuracy %, seeds in order)\n")
+    print("| arm | variant | target | seeds | test acc (mean; per seed) | regrown | regrowth share of fit | fit s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in sorted({(r["arm"], r["variant"], r["target"] or 0.0) for r in runs}):
+        rs = sorted((r for r in runs if (r["arm"], r["variant"], r["target"] or 0.0) == key), key=lambda r: r["seed"])
+        accs = ", ".join(f"{100 * r['test_acc']:.2f}" for r in rs)
+        share = statistics.mean(r.get("regrow_share", 0.0) for r in rs)
+        print(f"| {key[0]} | {key[1] or '-'} | {key[2] or '-'} | {','.join(str(r['seed']) for r in rs)} "
+              f"| {statistics.mean(r['test_acc'] for r in rs) * 100:.2f} ({accs}) "
+              f"| {statistics.mean(r.get('regrown_total', 0) for r in rs):.0f} | {100 * share:.3f} % "
+              f"| {statistics.mean(r['fit_s'] for r in rs):.1f} |")
+    print("\n### paired differences in points (test accuracy), mean over the common seeds\n")
+    print("Pairs within this study's runs (one code tree), then against Lightning's runs recorded in"
+          " bench_vs_lightning*.json by an earlier tree (they no longer reproduce exactly: see the md).\n")
+    print("| variant | target | vs current defaults | vs Lightning's pair | vs dense | vs Lightning (recorded) |")
+    print("|---|---|---|---|---|---|")
+    for variant, target in sorted({(r["variant"], r["target"]) for r in runs if r["arm"] == "ours"}):
+        me = ("ours", variant)
+        both = pair + [r for r in runs if r["arm"] == "ours"]
+        print(f"| {variant} | {target} | {_fmt(_pairs(runs, me, ('ours', 'default'), target))} "
+              f"| {_fmt(_pairs(runs, me, ('lightning', ''), target))} | {_fmt(_pairs(runs, me, ('dense', ''), target))} "
+              f"| {_fmt(_pairs(both, me, ('lightning', ''), target))} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="fashion_mnist", help="fashion_mnist (LeNet-300-100) | fashion_cnn (LeNet-5)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.98])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--arms", nargs="+", default=["ours"], choices=["dense", "ours", "lightning"],
+                        help="dense and lightning are recorded in bench_vs_lightning.json for 10 epochs; run them for others")
+    parser.add_argument("--variants", nargs="+", default=["default", "rigl", "set"], choices=list(bvl.VARIANTS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=DEFAULT_JSON, help="runs are added as they finish (one file per process)")
+    parser.add_argument("--report", action="store_true", help="only print the tables of results/bench_regrow*.json")
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="a smoke run (not for the tables)")
+    parser.add_argument("--step-cost", action="store_true", help="only time the per-step test regrowth adds")
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides")
+    args = parser.parse_args()
+    pair = bvl.load_runs([PAIR_JSON, PAIR_JSON_CNN])
+    if args.step_cost:
+        print(json.dumps({k: f"{v * 1e9:.1f} ns" for k, v in step_cost().items()}))
+        return
+    if args.report:
+        report(bvl.load_runs(sorted(glob.glob(os.path.join(HERE, "results", "bench_regrow*.json")))), pair, args.epochs, args.experiment)
+        return
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`ModelPruning`.*")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shared machine: timings are indicative")
+    runs = bvl.load_runs([args.json])
+    done = {bvl.run_key(r) for r in runs}
+    for seed in args.seeds:
+        todo = [("dense", None, "")] if "dense" in args.arms else []
+        for s in args.sparsities:
+            todo += [("ours", s, v) for v in args.variants if "ours" in args.arms]
+            todo += [("lightning", s, "")] if "lightning" in args.arms else []
+        for arm, s, variant in todo:
+            if (args.experiment, arm, variant, seed, s, args.epochs) in done:
+                continue
+            r = run(arm, seed, s, args, variant)
+            runs.append(r)
+            done.add(bvl.run_key(r))
+            print(json.dumps({k: v for k, v in r.items() if k not in ("train_tensors", "settings")}), flush=True)
+            bvl.write_json(args.json, runs)
+    report(runs, pair, args.epochs, args.experiment)
+
+
+if __name__ == "__main__":
+    main()
