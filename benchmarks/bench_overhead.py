@@ -42,7 +42,16 @@ state excluded) plus the bytes the model holds beyond its own parameters and buf
 ModelPruning: ``weight_orig``, ``weight_mask`` and the computed ``weight``), against the bytes of the
 pruned weights.
 
+Whole fits (``--whole-fit``): what a user feels, complete ``trainer.fit`` calls of 1 and 3 epochs
+(set-up, pruning events, every hook, teardown; no logger, no checkpointing, no validation, no progress
+bar), wall time and the process's CPU time of each fit divided by the ``none`` fit of the same round.
+Arms: ``none``, ``lightning_clip`` (``gradient_clip_val=1.0``), ``lightning_pair``, ``clip``, ``prune``,
+``ours_three`` (defaults, 90 %). ``--profile`` adds one cProfile of an ``ours_three`` fit (the callbacks'
+hooks, the pruning events, set-up), summed per function of the project.
+
 Run by hand (CPU)::
+
+    python benchmarks/bench_overhead.py --whole-fit --rounds 9 --limit-train-batches 100 --profile
 
     python benchmarks/bench_overhead.py                        # 9 rounds; writes benchmarks/results/bench_overhead.json
     python benchmarks/bench_overhead.py --rounds 15 --resnet-rounds 5 --resnet-steps 300
@@ -81,6 +90,7 @@ from lightning_clipprune.app.models import CifarResNet, Classifier, LeNet300100
 from lightning_clipprune.loggers import MemoryLogger
 
 ARMS = ("none", "lightning_pair", "clip", "prune", "logger", "ours_three")
+WHOLE_FIT_ARMS = ("none", "lightning_clip", "lightning_pair", "clip", "prune", "ours_three")
 EXTRA_ARMS = ("lightning_pair_pruned", "ours_three_pruned")
 RESNET_ARMS = ("none", "lightning_pair", "ours_three")
 SPARSITY = 0.9
@@ -214,6 +224,8 @@ def make_arm(arm: str, model: nn.Module, max_epochs: int = 1) -> tuple[list[Call
         if pruned_at_start:
             callbacks.append(_PruneAtStart(pruning, SPARSITY))
         return callbacks, {"gradient_clip_val": 1.0}
+    if arm == "lightning_clip":
+        return [], {"gradient_clip_val": 1.0}
     if arm == "clip":
         return [GradientClipCallback(clip_val=1.0)], {}
     if arm == "prune":
@@ -282,6 +294,126 @@ def fit_once(
         "added_bytes": probe.callback_bytes + probe.model_extra_bytes,
         "pruned_weight_bytes": pruned_bytes,
     }
+
+
+def whole_fit_once(arm: str, make_net: Callable[[], nn.Module], data: Any, epochs: int, limit: int | None) -> dict[str, Any]:
+    """One complete ``trainer.fit`` of ``epochs`` epochs for ``arm``: wall and process CPU seconds, Trainer included."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    net = make_net()
+    model = Classifier(net)
+    callbacks, trainer_kwargs = make_arm(arm, net, max_epochs=epochs)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        limit_train_batches=limit, callbacks=callbacks, **trainer_kwargs,
+    )
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(model, datamodule=data)
+    else:
+        trainer.fit(model, train_dataloaders=data)
+    return {"arm": arm, "fit_s": time.perf_counter() - w0, "fit_cpu_s": time.process_time() - c0,
+            "steps": trainer.global_step}
+
+
+def run_whole_fits(
+    arms: Sequence[str], rounds: int, epochs: int, make_net: Callable[[], nn.Module], data: Any, limit: int | None
+) -> dict[str, Any]:
+    """``rounds`` rounds of every arm (order rotated each round), paired ratios to ``none`` of wall and CPU time."""
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        k = r % len(arms)
+        for arm in [*arms[k:], *arms[:k]]:
+            res = whole_fit_once(arm, make_net, data, epochs, limit)
+            res["round"] = r
+            runs.append(res)
+            print(f"[whole fit, {epochs} epoch(s)] round {r} {arm}: {res['fit_s']:.2f} s wall, "
+                  f"{res['fit_cpu_s']:.2f} s CPU", flush=True)
+    base = {r["round"]: r for r in runs if r["arm"] == "none"}
+    summary = {}
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        summary[arm] = {
+            "fit_s": quantiles([r["fit_s"] for r in rs]),
+            "ratio": quantiles([r["fit_s"] / base[r["round"]]["fit_s"] for r in rs]),
+            "cpu_ratio": quantiles([r["fit_cpu_s"] / base[r["round"]]["fit_cpu_s"] for r in rs]),
+            "steps": rs[0]["steps"],
+        }
+    return {"epochs": epochs, "rounds": rounds, "runs": runs, "summary": summary}
+
+
+def whole_fit_markdown(title: str, summary: dict[str, dict[str, Any]]) -> str:
+    lines = [f"**{title}**", "", "| arm | fit s (median) | x dense, wall (median, IQR) | x dense, CPU (median, IQR) |",
+             "|---|---|---|---|"]
+    for arm, s in summary.items():
+        w, c = s["ratio"], s["cpu_ratio"]
+        lines.append(f"| {arm} | {s['fit_s']['median']:.2f} | {w['median']:.3f}x ({w['q1']:.3f} - {w['q3']:.3f}) "
+                     f"| {c['median']:.3f}x ({c['q1']:.3f} - {c['q3']:.3f}) |")
+    return "\n".join(lines)
+
+
+def profile_fit(make_net: Callable[[], nn.Module], data: Any, epochs: int, limit: int | None, top: int = 25) -> str:
+    """cProfile (process CPU time) of one ``ours_three`` fit: the project's functions by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    whole_fit_once("ours_three", make_net, data, epochs, limit)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
+    stats.print_stats(r"lightning_clipprune|trainer.py:\d+\(fit\)", top)
+    return out.getvalue()
+
+
+def whole_fit_main(args: argparse.Namespace, make_net: Callable[[], nn.Module], data: Any, result: dict[str, Any]) -> None:
+    """The ``--whole-fit`` mode: 1- and 3-epoch fits (``--epochs``), tables printed, results in ``result``."""
+    arms = [a for a in args.arms if a in WHOLE_FIT_ARMS] if args.arms != list(ARMS) else list(WHOLE_FIT_ARMS)
+    arms = arms if "none" in arms else ["none", *arms]
+    fits = {}
+    for epochs in args.epochs:
+        fits[str(epochs)] = run_whole_fits(arms, args.rounds, epochs, make_net, data, args.limit_train_batches)
+    result["whole_fit"] = {"limit_train_batches": args.limit_train_batches, "fits": fits}
+    if args.profile:
+        result["whole_fit"]["profile"] = profile_fit(make_net, data, max(args.epochs), args.limit_train_batches)
+        print(result["whole_fit"]["profile"])
+    for epochs, fit in fits.items():
+        print()
+        print(whole_fit_markdown(
+            f"Whole fits, LeNet-300-100, Fashion-MNIST, {epochs} epoch(s), {fit['rounds']} rounds", fit["summary"]))
+
+
+def event_costs(model_name: str, events: int) -> list[float]:
+    """Process CPU seconds of each pruning event of a default ``MagnitudePruneCallback(sparsity=0.9)`` over a
+    ramp of ``events`` events (one per step), on a fake Trainer: the event alone, no training step."""
+    import types
+
+    torch.manual_seed(0)
+    if model_name == "lenet":
+        net: nn.Module = LeNet300100()
+    else:  # 25.2 M prunable weights
+        widths = [784, 4096, 4096, 1024, 1024, 10]
+        net = nn.Sequential(nn.Flatten(), *[nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False)])
+    model = Classifier(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.randn_like(p)
+    cb = MagnitudePruneCallback(sparsity=SPARSITY, frequency=1, end=events - 1)
+    trainer = types.SimpleNamespace(lightning_module=model, world_size=1, optimizers=[opt], callbacks=[cb])
+    cb.setup(trainer, model, "fit")
+    cb._positions = (0, events - 1, 1)
+    cb.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in cb._params.items()}
+    cb._criterion.prepare(cb._params)
+    times = []
+    for t in range(events):
+        with torch.no_grad():  # the weights move a little between events, as in training
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-3)
+        c0 = time.process_time()
+        cb._update(trainer, t)
+        times.append(time.process_time() - c0)
+    return times
 
 
 def quantiles(values: Sequence[float]) -> dict[str, float]:
@@ -391,7 +523,7 @@ def fashion_data(root: str | None, batch_size: int, smoke: bool) -> tuple[Any, s
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9, help="rounds of the LeNet-300-100 arms (default 9)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *EXTRA_ARMS])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *EXTRA_ARMS, "lightning_clip"])
     parser.add_argument("--resnet-steps", type=int, default=200, help="ResNet-20 steps per fit (0: skip ResNet)")
     parser.add_argument("--resnet-batch", type=int, default=32)
     parser.add_argument("--resnet-rounds", type=int, default=None, help="default: --rounds")
@@ -402,7 +534,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", default=["lenet300", "resnet20"], choices=["lenet300", "resnet20"],
                         help="models to run; the others' sections of an existing --out JSON are kept")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: checks the script runs")
+    parser.add_argument("--whole-fit", action="store_true", help="time complete fits (LeNet-300-100) instead")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3], help="whole-fit lengths (default 1 3)")
+    parser.add_argument("--profile", action="store_true", help="with --whole-fit: cProfile one ours_three fit")
+    parser.add_argument("--events", nargs=2, metavar=("MODEL", "N"), default=None,
+                        help="time N pruning events alone: MODEL lenet (266 k weights) or mlp25m (25.2 M)")
     args = parser.parse_args(argv)
+    if args.events is not None:
+        times = event_costs(args.events[0], int(args.events[1]))
+        print(f"{args.events[0]}: ms per event (process CPU):", " ".join(f"{1e3 * t:.2f}" for t in times))
+        print(f"median after the first: {1e3 * statistics.median(times[1:]):.2f} ms")
+        return {"events": times}
     if "none" not in args.arms:
         args.arms = ["none", *args.arms]
     if "none" not in args.resnet_arms:
@@ -411,7 +553,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.rounds, args.resnet_rounds = 1, 1
         args.limit_train_batches = args.limit_train_batches or 4
         args.resnet_steps, args.resnet_batch = min(args.resnet_steps, 3), min(args.resnet_batch, 4)
-    out = Path(args.out) if args.out else (None if args.smoke else DEFAULT_OUT)
+    if args.smoke and args.whole_fit:
+        args.epochs = [1]
+    default_out = DEFAULT_OUT.with_name("bench_overhead_whole_fit.json") if args.whole_fit else DEFAULT_OUT
+    out = Path(args.out) if args.out else (None if args.smoke else default_out)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`ModelPruning`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -452,6 +597,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return net
 
         data, source = fashion_data(args.data_root, 128, args.smoke)
+        if args.whole_fit:
+            result["data"] = source
+            whole_fit_main(args, make_lenet, data, result)
+            if out is not None:
+                _write_json(out, result)
+            return result
         result["lenet300"] = {
             "data": source,
             "batch_size": 128,

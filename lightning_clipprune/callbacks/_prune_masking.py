@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_clipprune.pruning import apply_masks_, mask_factors, mask_optimizer_state_
+from lightning_clipprune.pruning.ranking import count_kept
 
 
 class MaskHotPath:
@@ -38,7 +39,10 @@ class MaskHotPath:
 
     def build(self, params: Mapping[str, torch.nn.Parameter], masks: Mapping[str, Tensor], names: Sequence[str]) -> None:
         """Cache the parameters of ``names`` that have pruned entries, and their integer masks."""
-        live = [n for n in names if not bool(masks[n].all())]
+        pruned = {n: masks[n].numel() - count_kept(masks[n]) for n in names}
+        live = [n for n in names if pruned[n]]
+        #: how many entries of ``names`` are pruned, all together (the event line reads it)
+        self.pruned = sum(pruned.values())
         self.params = params
         self.live: list[torch.nn.Parameter] | None = [params[n] for n in live]
         self.factors = mask_factors([masks[n] for n in live], self.live)
@@ -51,6 +55,7 @@ class MaskHotPath:
         self.live = None
         self.factors: list[Tensor] = []
         self.factor_of: dict[str, Tensor] = {}
+        self.pruned = 0
         self.grads_masked = False  # mask_gradients() did its work since the last backward / optimizer step
 
     def mask_gradients(self) -> None:
@@ -69,6 +74,14 @@ class MaskHotPath:
         """Set the pruned weights of ``names`` to exactly ``+0.0``."""
         names = [n for n in names if n in self.factor_of]
         apply_masks_([self.params[n] for n in names], [self.factor_of[n] for n in names])
+
+    def mask_optimizer_states(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Set the optimizer state of the pruned entries to ``+0.0`` (after an event), by the integer masks.
+
+        Only the parameters with pruned entries are visited: the others have nothing to zero.
+        """
+        for optimizer in optimizers:
+            mask_optimizer_state_(optimizer, self.live or [], self.factors)
 
     def post_hook(
         self,

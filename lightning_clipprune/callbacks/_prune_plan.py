@@ -17,10 +17,12 @@ from torch import Tensor
 from lightning_clipprune._validation import bad_value
 from lightning_clipprune.pruning import (
     CEILING,
+    Layout,
     nonfinite_names,
     saturated_layers,
     select_prunable_parameters,
     uninitialized_names,
+    weight_layouts,
 )
 from lightning_clipprune.schedules import resolve_position
 
@@ -123,7 +125,7 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
     Raises:
         ValueError: when there is none, or one is a lazy parameter not materialised yet (what to do, in one line).
     """
-    how = dict(include=cb.include, exclude=cb.exclude, prune_bias=cb.prune_bias)
+    how = dict(include=cb.include, exclude=cb.exclude, prune_bias=cb.prune_bias, include_tied=cb.include_tied)
     params = select_prunable_parameters(
         pl_module, **how, keep_first_and_last=cb.keep_first_and_last, include_frozen=cb.prune_frozen
     )
@@ -205,3 +207,18 @@ def check_finite(tensors: dict[str, Tensor], when: str, why: str = "") -> None:
             f"{OWNER}: {when} {named} hold NaN or inf{why}. Training diverged: lower the learning rate, or add a"
             " GradientClipCallback, which skips non-finite steps."
         )
+
+
+def event_layouts(cb: Any, module: torch.nn.Module) -> dict[str, Layout]:
+    """``weight_layouts(module, cb.parameter_names)``, computed once for the same module and parameters.
+
+    A pruning event needs the layouts; walking every module of a large network at each event is a
+    measurable part of its cost (``benchmarks/overhead.md``). The cache is keyed on the module and the
+    identities of the pruned parameters, so a replaced layer or another module computes them afresh.
+    """
+    key = (id(module), tuple(id(p) for p in cb._params.values()))
+    cached = getattr(cb, "_layouts_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight_layouts(module, cb.parameter_names))
+        cb._layouts_cache = cached
+    return cached[1]

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from lightning_clipprune.pruning.wrappers import adapter_prefixes, is_hf_conv1d, stored_weight_name
+
 __all__ = [
     "ATTENTION_WEIGHTS",
     "PRUNABLE_TYPES",
@@ -41,6 +43,7 @@ __all__ = [
     "register_layout",
     "rows_to_mask",
     "select_prunable_parameters",
+    "tied_names",
     "uninitialized_names",
     "weight_layouts",
 ]
@@ -125,7 +128,7 @@ def layout_of(module: nn.Module) -> Layout:
     for cls in type(module).__mro__:
         if cls in _LAYOUTS:
             return _LAYOUTS[cls](module)
-    return STANDARD_LAYOUT
+    return Layout(transposed=True) if is_hf_conv1d(module) else STANDARD_LAYOUT
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -135,15 +138,17 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 def _default_names(module: nn.Module, prune_bias: bool) -> set[str]:
     names: set[str] = set()
     types = PRUNABLE_TYPES + tuple(_EXTRA_PRUNABLE)
-    for mod_name, mod in module.named_modules():
+    for mod_name, mod in module.named_modules(remove_duplicate=False):  # a module used twice: both names
         prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(mod, types):
-            names.update(prefix + k for k in (("weight", "bias") if prune_bias else ("weight",)))
+        if isinstance(mod, types) or is_hf_conv1d(mod):
+            weight = stored_weight_name(mod)
+            names.update(prefix + k for k in ([weight] if weight else []) + (["bias"] if prune_bias else []))
         elif isinstance(mod, nn.MultiheadAttention):
             names.update(prefix + k for k in ATTENTION_WEIGHTS)
             if prune_bias:
                 names.add(prefix + "in_proj_bias")
-    return names
+    adapters = tuple(adapter_prefixes(module))  # LoRA adapters are never pruned by default
+    return {n for n in names if not n.startswith(adapters)} if adapters else names
 
 
 def select_prunable_parameters(
@@ -153,6 +158,7 @@ def select_prunable_parameters(
     prune_bias: bool = False,
     keep_first_and_last: bool = False,
     include_frozen: bool = False,
+    include_tied: bool = False,
 ) -> dict[str, nn.Parameter]:
     """The parameters that pruning (and sparsity reporting) considers, by their ``named_parameters`` name.
 
@@ -160,9 +166,13 @@ def select_prunable_parameters(
     the Q/K/V projections of ``nn.MultiheadAttention`` (:data:`ATTENTION_WEIGHTS`); biases only when
     ``prune_bias``. Embedding, normalisation and recurrent (``LSTM``, ``GRU``) layers are never selected
     unless named in ``include``: to add an embedding to the default set, name both, for example
-    ``include=["*weight"], exclude=["*norm*"]``. A tensor reached through two modules (tied weights)
-    appears once, under its first name. Frozen parameters (``requires_grad=False``) are left out unless
-    ``include_frozen`` (pruning would change values the user froze; :func:`frozen_names` lists them).
+    ``include=["*weight"], exclude=["*norm*"]``. Hugging Face ``Conv1D``, weight-norm parametrisations and
+    LoRA wrappers are seen through (:mod:`~lightning_clipprune.pruning.wrappers`). A tensor reached through
+    two modules (tied weights) appears once, under its first selected name; when one of its names would be
+    left dense (an output head tied to an input embedding), the tensor is left dense unless
+    ``include_tied`` or one of its names matches ``include`` (:func:`tied_names` lists them). Frozen
+    parameters (``requires_grad=False``) are left out unless ``include_frozen`` (pruning would change
+    values the user froze; :func:`frozen_names` lists them).
 
     Args:
         module: the network.
@@ -172,6 +182,7 @@ def select_prunable_parameters(
         prune_bias: also select the ``bias`` of the default layer types (``in_proj_bias`` for attention).
         keep_first_and_last: leave the first and the last selected layer (in module order) dense.
         include_frozen: also select parameters with ``requires_grad=False``.
+        include_tied: also select a tensor tied to a parameter the default selection leaves dense.
 
     Returns:
         An ordered ``{name: parameter}`` dict, in ``named_parameters`` order.
@@ -187,8 +198,9 @@ def select_prunable_parameters(
     seen: set[int] = set()
     selected: dict[str, nn.Parameter] = {}
     default_names = _default_names(module, prune_bias) if include is None else set()
+    tied = set() if include is not None or include_tied else {id(p) for p in _tied(module, default_names).values()}
     for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in seen or not (param.requires_grad or include_frozen):
+        if id(param) in seen or id(param) in tied or not (param.requires_grad or include_frozen):
             continue
         chosen = _matches(name, include) if include is not None else name in default_names
         if chosen and not _matches(name, exclude):
@@ -201,6 +213,38 @@ def select_prunable_parameters(
             for key in [k for k in selected if (k.rsplit(".", 1)[0] if "." in k else "") == layer]:
                 del selected[key]
     return selected
+
+
+def _tied(module: nn.Module, default_names: set[str]) -> dict[str, nn.Parameter]:
+    """``{default-selected name: tensor}`` for the tensors that also have a name outside ``default_names``."""
+    aliases: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    out = {}
+    for key, names in aliases.items():
+        inside = [n for n in names if n in default_names]
+        if inside and len(inside) < len(names):
+            out[inside[0]] = params[key]
+    return out
+
+
+def tied_names(module: nn.Module, prune_bias: bool = False) -> dict[str, list[str]]:
+    """``{prunable name: [its other names]}`` for the tensors the default selection leaves dense because they
+    are tied to a parameter of a layer it does not prune (GPT-2's ``lm_head.weight`` is ``wte.weight``).
+
+    Example::
+
+        >>> net = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
+        >>> net.head.weight = net.emb.weight
+        >>> tied_names(net)
+        {'head.weight': ['emb.weight']}
+    """
+    default_names = _default_names(module, prune_bias)
+    tied = _tied(module, default_names)
+    every = list(module.named_parameters(remove_duplicate=False))
+    return {name: [n for n, p in every if p is param and n != name] for name, param in tied.items()}
 
 
 def frozen_names(module: nn.Module, **selection: object) -> list[str]:
@@ -245,7 +289,8 @@ def weight_layouts(module: nn.Module, names: Iterable[str] | None = None) -> dic
     wanted = None if names is None else set(names)
     out = {}
     for mod_name, mod in module.named_modules():
-        name = f"{mod_name}.weight" if mod_name else "weight"
+        stored = stored_weight_name(mod) or "weight"
+        name = f"{mod_name}.{stored}" if mod_name else stored
         if wanted is not None and name not in wanted:
             continue
         layout = layout_of(mod)
