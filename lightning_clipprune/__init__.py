@@ -25,14 +25,28 @@ _LAZY = {
     "GradientClipCallback": "lightning_clipprune.callbacks.gradient_clip",
     "MagnitudePruneCallback": "lightning_clipprune.callbacks.magnitude_prune",
     "SparsityLogger": "lightning_clipprune.callbacks.sparsity_logger",
+    "RegrowConfig": "lightning_clipprune.callbacks._regrow",
+    "reconstruct_prune": "lightning_clipprune.posttrain.reconstruct",
+    "to_inference": "lightning_clipprune.export.inference",
 }
 
-__all__ = ["GradientClipCallback", "MagnitudePruneCallback", "SparsityLogger", "__version__"]
+__all__ = [
+    "GradientClipCallback",
+    "MagnitudePruneCallback",
+    "RegrowConfig",
+    "SparsityLogger",
+    "__version__",
+    "reconstruct_prune",
+    "to_inference",
+]
 
 if TYPE_CHECKING:
+    from lightning_clipprune.callbacks._regrow import RegrowConfig
     from lightning_clipprune.callbacks.gradient_clip import GradientClipCallback
     from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
     from lightning_clipprune.callbacks.sparsity_logger import SparsityLogger
+    from lightning_clipprune.export.inference import to_inference
+    from lightning_clipprune.posttrain.reconstruct import reconstruct_prune
 
 
 def __getattr__(name: str) -> Any:

@@ -97,9 +97,9 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None
         ConfigError: for a bad value in the config (the message names the config key and the value).
         DataNotFoundError: when the data set is neither on disk nor downloadable.
     """
+    check_config(cfg)  # before torch and Lightning load: a bad value is one line in about a second
     import torch
 
-    check_config(cfg)
     resume = _resume_checkpoint(cfg)
     ckpt = resume.file if resume is not None else None
     output_dir = Path(cfg.output_dir)
@@ -220,6 +220,8 @@ def _quiet_console(verbose: bool) -> None:
     """
     if verbose:
         return
+    import lightning.pytorch  # noqa: F401  # its console handlers are added when it is imported
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_clipprune"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
@@ -288,17 +290,21 @@ def _run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from lightning_clipprune._io import RefusedPathError, StorageFullError
-    from lightning_clipprune.data.locate import DataNotFoundError
 
-    _quiet_console(bool(cfg.get("verbose", False)))
     job = _job_label()
     stopped = begin_run()  # a sweep's jobs run in one process: each starts in the start-up phase
     if stopped is not None:
         _interrupted_at_start(stopped)
     try:
+        check_config(cfg)  # before Lightning loads: a bad value is one line in about a second
+        _quiet_console(bool(cfg.get("verbose", False)))
         results = train(cfg, list(HydraConfig.get().overrides.task), job=job)
     # FloatingPointError: NaN weights at a prune event; StorageFullError: disk full (one line naming the folder)
-    except (ConfigError, DataNotFoundError, FloatingPointError, StorageFullError, RefusedPathError) as err:
+    except (ConfigError, FloatingPointError, StorageFullError, RefusedPathError) as err:
+        _fail(err, sweeping=job is not None)
+    except FileNotFoundError as err:  # DataNotFoundError, named without importing the data modules (Lightning)
+        if not _data_not_found(err):
+            raise
         _fail(err, sweeping=job is not None)
     except KeyboardInterrupt:
         _interrupted_at_start("SIGINT")
@@ -314,6 +320,12 @@ def _run(cfg: DictConfig) -> float | None:
               file=sys.stderr)
         sys.exit(_INTERRUPTED_STATUS[which])
     return results.get("val_acc")
+
+
+def _data_not_found(err: BaseException) -> bool:
+    """Whether ``err`` is a ``DataNotFoundError`` (its module is loaded whenever one can have been raised)."""
+    locate = sys.modules.get("lightning_clipprune.app.data.locate")
+    return locate is not None and isinstance(err, locate.DataNotFoundError)
 
 
 def main() -> None:

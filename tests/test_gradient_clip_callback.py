@@ -623,6 +623,7 @@ def test_summary_before_any_step():
     assert GradientClipCallback().summary() == {
         "steps": 0.0,
         "clipped_fraction": 0.0,
+        "clipped_steps": 0.0,
         "mean_norm": 0.0,
         "max_norm": 0.0,
         "nonfinite_skipped": 0.0,

@@ -99,6 +99,17 @@ def _model_summary(cfg: DictConfig) -> list[Any]:
     return [_Summary()]
 
 
+def _interrupt_checkpoint(cfg: DictConfig) -> list[Any]:
+    """A checkpoint at Ctrl-C or SIGTERM, where the run's ``callbacks.checkpoint`` writes (none without it)."""
+    node = (cfg.get("callbacks") or {}).get("checkpoint")
+    if node is None or not node.get("dirpath"):
+        return []
+    from lightning_clipprune.app.interrupt_checkpoint import InterruptCheckpoint
+
+    filename = str(node.get("filename") or "last")
+    return [InterruptCheckpoint(str(node.dirpath), "last" if "{" in filename else filename)]
+
+
 def build(cfg: DictConfig) -> Components:
     """Build every component of a run from the composed config (data located, nothing trained).
 
@@ -109,7 +120,9 @@ def build(cfg: DictConfig) -> Components:
     Returns:
         The components; the callbacks are in the Trainer in the order clip, prune, the ``callbacks`` group,
         then the app's own (model summary, :class:`~lightning_clipprune.app.guards.FiniteWeights`,
-        :class:`~lightning_clipprune.app.guards.SigtermRelay`).
+        :class:`~lightning_clipprune.app.guards.SigtermRelay`, and
+        :class:`~lightning_clipprune.app.interrupt_checkpoint.InterruptCheckpoint` beside
+        ``callbacks.checkpoint``: Ctrl-C or SIGTERM during training writes ``last.ckpt`` at that step).
 
     Raises:
         ConfigError: a value a component refuses (the message names the config key and the value).
@@ -131,7 +144,7 @@ def build(cfg: DictConfig) -> Components:
     # a SIGTERM after the last training step lets the run finish (app/interrupts.py says why)
     from lightning_clipprune.app.guards import FiniteWeights, SigtermRelay
 
-    callbacks.extend([FiniteWeights(), SigtermRelay()])
+    callbacks.extend([FiniteWeights(), SigtermRelay(), *_interrupt_checkpoint(cfg)])
 
     # 3. model, logger, trainer
     model = instantiate(cfg.model, "model")

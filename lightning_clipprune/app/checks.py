@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["ConfigError", "check_against_model", "check_config", "one_line", "root_cause"]
+__all__ = ["ConfigError", "check_against_model", "check_config", "check_group_values", "one_line", "root_cause"]
 
 
 class ConfigError(ValueError):
@@ -157,7 +157,89 @@ def check_config(cfg: DictConfig) -> None:
             "for a sparsity target, leave prune.threshold out"
         )
     _check_not_nan(cfg)
-    _check_optimizer(cfg)
+    check_group_values(cfg)
+    _check_optimizer(cfg)  # the only check that imports torch: last, so every other bad value answers in a second
+
+
+_PRUNE_TARGET = "lightning_clipprune.MagnitudePruneCallback"
+_CLIP_TARGET = "lightning_clipprune.GradientClipCallback"
+
+
+def _group_arguments(node: Any, target: str) -> dict[str, Any] | None:
+    """The arguments of a ``clip``/``prune`` node that builds ``target`` (None for anything else)."""
+    if node is None or not hasattr(node, "get") or node.get("_target_") != target:
+        return None
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
+def check_group_values(cfg: DictConfig) -> None:
+    """The scalar arguments of the ``prune`` and ``clip`` groups, checked before torch and Lightning load.
+
+    The same checks (:mod:`lightning_clipprune._validation`, same ranges, same words) as the callbacks'
+    ``__init__``, which still run at build time for everything else (choices that live beside torch
+    code, such as ``pattern``, ``ranking`` or the clip algorithm's own bound): a bad number on the command
+    line is one line in about a second instead of after importing Lightning (``benchmarks/startup.md``).
+
+    Raises:
+        ConfigError: ``"<group>: <the callback's message>"``, as a failure at build time reads.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> check_group_values(OmegaConf.create({"prune": {"_target_": _PRUNE_TARGET, "sparsity": 1.5}}))
+        Traceback (most recent call last):
+        ...
+        lightning_clipprune.app.checks.ConfigError: prune: `MagnitudePruneCallback(sparsity=...)` must be ...
+    """
+    from lightning_clipprune import _validation as v
+    from lightning_clipprune.schedules import SCHEDULES
+
+    prune = _group_arguments(cfg.get("prune"), _PRUNE_TARGET)
+    clip = _group_arguments(cfg.get("clip"), _CLIP_TARGET)
+    try:
+        if prune is not None:
+            _check_prune_values(v, prune, SCHEDULES)
+    except ValueError as err:
+        raise ConfigError(f"prune: {one_line(err)}") from None
+    try:
+        if clip is not None:
+            owner = "GradientClipCallback"
+            if "norm_type" in clip:
+                v.check_real(owner, "norm_type", clip["norm_type"], low=0, low_open=True, allow_inf=True)
+            if "nonfinite" in clip:
+                v.check_choice(owner, "nonfinite", clip["nonfinite"], ("skip", "error"))
+            if "log_every_n_steps" in clip:
+                v.check_int(owner, "log_every_n_steps", clip["log_every_n_steps"], low=1, allow_none=True)
+    except ValueError as err:
+        raise ConfigError(f"clip: {one_line(err)}") from None
+
+
+def _check_prune_values(v: Any, args: dict[str, Any], schedules: tuple[str, ...]) -> None:
+    """``MagnitudePruneCallback.__init__``'s checks of single scalar arguments (``v``: the validation module)."""
+    owner = "MagnitudePruneCallback"
+    get = args.get
+    v.check_real(owner, "sparsity", get("sparsity"), low=0, high=1, high_open=True, allow_none=True)
+    v.check_real(owner, "threshold", get("threshold"), low=0, allow_none=True)
+    if "schedule" in args:
+        v.check_choice(owner, "schedule", args["schedule"], schedules)
+    for key in ("start", "end"):
+        if get(key) is not None:
+            v.check_position(owner, key, args[key])
+    if "unit" in args:
+        v.check_choice(owner, "unit", args["unit"], ("step", "epoch"))
+    v.check_int(owner, "frequency", get("frequency"), low=1, allow_none=True)
+    if "power" in args:
+        v.check_real(owner, "power", args["power"], low=0, low_open=True)
+    if "initial_sparsity" in args and get("sparsity") is not None:  # (N:M derives `sparsity` at build time)
+        v.check_real(owner, "initial_sparsity", args["initial_sparsity"], low=0, high=get("sparsity") or 0.0)
+    if "taylor_beta" in args:
+        v.check_real(owner, "taylor_beta", args["taylor_beta"], low=0, high=1, high_open=True)
+    for key in ("prune_bias", "keep_first_and_last", "prune_frozen", "verbose", "include_tied"):
+        if key in args:
+            v.check_bool(owner, key, args[key])
 
 
 def _check_optimizer(cfg: DictConfig) -> None:

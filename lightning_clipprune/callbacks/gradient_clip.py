@@ -33,6 +33,7 @@ from lightning_clipprune.callbacks._clip_algorithm import (
 from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import GradientMasker, find_callbacks
 from lightning_clipprune.clipping import Clipper, clipper_name, total_norm
+from lightning_clipprune.pruning import weight_layouts
 
 __all__ = ["DEFAULT_CLIP_VAL", "GradientClipCallback"]
 
@@ -40,6 +41,7 @@ _NONFINITE = ("skip", "error")
 # Per-step norms and coefficients are folded into the summary accumulators in batches of this many steps,
 # so a step costs a list append instead of a dozen tiny kernels.
 _FOLD_EVERY = 256
+_MOSTLY_CLIPPED_MIN_STEPS = 20  # fewer steps say nothing about how often a spike clipper clips
 
 
 class GradientClipCallback(Callback):
@@ -181,6 +183,7 @@ class GradientClipCallback(Callback):
         self._maskers: list[GradientMasker] = []
         self._has_scaler = False  # a GradScaler (16-bit AMP) skips non-finite steps itself
         self._warned_nonfinite = False
+        self._layouts: dict[int, Any] = {}  # id(parameter) -> Layout, for weights not stored (out, in, *k)
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -216,6 +219,11 @@ class GradientClipCallback(Callback):
                     f"GradientClipCallback: exclude pattern {pattern!r} matches no parameter name"
                     f" (names look like {[n for n, _ in named[:3]]})."
                 )
+        # clippers that need each weight's layout (AGC: units are columns of a ConvTranspose or HF Conv1D)
+        layouts = weight_layouts(pl_module)
+        self._layouts = {id(p): layouts[n] for n, p in named if n in layouts}
+        for clipper in self._clippers.values():
+            _bind_layouts(clipper, self._layouts)
         self._has_scaler = _scaler(trainer) is not None
         if self._has_scaler:
             for opt in trainer.optimizers:
@@ -249,6 +257,20 @@ class GradientClipCallback(Callback):
         if not self._has_scaler and not math.isfinite(checked.item()):
             self._on_nonfinite(trainer, optimizer, plan.index, checked)
         self._log(trainer, plan.index, norm, coef)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One host read per fit: a spike clipper that clipped most steps acts as a constant cap (say so).
+        if not getattr(self.clipper, "clips_spikes", False):
+            return
+        summary = self.summary()
+        if summary["steps"] >= _MOSTLY_CLIPPED_MIN_STEPS and summary["clipped_fraction"] > 0.5:
+            rank_zero_warn(
+                f"GradientClipCallback: {self.algorithm!r} clipped {summary['clipped_fraction']:.0%} of"
+                f" {int(summary['steps'])} steps, not only spikes: its hard cap clip_val={self.clip_val!r} is below"
+                f" the usual gradient norm (mean {summary['mean_norm']:.3g}). Raise clip_val above it, or"
+                " clip_val=None to clip spikes only."
+            )
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -286,18 +308,20 @@ class GradientClipCallback(Callback):
 
         Returns:
             ``steps`` (optimizer steps with gradients), ``clipped_fraction`` (share of steps with
-            ``clip_coef < 1``), ``mean_norm`` and ``max_norm`` (of the finite pre-clip norms) and
-            ``nonfinite_skipped`` (steps with an inf or NaN gradient).
+            ``clip_coef < 1``), ``clipped_steps`` (their count), ``mean_norm`` and ``max_norm`` (of the finite
+            pre-clip norms) and ``nonfinite_skipped`` (steps with an inf or NaN gradient).
         """
         self._fold()
         steps = float(sum(self._steps.values()))
         if self._acc is None or self._max_norm is None or steps == 0:
-            return dict.fromkeys(("steps", "clipped_fraction", "mean_norm", "max_norm", "nonfinite_skipped"), 0.0)
+            keys = ("steps", "clipped_fraction", "clipped_steps", "mean_norm", "max_norm", "nonfinite_skipped")
+            return dict.fromkeys(keys, 0.0)
         sum_norm, n_finite, clipped, nonfinite = self._acc.tolist()
         max_norm = float(self._max_norm)
         return {
             "steps": steps,
             "clipped_fraction": clipped / steps,
+            "clipped_steps": clipped,
             "mean_norm": sum_norm / n_finite if n_finite else 0.0,
             "max_norm": max_norm if math.isfinite(max_norm) else 0.0,
             "nonfinite_skipped": nonfinite,
@@ -310,6 +334,7 @@ class GradientClipCallback(Callback):
         clipper = self._clippers.get(idx)
         if clipper is None:
             clipper = self._clippers[idx] = self.clipper if idx == 0 else copy.deepcopy(self._template)
+            _bind_layouts(clipper, self._layouts)
         return clipper
 
     def _plan(self, trainer: pl.Trainer, optimizer: Optimizer) -> _Plan:
@@ -389,6 +414,13 @@ class _Plan(NamedTuple):
     n_params: int  # its parameter count when the plan was made
     clipped: list[Tensor]  # clipped and counted in the norm
     others: list[Tensor]  # excluded: only checked for inf/NaN
+
+
+def _bind_layouts(clipper: Clipper, layouts: dict[int, Any]) -> None:
+    """Give ``layouts`` to a clipper that takes them (an optional ``set_layouts`` method, as AGC's)."""
+    bind = getattr(clipper, "set_layouts", None)
+    if callable(bind):
+        bind(layouts)
 
 
 def _scaler(trainer: pl.Trainer) -> Any:

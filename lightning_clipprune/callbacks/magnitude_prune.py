@@ -29,18 +29,26 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
+from lightning_clipprune.callbacks._prune_event import calibrate, check_event_finite, event_line
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
     check_combination,
     check_finite,
     cpu_copy,
+    event_layouts,
     parameter_changes,
     resolve_positions,
     select_parameters,
-    state_tensors,
     warn_saturated,
 )
+from lightning_clipprune.callbacks._prune_report import (
+    after_validation,
+    announce_coverage,
+    before_post_training,
+    post_training_line,
+)
+from lightning_clipprune.callbacks._regrow import make_regrow
 from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.pruning import (
     DEFAULT_RANKING,
@@ -52,7 +60,6 @@ from lightning_clipprune.pruning import (
     compute_masks,
     keeps_pruned_weights_zero,
     make_criterion,
-    mask_optimizer_state_,
     parse_pattern,
     resolve_max_layer_sparsity,
     uses_budgets,
@@ -91,9 +98,9 @@ class MagnitudePruneCallback(Callback):
     Events happen at ``start``, every ``frequency`` steps (or epochs) after the previous one, and always at
     ``end``, where the target is reached. When ``end`` (or a one-shot ``start``) falls at or after the
     last step (``1.0``), the final event runs in ``on_train_end``: post-training pruning without
-    retraining. Run ``trainer.validate`` afterwards to measure the accuracy after pruning; the metrics
-    before are kept in :attr:`metrics_before_pruning`. (Checkpoints written during training, ``last.ckpt``
-    included, predate that event: save the pruned model after ``fit``.)
+    retraining (the default of "oneshot"). The metrics before are printed, kept in :attr:`metrics_before_pruning`
+    and in ``callback_metrics`` as ``<name>_before_pruning``; the next ``trainer.validate`` prints before -> after.
+    (Checkpoints written during training predate that event: save the pruned model after ``fit``.)
 
     Masks only grow. Unstructured masks prune exactly ``round(s * n)`` entries; ties by flat index.
 
@@ -111,6 +118,7 @@ class MagnitudePruneCallback(Callback):
             :math:`s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_1 - t_0))^{power}`).
         start: the first event. An ``int`` is a step (or an epoch with ``unit="epoch"``); a ``float`` in
             [0, 1] a fraction of the whole training. Note ``1`` is step 1 while ``1.0`` is the end of training.
+            None: ``0.0``, but ``1.0`` for "oneshot" (never pruning at initialisation by magnitude by default).
         end: where the target is reached, as ``start``; default half-way, so the second half of training
             fine-tunes the sparse network (``benchmarks/bench_vs_lightning.md``). Ignored by "oneshot".
         unit: "step" (optimizer steps, ``trainer.global_step``) or "epoch".
@@ -152,6 +160,13 @@ class MagnitudePruneCallback(Callback):
         layer_sparsity: ``{parameter name or fnmatch pattern: final sparsity}`` with ``scope="local"``;
             layers not named follow ``sparsity``. A key matching no prunable parameter raises at the first event.
         prune_frozen: also prune parameters with ``requires_grad=False``.
+        include_tied: also prune a tensor tied to a layer left dense (GPT-2's ``lm_head`` is ``wte``); by
+            default one line names the tie. Under 50 % prunable, setup warns naming what is left dense and why.
+        regrow: dynamic sparse training once the target is reached: "rigl" (drop the smallest live weights,
+            regrow as many where the clipped gradient is largest), "set" (regrow at random), or a
+            :class:`~lightning_clipprune.RegrowConfig` (or mapping) for fraction, interval,
+            start, end. Per-layer sparsity unchanged, but masks then move (they no longer only grow); logs
+            ``prune/regrown``. See ``docs/regrowth.md``.
 
     Raises:
         ValueError: for a bad argument (in ``__init__``); at ``setup()`` when the module has no prunable
@@ -182,7 +197,7 @@ class MagnitudePruneCallback(Callback):
         threshold: float | None = None,
         schedule: str = "cubic",
         *,
-        start: int | float = 0.0,
+        start: int | float | None = None,
         end: int | float = 0.5,
         unit: str = "step",
         frequency: int | None = None,
@@ -201,6 +216,8 @@ class MagnitudePruneCallback(Callback):
         ranking: str = DEFAULT_RANKING,
         layer_sparsity: dict[str, float] | None = None,
         prune_frozen: bool = False,
+        include_tied: bool = False,
+        regrow: Any = None,
     ) -> None:
         super().__init__()
         kind, n, m = parse_pattern(pattern, owner=OWNER)
@@ -208,7 +225,7 @@ class MagnitudePruneCallback(Callback):
         self.sparsity = check_real(OWNER, "sparsity", sparsity, low=0, high=1, high_open=True, allow_none=True)
         self.threshold = check_real(OWNER, "threshold", threshold, low=0, allow_none=True)
         self.schedule = check_choice(OWNER, "schedule", schedule, SCHEDULES)
-        self.start = check_position(OWNER, "start", start)
+        self.start = check_position(OWNER, "start", (1.0 if schedule == "oneshot" else 0.0) if start is None else start)
         self.end = check_position(OWNER, "end", end)
         self.unit = check_choice(OWNER, "unit", unit, _UNITS)
         self.frequency = check_int(OWNER, "frequency", frequency, low=1, allow_none=True)
@@ -230,6 +247,7 @@ class MagnitudePruneCallback(Callback):
         self.prune_bias = check_bool(OWNER, "prune_bias", prune_bias)
         self.keep_first_and_last = check_bool(OWNER, "keep_first_and_last", keep_first_and_last)
         self.prune_frozen = check_bool(OWNER, "prune_frozen", prune_frozen)
+        self.include_tied = check_bool(OWNER, "include_tied", include_tied)
         self.verbose = check_bool(OWNER, "verbose", verbose)
         self.ranking = check_choice(OWNER, "ranking", ranking, RANKINGS)
         self._budgets = uses_budgets(self.ranking, self.scope, kind, threshold)
@@ -237,6 +255,8 @@ class MagnitudePruneCallback(Callback):
         self._ceiling = resolve_max_layer_sparsity(max_layer_sparsity, self._budgets, owner=OWNER)
         self.layer_sparsity = check_layer_sparsity(OWNER, layer_sparsity)
         check_combination(self, kind, n, m)
+        self.regrow = regrow  # as given; the state in use is self._regrow (None: off)
+        self._regrow = make_regrow(regrow, self, kind)
         self._params: dict[str, torch.nn.Parameter] = {}
         self._handles: list[Any] = []
         self._reset()
@@ -280,6 +300,8 @@ class MagnitudePruneCallback(Callback):
             if not self._active:
                 return
             self._build_cache()
+        if self._regrow is not None:  # a regrowth step copies the dense gradients first
+            self._regrow.before_mask(self._hot)
         self._hot.mask_gradients()
 
     # ------------------------------------------------------------------ hooks
@@ -294,6 +316,8 @@ class MagnitudePruneCallback(Callback):
                 " one (choose the parameters with `include`/`exclude`)."
             )
         params = select_parameters(self, pl_module, announce=stage == "fit")
+        if stage == "fit" and list(params) != self.parameter_names:
+            announce_coverage(self, pl_module, list(params))
         check_pattern_fits(params, self.pattern, weight_layouts(pl_module, params))
         change = parameter_changes(self._params, params, self.parameter_names)
         if change is not None:
@@ -320,6 +344,8 @@ class MagnitudePruneCallback(Callback):
             observe = self._criterion.observe if self._criterion.needs == "gradients" else None
             hook = self._hot.post_hook(self._params, names, keeps_pruned_weights_zero(optimizer), observe)
             self._handles.append(optimizer.register_step_post_hook(hook))
+        if self._regrow is not None:
+            self._regrow.on_fit_start(self, trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -345,6 +371,8 @@ class MagnitudePruneCallback(Callback):
         start, end, frequency = self._positions
         if event_due(t, self._last_event, start, end, frequency):
             self._update(trainer, t)
+        if self._regrow is not None:
+            self._regrow.on_train_batch_start(self, trainer)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -364,16 +392,15 @@ class MagnitudePruneCallback(Callback):
         t = self._position(trainer)
         start, end, _ = self._positions
         if t >= end and (self._last_event is None or self._last_event < end):
-            self.metrics_before_pruning = {
-                k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1
-            }
+            self.metrics_before_pruning = before_post_training(self, trainer)
             self._update(trainer, t)
-            self._say(
-                f"{OWNER}: pruned after training, without retraining; metrics before: "
-                f"{self.metrics_before_pruning}. Run `trainer.validate` for the metrics after."
-            )
+            rank_zero_info(post_training_line(self.metrics_before_pruning))
         # One host sync per fit: a run whose weights went NaN or inf must not end as if it had succeeded.
         check_finite(dict(pl_module.named_parameters()), "training ended with weights that are not finite:")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        after_validation(self, trainer)  # a trainer.validate after post-training pruning: before -> after
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -394,6 +421,7 @@ class MagnitudePruneCallback(Callback):
             "last_event": self._last_event,
             "current_target": self.current_target,
             "criterion": cpu_copy(self._criterion.state_dict()),  # its tensors are updated in place
+            **({"regrow": self._regrow.state_dict()} if self._regrow is not None else {}),
         }
 
     @override
@@ -408,6 +436,8 @@ class MagnitudePruneCallback(Callback):
         self.current_target = state_dict["current_target"]
         # checkpoints written before criteria were objects hold the "taylor" state at the top level
         self._criterion.load_state_dict(state_dict.get("criterion", state_dict))
+        if self._regrow is not None:
+            self._regrow.load_state_dict(state_dict.get("regrow", {}))
         self._drop_cache()  # rebuilt from these masks at train start
 
     # ------------------------------------------------------------------ internals
@@ -418,7 +448,7 @@ class MagnitudePruneCallback(Callback):
     def _update(self, trainer: pl.Trainer, t: int) -> None:
         """A pruning event at position ``t``: new masks from the scheduled target, applied everywhere."""
         start, end, _ = self._positions
-        self._check_finite(t)
+        check_event_finite(self, t)
         criterion = self._criterion
         if not criterion.ready():
             rank_zero_warn(f"{OWNER}: criterion {criterion!r} has no {criterion.needs} yet, this event ranks by magnitude")
@@ -430,8 +460,8 @@ class MagnitudePruneCallback(Callback):
             k: sparsity_at(self.schedule, t, start, end, v, min(self.initial_sparsity, v), self.power)
             for k, v in self.layer_sparsity.items()
         }
-        layouts = weight_layouts(trainer.lightning_module, self.parameter_names)
-        new = self._calibrate(trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(
+        layouts = event_layouts(self, trainer.lightning_module)  # computed once per module
+        new = calibrate(self, trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(
             {n: p.detach() for n, p in self._params.items()},
             sparsity=target,
             threshold=self.threshold,
@@ -451,20 +481,6 @@ class MagnitudePruneCallback(Callback):
         self.masks.update(new)
         self._after_event(trainer, t, target)
 
-    def _calibrate(self, trainer: pl.Trainer, criterion: Any, target: float | None) -> dict[str, Tensor]:
-        """Post-training (``__init__`` checked it): the criterion prunes and updates the weights in place on
-        calibration batches of the TRAINING loader (never validation), and returns the masks."""
-        if trainer.world_size > 1:
-            raise ValueError(f"{OWNER}: criterion {criterion!r} runs on one process only; prune after `fit` with `reconstruct_prune`.")
-        return criterion.calibrate(trainer.lightning_module, trainer.train_dataloader, self._params, target, self.pattern)
-
-    def _check_finite(self, t: int) -> None:
-        # A NaN ranks nowhere (every comparison is False): the event would prune everything and keep the NaNs.
-        scored = {n: p.detach() for n, p in self._params.items()}
-        if self._criterion.ready():
-            scored.update({f"{n} (criterion state)": v for n, v in state_tensors(self._criterion.state_dict())})
-        check_finite(scored, f"at {self.unit} {t}", ", so the pruning event cannot rank them")
-
     def _after_event(self, trainer: pl.Trainer, t: int, target: float | None) -> None:
         """Apply the new masks: weights (exact +0.0), optimizer state, criterion state, the hot-path cache."""
         self._active = True
@@ -472,19 +488,10 @@ class MagnitudePruneCallback(Callback):
         self.current_target = target
         self._build_cache()
         self._apply_weights()
-        params = list(self._params.values())
-        masks = [self.masks[n] for n in self._params]
-        for optimizer in trainer.optimizers:
-            mask_optimizer_state_(optimizer, params, masks)
+        self._hot.mask_optimizer_states(trainer.optimizers)  # the layers with pruned entries, by their int masks
         self._criterion.masked(self.masks)
         if self.verbose or log.isEnabledFor(logging.INFO):
-            pruned = sum(int((~m).sum()) for m in self.masks.values())
-            total = sum(m.numel() for m in self.masks.values())
-            goal = f"target {target:.4f}" if target is not None else f"threshold {self.threshold:g}"
-            self._say(
-                f"{OWNER}: {self.unit} {t}: {goal}, {pruned}/{total} prunable weights pruned"
-                f" ({pruned / max(total, 1):.4f})"
-            )
+            self._say(event_line(self, t, target))
 
     def _say(self, message: str) -> None:
         """An event line: to the ``lightning_clipprune`` logger at INFO; also to the console when ``verbose``."""

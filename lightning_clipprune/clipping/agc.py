@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -21,12 +21,23 @@ def _unitwise_norm(x: Tensor, norm_type: float) -> Tensor:
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
+def _transposed_units(x: Tensor, groups: int) -> Tensor:
+    """``x`` stored ``(in, out / groups, *k)`` (ConvTranspose, Hugging Face ``Conv1D``) as ``(groups, in / groups,
+    out / groups, *k)``: an output unit is one ``[g, :, j]`` slice, its norm over dims 1 and 3+."""
+    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+
+
+def _transposed_norm(x: Tensor, norm_type: float) -> Tensor:
+    return torch.linalg.vector_norm(x, norm_type, dim=(1, *range(3, x.ndim)), keepdim=True)
+
+
 @torch.no_grad()
 def adaptive_grad_clip(
     parameters: Iterable[Tensor] | Tensor,
     clip_factor: float = 0.01,
     eps: float = 1e-3,
     norm_type: float = 2.0,
+    layouts: Mapping[int, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Unit-wise adaptive gradient clipping (AGC), in place.
 
@@ -50,6 +61,9 @@ def adaptive_grad_clip(
         clip_factor: lambda, the largest allowed ratio of gradient norm to weight norm per unit.
         eps: epsilon, the floor on the weight norm (so zero-initialised weights can move).
         norm_type: p of the unit-wise and the reported norms.
+        layouts: ``{id(parameter): Layout}`` for weights stored ``(in, out, *k)`` (a
+            :class:`~lightning_clipprune.pruning.Layout` with ``transposed=True``: ``ConvTranspose``, Hugging
+            Face ``Conv1D``), whose units are columns, not rows; others are ``(out, in, *k)``.
 
     Returns:
         ``(total_norm, clip_coef)``: the global p-norm of the gradients before clipping and
@@ -64,12 +78,19 @@ def adaptive_grad_clip(
     unit_pre: list[Tensor] = []
     unit_post: list[Tensor] = []
     for p in params:
-        g = p.grad
-        max_norm = _unitwise_norm(p.detach(), norm_type).clamp(min=eps).mul_(clip_factor)
-        grad_norm = _unitwise_norm(g, norm_type)
+        layout = layouts.get(id(p)) if layouts else None
+        transposed = layout is not None and layout.transposed and p.ndim >= 2
+        g = _transposed_units(p.grad, layout.groups) if transposed else p.grad
+        w = _transposed_units(p.detach(), layout.groups) if transposed else p.detach()
+        unit_norm = _transposed_norm if transposed else _unitwise_norm
+        max_norm = unit_norm(w, norm_type).clamp(min=eps).mul_(clip_factor)
+        grad_norm = unit_norm(g, norm_type)
         # scale 1 where the unit is within bounds, so those entries stay bit-identical
         scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=_NORM_EPS))
-        g.mul_(scale)
+        if transposed:
+            p.grad.copy_((g * scale).reshape(p.grad.shape))
+        else:
+            g.mul_(scale)
         unit_pre.append(grad_norm.flatten().to(first_device))
         unit_post.append((grad_norm * scale).flatten().to(first_device))
     # The p-norm of all units' p-norms is the global p-norm: no extra pass over the gradients.
@@ -98,10 +119,21 @@ class AGC(ClipAlgorithm):
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
         self.clip_factor = check_real("AGC", "clip_factor", clip_factor, low=0, low_open=True)
         self.eps = check_real("AGC", "eps", eps, low=0, low_open=True)
+        self._layouts: dict[int, Any] = {}
+
+    def set_layouts(self, layouts: Mapping[int, Any]) -> None:
+        """Which parameters store ``(in, out, *k)`` (``{id(parameter): Layout}``); ``GradientClipCallback`` calls
+        it at fit start from :func:`~lightning_clipprune.pruning.weight_layouts`, so units follow the layout."""
+        self._layouts = dict(layouts)
 
     def clip(self, parameters: Iterable[Tensor] | Tensor, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
         """See :func:`adaptive_grad_clip`."""
-        return adaptive_grad_clip(parameters, self.clip_factor, self.eps, norm_type)
+        return adaptive_grad_clip(parameters, self.clip_factor, self.eps, norm_type, self._layouts)
+
+    def __deepcopy__(self, memo: dict) -> AGC:
+        clone = AGC(self.clip_factor, self.eps)
+        clone._layouts = dict(self._layouts)  # parameter ids: the copy clips the same parameters
+        return clone
 
 
 register_clipper("agc", AGC)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -54,7 +54,9 @@ class ZClip(ThresholdClip):
     top of the spike detection, at every step: on a model whose usual gradient norm is above the cap,
     the cap, not the z-score, clips nearly every step (it clipped 75 % of the steps of a small CNN).
     Pass ``max_norm=None`` to clip only spikes, or a cap above the usual norm to keep it as a safety net;
-    ``GradientClipCallback.summary()["clipped_fraction"]`` says how often a run was clipped.
+    ``GradientClipCallback.summary()["clipped_fraction"]`` says how often a run was clipped, and the
+    callback warns at the end of training when a spike clipper (:attr:`clips_spikes`) clipped more than
+    half of the steps.
 
     Args:
         alpha: EMA smoothing factor in (0, 1).
@@ -82,6 +84,9 @@ class ZClip(ThresholdClip):
         >>> round(float(w.grad), 4)  # the spike 5.0 is clipped to the adaptive threshold
         0.6138
     """
+
+    #: Meant to clip rare spikes: ``GradientClipCallback`` warns when it clipped most steps (the cap at work).
+    clips_spikes: ClassVar[bool] = True
 
     def __init__(
         self,

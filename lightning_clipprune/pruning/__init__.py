@@ -4,6 +4,9 @@ No Lightning import here: everything is tested on hand-built tensors and modules
 
 - :mod:`~lightning_clipprune.pruning.selection`: which parameters are prunable and how each weight stores
   its channels (layouts, a registry: :func:`register_layout`).
+- :mod:`~lightning_clipprune.pruning.wrappers`: layer types known by shape (Hugging Face ``Conv1D``) and
+  the wrappers seen through (weight norm, LoRA) or left dense with a reason (other parametrisations).
+- :mod:`~lightning_clipprune.pruning.coverage`: what is left dense and why (:func:`dense_modules`).
 - :mod:`~lightning_clipprune.pruning.criteria`: importance criteria as objects (:class:`Magnitude`,
   :class:`Taylor`, your own: :func:`register_criterion`).
 - :mod:`~lightning_clipprune.pruning.ranking`: scores, rankings, per-layer budgets, the ceiling, and the
@@ -23,6 +26,7 @@ from lightning_clipprune.pruning.apply import (
     mask_optimizer_state_,
     nonfinite_names,
 )
+from lightning_clipprune.pruning.coverage import LOW_SHARE, DenseModule, dense_modules, prunable_share
 from lightning_clipprune.pruning.criteria import (
     CRITERIA,
     NEEDS,
@@ -72,9 +76,11 @@ from lightning_clipprune.pruning.selection import (
     register_layout,
     rows_to_mask,
     select_prunable_parameters,
+    tied_names,
     uninitialized_names,
     weight_layouts,
 )
+from lightning_clipprune.pruning.wrappers import is_hf_conv1d
 
 __all__ = [
     "ATTENTION_WEIGHTS",
@@ -83,6 +89,7 @@ __all__ = [
     "CRITERIA",
     "DEFAULT_MAX_LAYER_SPARSITY",
     "DEFAULT_RANKING",
+    "LOW_SHARE",
     "NEEDS",
     "PATTERNS",
     "PRUNABLE_TYPES",
@@ -93,6 +100,7 @@ __all__ = [
     "ZERO_KEEPING_OPTIMIZERS",
     "Criterion",
     "CriterionProtocol",
+    "DenseModule",
     "Layout",
     "Magnitude",
     "Taylor",
@@ -101,9 +109,11 @@ __all__ = [
     "check_pattern_fits",
     "compute_masks",
     "criterion_names",
+    "dense_modules",
     "erk_counts",
     "frozen_names",
     "importance",
+    "is_hf_conv1d",
     "keep_mask_by_count",
     "keeps_pruned_weights_zero",
     "kth_smallest",
@@ -117,6 +127,7 @@ __all__ = [
     "nonfinite_names",
     "output_rows",
     "parse_pattern",
+    "prunable_share",
     "register_criterion",
     "register_layout",
     "resolve_layer_sparsity",
@@ -124,6 +135,7 @@ __all__ = [
     "rows_to_mask",
     "saturated_layers",
     "select_prunable_parameters",
+    "tied_names",
     "uninitialized_names",
     "uses_budgets",
     "weight_layouts",
