@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune._sharded import global_counts, local
 from lightning_clipprune.pruning import PRUNABLE_TYPES, select_prunable_parameters
 
 #: Signed integer dtype with the same element size, used to look at a tensor's bits (here and in the exporter).
@@ -206,11 +207,24 @@ def parameter_counts(module: nn.Module, names: Iterable[str] | None = None) -> t
 
 
 def nonzero_counts(tensors: Sequence[Tensor]) -> Tensor:
-    """Non-zero counts of ``tensors`` as one int64 tensor on the first tensor's device (no host sync)."""
+    """Non-zero counts of ``tensors`` as one int64 tensor on the first tensor's device (no host sync).
+
+    Sharded tensors (DTensors) are counted whole: each rank counts its shard and one ``all_reduce`` sums
+    the counts (a collective: every rank calls it with the same list).
+    """
     if not tensors:
         raise ValueError("`tensors` must not be empty")
-    device = tensors[0].device
-    return torch.stack([torch.count_nonzero(t.detach()).to(device) for t in tensors])
+    shards = [local(t.detach()) for t in tensors]
+    device = shards[0].device
+    return global_counts(torch.stack([torch.count_nonzero(t).to(device) for t in shards]), tensors)
+
+
+def _negative_zeros(tensors: Sequence[Tensor]) -> Tensor:
+    """Per tensor, whether any element is ``-0.0`` (int64 0/1 on the first tensor's device; whole for DTensors)."""
+    shards = [local(t.detach()) for t in tensors]
+    device = shards[0].device
+    flags = torch.stack([has_negative_zero(t).to(device) for t in shards]).long()
+    return global_counts(flags, tensors).clamp(max=1)
 
 
 @dataclass(frozen=True)
@@ -345,7 +359,7 @@ def _rows(params: Mapping[str, Tensor]) -> list[LayerSparsity]:
         return []
     tensors = list(params.values())
     nonzero = nonzero_counts(tensors).tolist()
-    negative = torch.stack([has_negative_zero(t.detach()).to(tensors[0].device) for t in tensors]).tolist()
+    negative = _negative_zeros(tensors).bool().tolist()
     rows = []
     for (name, t), nz, neg in zip(params.items(), nonzero, negative, strict=True):
         dense, bitmask = encoded_sizes(t.numel(), nz, t.element_size(), neg)
@@ -417,7 +431,7 @@ def sparsity_metrics(
     tensors = [params[n].detach() for n in names]
     device = tensors[0].device
     nonzero = nonzero_counts(tensors)
-    negative = torch.stack([has_negative_zero(t).to(device) for t in tensors]).long()
+    negative = _negative_zeros(tensors)
     numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
     itemsize = torch.tensor([t.element_size() for t in tensors], dtype=torch.int64, device=device)
     dense, bitmask = encoded_sizes(numel, nonzero, itemsize, negative)

@@ -20,7 +20,13 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_clipprune.callbacks._strategy import ROLES, check_strategy, strategy_refusal
+from lightning_clipprune.callbacks._strategy import (
+    _MODEL_PARALLEL_SUPPORTED,
+    _TENSOR_PARALLEL_SUPPORTED,
+    ROLES,
+    check_strategy,
+    strategy_refusal,
+)
 
 NAMES = {"clip": "GradientClipCallback", "prune": "MagnitudePruneCallback", "log": "SparsityLogger"}
 
@@ -72,10 +78,33 @@ def test_xla_replicated_strategies_are_supported(role: str) -> None:
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_model_parallel_is_refused_in_a_trainer(role: str) -> None:
-    trainer = trainer_with(ModelParallelStrategy())
-    with pytest.raises(MisconfigurationException, match=rf"^{NAMES[role]} does not support ModelParallelStrategy: "):
-        check_strategy(trainer, NAMES[role], role)
+def test_model_parallel_fsdp2_is_supported_for_the_roles_in_the_set(role: str) -> None:
+    # FSDP2 (DTensor shards on dim 0): norms and counts are all-reduced (2-process tests: test_fsdp2_*.py)
+    trainer = trainer_with(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    if role in _MODEL_PARALLEL_SUPPORTED:
+        check_strategy(trainer, NAMES[role], role)  # does not raise
+    else:
+        with pytest.raises(MisconfigurationException, match=rf"^{NAMES[role]} does not support ModelParallelStrategy: "):
+            check_strategy(trainer, NAMES[role], role)
+
+
+def test_model_parallel_supports_clip_and_log() -> None:
+    assert {"clip", "log"} <= _MODEL_PARALLEL_SUPPORTED <= set(ROLES)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_model_parallel_with_tensor_parallelism_only_for_the_roles_in_its_set(role: str) -> None:
+    # the default tensor_parallel_size="auto" is every device of the node: 2 here
+    assert {"clip", "log"} <= _TENSOR_PARALLEL_SUPPORTED <= _MODEL_PARALLEL_SUPPORTED
+    for strategy in (ModelParallelStrategy(), ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)):
+        message = strategy_refusal(trainer_with(strategy).strategy, NAMES[role], role)
+        if role in _TENSOR_PARALLEL_SUPPORTED:
+            assert message is None
+            continue
+        assert message is not None and "\n" not in message
+        if role in _MODEL_PARALLEL_SUPPORTED:
+            assert message.startswith(f"{NAMES[role]} does not support ModelParallelStrategy (tensor_parallel_size=2): ")
+            assert "tensor_parallel_size=1" in message.split("Instead, ")[1]
 
 
 # FSDP needs a GPU accelerator in a Trainer: the strategy object is checked, as the callbacks see it in setup()
@@ -94,6 +123,8 @@ def test_fsdp_is_refused_with_what_to_use_instead(role: str, instead: str, kwarg
         check_strategy(trainer, NAMES[role], role)
     assert re.search(instead, str(err.value)), str(err.value)  # the message says what to use instead
     assert "\n" not in str(err.value)
+    if role in _MODEL_PARALLEL_SUPPORTED:  # leads with the sharded strategy that is supported
+        assert "Instead, train with ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)" in str(err.value)
 
 
 @pytest.mark.parametrize("stage", [None, 1, 2, 3])
@@ -107,6 +138,7 @@ def test_deepspeed_clip_refusal_points_at_the_trainer_setting() -> None:
     message = strategy_refusal(deepspeed(2), "GradientClipCallback", "clip")
     assert message is not None
     assert "(ZeRO stage 2)" in message and "Trainer(gradient_clip_val=...)" in message
+    assert "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)" in message
 
 
 @pytest.mark.parametrize(("stage", "refused"), [(None, False), (1, False), (2, False), (3, True)])

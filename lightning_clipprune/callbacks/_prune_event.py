@@ -26,7 +26,7 @@ def check_event_finite(cb: Any, t: int) -> None:
     scored = {n: p.detach() for n, p in cb._params.items()}
     if cb._criterion.ready():
         scored.update({f"{n} (criterion state)": v for n, v in state_tensors(cb._criterion.state_dict())})
-    check_finite(scored, f"at {cb.unit} {t}", ", so the pruning event cannot rank them")
+    check_finite(scored, f"at {cb.unit} {t}", ", so the pruning event cannot rank them", sharding=cb._sharding)
 
 
 def calibrate(cb: Any, trainer: pl.Trainer, criterion: Any, target: float | None) -> dict[str, Tensor]:

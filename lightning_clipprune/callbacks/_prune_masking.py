@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clipprune.callbacks._prune_sharded import is_dtensor, local
 from lightning_clipprune.pruning import apply_masks_, mask_factors, mask_optimizer_state_
 from lightning_clipprune.pruning.ranking import count_kept
 
@@ -38,20 +39,31 @@ class MaskHotPath:
         return self.live is not None
 
     def build(self, params: Mapping[str, torch.nn.Parameter], masks: Mapping[str, Tensor], names: Sequence[str]) -> None:
-        """Cache the parameters of ``names`` that have pruned entries, and their integer masks."""
+        """Cache the parameters of ``names`` that have pruned entries, and their integer masks.
+
+        Sharded parameters (DTensors, ``ModelParallelStrategy``): the masks, factors and passes are those of
+        this rank's rows (the local shards), and ``pruned`` counts this rank's rows only.
+        """
+        #: whether the parameters are DTensors: each pass then works on their local shards
+        self.sharded = any(is_dtensor(params[n]) for n in names)
+        if self.sharded:
+            masks = {n: local(masks[n]) for n in names}
         pruned = {n: masks[n].numel() - count_kept(masks[n]) for n in names}
         live = [n for n in names if pruned[n]]
         #: how many entries of ``names`` are pruned, all together (the event line reads it)
         self.pruned = sum(pruned.values())
         self.params = params
+        self.weights = {n: local(params[n]) for n in live} if self.sharded else params
         self.live: list[torch.nn.Parameter] | None = [params[n] for n in live]
-        self.factors = mask_factors([masks[n] for n in live], self.live)
+        self.factors = mask_factors([masks[n] for n in live], [self.weights[n] for n in live])
         self.factor_of = dict(zip(live, self.factors, strict=True))
         self.grads_masked = False
 
     def drop(self) -> None:
         """Forget the cache (its integer masks are a training-time cost)."""
         self.params: Mapping[str, torch.nn.Parameter] = {}
+        self.weights: Mapping[str, Tensor] = {}
+        self.sharded = False
         self.live = None
         self.factors: list[Tensor] = []
         self.factor_of: dict[str, Tensor] = {}
@@ -63,7 +75,7 @@ class MaskHotPath:
         if self.grads_masked or not self.live:
             return
         self.grads_masked = True
-        grads = [p.grad for p in self.live]
+        grads = [p.grad for p in self.live] if not self.sharded else [local(p.grad) if p.grad is not None else None for p in self.live]
         if any(g is None for g in grads):
             pairs = [(g, f) for g, f in zip(grads, self.factors, strict=True) if g is not None]
             apply_masks_([g for g, _ in pairs], [f for _, f in pairs])
@@ -73,7 +85,7 @@ class MaskHotPath:
     def apply_weights(self, names: Sequence[str]) -> None:
         """Set the pruned weights of ``names`` to exactly ``+0.0``."""
         names = [n for n in names if n in self.factor_of]
-        apply_masks_([self.params[n] for n in names], [self.factor_of[n] for n in names])
+        apply_masks_([self.weights[n] for n in names], [self.factor_of[n] for n in names])
 
     def mask_optimizer_states(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Set the optimizer state of the pruned entries to ``+0.0`` (after an event), by the integer masks.

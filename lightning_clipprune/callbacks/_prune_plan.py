@@ -194,13 +194,21 @@ def state_tensors(state: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
     return []
 
 
-def check_finite(tensors: dict[str, Tensor], when: str, why: str = "") -> None:
+def check_finite(tensors: dict[str, Tensor], when: str, why: str = "", sharding: Any = None) -> None:
     """Raise one line naming the tensors that hold NaN or inf (one host sync), the first one first.
+
+    With a ``sharding`` (:class:`._prune_sharded.Sharding`) the tensors are DTensors: each rank checks its
+    rows and one all-reduce makes every rank raise alike.
 
     Raises:
         FloatingPointError: ``"MagnitudePruneCallback: <when> `a`, `b` hold NaN or inf ..."`` with what to do.
     """
-    bad = nonfinite_names(tensors)
+    if sharding is not None:
+        from lightning_clipprune.callbacks._prune_sharded import nonfinite_sharded
+
+        bad = nonfinite_sharded(tensors, sharding)
+    else:
+        bad = nonfinite_names(tensors)
     if bad:
         named = ", ".join(f"`{n}`" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise FloatingPointError(

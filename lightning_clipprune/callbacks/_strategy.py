@@ -2,10 +2,17 @@
 
 The callbacks read whole parameters and gradients on each rank. That is right where every rank holds a full
 replica (one device, DDP and its ``spawn``/``fork``/``notebook`` launchers, XLA's data parallelism) and wrong
-where each rank holds a shard (FSDP, DeepSpeed ZeRO, ``ModelParallelStrategy``'s DTensors): a clip norm of the
-local shard is too small and differs between ranks, a "global" magnitude ranking ranks one shard, a count
-counts one shard. Those strategies are refused in ``setup()`` before any step runs, never trained with wrong
-numbers.
+where each rank holds a shard that the callbacks cannot see as one (FSDP1's flat parameters, DeepSpeed ZeRO):
+a clip norm of the local shard is too small and differs between ranks, a "global" magnitude ranking ranks one
+shard, a count counts one shard. Those strategies are refused in ``setup()`` before any step runs, never
+trained with wrong numbers.
+
+``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in ``configure_model``, parameters as DTensors sharded on dim
+0) is supported for the roles in :data:`_MODEL_PARALLEL_SUPPORTED`: each rank computes on its DTensor shards
+and norms and counts are all-reduced (:mod:`lightning_clipprune._sharded`), never gathered. With tensor
+parallelism (``tensor_parallel_size > 1``; the default ``"auto"`` is every device of a node) only the roles in
+:data:`_TENSOR_PARALLEL_SUPPORTED` run: clip (each ``Shard``/``Replicate`` piece counted once; AGC refuses
+weights sharded off dim 0 at the first step, one line) and log.
 
 ========================  =========  =========  =========
 strategy                  clip       prune      log
@@ -15,10 +22,16 @@ DDP (spawn/fork/notebook) yes        yes        yes
 XLA (data parallel)       yes        yes        yes
 DeepSpeed ZeRO 1/2        refused    refused    yes
 DeepSpeed ZeRO 3          refused    refused    refused
-FSDP                      refused    refused    refused
-ModelParallel             refused    refused    refused
+FSDP (FSDP1)              refused    refused    refused
+ModelParallel, TP size 1  yes        yes (**)   yes
+ModelParallel, TP size >1 yes (*)    refused    yes
 any other strategy        refused    refused    refused
 ========================  =========  =========  =========
+
+(*) AGC raises at the first step on a weight sharded off dim 0 (``RowwiseParallel``'s ``Shard(1)``).
+(**) magnitude or threshold pruning by a distributed k-th selection; criteria "taylor" and "obs", ``regrow``,
+ranking "layer_normalized" and "channel" with "global" scope are refused at setup, in one line
+(:mod:`lightning_clipprune.callbacks._prune_sharded`).
 
 Each callback calls :func:`check_strategy` first thing in ``setup()``. Strategy classes are imported lazily
 and defensively: a Lightning build without one of them (or without DeepSpeed or torch_xla installed) still
@@ -42,6 +55,17 @@ Role = Literal["clip", "prune", "log"]
 ROLES: tuple[str, ...] = ("clip", "prune", "log")
 
 _DDP_LIKE = "strategy='ddp' (or 'ddp_spawn') or a single device"
+_FSDP2 = (
+    "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with `fully_shard` in "
+    "`configure_model` (FSDP2, supported)"
+)
+
+#: The roles supported under ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` (FSDP2, DTensor
+#: parameters sharded on dim 0). A role enabled for it is added here, nowhere else.
+_MODEL_PARALLEL_SUPPORTED: set[str] = {"clip", "log", "prune"}
+#: The roles supported there with tensor parallelism too (``tensor_parallel_size > 1``: Shard(1) and Replicate
+#: placements); a role in _MODEL_PARALLEL_SUPPORTED only is refused under tensor parallelism.
+_TENSOR_PARALLEL_SUPPORTED: set[str] = {"clip", "log"}
 
 
 def _strategy_class(name: str) -> type | None:
@@ -67,10 +91,8 @@ _FSDP = {
     "clip": (
         "each rank holds a shard of every gradient, so the norm computed here would be the local shard's: too "
         "small and different on every rank",
-        "clip through FSDP instead: by norm, call `self.trainer.model.clip_grad_norm_(max_norm)` (FSDP's "
-        "sharded clip) in `LightningModule.configure_gradient_clipping` (Lightning's "
-        "`Trainer(gradient_clip_val=...)` only clips by value under FSDP: add `gradient_clip_algorithm='value'`)"
-        f"; or train with {_DDP_LIKE}",
+        "clip through FSDP: by norm, call `self.trainer.model.clip_grad_norm_(max_norm)` in "
+        f"`LightningModule.configure_gradient_clipping`; or train with {_DDP_LIKE}",
     ),
     "prune": (
         "each rank holds a shard of every weight, so a global magnitude ranking here would rank the local "
@@ -84,13 +106,12 @@ _FSDP = {
     ),
 }
 
+# Roles not (yet) in _MODEL_PARALLEL_SUPPORTED.
 _MODEL_PARALLEL = {
     "clip": (
         "parameters and gradients are DTensors sharded over the device mesh (FSDP2 / tensor parallelism), so "
         "the norm computed here would not be the full gradient's",
-        "use `Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm')`, which calls "
-        "`torch.nn.utils.clip_grad_norm_` on the DTensor gradients (the norm is reduced over the mesh)"
-        f"; or train with {_DDP_LIKE}",
+        f"train with {_DDP_LIKE}",
     ),
     "prune": (
         "parameters are DTensors sharded over the device mesh, so a magnitude ranking here would rank local "
@@ -102,6 +123,13 @@ _MODEL_PARALLEL = {
         f"count the consolidated checkpoint after training, or train with {_DDP_LIKE}",
     ),
 }
+
+_TENSOR_PARALLEL = (
+    "tensor parallelism shards weights off dim 0 (Shard(1) placements), which this callback does not handle; "
+    "the default tensor_parallel_size='auto' is every device of a node",
+    "use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2 with `fully_shard` in "
+    f"`configure_model`), or train with {_DDP_LIKE}",
+)
 
 _DEEPSPEED = {
     "clip": (
@@ -121,6 +149,23 @@ _DEEPSPEED = {
         f"use ZeRO stage 1 or 2, count the consolidated checkpoint after training, or train with {_DDP_LIKE}",
     ),
 }
+
+
+def _or_fsdp2(role: str, instead: str) -> str:
+    """A refused sharded strategy's advice, led by FSDP2 (``ModelParallelStrategy``) where the role supports it."""
+    return f"train with {_FSDP2}; or {instead}" if role in _MODEL_PARALLEL_SUPPORTED else instead
+
+
+def _tensor_parallel_size(strategy: Any) -> int | str:
+    """The strategy's tensor-parallel size; ``"auto"`` resolved as Lightning does (every process of a node)."""
+    size = getattr(strategy, "_tensor_parallel_size", "auto")
+    if size == "auto":
+        try:
+            n = strategy.num_processes
+        except Exception:  # parallel devices not known yet
+            return size
+        return int(n) if n else size
+    return int(size)
 
 
 def strategy_refusal(strategy: Any, callback_name: str, role: Role) -> str | None:
@@ -156,14 +201,24 @@ def strategy_refusal(strategy: Any, callback_name: str, role: Role) -> str | Non
             return None
         why, instead = _DEEPSPEED[role]
         name = f"{name} (ZeRO stage {stage})" if stage is not None else name
+        instead = _or_fsdp2(role, instead)
     elif _is(strategy, "XLAStrategy") or _is(strategy, "DDPStrategy") or _is(strategy, "SingleDeviceStrategy"):
         # every rank holds the whole model; gradients are all-reduced before on_before_optimizer_step
         # (DDP in backward, XLA in its closure), so norms, rankings and counts equal a single device's
         return None
     elif _is(strategy, "FSDPStrategy"):
         why, instead = _FSDP[role]
+        instead = _or_fsdp2(role, instead)
     elif _is(strategy, "ModelParallelStrategy"):
-        why, instead = _MODEL_PARALLEL[role]
+        if role not in _MODEL_PARALLEL_SUPPORTED:
+            why, instead = _MODEL_PARALLEL[role]
+        else:
+            tp = _tensor_parallel_size(strategy)
+            # the callbacks reduce norms and counts over the DTensor shards, each piece counted once
+            if tp == 1 or role in _TENSOR_PARALLEL_SUPPORTED:
+                return None
+            why, instead = _TENSOR_PARALLEL
+            name = f"{name} (tensor_parallel_size={tp})"
     else:
         why = "it is not a strategy the callbacks know, so they cannot tell whether parameters are sharded"
         instead = f"train with {_DDP_LIKE} (DDPStrategy and SingleDeviceStrategy subclasses are supported)"
@@ -182,9 +237,9 @@ def check_strategy(trainer: pl.Trainer, callback_name: str, role: Role) -> None:
             (SparsityLogger).
 
     Raises:
-        MisconfigurationException: under a refused strategy (FSDP, DeepSpeed, ModelParallelStrategy, an
-            unknown strategy; see the module docstring's table), naming the strategy, why, and what to use
-            instead.
+        MisconfigurationException: under a refused strategy (FSDP1, DeepSpeed, ModelParallelStrategy with
+            tensor parallelism or for a role it does not support, an unknown strategy; see the module
+            docstring's table), naming the strategy, why, and what to use instead.
         ValueError: if ``role`` is not one of ``"clip"``, ``"prune"``, ``"log"``.
 
     Example::

@@ -85,6 +85,14 @@ class GradientClipCallback(Callback):
     Trainer (a pruning callback) zeroes the gradients of pruned weights, whatever the order of the
     callback list (see :mod:`lightning_clipprune.callbacks.contract`).
 
+    Sharded models (``ModelParallelStrategy``: FSDP2's ``fully_shard``, and tensor parallelism; parameters and
+    gradients are DTensors): the norm is the whole model's, for every p and ``inf``, equal to one process's
+    on the same global batch. Each rank takes the norms of its gradient shards and one ``all_reduce`` of one
+    number per parameter combines them (a ``Replicate`` piece counted once); no gradient is gathered.
+    ``"value"`` clamps each shard; ``"agc"`` clips each row on the rank that holds it and raises (one line) on
+    a weight sharded off dim 0 (``RowwiseParallel``'s ``Shard(1)``); AutoClip and ZClip are fed the global
+    norm, so their state is the same on every rank, and so is the non-finite skip.
+
     Logged through the Trainer's loggers every ``log_every_n_steps`` optimizer steps (values are read
     from the device only then): ``grad/norm`` (global p-norm of the clipped parameters' gradients
     before clipping), ``grad/clip_coef`` (the factor applied, ``<= 1``; for ``"value"``, ``"agc"`` and

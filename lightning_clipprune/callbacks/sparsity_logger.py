@@ -10,13 +10,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_clipprune._sharded import any_sharded
 from lightning_clipprune._validation import check_bool, check_int
 from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import PruneState, find_callbacks
 from lightning_clipprune.sparsity import (
+    SparsityReport,
     named_weights,
     prunable_names,
     sparsity_metrics,
@@ -51,6 +53,11 @@ class SparsityLogger(Callback):
     they are faster, zero channels removed), also kept in :attr:`inference_latency`. It runs a few
     interleaved rounds on the first training batch's first input, repeated to the batch size; a model on a
     GPU is not measured.
+
+    Sharded models (``ModelParallelStrategy``: FSDP2, DTensor parameters, ``tensor_parallel_size=1``): every
+    rank counts the zeros of its own shards and one ``all_reduce`` sums them, so the logged metrics and the
+    table (printed by rank zero) are the whole model's numbers; no parameter is gathered. The latency line
+    is skipped there (it would measure a CPU copy of the whole model), with one info line saying so.
 
     Args:
         per_layer: log ``sparsity/<parameter name>`` for each prunable weight. ``None`` (default): when
@@ -157,13 +164,23 @@ class SparsityLogger(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.print_table:
-            self._print_table(pl_module)
-            if self.measure_latency:
-                self._print_latency(pl_module)
+        if not self.print_table:
+            return
+        if _sharded(pl_module):
+            # every rank counts its shards for the table (a collective); rank zero prints the global numbers
+            report = self._report(pl_module)
+            if trainer.is_global_zero:
+                _print(report.to_table())
+            if self.measure_latency:  # a measurement of a CPU copy of the whole model: not for a sharded one
+                rank_zero_info("SparsityLogger: inference latency not measured: the model is sharded (DTensors).")
+            return
+        self._print_table(pl_module)
+        if self.measure_latency:
+            self._print_latency(pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.loggers or not trainer.is_global_zero:
+        # Sharded parameters are counted by every rank (one all_reduce); replicated ones by rank zero alone.
+        if not trainer.loggers or not (trainer.is_global_zero or _sharded(pl_module)):
             return
         if self._names is None:
             self.on_train_start(trainer, pl_module)
@@ -171,6 +188,8 @@ class SparsityLogger(Callback):
         if not selected and not rest:
             return
         metrics = sparsity_metrics({**selected, **rest}, list(selected), per_layer=self._log_per_layer)
+        if not trainer.is_global_zero:
+            return
         target = self._prune_callback.current_target if self._prune_callback is not None else None
         # The logging step's only host synchronisation: one transfer for the counts, one for the fractions.
         counts = [k for k, v in metrics.items() if not v.is_floating_point()]
@@ -187,13 +206,13 @@ class SparsityLogger(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(self.last_metrics, step=step)
 
+    def _report(self, pl_module: pl.LightningModule) -> SparsityReport:
+        names = self._names if self._names is not None else prunable_names(pl_module)
+        return sparsity_report(pl_module, names, title=f"Sparsity of {type(pl_module).__name__} at the end of fit")
+
     @rank_zero_only
     def _print_table(self, pl_module: pl.LightningModule) -> None:
-        from rich.console import Console
-
-        names = self._names if self._names is not None else prunable_names(pl_module)
-        report = sparsity_report(pl_module, names, title=f"Sparsity of {type(pl_module).__name__} at the end of fit")
-        Console().print(report.to_table())
+        _print(self._report(pl_module).to_table())
 
     @rank_zero_only
     def _print_latency(self, pl_module: pl.LightningModule) -> None:
@@ -210,3 +229,14 @@ class SparsityLogger(Callback):
             rank_zero_warn(f"SparsityLogger: inference latency not measured: {' '.join(str(err).split())}")
             return
         Console().print(f"Inference latency (CPU): {format_latency(self.inference_latency)}", highlight=False)
+
+
+def _sharded(pl_module: pl.LightningModule) -> bool:
+    """Whether the model's parameters are DTensors (FSDP2 / ModelParallelStrategy): counting is then collective."""
+    return any_sharded(pl_module.parameters())
+
+
+def _print(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console().print(renderable)

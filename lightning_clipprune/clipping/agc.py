@@ -8,6 +8,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_clipprune._sharded import (
+    any_sharded,
+    counts_here,
+    global_norms,
+    is_rank_zero,
+    is_sharded,
+    local,
+    reduce_norm_parts,
+)
 from lightning_clipprune._validation import check_real
 from lightning_clipprune.clipping.base import _NORM_EPS, ClipAlgorithm, _nothing, _ratio, register_clipper
 
@@ -68,34 +77,78 @@ def adaptive_grad_clip(
     Returns:
         ``(total_norm, clip_coef)``: the global p-norm of the gradients before clipping and
         ``||g_after||_p / ||g_before||_p``.
+
+    Raises:
+        ValueError: with sharded parameters (DTensors), a weight whose units are split across ranks: any
+            placement ``Shard(d)`` with ``d != 0`` (tensor parallelism), or a transposed layout sharded at
+            all. Under dim-0 sharding (FSDP2's ``fully_shard``) a row lives in one shard and is clipped
+            there; a sharded 1-d unit (a bias) gets its weight and gradient norms reduced over the ranks.
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return _nothing()
-    first_device = params[0].grad.device
+    sharded = any_sharded(p.grad for p in params)
+    # Under sharding a row lives in one shard (dim-0 sharding), but a 1-d or 0-d unit (a whole bias) is split
+    # across ranks: its weight and gradient norms are reduced first, one all_reduce for all of them.
+    whole: dict[int, tuple[Tensor, Tensor]] = {}
+    if sharded:
+        vectors = [p for p in params if p.ndim <= 1 and is_sharded(p.grad)]
+        if vectors:
+            norms = global_norms([p.detach() for p in vectors] + [p.grad for p in vectors], norm_type)
+            whole = {id(p): (norms[i], norms[len(vectors) + i]) for i, p in enumerate(vectors)}
+    first_device = local(params[0].grad).device
     unit_pre: list[Tensor] = []
     unit_post: list[Tensor] = []
     for p in params:
         layout = layouts.get(id(p)) if layouts else None
         transposed = layout is not None and layout.transposed and p.ndim >= 2
-        g = _transposed_units(p.grad, layout.groups) if transposed else p.grad
-        w = _transposed_units(p.detach(), layout.groups) if transposed else p.detach()
-        unit_norm = _transposed_norm if transposed else _unitwise_norm
-        max_norm = unit_norm(w, norm_type).clamp(min=eps).mul_(clip_factor)
-        grad_norm = unit_norm(g, norm_type)
+        if id(p) in whole:  # global unit norms, the same on every rank: counted once, by rank 0
+            w_norm, grad_norm = whole[id(p)]
+            max_norm = w_norm.clamp(min=eps).mul_(clip_factor)
+            g = local(p.grad)
+            counted = is_rank_zero()
+        else:
+            if sharded:
+                _check_units_whole(p, transposed)
+            g = _transposed_units(local(p.grad), layout.groups) if transposed else local(p.grad)
+            w = _transposed_units(local(p.detach()), layout.groups) if transposed else local(p.detach())
+            unit_norm = _transposed_norm if transposed else _unitwise_norm
+            max_norm = unit_norm(w, norm_type).clamp(min=eps).mul_(clip_factor)
+            grad_norm = unit_norm(g, norm_type)
+            counted = counts_here(p.grad) if sharded else True
         # scale 1 where the unit is within bounds, so those entries stay bit-identical
         scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=_NORM_EPS))
         if transposed:
             p.grad.copy_((g * scale).reshape(p.grad.shape))
         else:
             g.mul_(scale)
-        unit_pre.append(grad_norm.flatten().to(first_device))
-        unit_post.append((grad_norm * scale).flatten().to(first_device))
+        if counted:
+            unit_pre.append(grad_norm.flatten().to(first_device))
+            unit_post.append((grad_norm * scale).flatten().to(first_device))
     # The p-norm of all units' p-norms is the global p-norm: no extra pass over the gradients.
-    pre = torch.linalg.vector_norm(torch.cat(unit_pre), norm_type)
-    return pre, _ratio(torch.linalg.vector_norm(torch.cat(unit_post), norm_type), pre)
+    if not sharded:
+        pre = torch.linalg.vector_norm(torch.cat(unit_pre), norm_type)
+        return pre, _ratio(torch.linalg.vector_norm(torch.cat(unit_post), norm_type), pre)
+    # Sharded: this rank's counted units, then one all_reduce for the norms before and after.
+    dtype = local(params[0].grad).dtype
+    parts = [torch.linalg.vector_norm(torch.cat(u), norm_type) if u else torch.zeros((), dtype=dtype,
+             device=first_device) for u in (unit_pre, unit_post)]
+    pre, post = reduce_norm_parts(torch.stack(parts), norm_type).unbind()
+    return pre, _ratio(post, pre)
+
+
+def _check_units_whole(p: Tensor, transposed: bool) -> None:
+    """Refuse a sharded weight whose units (rows; columns when ``transposed``) are split across ranks."""
+    placements = tuple(getattr(p.grad, "placements", ())) or tuple(getattr(p, "placements", ()))
+    if any(pl.is_shard() and (transposed or pl.dim != 0) for pl in placements):
+        unit = "column of an (in, out) weight" if transposed else "row"
+        raise ValueError(
+            f"AGC needs each unit (a {unit}) on one rank, but a weight of shape {tuple(p.shape)} has the "
+            f"placements {placements}, which split units across ranks: shard weights on dim 0 only (FSDP2's "
+            "fully_shard, tensor_parallel_size=1), exclude this weight, or use algorithm='norm'."
+        )
 
 
 class AGC(ClipAlgorithm):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clipprune._sharded import local
 from lightning_clipprune._validation import check_bool, check_int, check_real
 from lightning_clipprune.clipping.base import (
     ThresholdClip,
@@ -125,7 +126,8 @@ class AutoClip(ThresholdClip):
         else:
             thresholds = self.threshold(norms)
         coefs = clip_coefficient(thresholds.to(norms.dtype), norms)
-        for g, c in zip(grads, coefs.unbind(), strict=True):
+        for g, c in zip(grads, coefs.unbind(), strict=True):  # norms are global, each rank scales its shard
+            g = local(g)
             g.mul_(c.to(g.device))
         pre = torch.linalg.vector_norm(norms, norm_type)
         return pre, _ratio(torch.linalg.vector_norm(norms * coefs, norm_type), pre)

@@ -9,6 +9,11 @@ from :class:`ClipAlgorithm` (which gives a stateless ``state_dict``) and those t
 a threshold of their own from :class:`ThresholdClip`. :func:`register_clipper` gives a class a name that
 ``GradientClipCallback(algorithm=...)`` and the Hydra config accept.
 
+Sharded gradients (DTensors under FSDP2 / ``ModelParallelStrategy``) are first-class: the norms here are
+then the whole gradient's, reduced over the ranks from each rank's local shard with one ``all_reduce`` of
+one number per tensor (:mod:`lightning_clipprune._sharded`), and scaling and clamping act on the local
+shards; no gradient is gathered. Without a DTensor the computation is the single-process one, bit for bit.
+
 No Lightning import here.
 """
 
@@ -20,6 +25,8 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from lightning_clipprune._sharded import any_sharded, global_norms, local
 
 __all__ = [
     "CLIPPERS",
@@ -220,10 +227,14 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         norm_type: p of the p-norm; ``float("inf")`` for the max-norm.
 
     Returns:
-        A 0-d tensor on the first tensor's device (a CPU zero when ``tensors`` is empty).
+        A 0-d tensor on the first tensor's device (a CPU zero when ``tensors`` is empty). With DTensors
+        among ``tensors``: the norm over all their shards, identical on every rank (a collective: every
+        rank calls it with the same list).
     """
     if len(tensors) == 0:
         return torch.tensor(0.0)
+    if any_sharded(tensors):  # the p-norm of the per-tensor global norms: one all_reduce, no gather
+        return torch.linalg.vector_norm(global_norms(tensors, norm_type), float(norm_type))
     return _grouped_norm(_group_by_device_and_dtype(tensors), tensors[0].device, float(norm_type))
 
 
@@ -250,13 +261,22 @@ def _scale_groups_(groups: dict[tuple[torch.device, torch.dtype], list[Tensor]],
 def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
     """Multiply every tensor of ``grads`` in place by the 0-d tensor ``coef`` (foreach per device group)."""
     if len(grads):
-        _scale_groups_(_group_by_device_and_dtype(grads), coef)
+        _scale_groups_(_group_by_device_and_dtype([local(g) for g in grads]), coef)
+
+
+def _norm_and_groups(
+    grads: list[Tensor], norm_type: float
+) -> tuple[Tensor, dict[tuple[torch.device, torch.dtype], list[Tensor]]]:
+    """The global p-norm of a non-empty gradient list and its (local shards') device groups, for scaling."""
+    if any_sharded(grads):
+        return total_norm(grads, norm_type), _group_by_device_and_dtype([local(g) for g in grads])
+    groups = _group_by_device_and_dtype(grads)
+    return _grouped_norm(groups, grads[0].device, float(norm_type)), groups
 
 
 def _clip_to_norm_(grads: list[Tensor], max_norm: float | Tensor, norm_type: float) -> tuple[Tensor, Tensor]:
     """Norm clipping of a non-empty gradient list: one grouping pass shared by the norm and the scaling."""
-    groups = _group_by_device_and_dtype(grads)
-    norm = _grouped_norm(groups, grads[0].device, float(norm_type))
+    norm, groups = _norm_and_groups(grads, norm_type)
     coef = clip_coefficient(max_norm, norm)
     _scale_groups_(groups, coef)
     return norm, coef
@@ -273,7 +293,9 @@ def _nothing() -> tuple[Tensor, Tensor]:
 
 
 def _per_tensor_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
-    """The p-norm of each tensor, stacked in the order given, on the first tensor's device."""
+    """The p-norm of each tensor, stacked in the order given, on the first tensor's device (global for DTensors)."""
+    if any_sharded(tensors):
+        return global_norms(tensors, norm_type)
     first_device = tensors[0].device
     norms = list(tensors)  # each entry is replaced by its norm
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -319,8 +341,7 @@ class ThresholdClip(ClipAlgorithm):
         grads = _grads(parameters)
         if not grads:
             return _nothing()
-        groups = _group_by_device_and_dtype(grads)
-        norm = _grouped_norm(groups, grads[0].device, float(norm_type))
+        norm, groups = _norm_and_groups(grads, norm_type)  # global under sharding: every rank feeds the same norm
         coef = clip_coefficient(self.threshold(norm).to(norm.dtype), norm)
         _scale_groups_(groups, coef)
         return norm, coef

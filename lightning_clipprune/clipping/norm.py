@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_clipprune._sharded import local
 from lightning_clipprune._validation import check_real
 from lightning_clipprune.clipping.base import (
     _FOREACH_DEVICE_TYPES,
@@ -85,7 +86,8 @@ def clip_grad_value(
         return _nothing()
     clip_value = float(clip_value)
     pre = total_norm(grads, norm_type)
-    for (device, _), group in _group_by_device_and_dtype(grads).items():
+    # elementwise: each rank clamps its own shard of a sharded gradient; the two norms are global
+    for (device, _), group in _group_by_device_and_dtype([local(g) for g in grads]).items():
         if device.type in _FOREACH_DEVICE_TYPES:
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)

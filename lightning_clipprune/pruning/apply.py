@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_clipprune._sharded import local
+
 __all__ = [
     "ZERO_KEEPING_OPTIMIZERS",
     "apply_masks_",
@@ -88,7 +90,7 @@ def mask_optimizer_state_(optimizer: torch.optim.Optimizer, params: Sequence[Ten
     for p, m in zip(params, masks, strict=True):
         for value in (optimizer.state.get(p) or {}).values():
             if isinstance(value, Tensor) and value.is_floating_point() and value.shape == p.shape:
-                tensors.append(value)
+                tensors.append(local(value))  # a sharded parameter: its local shard
                 their_masks.append(m)
     apply_masks_(tensors, their_masks)
 
