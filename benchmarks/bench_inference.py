@@ -1,14 +1,16 @@
 """End-to-end CPU inference latency: a pruned model against the same model's ``to_inference`` result (issue #24).
 
 Rows: LeNet-300-100 at 90/95/98 % unstructured, the seed CNN (``+experiment=seed``) at 90 %, ResNet-20 with
-50 % channel pruning (compacted), and a Transformer block (``lightning.pytorch.demos.Transformer``) at 90 %;
+50 % channel pruning (compacted; the paper's option-A shortcut, and the projection shortcut "B" with each
+layer's channels pruned on their own and with coupled channels, ``channel_groups``), and a Transformer block (``lightning.pytorch.demos.Transformer``) at 90 %;
 each at batch 1 and 256, with 1 and 2 threads. Per row, the inference model is built for that batch size and
 thread count (``to_inference`` times each layer there), then the dense and the inference model are timed
 interleaved, ``--rounds`` times each, and the medians compared. Memory: the model's tensors (CSR values and
 indices included) and the peak of what one forward allocates (torch profiler), dense against inference.
 
 Weights are random (seeded), then pruned by the library's own masks (``compute_masks``: global magnitude with
-its default ranking for "unstructured", local per-layer L2 rows for "channel"): latency does not depend on
+its default ranking for "unstructured", local per-layer L2 rows for "channel", or per coupled channel group,
+``channel_groups`` traced by Torch-Pruning, what ``MagnitudePruneCallback(couple_channels=True)`` prunes): latency does not depend on
 accuracy. BatchNorm keeps its initial statistics, so a zeroed channel carries no constant and compacts.
 
     python benchmarks/bench_inference.py --out benchmarks/results/bench_inference.json
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_clipprune.app.models.networks import LeNet300100, SeedCNN, resnet20  # noqa: E402
 from lightning_clipprune.export import compare_latency, inference_report, to_inference  # noqa: E402
-from lightning_clipprune.pruning import compute_masks  # noqa: E402
+from lightning_clipprune.pruning import channel_groups, compute_masks  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -53,11 +55,16 @@ class TransformerBlock(nn.Module):
         return self.t(tokens, tokens)
 
 
-def prune(model: nn.Module, sparsity: float, pattern: str) -> nn.Module:
-    """Zero the model's Linear/Conv weights with the library's masks (global unstructured or local channels)."""
+def prune(model: nn.Module, sparsity: float, pattern: str, coupled_on: torch.Tensor | None = None) -> nn.Module:
+    """Zero the model's Linear/Conv weights with the library's masks (global unstructured or local channels).
+
+    ``coupled_on``: an example input; "channel" then prunes the coupled channel groups traced on it together."""
     weights = {n: p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n}
     scope = "local" if pattern == "channel" else "global"
-    masks = compute_masks({n: p.detach() for n, p in weights.items()}, sparsity=sparsity, scope=scope, pattern=pattern)
+    groups = None if coupled_on is None else channel_groups(model, coupled_on, weights)[0]
+    masks = compute_masks(
+        {n: p.detach() for n, p in weights.items()}, sparsity=sparsity, scope=scope, pattern=pattern, channel_groups=groups
+    )
     with torch.no_grad():
         for name, p in weights.items():
             p.mul_(masks[name])
@@ -99,6 +106,11 @@ def cases(smoke: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[int
     ]
     out.append(("Seed CNN 90 %", lambda: prune(SeedCNN(), 0.9, "unstructured"), img(1, 28)))
     out.append(("ResNet-20 channels 50 % (compacted)", lambda: prune(resnet20(), 0.5, "channel"), img(3, 32)))
+    # shortcut "B" (1x1 projection): Torch-Pruning maps its residual streams; option A's channel padding it cannot
+    out.append(("ResNet-20-B channels 50 % (compacted)", lambda: prune(resnet20(shortcut="B"), 0.5, "channel"),
+                img(3, 32)))
+    out.append(("ResNet-20-B channels 50 % coupled (compacted)",
+                lambda: prune(resnet20(shortcut="B"), 0.5, "channel", coupled_on=torch.zeros(1, 3, 32, 32)), img(3, 32)))
     out.append(("Transformer block 90 %", lambda: prune(TransformerBlock(), 0.9, "unstructured"),
                 lambda b: torch.randint(0, 1000, (b, 16))))
     return out

@@ -29,6 +29,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
+from lightning_clipprune.callbacks._prune_coupling import example_input, resolve_coupling, trace_groups
 from lightning_clipprune.callbacks._prune_event import calibrate, check_event_finite, event_line
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
@@ -47,6 +48,17 @@ from lightning_clipprune.callbacks._prune_report import (
     announce_coverage,
     before_post_training,
     post_training_line,
+)
+from lightning_clipprune.callbacks._prune_sharded import (
+    Sharding,
+    is_dtensor,
+    is_model_parallel,
+    local_rows,
+    masks_from_zeros,
+    pruned_counts,
+    refusal,
+    sharded_event_masks,
+    sharding_of,
 )
 from lightning_clipprune.callbacks._regrow import make_regrow
 from lightning_clipprune.callbacks._strategy import check_strategy
@@ -167,8 +179,25 @@ class MagnitudePruneCallback(Callback):
             :class:`~lightning_clipprune.RegrowConfig` (or mapping) for fraction, interval,
             start, end. Per-layer sparsity unchanged, but masks then move (they no longer only grow); logs
             ``prune/regrown``. See ``docs/regrowth.md``.
+        couple_channels: with ``pattern="channel"``, prune together the output channels that must be removed
+            together: those of the layers whose outputs a residual addition sums (the stem, each block's last
+            conv, a projection shortcut), grouped as Torch-Pruning's ``DependencyGraph`` traces them on one
+            sample of the first training batch (or the module's ``example_input_array``). Each position of a
+            group is scored by the RMS of all the weights it would remove, and the same channels are pruned
+            in every member, to the same target, so :func:`~lightning_clipprune.to_inference` can remove the
+            residual stream's channels physically (``benchmarks/bench_inference.md``). False (default): each
+            layer's channels are pruned on their own. True: coupled (Torch-Pruning needed: without it,
+            ``ImportError`` naming ``pip install 'lightning-clipprune[compact]'``). "auto": coupled when the
+            pattern is "channel" and Torch-Pruning is installed, else off. Layers whose coupling Torch-Pruning
+            cannot map exactly (a channel padding, as the parameter-free "option A" shortcut of the CIFAR
+            ResNets) are pruned on their own, with one warning. A selected bias or ``BatchNorm`` weight/bias
+            (``include``) joins its channel's group, so the channel is exactly zero after training (a
+            BatchNorm's trained ``beta`` would otherwise keep it alive for compaction). The groups depend on the structure only and
+            are traced afresh in each fit (eval mode, random state restored), so resume stays exact. Refused
+            under ``ModelParallelStrategy``, with ``layer_sparsity`` and with a calibration criterion.
 
     Raises:
+        ImportError: ``couple_channels=True`` without Torch-Pruning (in ``__init__``, one line with the pip command).
         ValueError: for a bad argument (in ``__init__``); at ``setup()`` when the module has no prunable
             parameter, a shape does not fit the pattern or a lazy layer is not materialised; at train start
             when the prune window lies past the end of the run.
@@ -183,6 +212,18 @@ class MagnitudePruneCallback(Callback):
 
     Under DDP the masks are identical on every rank: criteria that need nothing but the weights rank
     weights DDP keeps identical; the masks of the others (gradient EMAs) are broadcast from rank 0.
+
+    Under ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in ``configure_model``, ``tensor_parallel_size=1``)
+    the parameters are chosen at fit start, once sharded; the masks are DTensors sharded like their
+    parameters (each rank holds its rows), and an event finds the cut by a distributed k-th selection over
+    the shards (:mod:`lightning_clipprune.pruning.distributed`): no parameter is gathered, and the masks
+    are bit for bit those of one process on the same weights, ties included. Supported there: criterion
+    "magnitude" (or a threshold), "global" scope with ranking "er", "erk" or "raw" (the ceiling included),
+    "local" scope, "N:M", "channel" with "local" scope. Refused at setup, in one line: criteria that need
+    gradients ("taylor") or calibration ("obs"), ``regrow``, ranking "layer_normalized", "channel" with
+    "global" scope. Checkpoints keep their keys: the state holds each mask's pruned count, and a resumed run
+    reads its masks from the zeros of the restored weights, checked against those counts (one warning where
+    a kept weight is exactly zero: :func:`~lightning_clipprune.callbacks._prune_sharded.masks_from_zeros`).
 
     Example::
 
@@ -218,6 +259,7 @@ class MagnitudePruneCallback(Callback):
         prune_frozen: bool = False,
         include_tied: bool = False,
         regrow: Any = None,
+        couple_channels: bool | str = False,
     ) -> None:
         super().__init__()
         kind, n, m = parse_pattern(pattern, owner=OWNER)
@@ -257,8 +299,16 @@ class MagnitudePruneCallback(Callback):
         check_combination(self, kind, n, m)
         self.regrow = regrow  # as given; the state in use is self._regrow (None: off)
         self._regrow = make_regrow(regrow, self, kind)
+        self.couple_channels = couple_channels  # as given ("auto" stays "auto")
+        self._couple = resolve_coupling(self, kind)  # whether the events couple channels
+        self._example: Any = None  # one sample of the first training batch: the input the groups are traced on
         self._params: dict[str, torch.nn.Parameter] = {}
         self._handles: list[Any] = []
+        #: the 1-D mesh of the pruned parameters under ModelParallelStrategy (FSDP2), else None
+        self._sharding: Sharding | None = None
+        #: the pruned counts of a restored sharded state, whose masks are read from the zeros at train start
+        self._restored_counts: dict[str, int] | None = None
+        self._pruned_counts: dict[str, int] = {}  # each mask's pruned count over all ranks (sharded runs)
         self._reset()
 
     def _reset(self) -> None:
@@ -271,6 +321,8 @@ class MagnitudePruneCallback(Callback):
         self._hot = MaskHotPath()  # the per-step work, rebuilt at each event
         self._positions: tuple[int, int, int] | None = None  # resolved (start, end, frequency)
         self._saturated_layers: set[str] = set()  # already named in a warning
+        self._groups: list[dict[str, Tensor]] | None = None  # coupled channels, traced at the first event of a fit
+        self._groups_key: tuple[int, ...] | None = None  # the identities of the parameters they were traced for
         #: ``trainer.callback_metrics`` at post-training pruning (None otherwise).
         self.metrics_before_pruning: dict[str, float] | None = None
 
@@ -315,6 +367,16 @@ class MagnitudePruneCallback(Callback):
                 f"the Trainer has {len(others)} MagnitudePruneCallbacks, at most one is allowed: merge them into"
                 " one (choose the parameters with `include`/`exclude`)."
             )
+        if is_model_parallel(trainer):
+            # configure_model (fully_shard) runs after setup: the parameters are chosen in on_fit_start
+            why = refusal(self, weight_layouts(pl_module))
+            if why is not None:
+                raise ValueError(f"{OWNER} under ModelParallelStrategy: {why}.")
+            return
+        self._select(pl_module, stage)
+
+    def _select(self, pl_module: pl.LightningModule, stage: str) -> None:
+        """Choose the parameters to prune and check them against the pattern and the previous fit."""
         params = select_parameters(self, pl_module, announce=stage == "fit")
         if stage == "fit" and list(params) != self.parameter_names:
             announce_coverage(self, pl_module, list(params))
@@ -336,6 +398,12 @@ class MagnitudePruneCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Optimizers exist from here on; hooks on them see every step, whoever calls optimizer.step.
         self._remove_hooks()
+        if is_model_parallel(trainer):  # the sharded (DTensor) parameters exist from here on
+            self._select(pl_module, "fit")
+            self._sharding = sharding_of(self._params)
+            why = refusal(self, event_layouts(self, pl_module)) if self._sharding is not None else None
+            if why is not None:
+                raise ValueError(f"{OWNER} under ModelParallelStrategy: {why}.")
         ids = {id(p): n for n, p in self._params.items()}
         for optimizer in trainer.optimizers:
             names = [ids[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in ids]
@@ -350,6 +418,10 @@ class MagnitudePruneCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._positions = resolve_positions(self, trainer, pl_module)
+        self._example = None  # couple_channels: taken from this fit's first batch
+        if self._restored_counts is not None:  # a sharded run's state: its masks are the zeros of the weights
+            self.masks = masks_from_zeros(self, self._restored_counts, self._sharding)
+            self._pruned_counts, self._restored_counts = dict(self._restored_counts), None
         for name, p in self._params.items():
             mask = self.masks.get(name)
             if mask is not None and mask.shape != p.shape:
@@ -357,6 +429,9 @@ class MagnitudePruneCallback(Callback):
                     f"{OWNER}: the mask of `{name}` has shape {tuple(mask.shape)} but the parameter {tuple(p.shape)}:"
                     " the checkpoint comes from another model."
                 )
+            if mask is not None and self._sharding is not None and not is_dtensor(mask):
+                # a whole mask (a checkpoint of an unsharded run loaded into this sharded one): keep our rows
+                mask = self._sharding.as_dtensor(local_rows(mask.to(p.device), self._sharding.shards({name: p})[name]), p)
             self.masks[name] = torch.ones_like(p, dtype=torch.bool) if mask is None else mask.to(p.device)
         self._criterion.prepare(self._params)
         if self._active:  # resumed: weights from the checkpoint are already masked; make sure of it
@@ -369,6 +444,8 @@ class MagnitudePruneCallback(Callback):
         # (gradient accumulation calls this for each micro-batch).
         t = self._position(trainer)
         start, end, frequency = self._positions
+        if self._couple and self._example is None:  # the input the coupled channels are traced on
+            self._example = example_input(pl_module, batch)
         if event_due(t, self._last_event, start, end, frequency):
             self._update(trainer, t)
         if self._regrow is not None:
@@ -396,7 +473,8 @@ class MagnitudePruneCallback(Callback):
             self._update(trainer, t)
             rank_zero_info(post_training_line(self.metrics_before_pruning))
         # One host sync per fit: a run whose weights went NaN or inf must not end as if it had succeeded.
-        check_finite(dict(pl_module.named_parameters()), "training ended with weights that are not finite:")
+        params = self._params if self._sharding is not None else dict(pl_module.named_parameters())
+        check_finite(params, "training ended with weights that are not finite:", sharding=self._sharding)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -414,8 +492,12 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Sharded: rank zero alone writes this state, so it holds the pruned counts, not the masks (their zeros
+        # are in the checkpoint's weights: masks_from_zeros)
+        sharded = self._sharding is not None and self._active
         return {
-            "masks": {n: m.cpu() for n, m in self.masks.items()} if self._active else {},
+            "masks": {n: m.cpu() for n, m in self.masks.items()} if self._active and not sharded else {},
+            **({"pruned_counts": dict(self._pruned_counts)} if sharded else {}),
             "parameter_names": list(self.parameter_names),
             "active": self._active,
             "last_event": self._last_event,
@@ -431,6 +513,8 @@ class MagnitudePruneCallback(Callback):
             raise ValueError(f"the checkpoint's pruned parameters {names} differ from this module's {self.parameter_names}")
         self.parameter_names = names or self.parameter_names
         self.masks = dict(state_dict["masks"])
+        counts = state_dict.get("pruned_counts")
+        self._restored_counts = {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None
         self._active = bool(state_dict["active"])
         self._last_event = state_dict["last_event"]
         self.current_target = state_dict["current_target"]
@@ -461,6 +545,10 @@ class MagnitudePruneCallback(Callback):
             for k, v in self.layer_sparsity.items()
         }
         layouts = event_layouts(self, trainer.lightning_module)  # computed once per module
+        if self._sharding is not None:  # DTensor shards: a distributed selection, no gather (_prune_sharded)
+            self.masks.update(sharded_event_masks(self, self._sharding, criterion, target, layer_sparsity, layouts))
+            self._after_event(trainer, t, target)
+            return
         new = calibrate(self, trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(
             {n: p.detach() for n, p in self._params.items()},
             sparsity=target,
@@ -473,6 +561,7 @@ class MagnitudePruneCallback(Callback):
             ranking=self.ranking,
             layer_sparsity=layer_sparsity,
             layouts=layouts,
+            channel_groups=self._channel_groups(trainer, layouts),
         )
         self._saturated_layers.update(warn_saturated(self, new, layouts, self._saturated_layers))
         if criterion.needs != "nothing" and trainer.world_size > 1:
@@ -481,12 +570,30 @@ class MagnitudePruneCallback(Callback):
         self.masks.update(new)
         self._after_event(trainer, t, target)
 
+    def _channel_groups(self, trainer: pl.Trainer, layouts: dict[str, Any]) -> list[dict[str, Tensor]] | None:
+        """The coupled channels (``couple_channels``), traced once per fit and parameter set; None when off."""
+        if not self._couple:
+            return None
+        key = tuple(id(p) for p in self._params.values())
+        if self._groups is None or self._groups_key != key:
+            self._groups = trace_groups(self, trainer.lightning_module, layouts)
+            self._groups_key = key
+            coupled = [g for g in self._groups if len(g) > 1]
+            self._say(
+                f"{OWNER}: couple_channels: {len(coupled)} group(s) of coupled layers"
+                f" ({sum(len(g) for g in coupled)} of {len(self._params)} layers), pruned together"
+            )
+        return self._groups
+
     def _after_event(self, trainer: pl.Trainer, t: int, target: float | None) -> None:
         """Apply the new masks: weights (exact +0.0), optimizer state, criterion state, the hot-path cache."""
         self._active = True
         self._last_event = t
         self.current_target = target
         self._build_cache()
+        if self._sharding is not None:
+            self._pruned_counts = pruned_counts(self, self._sharding)  # the hot path counted the local rows
+            self._hot.pruned = sum(self._pruned_counts.values())
         self._apply_weights()
         self._hot.mask_optimizer_states(trainer.optimizers)  # the layers with pruned entries, by their int masks
         self._criterion.masked(self.masks)

@@ -12,6 +12,8 @@ No Lightning import here: everything is tested on hand-built tensors and modules
 - :mod:`~lightning_clipprune.pruning.ranking`: scores, rankings, per-layer budgets, the ceiling, and the
   defaults shared by every entry point (:data:`DEFAULT_RANKING`, ``max_layer_sparsity="auto"``).
 - :mod:`~lightning_clipprune.pruning.masks`: keep-masks per pattern (:func:`compute_masks`).
+- :mod:`~lightning_clipprune.pruning.coupling`: output channels that residual additions couple across
+  layers (:func:`channel_groups`, traced by the optional Torch-Pruning), pruned together by "channel".
 - :mod:`~lightning_clipprune.pruning.apply`: applying masks in place (exact ``+0.0``) and keeping
   optimizer state clean.
 
@@ -25,6 +27,13 @@ from lightning_clipprune.pruning.apply import (
     mask_factors,
     mask_optimizer_state_,
     nonfinite_names,
+)
+from lightning_clipprune.pruning.coupling import (
+    COUPLE_INSTALL,
+    ChannelGroup,
+    channel_groups,
+    check_channel_groups,
+    torch_pruning_available,
 )
 from lightning_clipprune.pruning.coverage import LOW_SHARE, DenseModule, dense_modules, prunable_share
 from lightning_clipprune.pruning.criteria import (
@@ -86,6 +95,7 @@ __all__ = [
     "ATTENTION_WEIGHTS",
     "BUDGET_RANKINGS",
     "CEILING",
+    "COUPLE_INSTALL",
     "CRITERIA",
     "DEFAULT_MAX_LAYER_SPARSITY",
     "DEFAULT_RANKING",
@@ -98,6 +108,7 @@ __all__ = [
     "STANDARD_LAYOUT",
     "TRANSPOSED_TYPES",
     "ZERO_KEEPING_OPTIMIZERS",
+    "ChannelGroup",
     "Criterion",
     "CriterionProtocol",
     "DenseModule",
@@ -105,6 +116,8 @@ __all__ = [
     "Magnitude",
     "Taylor",
     "apply_masks_",
+    "channel_groups",
+    "check_channel_groups",
     "check_layer_sparsity",
     "check_pattern_fits",
     "compute_masks",
@@ -136,6 +149,7 @@ __all__ = [
     "saturated_layers",
     "select_prunable_parameters",
     "tied_names",
+    "torch_pruning_available",
     "uninitialized_names",
     "uses_budgets",
     "weight_layouts",

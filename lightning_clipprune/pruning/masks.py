@@ -21,6 +21,13 @@ What :func:`compute_masks` does, option by option (every default is shared with 
   ``round(s * rows)`` rows of each tensor; "global" ranks all rows by RMS (the L2 norm over
   ``sqrt(row size)``, so layers of different fan-in compare fairly) and prunes the longest prefix
   whose weight count does not exceed ``round(s * n)`` (with a ceiling: skipping rows of capped tensors).
+- ``channel_groups`` ("channel" only, :mod:`~.coupling`): output channels coupled across layers (the layers
+  whose outputs a residual addition sums) are pruned together: each position of a group is scored by the RMS
+  of all the weights it would remove (the coupled rows of every member: the square root of the sum of their
+  squared L2 norms over their total size; for a group of one, the "global" row score above), and the same
+  positions are pruned in every member. "local" prunes ``round(s * width)`` positions of each group; "global"
+  ranks the positions of all groups as it ranks rows (each weighing the rows it removes). A position with
+  a row already pruned in one member is pruned in all (masks only grow). Weights in no group stand alone.
 - ``threshold=eps`` ("unstructured" only): prune where the score is ``<= eps`` (``|w| <= eps`` for
   "magnitude"); no ceiling.
 """
@@ -29,13 +36,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_clipprune._validation import bad_value, check_choice, check_real
+from lightning_clipprune.pruning.coupling import check_channel_groups
 from lightning_clipprune.pruning.criteria import Taylor, make_criterion
 from lightning_clipprune.pruning.ranking import (
     DEFAULT_RANKING,
@@ -204,6 +212,7 @@ def _check_compute_args(
     ranking: str,
     max_layer_sparsity: float | str | None,
     layer_sparsity: Mapping[str, float] | None,
+    channel_groups: Any = None,
 ) -> float | None:
     """Check the arguments of :func:`compute_masks`; return the ceiling ("auto" resolved)."""
     owner = "compute_masks"
@@ -218,6 +227,11 @@ def _check_compute_args(
     kind = parse_pattern(pattern, owner=owner)[0]
     if threshold is not None and kind != "unstructured":
         raise ValueError(f"`threshold` works with pattern 'unstructured' only, got pattern={pattern!r}")
+    if channel_groups is not None and (kind != "channel" or threshold is not None or layer_sparsity):
+        raise ValueError(
+            f"`{owner}(channel_groups=...)` works with pattern 'channel' and a `sparsity` only (no `layer_sparsity`),"
+            f" got pattern={pattern!r}, threshold={threshold!r}, layer_sparsity={layer_sparsity!r}."
+        )
     return resolve_max_layer_sparsity(max_layer_sparsity, uses_budgets(ranking, scope, kind, threshold))
 
 
@@ -235,6 +249,7 @@ def compute_masks(
     ranking: str = DEFAULT_RANKING,
     layer_sparsity: Mapping[str, float] | None = None,
     layouts: Mapping[str, Layout] | None = None,
+    channel_groups: Sequence[Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """New keep-masks ``{name: bool tensor}`` (True = kept) for ``weights``; options: this module's docstring.
 
@@ -251,6 +266,8 @@ def compute_masks(
         ranking: "er", "erk", "raw" or "layer_normalized" (:data:`~.ranking.RANKINGS`).
         layer_sparsity: ``{name or fnmatch pattern: sparsity}`` ("local" only), others at ``sparsity``.
         layouts: ``{name: Layout}`` for weights not stored ``(out, in, *k)`` (:func:`~.selection.weight_layouts`).
+        channel_groups: "channel" only: coupled output channels, ``[{name: LongTensor of its channels}, ...]``
+            (:func:`~.coupling.channel_groups`); the same positions are pruned in every member.
 
     Raises:
         ValueError: for bad arguments, shapes that do not fit the pattern, or an unreachable target.
@@ -262,7 +279,9 @@ def compute_masks(
         {'a': tensor([False,  True,  True]), 'b': tensor([[ True, False]])}
     """
     kind, n, m = parse_pattern(pattern, owner="compute_masks")
-    ceiling = _check_compute_args(sparsity, threshold, scope, pattern, ranking, max_layer_sparsity, layer_sparsity)
+    ceiling = _check_compute_args(
+        sparsity, threshold, scope, pattern, ranking, max_layer_sparsity, layer_sparsity, channel_groups
+    )
     crit = _criterion_of(criterion, grad_avgs)
     if not weights:
         return {}
@@ -271,6 +290,9 @@ def compute_masks(
     with torch.no_grad():
         if threshold is not None:
             new = {name: crit.score(name, w) > threshold for name, w in weights.items()}
+        elif channel_groups is not None:
+            groups = check_channel_groups(channel_groups, weights, layouts)
+            new = _coupled_masks(weights, sparsity, scope, groups, crit, masks, ceiling, layouts)
         elif kind == "channel":
             targets = resolve_layer_sparsity(weights, layer_sparsity or {}, sparsity) if scope == "local" else None
             new = _channel_masks(weights, sparsity, targets, crit, masks, ceiling, layouts)
@@ -387,3 +409,46 @@ def _channel_masks(
     else:
         new_rows = _global_rows(row_scores, row_sizes, sparsity, max_layer_sparsity)
     return {name: rows_to_mask(new_rows[name], w.shape, layouts.get(name, STANDARD_LAYOUT)) for name, w in weights.items()}
+
+
+def _coupled_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    groups: Sequence[Mapping[str, Tensor]],
+    crit: Any,
+    masks: Mapping[str, Tensor] | None,
+    max_layer_sparsity: float | None,
+    layouts: Mapping[str, Layout],
+) -> dict[str, Tensor]:
+    """"channel" masks over coupled groups: one score per group position, the same positions pruned in every member."""
+    scores, sizes = {}, {}
+    for i, group in enumerate(groups):
+        total, size, pruned = None, 0, None
+        for name, channels in group.items():
+            layout = layouts.get(name, STANDARD_LAYOUT)
+            rows = output_rows(crit.score(name, weights[name]), layout)
+            at = channels.to(rows.device)
+            part = rows.square().sum(dim=1, dtype=torch.float64)[at]
+            total = part if total is None else total + part
+            size += rows.shape[1]
+            if masks is not None and name in masks:
+                dead = ~output_rows(masks[name].to(rows.device), layout).any(dim=1)[at]
+                pruned = dead if pruned is None else pruned | dead
+        score = (total / size).sqrt()  # the RMS of every weight the position would remove
+        if pruned is not None:
+            score.masked_fill_(pruned, PRUNED_SCORE)
+        scores[str(i)], sizes[str(i)] = score, size
+    if scope == "local":
+        keep = {k: keep_mask_by_count(s, int(round(sparsity * s.numel()))) for k, s in scores.items()}
+    else:
+        keep = _global_rows(scores, sizes, sparsity, max_layer_sparsity)
+    new = {}
+    for i, group in enumerate(groups):
+        for name, channels in group.items():
+            w = weights[name]
+            layout = layouts.get(name, STANDARD_LAYOUT)
+            row_keep = torch.empty(channels.numel(), dtype=torch.bool, device=w.device)
+            row_keep[channels.to(w.device)] = keep[str(i)].to(w.device)
+            new[name] = rows_to_mask(row_keep, w.shape, layout)
+    return new

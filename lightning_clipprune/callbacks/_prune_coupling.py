@@ -1,0 +1,91 @@
+"""``MagnitudePruneCallback(couple_channels=...)``: which output channels are pruned together, and its input.
+
+The groups (:func:`~lightning_clipprune.pruning.channel_groups`) depend on the module's structure only, not
+on its weights: they are traced once per fit, at the first event, on one sample of the first training batch
+(or the module's ``example_input_array``), and never stored. The trace leaves the module as it was (eval mode
+during the pass, the random state restored), so a resumed run, which traces afresh, equals one that was not
+interrupted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_clipprune._validation import bad_value
+from lightning_clipprune.callbacks._prune_plan import OWNER
+from lightning_clipprune.pruning import COUPLE_INSTALL, channel_groups, torch_pruning_available
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+#: Values of ``couple_channels``.
+COUPLE_CHOICES = (True, False, "auto")
+
+
+def resolve_coupling(cb: Any, kind: str) -> bool:
+    """Whether ``cb`` couples channels: ``couple_channels`` checked against the pattern and the install.
+
+    Raises:
+        ValueError: a value not in (True, False, "auto"), or True with a pattern other than "channel",
+            ``layer_sparsity`` or a post-training criterion.
+        ImportError: True without Torch-Pruning (one line with the install command).
+    """
+    value = cb.couple_channels
+    if not any(value is c for c in COUPLE_CHOICES) and value != "auto":
+        raise bad_value(OWNER, "couple_channels", "True, False or 'auto'", value)
+    if value is False:
+        return False
+    fits = kind == "channel" and not cb.layer_sparsity and cb._criterion.needs != "calibration"
+    if value == "auto":
+        return fits and torch_pruning_available()
+    if not fits:
+        raise bad_value(
+            OWNER, "couple_channels", "False unless pattern='channel' (without layer_sparsity or a calibration criterion)", value
+        )
+    if not torch_pruning_available():
+        raise ImportError(f"{OWNER}(couple_channels=True) needs Torch-Pruning to trace coupled channels: {COUPLE_INSTALL}")
+    return True
+
+
+def example_input(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """What the module's forward takes, for the trace: ``example_input_array``, else the batch's input, one sample.
+
+    Raises:
+        ValueError: neither gives an input (a batch that is not a tensor or a tuple starting with one).
+    """
+    x = getattr(pl_module, "example_input_array", None)
+    if x is None:
+        if isinstance(batch, Tensor):
+            x = batch
+        elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+            x = batch[0]
+        else:
+            raise ValueError(
+                f"{OWNER}(couple_channels=...) traces the model on an example input but cannot tell it from a batch"
+                f" of type {type(batch).__name__}: set `example_input_array` on the LightningModule."
+            )
+        x = x[:1].detach()
+    return move_data_to_device(x, pl_module.device)
+
+
+def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """The channel groups of ``cb``'s parameters in ``pl_module`` (one warning naming the layers left uncoupled)."""
+    x = cb._example if cb._example is not None else getattr(pl_module, "example_input_array", None)
+    if x is None:
+        raise ValueError(
+            f"{OWNER}(couple_channels=...) has no example input to trace the model on: set `example_input_array`"
+            " on the LightningModule."
+        )
+    groups, unmapped = channel_groups(pl_module, x, cb._params, layouts, owner=OWNER)
+    if unmapped:
+        named = ", ".join(unmapped[:4]) + (f" and {len(unmapped) - 4} more" if len(unmapped) > 4 else "")
+        rank_zero_warn(
+            f"{OWNER}(couple_channels=...): Torch-Pruning could not map the coupled channels of {named} (a channel"
+            " padding, such as a parameter-free 'option A' shortcut, or an operation it does not trace): they are"
+            " pruned layer by layer, and their channels will not compact."
+        )
+    return groups
