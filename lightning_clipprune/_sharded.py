@@ -35,6 +35,7 @@ __all__ = [
     "is_rank_zero",
     "is_sharded",
     "local",
+    "local_norms",
     "reduce_norm_parts",
 ]
 
@@ -140,8 +141,13 @@ def reduce_norm_parts(parts: Tensor, norm_type: float) -> Tensor:
     return buf.pow(1.0 / p).to(parts.dtype)
 
 
-def _local_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
-    """p-norm of each local shard, stacked on the first tensor's device (one foreach kernel per device group)."""
+#: Devices where ``torch._foreach_norm`` and the other foreach kernels run.
+FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu"})
+
+
+def local_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
+    """The p-norm of each tensor (of each DTensor's local shard), stacked in the order given on the first
+    tensor's device: one foreach kernel per (device, dtype) group. No collective."""
     shards = [local(t) for t in tensors]
     first = shards[0].device
     norms: list[Tensor] = list(shards)
@@ -150,7 +156,7 @@ def _local_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
         groups.setdefault((t.device, t.dtype), []).append(i)
     for (device, _), index in groups.items():
         group = [shards[i] for i in index]
-        if device.type in ("cpu", "cuda", "xpu"):
+        if device.type in FOREACH_DEVICE_TYPES:
             group_norms = torch._foreach_norm(group, norm_type)
         else:
             group_norms = [torch.linalg.vector_norm(t, norm_type) for t in group]
@@ -170,7 +176,7 @@ def global_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
         A 1-d tensor, one norm per tensor, identical on every rank.
     """
     p = float(norm_type)
-    norms = _local_norms(tensors, p)
+    norms = local_norms(tensors, p)
     counted = torch.tensor([counts_here(t) for t in tensors], device=norms.device)
     return reduce_norm_parts(torch.where(counted, norms, torch.zeros_like(norms)), p)
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
-from lightning_clipprune._sharded import any_sharded, global_norms, local
+from lightning_clipprune._sharded import FOREACH_DEVICE_TYPES, any_sharded, global_norms, local, local_norms
 
 __all__ = [
     "CLIPPERS",
@@ -45,7 +45,7 @@ __all__ = [
 # torch's clip_grad_norm_ adds this to the norm before dividing; kept identical so results match bit for bit.
 _NORM_EPS = 1e-6
 # Device types whose foreach kernels are known to work; others use a per-tensor loop.
-_FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu"})
+_FOREACH_DEVICE_TYPES = FOREACH_DEVICE_TYPES
 _METHODS = ("clip", "state_dict", "load_state_dict")
 
 
@@ -294,22 +294,7 @@ def _nothing() -> tuple[Tensor, Tensor]:
 
 def _per_tensor_norms(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     """The p-norm of each tensor, stacked in the order given, on the first tensor's device (global for DTensors)."""
-    if any_sharded(tensors):
-        return global_norms(tensors, norm_type)
-    first_device = tensors[0].device
-    norms = list(tensors)  # each entry is replaced by its norm
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for (device, _), index in groups.items():
-        group = [tensors[i] for i in index]
-        if device.type in _FOREACH_DEVICE_TYPES:
-            group_norms = torch._foreach_norm(group, norm_type)
-        else:
-            group_norms = [torch.linalg.vector_norm(t, norm_type) for t in group]
-        for i, n in zip(index, group_norms, strict=True):
-            norms[i] = n.to(first_device)
-    return torch.stack(norms)
+    return global_norms(tensors, norm_type) if any_sharded(tensors) else local_norms(tensors, norm_type)
 
 
 def _cap(threshold: Tensor, max_norm: float | None) -> Tensor:
