@@ -485,3 +485,40 @@ def test_a_failure_half_way_leaves_the_model_as_it_was(monkeypatch, reference):
         )
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class _Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2) as a stand-in: ``y = x @ W + b``, ``W`` stored ``(nx, nf)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, generator=_gen(3)))
+        self.bias = nn.Parameter(torch.randn(nf, generator=_gen(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+_Conv1D.__name__ = "Conv1D"  # what the duck type looks for, beside `nf` and the (nx, nf) weight
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_hf_conv1d_is_reconstructed_as_the_equivalent_linear_layer(pattern, recwarn):
+    conv1d = _Conv1D(6, 8)
+    lin = nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight.copy_(conv1d.weight.t())
+        lin.bias.copy_(conv1d.bias)
+    x = torch.randn(64, 5, 8, generator=_gen(5))  # (batch, tokens, features), as GPT-2 feeds it
+    sparsity = 0.5 if pattern == "unstructured" else None
+    _, report = reconstruct_prune(conv1d, [x], sparsity, pattern=pattern, num_samples=64, block_size=4, progress=False)
+    reconstruct_prune(lin, [x], sparsity, pattern=pattern, num_samples=64, block_size=4, progress=False)
+    assert not [w for w in recwarn if "cannot reconstruct" in str(w.message)]  # not sent to the magnitude fallback
+    torch.testing.assert_close(conv1d.weight.detach().t(), lin.weight.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv1d.weight.t() == 0, lin.weight == 0)
+    if pattern == "2:4":  # N of every M along the INPUT dimension (the rows of the stored (in, out) weight)
+        groups = (conv1d.weight.detach().t() != 0).reshape(6, 2, 4).sum(dim=-1)
+        assert bool((groups <= 2).all())
+    else:
+        assert report.sparsity == pytest.approx(0.5)

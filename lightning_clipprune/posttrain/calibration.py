@@ -3,6 +3,8 @@
 A layer's inputs become the rows of a matrix ``X`` whose columns match its weight seen as a matrix:
 
 - ``Linear``: ``X`` is the input with every leading dimension flattened, ``W`` is ``(out, in)``.
+- Hugging Face ``Conv1D`` (GPT-2; recognised by :func:`~lightning_clipprune.pruning.wrappers.is_hf_conv1d`,
+  without importing transformers): a ``Linear`` whose weight is stored ``(in, out)``; seen here as ``W^T``.
 - ``Conv1d`` / ``Conv2d``: ``X`` is the unfolded (im2col) input, padded as the layer pads (``padding_mode``
   respected), one row per output position; one matrix per group (``groups``). Columns are ordered
   kernel-position-major (``k * C_in/groups + c``), so ``M`` consecutive columns are ``M`` consecutive input
@@ -23,17 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_clipprune.pruning.wrappers import is_hf_conv1d
+
 __all__ = [
     "SUPPORTED_TYPES",
     "batch_input",
     "collect_calibration",
     "hessian_shape",
     "layer_hessian",
+    "reconstructable",
     "weight_from_groups",
     "weight_to_groups",
 ]
 
-#: Layer types whose weight the reconstruction handles.
+#: Layer types whose weight the reconstruction handles (and Hugging Face ``Conv1D``, by duck type:
+#: :func:`reconstructable`).
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Unfolded elements processed at once (float32: 64 MiB), so a large convolution never unfolds a whole batch.
 _CHUNK_ELEMENTS = 1 << 24
@@ -101,6 +107,16 @@ def collect_calibration(
     return out
 
 
+def reconstructable(module: Any) -> bool:
+    """Whether the reconstruction handles ``module``'s weight: :data:`SUPPORTED_TYPES` or a Hugging Face ``Conv1D``."""
+    return isinstance(module, SUPPORTED_TYPES) or (isinstance(module, nn.Module) and is_hf_conv1d(module))
+
+
+def _matrix_like(module: nn.Module) -> bool:
+    """A layer whose input is a matrix product's (``Linear``, ``Conv1D``): no unfolding."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
 def hessian_shape(module: nn.Module) -> tuple[int, int]:
     """``(groups, columns per group)`` of the layer's Hessians: ``groups * cols^2 * 4`` bytes in float32.
 
@@ -110,6 +126,8 @@ def hessian_shape(module: nn.Module) -> tuple[int, int]:
         (2, 36)
     """
     weight = module.weight
+    if is_hf_conv1d(module):  # (in, out)
+        return 1, weight.shape[0]
     groups = getattr(module, "groups", 1)
     return groups, math.prod(weight.shape[1:])
 
@@ -123,6 +141,8 @@ def weight_to_groups(module: nn.Module, weight: Tensor) -> Tensor:
         >>> weight_to_groups(conv, conv.weight).shape
         torch.Size([2, 3, 18])
     """
+    if is_hf_conv1d(module):  # stored (in, out): the (out, in) matrix is its transpose
+        return weight.detach().float().t().unsqueeze(0).clone()
     g = getattr(module, "groups", 1)
     out, c = weight.shape[:2]
     k = math.prod(weight.shape[2:])
@@ -132,6 +152,8 @@ def weight_to_groups(module: nn.Module, weight: Tensor) -> Tensor:
 
 def weight_from_groups(module: nn.Module, grouped: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of :func:`weight_to_groups`: the ``(groups, out / groups, columns)`` matrix back in ``shape``."""
+    if is_hf_conv1d(module):
+        return grouped.reshape(shape[1], shape[0]).t()
     out, c = shape[:2]
     k = math.prod(shape[2:])
     return grouped.reshape(out, k, c).transpose(1, 2).reshape(shape)
@@ -153,7 +175,7 @@ def _conv_columns(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _columns(module: nn.Module, x: Tensor, bias: bool) -> Tensor:
-    cols = x.reshape(1, -1, x.shape[-1]) if isinstance(module, nn.Linear) else _conv_columns(module, x)
+    cols = x.reshape(1, -1, x.shape[-1]) if _matrix_like(module) else _conv_columns(module, x)
     if bias:  # the bias is the weight of a constant input 1: one more column, never pruned
         cols = torch.cat([cols, cols.new_ones(*cols.shape[:2], 1)], dim=2)
     return cols
@@ -162,7 +184,7 @@ def _columns(module: nn.Module, x: Tensor, bias: bool) -> Tensor:
 def _chunks(module: nn.Module, x: Tensor) -> tuple[Tensor, ...]:
     """``x`` (batched or not) cut along its batch so one chunk unfolds to about ``_CHUNK_ELEMENTS`` values."""
     x = x.detach().float()
-    unbatched = 1 if isinstance(module, nn.Linear) else (2 if isinstance(module, nn.Conv1d) else 3)
+    unbatched = 1 if _matrix_like(module) else (2 if isinstance(module, nn.Conv1d) else 3)
     if x.dim() == unbatched:
         x = x.unsqueeze(0)
     per_sample = x[0].numel() * math.prod(getattr(module, "kernel_size", (1,)))

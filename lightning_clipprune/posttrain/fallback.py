@@ -1,7 +1,7 @@
 """The weights :func:`~lightning_clipprune.posttrain.reconstruct_prune` cannot reconstruct: magnitude, with a warning.
 
 The reconstruction needs a layer whose weight multiplies the layer's own input, seen through a forward hook:
-``Linear``, ``Conv1d`` and ``Conv2d`` (:data:`~lightning_clipprune.posttrain.calibration.SUPPORTED_TYPES`)
+``Linear``, ``Conv1d``, ``Conv2d`` and Hugging Face ``Conv1D`` (:func:`~lightning_clipprune.posttrain.calibration.reconstructable`)
 called as modules. Every other weight the suite prunes (the Q/K/V projections of ``nn.MultiheadAttention``,
 whose ``out_proj`` is also never called as a module; ``Conv3d``; ``ConvTranspose``; layer types given to
 ``register_layout``) is pruned to its share of the allocation by magnitude within the layer (or by N:M
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_clipprune.posttrain.calibration import SUPPORTED_TYPES
+from lightning_clipprune.posttrain.calibration import reconstructable
 from lightning_clipprune.pruning import Layout, compute_masks
 
 __all__ = ["magnitude_layer_", "split_layers", "warn_fallback"]
@@ -38,7 +38,7 @@ def split_layers(model: nn.Module, params: Mapping[str, Tensor]) -> tuple[dict[s
     for name in params:
         owner, _, leaf = name.rpartition(".")
         mod = modules.get(owner)
-        if leaf == "weight" and isinstance(mod, SUPPORTED_TYPES):
+        if leaf == "weight" and reconstructable(mod):
             supported[name] = mod
         else:
             fallback[name] = f"a {type(mod).__name__}" + ("" if leaf == "weight" else f" {leaf}")
