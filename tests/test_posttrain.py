@@ -522,3 +522,12 @@ def test_hf_conv1d_is_reconstructed_as_the_equivalent_linear_layer(pattern, recw
         assert bool((groups <= 2).all())
     else:
         assert report.sparsity == pytest.approx(0.5)
+
+
+def test_report_table_columns_stay_aligned_for_long_layer_names():
+    long = nn.Sequential()
+    long.add_module("a_very_long_transformer_block_name_0_attention_projection", nn.Linear(8, 8))
+    _, report = reconstruct_prune(long, [torch.randn(32, 8, generator=_gen(6))], 0.5, num_samples=32, progress=False)
+    header, row, total = report.table().splitlines()
+    assert row.index("(8, 8)") == header.index("shape")  # the name did not push the shape column right
+    assert row.index("0.5000") + len("0.5000") == header.index("sparsity") + len("sparsity") == total.index("0.5000") + 6

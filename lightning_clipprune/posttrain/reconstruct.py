@@ -149,13 +149,14 @@ class PostTrainReport:
 
     def table(self) -> str:
         """A plain-text table, one line per layer, then the total."""
-        lines = [f"{'layer':<32} {'shape':<18} {'sparsity':>8} {'obs error':>10} {'s':>6}"]
+        width = max([32, *(len(r.name) for r in self.layers)])  # long names (GPT-2's) keep the columns aligned
+        lines = [f"{'layer':<{width}} {'shape':<18} {'sparsity':>8} {'obs error':>10} {'s':>6}"]
         for r in self.layers:
             lines.append(
-                f"{r.name:<32} {str(r.shape):<18} {r.sparsity:8.4f} "
+                f"{r.name:<{width}} {str(r.shape):<18} {r.sparsity:8.4f} "
                 f"{'magnitude' if r.error is None else format(r.error, '.4g'):>10} {r.seconds:6.2f}"
             )
-        lines.append(f"{'total':<32} {'':<18} {self.sparsity:8.4f} {'':>10} {self.wall_time_s:6.2f}")
+        lines.append(f"{'total':<{width}} {'':<18} {self.sparsity:8.4f} {'':>10} {self.wall_time_s:6.2f}")
         return "\n".join(lines)
 
 
