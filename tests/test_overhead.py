@@ -177,3 +177,11 @@ def test_event_layouts_follow_a_replaced_layer() -> None:
     module[1] = nn.Linear(4, 4)
     cb._params = {n: p for n, p in module.named_parameters() if n.endswith("weight")}
     assert event_layouts(cb, module) == {}  # recomputed: no transposed layer any more
+
+
+def test_state_key_is_cached_but_follows_the_arguments() -> None:
+    cb = MagnitudePruneCallback(sparsity=0.9)
+    first = cb.state_key
+    assert cb.state_key is first  # built once, not on every hook call
+    cb.sparsity = 0.8
+    assert cb.state_key != first and "0.8" in cb.state_key

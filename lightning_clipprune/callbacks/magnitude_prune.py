@@ -334,9 +334,13 @@ class MagnitudePruneCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            sparsity=self.sparsity, threshold=self.threshold, schedule=self.schedule, pattern=self.pattern
-        )
+        # Lightning reads it on every hook call (hundreds of times a fit): rebuilt only when an argument changed.
+        args = (self.sparsity, self.threshold, self.schedule, self.pattern)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != args:
+            key = self._generate_state_key(sparsity=args[0], threshold=args[1], schedule=args[2], pattern=args[3])
+            self.__dict__["_state_key_cache"] = cached = (args, key)
+        return cached[1]
 
     # ------------------------------------------------------------------ the contract (callbacks/contract.py)
 
