@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,18 @@ def test_ckpt_path_resumes_the_run(tmp_path: Path) -> None:
     assert resumed["steps"] == 4 and resumed["epochs"] == 2  # continued from step 2, not from scratch
     with pytest.raises(ConfigError, match="ckpt_path=.*nope.ckpt"):
         run(tmp_path / "c", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_resuming_an_epoch_end_checkpoint_under_max_steps_warns(tmp_path: Path) -> None:
+    run(tmp_path / "a")  # stops at the end of its first epoch
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.warns(UserWarning, match=r"end of an epoch, and trainer.max_steps=4 .*replaying"):
+        run(tmp_path / "b", "trainer.max_epochs=3", "trainer.max_steps=4", f"ckpt_path={last}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!ckpt_path)")  # only this warning is asserted absent
+        run(tmp_path / "c", "trainer.max_epochs=2", "trainer.max_steps=-1", f"ckpt_path={last}")
 
 
 class _Payload:

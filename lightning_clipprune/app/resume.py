@@ -34,6 +34,7 @@ class CheckpointOutline:
         epochs_done: the epochs the checkpoint's training had finished (or processed), when recorded.
         global_step: its optimizer step, when recorded.
         optimizer_options: the option names of each optimizer's first parameter group.
+        at_epoch_end: whether it was written after the last batch of an epoch, when recorded.
     """
 
     file: Path
@@ -43,6 +44,7 @@ class CheckpointOutline:
     epochs_done: int | None = None
     global_step: int | None = None
     optimizer_options: list[frozenset[str]] = field(default_factory=list)
+    at_epoch_end: bool | None = None
 
 
 def _get(tree: Any, *keys: str) -> Any:
@@ -88,7 +90,9 @@ def outline_checkpoint(path: Path, shown: str) -> CheckpointOutline:
     shapes = {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     groups = [_get(o, "param_groups") for o in ckpt.get("optimizer_states") or [] if isinstance(o, dict)]
     fit_loop = _get(ckpt, "loops", "fit_loop", "epoch_progress", "current")
+    last_batch = _get(ckpt, "loops", "fit_loop", "epoch_loop.batch_progress", "is_last_batch")
     return CheckpointOutline(
+        at_epoch_end=last_batch if isinstance(last_batch, bool) else None,
         file=path,
         path=shown,
         entries=frozenset(str(k) for k in ckpt),
@@ -161,6 +165,17 @@ def check_resume(outline: CheckpointOutline, cfg: Any, model: Any) -> None:
             f"ckpt_path={outline.path!r}: its training is already over ({outline.epochs_done} epochs, "
             f"{outline.global_step} steps done; trainer.max_epochs={max_epochs}, trainer.max_steps={max_steps}): "
             "raise trainer.max_epochs (or trainer.max_steps) to train on"
+        )
+    if max_steps not in (None, -1) and outline.at_epoch_end:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        # Lightning 2.6's step-based restart from an epoch's end replays batches of the finished epoch
+        # (docs/guarantees.md): the resumed run is valid but not the run that was interrupted.
+        rank_zero_warn(
+            f"ckpt_path={outline.path!r} was written at the end of an epoch, and trainer.max_steps={max_steps} is "
+            "set: Lightning resumes such a checkpoint by replaying batches of the finished epoch, so this run will "
+            "not equal an uninterrupted one. For an exact resume stop with trainer.max_epochs and leave "
+            "trainer.max_steps=-1."
         )
 
 
