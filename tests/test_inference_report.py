@@ -14,7 +14,8 @@ from lightning_clipprune.export.__main__ import main as export_main
 from lightning_clipprune.export.latency import format_latency, measure_inference
 from tests.helpers import TinyClassifier, random_loader, tiny_trainer
 
-KEYS = {"batch_size", "threads", "dense_ms", "inference_ms", "speedup", "csr_layers", "compacted_layers"}
+KEYS = {"batch_size", "threads", "dense_ms", "inference_ms", "speedup", "csr_layers", "compacted_layers",
+        "compaction_skipped"}
 
 
 def _fit(tmp_path, logger: SparsityLogger) -> TinyClassifier:
@@ -67,6 +68,19 @@ def test_a_dense_model_is_reported_as_unchanged_not_as_a_speedup() -> None:
     assert result["speedup"] == 1.0 and result["inference_ms"] == result["dense_ms"]
     line = format_latency(result)
     assert "inference stays dense" in line and "->" not in line
+
+
+def test_without_torch_pruning_the_latency_line_says_so_and_nothing_warns(monkeypatch, recwarn) -> None:
+    import lightning_clipprune.export.compact as compact
+
+    monkeypatch.setattr(compact, "torch_pruning_missing", lambda: True)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].weight[:4] = 0  # four whole output channels
+    result = measure_inference(net, torch.randn(4, 8), rounds=1)
+    assert result["compaction_skipped"] and result["compacted_layers"] == 0
+    assert "pip install 'lightning-clipprune[compact]'" in format_latency(result)
+    assert not [w for w in recwarn if "Torch-Pruning" in str(w.message)]
 
 
 def test_a_ratio_near_one_is_called_noise() -> None:

@@ -33,7 +33,8 @@ def measure_inference(
         rounds: interleaved timing rounds (per layer at conversion, then end to end).
 
     Returns:
-        ``{"batch_size", "threads", "dense_ms", "inference_ms", "speedup", "csr_layers", "compacted_layers"}``.
+        ``{"batch_size", "threads", "dense_ms", "inference_ms", "speedup", "csr_layers", "compacted_layers",
+        "compaction_skipped"}`` (the last: zero channels left in place because Torch-Pruning is not installed).
 
     Example::
 
@@ -41,8 +42,14 @@ def measure_inference(
         >>> sorted(measure_inference(net, torch.randn(4, 8), rounds=1))[:3]
         ['batch_size', 'compacted_layers', 'csr_layers']
     """
+    from lightning_clipprune.export.compact import has_zero_channels, torch_pruning_missing
+
     dense = copy.deepcopy(model).eval()
-    fast = to_inference(dense, example_input=example_input, batch_size=batch_size, rounds=rounds)
+    # Without Torch-Pruning the line says so itself: no warning from deep inside to_inference at every fit end
+    skipped = torch_pruning_missing() and has_zero_channels(dense)
+    fast = to_inference(
+        dense, example_input=example_input, batch_size=batch_size, rounds=rounds, compact=False if skipped else "auto"
+    )
     report = inference_report(fast)
     x = example_input
     if report.batch_size != x.shape[0]:
@@ -60,6 +67,7 @@ def measure_inference(
         "speedup": dense_s / fast_s if fast_s > 0 else float("inf"),
         "csr_layers": len(report.sparse_names()),
         "compacted_layers": len(report.compacted),
+        "compaction_skipped": skipped,
     }
 
 
@@ -76,11 +84,15 @@ def format_latency(result: dict[str, Any]) -> str:
     a ratio.
     """
     head = f"batch {result['batch_size']}, {result['threads']} thread(s): dense {result['dense_ms']:.3g} ms"
+    tail = (
+        "; zero channels kept (pip install 'lightning-clipprune[compact]' to remove them)"
+        if result.get("compaction_skipped") else ""
+    )
     if not result["csr_layers"] and not result["compacted_layers"]:
-        return f"{head}; no layer is faster sparse or compacted at this batch size, so inference stays dense"
+        return f"{head}; no layer is faster sparse or compacted at this batch size, so inference stays dense{tail}"
     noise = "; within timing noise" if 0.95 <= result["speedup"] <= 1.05 else ""
     return (
         f"{head} -> "
         f"{result['inference_ms']:.3g} ms ({result['speedup']:.2f}x{noise}; {result['csr_layers']} CSR layer(s), "
-        f"{result['compacted_layers']} compacted)"
+        f"{result['compacted_layers']} compacted){tail}"
     )
