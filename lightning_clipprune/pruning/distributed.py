@@ -101,6 +101,48 @@ def _digit(keys: Tensor, r: int, bits: int) -> Tensor:
     return (d.add_(128) if r == 0 else d.bitwise_and_(0xFF)).to(torch.uint8)
 
 
+def _radix_select(
+    keys: list[list[Tensor]], counts: Sequence[int], all_reduce: AllReduce, bits: int, device: torch.device
+) -> tuple[list[int], list[int], list[int]]:
+    """Per group, the k-th smallest key over all ranks (``k = counts[g]``), one byte a round from the top.
+
+    Each round counts the candidates' current byte in a 256-bin histogram per group, sums the histograms
+    over the ranks (one all-reduce) and keeps only the candidates in the bin that holds the k-th.
+
+    Returns:
+        ``(kth, remaining, sizes)``: the k-th key of each group; how many entries equal to it are still to
+        prune (the rest of ``k`` lies strictly below it); each group's size over all ranks.
+    """
+    remaining = [int(k) for k in counts]
+    cands = [list(g) for g in keys]
+    prefix = [0] * len(keys)
+    sizes = [0] * len(keys)
+    for r in range(bits // 8):
+        hist = torch.zeros(len(keys), 256, dtype=torch.int64, device=device)
+        digits = [[_digit(c, r, bits) for c in pieces] for pieces in cands]
+        for g, pieces in enumerate(digits):
+            for dig in pieces:
+                if dig.numel():
+                    hist[g] += torch.bincount(dig, minlength=256)
+        all_reduce(hist)
+        cum = hist.cumsum(1).tolist()
+        for g in range(len(keys)):
+            if r == 0:
+                sizes[g] = cum[g][-1]
+                remaining[g] = min(max(remaining[g], 0), sizes[g])
+            k = remaining[g]
+            if k == 0:  # nothing to prune (or everything, decided by the caller): no cut to find
+                cands[g] = [c[:0] for c in cands[g]]
+                continue
+            d = next(i for i, v in enumerate(cum[g]) if v >= k)
+            remaining[g] = k - (cum[g][d - 1] if d else 0)
+            prefix[g] = prefix[g] * 256 + d
+            cands[g] = [c[dig == d] for c, dig in zip(cands[g], digits[g], strict=True)]
+        del digits
+    # the k-th key: the digits read back (the top one was shifted by 128 into signed order)
+    return [p - (128 << (bits - 8)) for p in prefix], remaining, sizes
+
+
 def distributed_keep_by_count(
     groups: Sequence[Sequence[Piece]],
     counts: Sequence[int],
@@ -136,34 +178,7 @@ def distributed_keep_by_count(
     bits = 32 if dtypes == {torch.float32} else 64
     keys = [[score_keys(p.scores.reshape(-1)) for p in g] for g in groups]
     device = keys[0][0].device if keys and keys[0] else torch.device("cpu")
-    remaining = [int(k) for k in counts]
-    cands = [list(g) for g in keys]
-    prefix = [0] * len(groups)
-    sizes = [0] * len(groups)
-    for r in range(bits // 8):
-        hist = torch.zeros(len(groups), 256, dtype=torch.int64, device=device)
-        digits = [[_digit(c, r, bits) for c in pieces] for pieces in cands]
-        for g, pieces in enumerate(digits):
-            for dig in pieces:
-                if dig.numel():
-                    hist[g] += torch.bincount(dig, minlength=256)
-        all_reduce(hist)
-        cum = hist.cumsum(1).tolist()
-        for g in range(len(groups)):
-            if r == 0:
-                sizes[g] = cum[g][-1]
-                remaining[g] = min(max(remaining[g], 0), sizes[g])
-            k = remaining[g]
-            if k == 0:  # nothing to prune (or everything, decided below): no cut to find
-                cands[g] = [c[:0] for c in cands[g]]
-                continue
-            d = next(i for i, v in enumerate(cum[g]) if v >= k)
-            remaining[g] = k - (cum[g][d - 1] if d else 0)
-            prefix[g] = prefix[g] * 256 + d
-            cands[g] = [c[dig == d] for c, dig in zip(cands[g], digits[g], strict=True)]
-        del digits
-    # the k-th key: the digits read back (the top one was shifted by 128 into signed order)
-    kth = [p - (128 << (bits - 8)) for p in prefix]
+    kth, remaining, sizes = _radix_select(keys, counts, all_reduce, bits, device)
     need = remaining  # entries equal to the k-th key still to prune, in global flat order
     n_pieces = [len(g) for g in groups]
     start = [sum(n_pieces[:g]) for g in range(len(groups))]
