@@ -89,3 +89,20 @@ def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]
             " pruned layer by layer, and their channels will not compact."
         )
     return groups
+
+
+def event_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]) -> list[dict[str, Tensor]] | None:
+    """The coupled channels of ``cb``'s event (``couple_channels``), traced once per fit and parameter set;
+    None when off. Kept on ``cb`` (``_groups``, and ``_groups_key``: the parameters they were traced for)."""
+    if not cb._couple:
+        return None
+    key = tuple(id(p) for p in cb._params.values())
+    if cb._groups is None or cb._groups_key != key:
+        cb._groups = trace_groups(cb, pl_module, layouts)
+        cb._groups_key = key
+        coupled = [g for g in cb._groups if len(g) > 1]
+        cb._say(
+            f"{OWNER}: couple_channels: {len(coupled)} group(s) of coupled layers"
+            f" ({sum(len(g) for g in coupled)} of {len(cb._params)} layers), pruned together"
+        )
+    return cb._groups

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_clipprune._sharded import is_sharded as is_dtensor
 from lightning_clipprune._sharded import local
+from lightning_clipprune.callbacks._prune_plan import OWNER
 from lightning_clipprune.pruning import nonfinite_names
 from lightning_clipprune.pruning.distributed import Shard, compute_masks_sharded, sharded_refusal
 
@@ -123,6 +124,25 @@ def refusal(cb: Any, layouts: Mapping[str, Any]) -> str | None:
     return sharded_refusal(
         scope=cb.scope, pattern=cb.pattern, ranking=cb.ranking, threshold=cb.threshold, ceiling=cb._ceiling, layouts=layouts
     )
+
+
+def check_supported(cb: Any, layouts: Mapping[str, Any]) -> None:
+    """Raise the one-line :func:`refusal` of ``cb`` under ``ModelParallelStrategy``, if it has one.
+
+    Raises:
+        ValueError: ``"MagnitudePruneCallback under ModelParallelStrategy: <why>."``
+    """
+    why = refusal(cb, layouts)
+    if why is not None:
+        raise ValueError(f"{OWNER} under ModelParallelStrategy: {why}.")
+
+
+def local_mask(sharding: Sharding, name: str, mask: Tensor, like: Tensor) -> Tensor:
+    """``mask`` sharded like the parameter ``like``: a whole mask (a checkpoint of an unsharded run) cut to this
+    rank's rows; a DTensor mask as it is."""
+    if is_dtensor(mask):
+        return mask
+    return sharding.as_dtensor(local_rows(mask.to(like.device), sharding.shards({name: like})[name]), like)
 
 
 def sharded_event_masks(

@@ -29,7 +29,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
-from lightning_clipprune.callbacks._prune_coupling import example_input, resolve_coupling, trace_groups
+from lightning_clipprune.callbacks._prune_coupling import event_groups, example_input, resolve_coupling
 from lightning_clipprune.callbacks._prune_event import calibrate, check_event_finite, event_line
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
@@ -51,12 +51,11 @@ from lightning_clipprune.callbacks._prune_report import (
 )
 from lightning_clipprune.callbacks._prune_sharded import (
     Sharding,
-    is_dtensor,
+    check_supported,
     is_model_parallel,
-    local_rows,
+    local_mask,
     masks_from_zeros,
     pruned_counts,
-    refusal,
     sharded_event_masks,
     sharding_of,
 )
@@ -373,9 +372,7 @@ class MagnitudePruneCallback(Callback):
             )
         if is_model_parallel(trainer):
             # configure_model (fully_shard) runs after setup: the parameters are chosen in on_fit_start
-            why = refusal(self, weight_layouts(pl_module))
-            if why is not None:
-                raise ValueError(f"{OWNER} under ModelParallelStrategy: {why}.")
+            check_supported(self, weight_layouts(pl_module))
             return
         self._select(pl_module, stage)
 
@@ -405,9 +402,8 @@ class MagnitudePruneCallback(Callback):
         if is_model_parallel(trainer):  # the sharded (DTensor) parameters exist from here on
             self._select(pl_module, "fit")
             self._sharding = sharding_of(self._params)
-            why = refusal(self, event_layouts(self, pl_module)) if self._sharding is not None else None
-            if why is not None:
-                raise ValueError(f"{OWNER} under ModelParallelStrategy: {why}.")
+            if self._sharding is not None:
+                check_supported(self, event_layouts(self, pl_module))
         ids = {id(p): n for n, p in self._params.items()}
         for optimizer in trainer.optimizers:
             names = [ids[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in ids]
@@ -433,9 +429,8 @@ class MagnitudePruneCallback(Callback):
                     f"{OWNER}: the mask of `{name}` has shape {tuple(mask.shape)} but the parameter {tuple(p.shape)}:"
                     " the checkpoint comes from another model."
                 )
-            if mask is not None and self._sharding is not None and not is_dtensor(mask):
-                # a whole mask (a checkpoint of an unsharded run loaded into this sharded one): keep our rows
-                mask = self._sharding.as_dtensor(local_rows(mask.to(p.device), self._sharding.shards({name: p})[name]), p)
+            if mask is not None and self._sharding is not None:  # a whole mask of an unsharded run: our rows
+                mask = local_mask(self._sharding, name, mask, p)
             self.masks[name] = torch.ones_like(p, dtype=torch.bool) if mask is None else mask.to(p.device)
         self._criterion.prepare(self._params)
         if self._active:  # resumed: weights from the checkpoint are already masked; make sure of it
@@ -565,7 +560,7 @@ class MagnitudePruneCallback(Callback):
             ranking=self.ranking,
             layer_sparsity=layer_sparsity,
             layouts=layouts,
-            channel_groups=self._channel_groups(trainer, layouts),
+            channel_groups=event_groups(self, trainer.lightning_module, layouts),
         )
         self._saturated_layers.update(warn_saturated(self, new, layouts, self._saturated_layers))
         if criterion.needs != "nothing" and trainer.world_size > 1:
@@ -573,21 +568,6 @@ class MagnitudePruneCallback(Callback):
             new = {n: m.to(self._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
         self.masks.update(new)
         self._after_event(trainer, t, target)
-
-    def _channel_groups(self, trainer: pl.Trainer, layouts: dict[str, Any]) -> list[dict[str, Tensor]] | None:
-        """The coupled channels (``couple_channels``), traced once per fit and parameter set; None when off."""
-        if not self._couple:
-            return None
-        key = tuple(id(p) for p in self._params.values())
-        if self._groups is None or self._groups_key != key:
-            self._groups = trace_groups(self, trainer.lightning_module, layouts)
-            self._groups_key = key
-            coupled = [g for g in self._groups if len(g) > 1]
-            self._say(
-                f"{OWNER}: couple_channels: {len(coupled)} group(s) of coupled layers"
-                f" ({sum(len(g) for g in coupled)} of {len(self._params)} layers), pruned together"
-            )
-        return self._groups
 
     def _after_event(self, trainer: pl.Trainer, t: int, target: float | None) -> None:
         """Apply the new masks: weights (exact +0.0), optimizer state, criterion state, the hot-path cache."""
