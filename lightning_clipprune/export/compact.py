@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune._hooks import forward_pre_hooks
+
 __all__ = ["compact_channels", "has_zero_channels", "torch_pruning_missing"]
 
 _INSTALL = "pip install 'lightning-clipprune[compact]' (or: pip install torch-pruning)"
@@ -70,13 +72,8 @@ def _consumer_inputs(model: nn.Module, x: Tensor) -> dict[nn.Module, Tensor]:
         nonzero = (inp != 0).movedim(dim, 0).reshape(inp.shape[dim], -1).any(dim=1)
         live[module] = live[module] | nonzero if module in live else nonzero
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_pre_hooks((m, hook) for m in model.modules() if isinstance(m, _LAYERS)), torch.no_grad():
+        model(x)
     return live
 
 

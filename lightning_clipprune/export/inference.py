@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
 from lightning_clipprune.export.sparse_linear import SparseConv2d, SparseLinear
 
@@ -179,13 +180,8 @@ def _layer_inputs(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str
     def hook(name: str) -> Callable[..., None]:
         return lambda _m, args: seen.setdefault(name, args[0])
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_pre_hooks((modules[n], hook(n)) for n in names), torch.inference_mode():
+        model(x)
     return seen
 
 

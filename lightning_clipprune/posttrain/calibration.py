@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune.pruning.wrappers import is_hf_conv1d
 
 __all__ = [
@@ -243,18 +244,12 @@ def layer_hessian(
     """
     stats = _Statistics(module, bias, reference is not None)
     device = module.weight.device
-    handles = [module.register_forward_pre_hook(stats.add)]
-    if reference is not None:
-        handles.append(reference[1].register_forward_pre_hook(stats.record))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                if reference is not None:
-                    forward(reference[0], x.to(device))
-                forward(model, x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(module, stats.add)] + ([] if reference is None else [(reference[1], stats.record)])
+    with forward_pre_hooks(hooks), torch.no_grad():
+        for x in batches:
+            if reference is not None:
+                forward(reference[0], x.to(device))
+            forward(model, x.to(device))
     if stats.rows == 0:
         raise ValueError(
             f"`{name}` received no input on the calibration batches: leave it dense with `exclude=[{name!r}]`."

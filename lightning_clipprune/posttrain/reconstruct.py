@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune._validation import bad_value, check_bool, check_choice, check_int, check_real
 from lightning_clipprune.posttrain.allocation import ALLOCATIONS, layer_counts, spread
 from lightning_clipprune.posttrain.calibration import (
@@ -180,16 +181,9 @@ def _forward_order(
     seen: list[str] = []
     if not modules:
         return seen
-    handles = [
-        mod.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
-        for name, mod in modules.items()
-    ]
-    try:
-        with torch.no_grad():
-            forward(model, x.to(next(iter(modules.values())).weight.device))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = ((mod, lambda _m, _a, n=name: seen.append(n) if n not in seen else None) for name, mod in modules.items())
+    with forward_pre_hooks(hooks), torch.no_grad():
+        forward(model, x.to(next(iter(modules.values())).weight.device))
     return seen
 
 
