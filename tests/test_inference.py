@@ -231,6 +231,21 @@ def test_torchscript_script_and_trace() -> None:
         assert torch.allclose(torch.jit.trace(fast, x)(x), expected, atol=1e-5)
 
 
+def test_traced_linear_chain_follows_new_inputs() -> None:
+    # Eager CSR layers lay their input out with numpy; a trace must record torch's copy instead, or the
+    # example input would be frozen into the graph as a constant.
+    torch.manual_seed(0)
+    net = _prune_(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), 0.9)
+    x, other = torch.randn(4, 32), torch.randn(4, 32)
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    assert len(inference_report(fast).sparse_names()) == 2
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(fast, x)
+        assert torch.allclose(traced(other), net(other), atol=1e-5)
+        assert torch.allclose(fast(other), net(other), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_torch_compile_with_graph_breaks() -> None:
     fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=sparse_wins)

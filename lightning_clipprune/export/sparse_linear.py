@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +24,8 @@ __all__ = ["SparseConv2d", "SparseLinear", "to_csr"]
 def to_csr(weight: Tensor) -> Tensor:
     """The 2-D ``weight`` as a CSR tensor holding only its non-zero entries (torch's "beta" warning silenced).
 
+    On the CPU its indices are int32 (MKL's own index type), unless there are too many entries for them.
+
     Example::
 
         >>> to_csr(torch.tensor([[0.0, 2.0], [0.0, 0.0]])).values()
@@ -30,14 +33,53 @@ def to_csr(weight: Tensor) -> Tensor:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return weight.detach().contiguous().to_sparse_csr()
+        csr = weight.detach().contiguous().to_sparse_csr()
+        if csr.values().numel() >= 2**31 - 1 or csr.device.type != "cpu":
+            return csr
+        # int32 indices: what MKL's kernel reads (int64 ones are converted on every call), and half the bytes
+        return torch.sparse_csr_tensor(
+            csr.crow_indices().to(torch.int32),
+            csr.col_indices().to(torch.int32),
+            csr.values(),
+            csr.shape,
+            check_invariants=False,  # torch's own conversion built them
+        )
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling is not None and is_compiling())
+
+
+@torch.jit.ignore
+def _transposed_copy(x2d: Tensor) -> Tensor:
+    # numpy's transposing copy is about 1.5x faster than torch's on the CPU (benchmarks/bench_inference.md);
+    # traced or compiled graphs keep torch's, which they can record
+    if (
+        x2d.device.type == "cpu"
+        and x2d.dtype == torch.float32
+        and x2d.is_contiguous()
+        and not x2d.requires_grad
+        and not torch.jit.is_tracing()
+        and not _compiling()
+    ):
+        return torch.from_numpy(np.ascontiguousarray(x2d.numpy().T))
+    return x2d.t().contiguous()
+
+
+def _transposed(x2d: Tensor) -> Tensor:
+    """``x2d.t()`` as a contiguous tensor: the ``(features, batch)`` rows the CSR kernel multiplies."""
+    xt = x2d.t()
+    if xt.is_contiguous():  # already laid out: the output of a previous sparse layer
+        return xt
+    if torch.jit.is_scripting():
+        return xt.contiguous()
+    return _transposed_copy(x2d)
 
 
 def _csr_matmul(weight: Tensor, bias: Tensor | None, x2d: Tensor) -> Tensor:
     """``x2d @ weight.T + bias`` for a CSR ``weight``; the result is a transposed view of a contiguous tensor."""
-    xt = x2d.t()
-    if not xt.is_contiguous():  # the sparse kernel wants (features, batch) rows: one copy at a chain's start
-        xt = xt.contiguous()
+    xt = _transposed(x2d)  # one copy at a chain's start, none between sparse layers
     out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
     return out.t()
 
