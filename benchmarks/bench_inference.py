@@ -87,12 +87,16 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
+def _torch_transposed_copy(x2d: torch.Tensor) -> torch.Tensor:
+    return x2d.t().contiguous()
+
+
 def forward_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """The most one forward holds allocated at once (the profiler's allocation and free events, in order)."""
     cpu = [torch.profiler.ProfilerActivity.CPU]
     # The CSR layers' layout copy is made by numpy in eager mode, which the profiler does not see: measured
     # here with torch's copy of the same size.
-    host_copy, sparse_linear._transposed_copy = sparse_linear._transposed_copy, lambda x2d: x2d.t().contiguous()
+    host_copy, sparse_linear._transposed_copy = sparse_linear._transposed_copy, _torch_transposed_copy
     try:
         with torch.profiler.profile(activities=cpu, profile_memory=True) as prof, torch.inference_mode():
             model(x)
@@ -174,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="one small row, few rounds (for the tests)")
     parser.add_argument("--only", default="", help="run only the models whose name contains this text")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
+    parser.add_argument("--torch-layout-copy", action="store_true",
+                        help="CSR layers lay their input out with torch's copy, not numpy's (the library before it)")
     args = parser.parse_args(argv)
+    if args.torch_layout_copy:
+        sparse_linear._transposed_copy = _torch_transposed_copy
     rounds = 3 if args.smoke else args.rounds
     batches, thread_counts = ((1, 32), (1,)) if args.smoke else ((1, 256), tuple(args.threads))
     rows = []

@@ -63,8 +63,19 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     "default_noclip": {"prune": dict(_DEFAULTS), "clip": None},  # rigl_noclip's pair: the defaults without clipping
     "set": {"prune": {**_DEFAULTS, "regrow": {"method": "set"}}},
     "set_a01": {"prune": {**_DEFAULTS, "regrow": {"method": "set", "fraction": 0.1}}},
+    # the adaptive clippers in place of the norm clip at 1.0, each at its defaults (issue 28, second round)
+    "default_autoclip": {"prune": dict(_DEFAULTS), "clip": None, "clip_algorithm": "autoclip"},
+    "default_zclip": {"prune": dict(_DEFAULTS), "clip": 1.0, "clip_algorithm": "zclip"},
+    "default_zclip_spikes": {"prune": dict(_DEFAULTS), "clip": None, "clip_algorithm": "zclip"},
+    "default_agc": {"prune": dict(_DEFAULTS), "clip": 0.057, "clip_algorithm": "agc"},
+    # the schedule around the defaults again, now under their ER budgets (issue 12 tuned it under raw ranking)
+    "default_end40": {"prune": {"end": 0.4}},
+    "default_end60": {"prune": {"end": 0.6}},
+    "default_f50": {"prune": {**_DEFAULTS, "frequency": 50}},
+    "default_p2": {"prune": {**_DEFAULTS, "power": 2.0}},
 }
 bvl.VARIANTS.update(REGROW_VARIANTS)
+bvl.VARIANTS.update({name: {} for name in ("gradual_obs", "gradual_obs_er")})  # built by _capture
 
 
 class _Timer:
@@ -91,8 +102,27 @@ _made: list[MagnitudePruneCallback] = []
 _variant_callbacks = bvl.variant_callbacks
 
 
+#: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
+#: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
+#: switched after construction. 256 calibration samples per event, one allocation each.
+GRADUAL_OBS = {"gradual_obs": "global_magnitude", "gradual_obs_er": "er"}
+
+
+def _gradual_obs(sparsity: float, allocation: str) -> list[Any]:
+    from lightning_clipprune import GradientClipCallback
+    from lightning_clipprune.posttrain.criterion import Reconstruction
+
+    criterion = Reconstruction(progress=False, num_samples=256, allocation=allocation)
+    prune = MagnitudePruneCallback(sparsity=sparsity, schedule="oneshot", start=1.0, criterion=criterion, verbose=False)
+    prune.schedule, prune.start, prune.end = "cubic", 0.0, 0.5
+    return [GradientClipCallback(clip_val=1.0, algorithm="norm"), prune]
+
+
 def _capture(sparsity: float, variant: str) -> list[Any]:
-    callbacks = _variant_callbacks(sparsity, variant)
+    if variant in GRADUAL_OBS:
+        callbacks = _gradual_obs(sparsity, GRADUAL_OBS[variant])
+    else:
+        callbacks = _variant_callbacks(sparsity, variant)
     _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
     return callbacks
 

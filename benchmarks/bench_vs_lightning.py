@@ -285,7 +285,10 @@ def variant_callbacks(sparsity: float, variant: str) -> list[Callback]:
     if spec.get("squared"):
         settings["criterion"] = SquaredTaylor(beta=settings.get("taylor_beta", 0.9))
     prune = MagnitudePruneCallback(sparsity=sparsity, schedule="cubic", verbose=False, **settings)
-    callbacks: list[Callback] = [GradientClipCallback(clip_val=clip, algorithm="norm")] if clip is not None else []
+    algorithm, options = spec.get("clip_algorithm", "norm"), spec.get("clip_options")
+    callbacks: list[Callback] = []
+    if clip is not None or algorithm != "norm":  # an adaptive clipper may run without a cap
+        callbacks.append(GradientClipCallback(clip_val=clip, algorithm=algorithm, algorithm_options=options))
     callbacks.append(prune)
     if spec.get("restart") is not None:
         callbacks.append(LRRestartAfterPruning(prune, spec["restart"]))
