@@ -21,6 +21,7 @@ from lightning_clipprune.export import (
     save_sparse,
     to_inference,
 )
+from lightning_clipprune.export.sparse_linear import to_csr
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -62,6 +63,36 @@ def test_sparse_linear_equals_dense(bias: bool, shape: tuple[int, ...]) -> None:
         assert torch.allclose(sparse(x.reshape(-1, 24).t().contiguous().t()), lin(x.reshape(-1, 24)), atol=1e-6)
     assert sparse.weight.layout == torch.sparse_csr
     assert sparse.weight.values().numel() == int(torch.count_nonzero(lin.weight))
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        pytest.param(lambda: torch.randn(6, 24, dtype=torch.float64), id="float64"),
+        pytest.param(lambda: torch.randn(24, 6).t(), id="non-contiguous"),
+        pytest.param(lambda: torch.randn(40)[4:28].reshape(1, 24), id="storage-offset"),
+        pytest.param(lambda: torch.randn(6, 24, requires_grad=True), id="requires-grad"),
+    ],
+)
+def test_sparse_linear_inputs_numpy_cannot_lay_out(make_input) -> None:
+    # Eager float32 inputs are laid out by numpy; every other input takes torch's copy, with the same values
+    # and, for an input that requires grad, a gradient.
+    torch.manual_seed(0)
+    lin = _prune_(nn.Linear(24, 12), 0.8)
+    x = make_input()
+    sparse = SparseLinear(lin.to(x.dtype))
+    if x.dtype == torch.float64:
+        sparse.weight = sparse.weight.to(torch.float64)
+    out = sparse(x)
+    assert torch.allclose(out, lin(x), atol=1e-6)
+    if x.requires_grad:
+        out.sum().backward()
+        assert torch.allclose(x.grad, lin.weight.detach().sum(0).expand_as(x), atol=1e-6)
+
+
+def test_to_csr_holds_int32_indices_on_the_cpu() -> None:
+    csr = to_csr(_prune_(nn.Linear(16, 8), 0.7).weight)
+    assert csr.crow_indices().dtype == csr.col_indices().dtype == torch.int32
 
 
 @pytest.mark.parametrize(("stride", "padding", "dilation", "bias"), [(1, 0, 1, True), (2, 1, 1, False), (1, 2, 2, True)])
