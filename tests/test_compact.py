@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -150,3 +151,24 @@ def test_missing_torch_pruning_is_one_line_with_the_pip_command(monkeypatch: pyt
     with pytest.warns(UserWarning, match="Torch-Pruning is not installed, so they are kept"):
         fast = to_inference(net, example_input=x)
     assert inference_report(fast).compacted == {}
+
+
+def test_rows_left_zero_by_unstructured_pruning_are_not_called_channel_pruning() -> None:
+    # A narrow layer pruned far, unstructured: many rows are all zero by chance and keep their bias. Kept, and
+    # no advice about channel pruning; the same count of rows zeroed in a wide layer is channel pruning.
+    torch.manual_seed(0)
+    narrow = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        narrow[0].weight.mul_(torch.rand_like(narrow[0].weight) > 0.9)
+        narrow[0].bias.fill_(0.5)
+    assert int((narrow[0].weight == 0).all(1).sum()) >= 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compact_channels(narrow, torch.randn(8, 4))
+    wide = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        wide[0].weight[:12] = 0.0
+        wide[0].bias.fill_(0.5)
+    with pytest.warns(UserWarning, match=r"12 output channels .* carry a constant"):
+        small, widths = compact_channels(wide, torch.randn(8, 64))
+    assert widths == {}  # the constant channels are kept: outputs equal

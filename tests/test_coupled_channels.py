@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -173,8 +174,27 @@ def test_batchnorm_pruned_with_its_channels_leaves_them_dead_after_training(tmp_
     assert not model.net.bn.bias.detach()[dead].any()
     net = model.net.eval()
     x = torch.randn(8, 16)
-    small, widths = compact_channels(net, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing kept that carries a constant: no warning
+        small, widths = compact_channels(net, x)
     assert widths["stem"] == (32, 16) and widths["bn"] == (32, 16)  # the trained stream compacts
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+def test_trained_batchnorm_keeping_pruned_channels_alive_is_said(tmp_path) -> None:
+    # Without BatchNorm pruned, the zeroed channels carry the trained beta: compaction keeps them and says why.
+    from lightning_clipprune.export.compact import compact_channels
+
+    L.seed_everything(0, verbose=False)
+    cb, model = _make(), Residual()
+    tiny_trainer(tmp_path, callbacks=[cb], max_epochs=4).fit(model, random_loader())
+    assert len(_dead_rows(cb.masks["net.stem.weight"])) == 16
+    net = model.net.eval()
+    x = torch.randn(8, 16)
+    with pytest.warns(UserWarning, match=r"compact_channels: \d+ output channels .* carry a constant.*include=\['\*'\]"):
+        small, widths = compact_channels(net, x)
+    assert widths.get("stem", (32, 32))[1] > 16  # the stream kept channels that carry beta
     with torch.no_grad():
         torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-4)
 

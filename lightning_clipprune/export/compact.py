@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -93,9 +94,11 @@ def _check_passable(module: nn.Module, names: dict[nn.Module, str], tp_ops: Any)
         )
 
 
-def _dead_channels(group: Any, live: dict[nn.Module, Tensor], is_out: Callable[[Any], bool]) -> list[int]:
-    """The root indices of ``group`` whose every producer row is zero and every consumer input is zero."""
+def _dead_channels(group: Any, live: dict[nn.Module, Tensor], is_out: Callable[[Any], bool]) -> tuple[list[int], int]:
+    """The root indices of ``group`` whose every producer row is zero and every consumer input is zero, and how
+    many channels have zero producer rows but reach a consumer as something else (a constant: kept)."""
     dead: set[int] | None = None
+    zero_rows: set[int] | None = None
     consumers = 0
     for item in group.items:
         module, out = item.dep.target.module, is_out(item.dep.handler)
@@ -104,6 +107,8 @@ def _dead_channels(group: Any, live: dict[nn.Module, Tensor], is_out: Callable[[
         if out:
             rows = module.weight.detach().flatten(1)
             ok = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if not bool(rows[i].any())}
+            bad_rows = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if r not in ok}
+            zero_rows = (ok if zero_rows is None else zero_rows & ok) - bad_rows
         else:
             consumers += 1
             seen = live.get(module)
@@ -112,15 +117,32 @@ def _dead_channels(group: Any, live: dict[nn.Module, Tensor], is_out: Callable[[
         # A root index any item maps twice must fail in every mapping: the intersection does that.
         bad = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if r not in ok}
         dead -= bad
-    return sorted(dead) if dead and consumers else []
+    if not consumers:
+        return [], 0
+    dead = dead or set()
+    return sorted(dead), len((zero_rows or set()) - dead)
+
+
+def _more_than_chance(module: nn.Module, zero_rows: int) -> bool:
+    """Whether ``zero_rows`` all-zero output rows are more than unstructured pruning leaves by chance.
+
+    A row of ``fan_in`` weights, each zero with the layer's sparsity ``s``, is all zero with probability
+    ``s ** fan_in``: often in a narrow layer pruned far, never in a wide one. Channel pruning zeroes rows by design.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() < 2 or not weight.numel():
+        return False
+    rows, fan_in = weight.shape[0], weight[0].numel()
+    sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+    return zero_rows >= 2 and zero_rows / rows > 2.0 * sparsity**fan_in + 0.1
+
+
+def _widths_of(m: nn.Module) -> int:
+    return m.out_channels if hasattr(m, "out_channels") else m.out_features if hasattr(m, "out_features") else m.num_features
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
-    return {
-        n: (m.out_channels if hasattr(m, "out_channels") else m.out_features if hasattr(m, "out_features")
-            else m.num_features)
-        for n, m in model.named_modules() if isinstance(m, _PASSABLE)
-    }
+    return {n: _widths_of(m) for n, m in model.named_modules() if isinstance(m, _PASSABLE)}
 
 
 def compact_channels(
@@ -143,6 +165,11 @@ def compact_channels(
             ``GroupNorm``, a grouped convolution, an attention or recurrent layer ...), or the compacted
             outputs would differ from the masked model's.
 
+    Warns:
+        UserWarning: channels with zero weights (more than unstructured pruning leaves by chance) were kept
+            because they carry a constant (a trained BatchNorm's bias, a bias): one line naming the layers and
+            the fix.
+
     Example::
 
         small, widths = compact_channels(net, x[:8])
@@ -156,8 +183,12 @@ def compact_channels(
     before = _widths(out)
     graph = tp.DependencyGraph().build_dependency(out, example_inputs=example_input[:1], verbose=False)
     plans = []
+    carrying: dict[str, int] = {}  # zero-weight channels kept because they carry a constant, per root layer
     for group in graph.get_all_groups(root_module_types=_LAYERS):
-        dead = _dead_channels(group, live, graph.is_out_channel_pruning_fn)
+        dead, kept = _dead_channels(group, live, graph.is_out_channel_pruning_fn)
+        root_module = group.items[0].dep.target.module
+        if kept and _more_than_chance(root_module, kept):
+            carrying[names.get(root_module, "?")] = kept
         if dead:
             for item in group.items:
                 _check_passable(item.dep.target.module, names, tp.ops)
@@ -166,8 +197,23 @@ def compact_channels(
     for module, handler, dead in plans:
         graph.get_pruning_group(module, handler, idxs=dead).prune()
     _check_equal(out, example_input, reference, atol, rtol)
+    if carrying:
+        _warn_constant_channels(carrying)
     after = _widths(out)
     return out, {n: (before[n], after[n]) for n in before if before[n] != after.get(n, before[n])}
+
+
+def _warn_constant_channels(carrying: dict[str, int]) -> None:
+    layers = sorted(carrying, key=carrying.get, reverse=True)
+    named = ", ".join(f"{n} ({carrying[n]})" for n in layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+    warnings.warn(
+        f"compact_channels: {sum(carrying.values())} output channels whose weights are all zero were kept because they"
+        f" still carry a constant (a trained BatchNorm's bias, or the layer's own bias): {named}. The model compacts"
+        " less than its channel sparsity says. Prune those parameters with their channels:"
+        " MagnitudePruneCallback(pattern='channel', couple_channels=True, include=['*'], exclude=[<the classifier's"
+        " parameters>]) (docs/inference.md, 'After training').",
+        stacklevel=3,
+    )
 
 
 def _check_equal(model: nn.Module, x: Tensor, reference: Tensor, atol: float, rtol: float) -> None:
