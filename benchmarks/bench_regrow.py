@@ -74,8 +74,12 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     "default_f50": {"prune": {**_DEFAULTS, "frequency": 50}},
     "default_p2": {"prune": {**_DEFAULTS, "power": 2.0}},
 }
+#: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
+#: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
+#: switched after construction. 256 calibration samples per event, one allocation each.
+GRADUAL_OBS = {"gradual_obs": "global_magnitude", "gradual_obs_er": "er"}
 bvl.VARIANTS.update(REGROW_VARIANTS)
-bvl.VARIANTS.update({name: {} for name in ("gradual_obs", "gradual_obs_er")})  # built by _capture
+bvl.VARIANTS.update({name: {} for name in GRADUAL_OBS})  # built by _capture
 
 
 class _Timer:
@@ -100,12 +104,6 @@ _regrow.Regrowth._event = _Timer.wrap(_regrow.Regrowth._event)
 _regrow.Regrowth.before_mask = _Timer.wrap(_regrow.Regrowth.before_mask)
 _made: list[MagnitudePruneCallback] = []
 _variant_callbacks = bvl.variant_callbacks
-
-
-#: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
-#: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
-#: switched after construction. 256 calibration samples per event, one allocation each.
-GRADUAL_OBS = {"gradual_obs": "global_magnitude", "gradual_obs_er": "er"}
 
 
 def _gradual_obs(sparsity: float, allocation: str) -> list[Any]:

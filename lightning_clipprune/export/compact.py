@@ -107,16 +107,15 @@ def _dead_channels(group: Any, live: dict[nn.Module, Tensor], is_out: Callable[[
         if out:
             rows = module.weight.detach().flatten(1)
             ok = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if not bool(rows[i].any())}
-            bad_rows = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if r not in ok}
-            zero_rows = (ok if zero_rows is None else zero_rows & ok) - bad_rows
         else:
             consumers += 1
             seen = live.get(module)
             ok = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if seen is not None and not bool(seen[i])}
-        dead = ok if dead is None else dead & ok
         # A root index any item maps twice must fail in every mapping: the intersection does that.
         bad = {r for i, r in zip(item.idxs, item.root_idxs, strict=True) if r not in ok}
-        dead -= bad
+        dead = (ok if dead is None else dead & ok) - bad
+        if out:
+            zero_rows = (ok if zero_rows is None else zero_rows & ok) - bad
     if not consumers:
         return [], 0
     dead = dead or set()
@@ -137,12 +136,12 @@ def _more_than_chance(module: nn.Module, zero_rows: int) -> bool:
     return zero_rows >= 2 and zero_rows / rows > 2.0 * sparsity**fan_in + 0.1
 
 
-def _widths_of(m: nn.Module) -> int:
-    return m.out_channels if hasattr(m, "out_channels") else m.out_features if hasattr(m, "out_features") else m.num_features
-
-
 def _widths(model: nn.Module) -> dict[str, int]:
-    return {n: _widths_of(m) for n, m in model.named_modules() if isinstance(m, _PASSABLE)}
+    return {
+        n: (m.out_channels if hasattr(m, "out_channels") else m.out_features if hasattr(m, "out_features")
+            else m.num_features)
+        for n, m in model.named_modules() if isinstance(m, _PASSABLE)
+    }
 
 
 def compact_channels(
