@@ -1,4 +1,5 @@
-"""Parts of a ``MagnitudePruneCallback`` pruning event: the finiteness check, calibration, the event line.
+"""Parts of a ``MagnitudePruneCallback`` pruning event: the finiteness check, the new masks and their application,
+calibration, the event line.
 
 Moved out of :mod:`~lightning_clipprune.callbacks.magnitude_prune` to keep that module short; each takes
 the callback (``cb``) and reads its attributes, never another callback's.
@@ -6,14 +7,30 @@ the callback (``cb``) and reads its attributes, never another callback's.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_clipprune.callbacks._prune_plan import OWNER, check_finite, state_tensors
+from lightning_clipprune.callbacks._prune_coupling import event_groups
+from lightning_clipprune.callbacks._prune_plan import (
+    OWNER,
+    check_finite,
+    event_layouts,
+    state_tensors,
+    warn_saturated,
+)
+from lightning_clipprune.callbacks._prune_sharded import pruned_counts, sharded_event_masks
+from lightning_clipprune.pruning import Magnitude, compute_masks
+from lightning_clipprune.schedules import sparsity_at
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+#: Per-event lines go here at INFO (the app writes this logger to ``run.log``); the console gets them
+#: only with ``verbose=True``.
+log = logging.getLogger("lightning_clipprune")
 
 
 def check_event_finite(cb: Any, t: int) -> None:
@@ -27,6 +44,67 @@ def check_event_finite(cb: Any, t: int) -> None:
     if cb._criterion.ready():
         scored.update({f"{n} (criterion state)": v for n, v in state_tensors(cb._criterion.state_dict())})
     check_finite(scored, f"at {cb.unit} {t}", ", so the pruning event cannot rank them", sharding=cb._sharding)
+
+
+def event_masks(cb: Any, trainer: pl.Trainer, t: int) -> tuple[dict[str, Tensor], float | None]:
+    """The masks of ``cb``'s event at position ``t`` and the sparsity target they reach (None: a threshold).
+
+    Checks the weights are finite first; a criterion with nothing observed yet ranks by magnitude (one
+    warning). Sharded parameters get a distributed selection, a calibration criterion prunes and updates the
+    weights; with a criterion that reads gradients, every rank takes rank 0's masks.
+    """
+    start, end, _ = cb._positions
+    check_event_finite(cb, t)
+    criterion = cb._criterion
+    if not criterion.ready():
+        rank_zero_warn(f"{OWNER}: criterion {criterion!r} has no {criterion.needs} yet, this event ranks by magnitude")
+        criterion = Magnitude()
+    target = None
+    if cb.sparsity is not None:
+        target = sparsity_at(cb.schedule, t, start, end, cb.sparsity, cb.initial_sparsity, cb.power)
+    layer_sparsity = None if cb.layer_sparsity is None else {
+        k: sparsity_at(cb.schedule, t, start, end, v, min(cb.initial_sparsity, v), cb.power)
+        for k, v in cb.layer_sparsity.items()
+    }
+    layouts = event_layouts(cb, trainer.lightning_module)  # computed once per module
+    if cb._sharding is not None:  # DTensor shards: a distributed selection, no gather (_prune_sharded)
+        return sharded_event_masks(cb, cb._sharding, criterion, target, layer_sparsity, layouts), target
+    new = calibrate(cb, trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(
+        {n: p.detach() for n, p in cb._params.items()},
+        sparsity=target,
+        threshold=cb.threshold,
+        scope=cb.scope,
+        pattern=cb.pattern,
+        criterion=criterion,
+        masks=cb.masks if cb._active else None,
+        max_layer_sparsity=cb._ceiling,
+        ranking=cb.ranking,
+        layer_sparsity=layer_sparsity,
+        layouts=layouts,
+        channel_groups=event_groups(cb, trainer.lightning_module, layouts),
+    )
+    cb._saturated_layers.update(warn_saturated(cb, new, layouts, cb._saturated_layers))
+    if criterion.needs != "nothing" and trainer.world_size > 1:
+        # scores from gradient history may differ between ranks: take rank 0's masks so every rank agrees
+        new = {n: m.to(cb._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
+    return new, target
+
+
+def apply_event(cb: Any, trainer: pl.Trainer, t: int, target: float | None) -> None:
+    """Apply ``cb``'s new masks (already in ``cb.masks``): weights (exact +0.0), optimizer state, criterion
+    state, the hot-path cache; then the event line."""
+    cb._active = True
+    cb._last_event = t
+    cb.current_target = target
+    cb._build_cache()
+    if cb._sharding is not None:
+        cb._pruned_counts = pruned_counts(cb, cb._sharding)  # the hot path counted the local rows
+        cb._hot.pruned = sum(cb._pruned_counts.values())
+    cb._apply_weights()
+    cb._hot.mask_optimizer_states(trainer.optimizers)  # the layers with pruned entries, by their int masks
+    cb._criterion.masked(cb.masks)
+    if cb.verbose or log.isEnabledFor(logging.INFO):
+        cb._say(event_line(cb, t, target))
 
 
 def calibrate(cb: Any, trainer: pl.Trainer, criterion: Any, target: float | None) -> dict[str, Tensor]:

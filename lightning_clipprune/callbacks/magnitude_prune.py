@@ -9,7 +9,6 @@ optimizer step, and a mask only ever grows.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +28,8 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
-from lightning_clipprune.callbacks._prune_coupling import event_groups, example_input, resolve_coupling
-from lightning_clipprune.callbacks._prune_event import calibrate, check_event_finite, event_line
+from lightning_clipprune.callbacks._prune_coupling import example_input, resolve_coupling
+from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
@@ -41,7 +40,6 @@ from lightning_clipprune.callbacks._prune_plan import (
     parameter_changes,
     resolve_positions,
     select_parameters,
-    warn_saturated,
 )
 from lightning_clipprune.callbacks._prune_report import (
     after_validation,
@@ -55,8 +53,6 @@ from lightning_clipprune.callbacks._prune_sharded import (
     is_model_parallel,
     local_mask,
     masks_from_zeros,
-    pruned_counts,
-    sharded_event_masks,
     sharding_of,
 )
 from lightning_clipprune.callbacks._regrow import make_regrow
@@ -65,10 +61,8 @@ from lightning_clipprune.pruning import (
     DEFAULT_RANKING,
     RANKINGS,
     SCOPES,
-    Magnitude,
     check_layer_sparsity,
     check_pattern_fits,
-    compute_masks,
     keeps_pruned_weights_zero,
     make_criterion,
     parse_pattern,
@@ -76,12 +70,9 @@ from lightning_clipprune.pruning import (
     uses_budgets,
     weight_layouts,
 )
-from lightning_clipprune.schedules import SCHEDULES, event_due, sparsity_at
+from lightning_clipprune.schedules import SCHEDULES, event_due
 
 _UNITS = ("step", "epoch")
-#: Per-event lines go here at INFO (the app writes this logger to ``run.log``); the console gets them
-#: only with ``verbose=True``.
-log = logging.getLogger("lightning_clipprune")
 
 
 class MagnitudePruneCallback(Callback):
@@ -530,59 +521,9 @@ class MagnitudePruneCallback(Callback):
 
     def _update(self, trainer: pl.Trainer, t: int) -> None:
         """A pruning event at position ``t``: new masks from the scheduled target, applied everywhere."""
-        start, end, _ = self._positions
-        check_event_finite(self, t)
-        criterion = self._criterion
-        if not criterion.ready():
-            rank_zero_warn(f"{OWNER}: criterion {criterion!r} has no {criterion.needs} yet, this event ranks by magnitude")
-            criterion = Magnitude()
-        target = None
-        if self.sparsity is not None:
-            target = sparsity_at(self.schedule, t, start, end, self.sparsity, self.initial_sparsity, self.power)
-        layer_sparsity = None if self.layer_sparsity is None else {
-            k: sparsity_at(self.schedule, t, start, end, v, min(self.initial_sparsity, v), self.power)
-            for k, v in self.layer_sparsity.items()
-        }
-        layouts = event_layouts(self, trainer.lightning_module)  # computed once per module
-        if self._sharding is not None:  # DTensor shards: a distributed selection, no gather (_prune_sharded)
-            self.masks.update(sharded_event_masks(self, self._sharding, criterion, target, layer_sparsity, layouts))
-            self._after_event(trainer, t, target)
-            return
-        new = calibrate(self, trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(
-            {n: p.detach() for n, p in self._params.items()},
-            sparsity=target,
-            threshold=self.threshold,
-            scope=self.scope,
-            pattern=self.pattern,
-            criterion=criterion,
-            masks=self.masks if self._active else None,
-            max_layer_sparsity=self._ceiling,
-            ranking=self.ranking,
-            layer_sparsity=layer_sparsity,
-            layouts=layouts,
-            channel_groups=event_groups(self, trainer.lightning_module, layouts),
-        )
-        self._saturated_layers.update(warn_saturated(self, new, layouts, self._saturated_layers))
-        if criterion.needs != "nothing" and trainer.world_size > 1:
-            # scores from gradient history may differ between ranks: take rank 0's masks so every rank agrees
-            new = {n: m.to(self._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
+        new, target = event_masks(self, trainer, t)
         self.masks.update(new)
-        self._after_event(trainer, t, target)
-
-    def _after_event(self, trainer: pl.Trainer, t: int, target: float | None) -> None:
-        """Apply the new masks: weights (exact +0.0), optimizer state, criterion state, the hot-path cache."""
-        self._active = True
-        self._last_event = t
-        self.current_target = target
-        self._build_cache()
-        if self._sharding is not None:
-            self._pruned_counts = pruned_counts(self, self._sharding)  # the hot path counted the local rows
-            self._hot.pruned = sum(self._pruned_counts.values())
-        self._apply_weights()
-        self._hot.mask_optimizer_states(trainer.optimizers)  # the layers with pruned entries, by their int masks
-        self._criterion.masked(self.masks)
-        if self.verbose or log.isEnabledFor(logging.INFO):
-            self._say(event_line(self, t, target))
+        apply_event(self, trainer, t, target)
 
     def _say(self, message: str) -> None:
         """An event line: to the ``lightning_clipprune`` logger at INFO; also to the console when ``verbose``."""
