@@ -13,6 +13,7 @@ from torch import nn
 
 import lightning_clipprune
 from lightning_clipprune.export import (
+    FeatureMajorLinear,
     SparseConv2d,
     SparseLinear,
     inference_report,
@@ -21,7 +22,7 @@ from lightning_clipprune.export import (
     save_sparse,
     to_inference,
 )
-from lightning_clipprune.export.sparse_linear import to_csr
+from lightning_clipprune.export.sparse_linear import _numpy_copy_pays, _transposed_copy, to_csr
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -88,6 +89,49 @@ def test_sparse_linear_inputs_numpy_cannot_lay_out(make_input) -> None:
     if x.requires_grad:
         out.sum().backward()
         assert torch.allclose(x.grad, lin.weight.detach().sum(0).expand_as(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_feature_major_linear_equals_linear_in_both_layouts(bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 12, bias=bias)
+    layer = FeatureMajorLinear(lin)
+    assert layer.weight is lin.weight and set(layer.state_dict()) == set(lin.state_dict())
+    rows = torch.randn(24, 5)
+    with torch.inference_mode():
+        out = layer(rows.t())  # the (features, batch) layout a CSR layer hands on
+        assert torch.allclose(out, lin(rows.t()), atol=1e-6)
+        assert out.t().is_contiguous()  # handed on in the same layout
+        for x in (torch.randn(5, 24), torch.randn(2, 3, 24), torch.randn(1, 24)):  # every other input: nn.Linear
+            assert torch.allclose(layer(x), lin(x), atol=1e-6) and layer(x).is_contiguous()
+        scripted = torch.jit.script(layer)
+        assert torch.allclose(scripted(rows.t()), out, atol=1e-6)
+
+
+def test_a_dense_linear_after_a_csr_one_keeps_its_layout() -> None:
+    net = _mlp()
+    x = torch.randn(4, 64)
+    fast = to_inference(net, example_input=x, timer=middle_layer_slow)
+    assert type(fast[1]) is SparseLinear and type(fast[3]) is FeatureMajorLinear and type(fast[5]) is SparseLinear
+    assert "layout" in {c.name: c for c in inference_report(fast).layers}["3"].reason
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+    # nothing sparse before it: a dense layer stays a plain nn.Linear
+    assert all(type(m) is nn.Linear for m in to_inference(net, example_input=x, timer=dense_wins).modules()
+               if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "numpy"),
+    [(256, 784, True), (64, 300, True), (300, 784, True), (256, 1000, True), (256, 1024, False), (256, 768, False),
+     (512, 784, False), (4096, 784, False)],
+)
+def test_numpy_lays_out_only_the_inputs_where_it_was_measured_faster(rows: int, cols: int, numpy: bool) -> None:
+    # numpy's transposing copy is 1.5-6x slower than torch's for widths that are multiples of 128 floats
+    # (cache-set conflicts), batches that are multiples of 512, and inputs beyond 2**18 floats
+    assert _numpy_copy_pays(rows, cols) is numpy
+    x = torch.randn(rows, cols)
+    assert torch.equal(_transposed_copy(x), x.t())  # the slabs cover every row
 
 
 def test_to_csr_holds_int32_indices_on_the_cpu() -> None:
@@ -185,6 +229,7 @@ def test_round_trip_through_lcps_replays_the_recipe(tmp_path) -> None:
     loaded = load_inference(fresh, str(path), example_input=x)
     report = inference_report(loaded)
     assert report.sparse_names() == ["1", "5"] and report.batch_size == 32
+    assert type(loaded[3]) is FeatureMajorLinear  # the dense layer fed by a CSR one, as in `fast`
     with torch.inference_mode():
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
 

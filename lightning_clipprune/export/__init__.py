@@ -38,10 +38,11 @@ from lightning_clipprune.export.inference import (
     to_inference,
 )
 from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
-from lightning_clipprune.export.sparse_linear import SparseConv2d, SparseLinear
+from lightning_clipprune.export.sparse_linear import FeatureMajorLinear, SparseConv2d, SparseLinear
 
 __all__ = [
     "FORMAT_VERSION",
+    "FeatureMajorLinear",
     "InferenceReport",
     "LayerChoice",
     "SparseConv2d",

@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
-from lightning_clipprune.export.sparse_linear import SparseConv2d, SparseLinear
+from lightning_clipprune.export.sparse_linear import (
+    FeatureMajorLinear,
+    SparseConv2d,
+    SparseLinear,
+    feature_major,
+)
 
 __all__ = [
     "InferenceReport",
@@ -155,8 +160,7 @@ def _batch_of(example_input: Tensor, batch_size: int | None) -> Tensor:
     return example_input.repeat(reps, *([1] * (example_input.dim() - 1)))[:batch_size]
 
 
-#: Parents whose fused kernels read their layers' weights directly (the encoder fast path, attention): the
-#: layers inside stay dense.
+#: Parents whose fused kernels read their layers' weights directly (encoder fast path, attention): kept dense.
 _FUSED_PARENTS = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
 
 
@@ -209,7 +213,8 @@ def _choose(
         return LayerChoice(name, kind, sparsity, None, None, "dense", f"sparsity below min_sparsity={min_sparsity}")
     if x is None:
         return LayerChoice(name, kind, sparsity, None, None, "dense", "not run by the example input")
-    dense_s, sparse_s = compare_latency(module, _sparse_module(module), x, rounds=rounds, timer=timer)
+    dense = FeatureMajorLinear(module) if type(module) is nn.Linear and feature_major(x) else module  # as it would run
+    dense_s, sparse_s = compare_latency(dense, _sparse_module(module), x, rounds=rounds, timer=timer)
     if sparse_s * margin < dense_s:
         return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "csr", f"CSR {dense_s / sparse_s:.2f}x faster")
     return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "dense", "CSR not faster at this batch size")
@@ -293,13 +298,15 @@ def to_inference(
     ]
     for name in order:
         # Re-captured after each conversion: a CSR layer hands the next one its input in the (features, batch)
-        # layout, which changes what the next one costs.
+        # layout, which changes what the next one costs (a dense Linear then multiplies in that layout).
         module = out.get_submodule(name)
-        inp = _layer_inputs(out, [name], x).get(name) if _sparsity(module.weight) >= min_sparsity else None
+        inp = _layer_inputs(out, [name], x).get(name) if originals or _sparsity(module.weight) >= min_sparsity else None
         choice = _choose(name, module, inp, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
-        if choice.format == "csr" and not _swap_runs(out, name, module, x):
+        if choice.format == "csr" and not _swap_runs(out, name, module, x, _sparse_module):
             choice.format, choice.reason = "dense", "the model's forward fails with a CSR weight there"
-        if choice.format == "csr":
+        if choice.format == "dense" and _keep_layout(out, name, module, inp, x):
+            choice.reason += "; multiplied in the (features, batch) layout of the CSR layer before it"
+        if out.get_submodule(name) is not module:
             originals[name] = module
         choices.append(choice)
     _verify(model, out, x, originals, choices)
@@ -308,9 +315,15 @@ def to_inference(
     return out
 
 
-def _swap_runs(model: nn.Module, name: str, module: nn.Module, x: Tensor) -> bool:
-    """Put the CSR layer in; keep it when the model still runs, else put the dense one back."""
-    _set_module(model, name, _sparse_module(module))
+def _keep_layout(model: nn.Module, name: str, module: nn.Module, inp: Tensor | None, x: Tensor) -> bool:
+    """A dense ``Linear`` fed by a CSR layer becomes a :class:`FeatureMajorLinear` (when the model still runs)."""
+    fed = type(module) is nn.Linear and inp is not None and feature_major(inp)
+    return fed and _swap_runs(model, name, module, x, FeatureMajorLinear)
+
+
+def _swap_runs(model: nn.Module, name: str, module: nn.Module, x: Tensor, make: Callable[[Any], nn.Module]) -> bool:
+    """Put ``make(module)`` in; keep it when the model still runs, else put the dense one back."""
+    _set_module(model, name, make(module))
     try:
         with torch.inference_mode():
             model(x)
@@ -323,9 +336,8 @@ def _swap_runs(model: nn.Module, name: str, module: nn.Module, x: Tensor) -> boo
 def _restore(out: nn.Module, originals: dict[str, nn.Module], choices: list[LayerChoice], reason: str) -> None:
     for name, module in originals.items():
         _set_module(out, name, module)
-    for choice in choices:
-        if choice.name in originals:
-            choice.format, choice.reason = "dense", reason
+    for choice in (c for c in choices if c.name in originals):
+        choice.format, choice.reason = "dense", reason
     originals.clear()
 
 
@@ -495,6 +507,8 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
         choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, "from the recipe"))
         if fmt == "csr":
             _set_module(out, name, _sparse_module(m))
+    for name in _layer_inputs(out, [n for n in candidates if n not in names], x) if names else ():
+        _keep_layout(out, name, candidates[name], _layer_inputs(out, [name], x).get(name), x)
     # A 2-D weight the command line timed as a Linear may be another layer (an Embedding): it stays as it is.
     choices += [
         LayerChoice(n, type(every[n]).__name__, 0.0, None, None, "dense", "not a Linear or Conv2d (groups=1)")

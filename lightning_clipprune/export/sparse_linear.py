@@ -5,6 +5,9 @@ Each holds the pruned weight as a ``torch.sparse_csr_tensor`` and computes ``W @
 multiplied in the ``(features, batch)`` layout the sparse kernel wants: the output is returned as a
 transposed view, so a chain of sparse layers (with element-wise activations between them) pays the
 layout copy once, at its first layer. They are for inference only: the weight is a buffer, not a parameter.
+A dense ``Linear`` that receives that layout (a layer left dense after a CSR one) becomes a
+:class:`FeatureMajorLinear`, which multiplies in it too: torch's ``linear`` on a transposed input takes a
+slow path on small layers (a 100 -> 10 layer at batch 256: 93 us against 12 us).
 
 Which layers are worth converting is decided in :mod:`lightning_clipprune.export.inference`, by timing.
 """
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "to_csr"]
+__all__ = ["FeatureMajorLinear", "SparseConv2d", "SparseLinear", "feature_major", "to_csr"]
 
 
 def to_csr(weight: Tensor) -> Tensor:
@@ -51,15 +54,22 @@ def _compiling() -> bool:
     return bool(is_compiling is not None and is_compiling())
 
 
+def _numpy_copy_pays(rows: int, cols: int) -> bool:
+    # Measured (benchmarks/bench_inference.md, "The layout copy"): numpy's transposing copy takes 0.3-0.9x
+    # torch's time for an input of at most 2**18 floats, but 1.5-6x when its rows are a multiple of 512 bytes
+    # apart (a width of 256, 512, 768, 1024 ...: cache-set conflicts) or the batch a multiple of 512.
+    return cols % 128 != 0 and rows % 512 != 0 and rows * cols <= 2**18
+
+
 @torch.jit.ignore
 def _transposed_copy(x2d: Tensor) -> Tensor:
-    # numpy's transposing copy is about 1.5x faster than torch's on the CPU (benchmarks/bench_inference.md);
-    # traced or compiled graphs keep torch's, which they can record
+    # traced or compiled graphs keep torch's copy, which they can record
     if (
         x2d.device.type == "cpu"
         and x2d.dtype == torch.float32
         and x2d.is_contiguous()
         and not x2d.requires_grad
+        and _numpy_copy_pays(x2d.shape[0], x2d.shape[1])
         and not torch.jit.is_tracing()
         and not _compiling()
     ):
@@ -82,6 +92,42 @@ def _csr_matmul(weight: Tensor, bias: Tensor | None, x2d: Tensor) -> Tensor:
     xt = _transposed(x2d)  # one copy at a chain's start, none between sparse layers
     out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
     return out.t()
+
+
+def feature_major(x: Tensor) -> bool:
+    """Whether the 2-D ``x`` is a transposed view of a contiguous ``(features, batch)`` tensor (what a CSR layer returns)."""
+    return x.dim() == 2 and not x.is_contiguous() and x.t().is_contiguous()
+
+
+class FeatureMajorLinear(nn.Linear):
+    """A dense ``nn.Linear`` that keeps the ``(features, batch)`` layout of a CSR layer's output.
+
+    Given a transposed view of a contiguous tensor (:func:`feature_major`), it computes ``W @ x^T + b`` on the
+    underlying rows (one dense product, no copy) and returns a transposed view again, so the layers after it
+    see the same layout; any other input goes through ``nn.Linear``. Its parameters are the ``Linear``'s own.
+
+    Args:
+        linear: the ``nn.Linear`` whose weight and bias it shares.
+
+    Example::
+
+        >>> lin = nn.Linear(8, 4); x = torch.randn(8, 3).t()
+        >>> torch.allclose(FeatureMajorLinear(lin)(x), lin(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_parameter("weight", linear.weight)
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not feature_major(x):
+            return F.linear(x, self.weight, self.bias)
+        bias = self.bias
+        out = torch.mm(self.weight, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), self.weight, x.t())
+        return out.t()
 
 
 class SparseLinear(nn.Module):
