@@ -2,7 +2,9 @@
 
 Rows: LeNet-300-100 at 90/95/98 % unstructured, the seed CNN (``+experiment=seed``) at 90 %, ResNet-20 with
 50 % channel pruning (compacted; the paper's option-A shortcut, and the projection shortcut "B" with each
-layer's channels pruned on their own and with coupled channels, ``channel_groups``), and a Transformer block (``lightning.pytorch.demos.Transformer``) at 90 %;
+layer's channels pruned on their own and with coupled channels, ``channel_groups``; and "B" pruned coupled
+during a 40-step fit by ``MagnitudePruneCallback(couple_channels=True)``, BatchNorm trained), and a Transformer
+block (``lightning.pytorch.demos.Transformer``) at 90 %;
 each at batch 1 and 256, with 1 and 2 threads. Per row, the inference model is built for that batch size and
 thread count (``to_inference`` times each layer there), then the dense and the inference model are timed
 interleaved, ``--rounds`` times each, and the medians compared. Memory: the model's tensors (CSR values and
@@ -11,7 +13,8 @@ indices included) and the peak of what one forward allocates (torch profiler), d
 Weights are random (seeded), then pruned by the library's own masks (``compute_masks``: global magnitude with
 its default ranking for "unstructured", local per-layer L2 rows for "channel", or per coupled channel group,
 ``channel_groups`` traced by Torch-Pruning, what ``MagnitudePruneCallback(couple_channels=True)`` prunes): latency does not depend on
-accuracy. BatchNorm keeps its initial statistics, so a zeroed channel carries no constant and compacts.
+accuracy. BatchNorm keeps its initial statistics, so a zeroed channel carries no constant and compacts (except
+in the "trained" row).
 
     python benchmarks/bench_inference.py --out benchmarks/results/bench_inference.json
     python benchmarks/bench_inference.py --smoke            # seconds: one small row, for the tests
@@ -76,6 +79,37 @@ def prune(model: nn.Module, sparsity: float, pattern: str, coupled_on: torch.Ten
     return model.eval()
 
 
+def trained(net: nn.Module, steps: int = 40, **prune: object) -> nn.Module:
+    """``net`` after a fit of ``steps`` SGD steps (batch 32, random CIFAR-shaped data) with
+    ``MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", **prune)``: trained BatchNorm
+    statistics and biases, as a user's network has them when it reaches ``to_inference``."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_clipprune import MagnitudePruneCallback
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32 * steps, 3, 32, 32, generator=g), torch.randint(0, 10, (32 * steps,), generator=g))
+    cb = MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", **prune)
+    L.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(Classifier(), DataLoader(data, batch_size=32))
+    return net.eval()
+
+
 def tensor_bytes(model: nn.Module) -> int:
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -126,6 +160,9 @@ def cases(smoke: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[int
                 img(3, 32)))
     out.append(("ResNet-20-B channels 50 % coupled (compacted)",
                 lambda: prune(resnet20(shortcut="B"), 0.5, "channel", coupled_on=torch.zeros(1, 3, 32, 32)), img(3, 32)))
+    # pruned during a fit, as users do: the BatchNorm has trained, its parameters follow their channels
+    out.append(("ResNet-20-B channels 50 % coupled, trained (compacted)",
+                lambda: trained(resnet20(shortcut="B"), couple_channels=True), img(3, 32)))
     out.append(("Transformer block 90 %", lambda: prune(TransformerBlock(), 0.9, "unstructured"),
                 lambda b: torch.randint(0, 1000, (b, 16))))
     return out

@@ -161,12 +161,19 @@ def test_fit_reaches_target_keeps_zeros_and_resumes_bit_identical(tmp_path) -> N
         assert torch.equal(full_cb.masks[n], resumed_cb.masks[n]), n
 
 
-def test_batchnorm_pruned_with_its_channels_leaves_them_dead_after_training(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "kwargs",
+    [pytest.param({}, id="default: followers"), pytest.param(dict(include=["*"], exclude=["net.head.*"]), id="include")],
+)
+def test_batchnorm_pruned_with_its_channels_leaves_them_dead_after_training(tmp_path, kwargs) -> None:
     from lightning_clipprune.export.compact import compact_channels
 
     L.seed_everything(0, verbose=False)
-    cb, model = _make(include=["*"], exclude=["net.head.*"]), Residual()
+    cb, model = _make(**kwargs), Residual()
     tiny_trainer(tmp_path, callbacks=[cb], max_epochs=4).fit(model, random_loader())
+    if not kwargs:  # the BatchNorm and the biases follow their channels; only the layers' weights are ranked
+        assert cb._followers == {"net.stem.bias", "net.bn.weight", "net.bn.bias", "net.b1.bias", "net.b2.bias", "net.head.bias"}
+        assert cb.parameter_names == list(dict(model.named_parameters()))  # in named_parameters order
     dead = _dead_rows(cb.masks["net.stem.weight"])
     assert len(dead) == 16
     for name in ("net.stem.bias", "net.bn.weight", "net.bn.bias", "net.b1.weight", "net.b1.bias", "net.b2.bias"):
@@ -183,20 +190,49 @@ def test_batchnorm_pruned_with_its_channels_leaves_them_dead_after_training(tmp_
 
 
 def test_trained_batchnorm_keeping_pruned_channels_alive_is_said(tmp_path) -> None:
-    # Without BatchNorm pruned, the zeroed channels carry the trained beta: compaction keeps them and says why.
+    # With the BatchNorm excluded, the zeroed channels carry the trained beta: compaction keeps them and says why.
     from lightning_clipprune.export.compact import compact_channels
 
     L.seed_everything(0, verbose=False)
-    cb, model = _make(), Residual()
+    cb, model = _make(exclude=["net.bn.*"]), Residual()
     tiny_trainer(tmp_path, callbacks=[cb], max_epochs=4).fit(model, random_loader())
-    assert len(_dead_rows(cb.masks["net.stem.weight"])) == 16
+    assert len(_dead_rows(cb.masks["net.stem.weight"])) == 16 and "net.bn.bias" not in cb.masks
     net = model.net.eval()
     x = torch.randn(8, 16)
-    with pytest.warns(UserWarning, match=r"compact_channels: \d+ output channels .* carry a constant.*include=\['\*'\]"):
+    with pytest.warns(UserWarning, match=r"compact_channels: \d+ output channels .* carry a constant.*couple_channels=True"):
         small, widths = compact_channels(net, x)
     assert widths.get("stem", (32, 32))[1] > 16  # the stream kept channels that carry beta
     with torch.no_grad():
         torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_batchnorm_after_a_dense_layer_is_not_pruned(tmp_path) -> None:
+    # The stem is left dense: the stream's channels stay alive through it, so b1 and b2 lose their weights'
+    # rows but nothing follows them (the BatchNorm of the stem, the blocks' biases).
+    L.seed_everything(0, verbose=False)
+    cb, model = _make(exclude=["net.stem.*"]), Residual()
+    tiny_trainer(tmp_path, callbacks=[cb], max_epochs=4).fit(model, random_loader())
+    for name in ("net.bn.weight", "net.bn.bias", "net.b1.bias", "net.b2.bias"):
+        assert cb.masks[name].all(), name
+    assert _dead_rows(cb.masks["net.b1.weight"]) == _dead_rows(cb.masks["net.b2.weight"]) != []
+    assert _dead_rows(cb.masks["net.head.bias"]) == _dead_rows(cb.masks["net.head.weight"]) != []  # its own group
+
+
+def test_followers_count_in_the_sparsity_but_never_rank() -> None:
+    torch.manual_seed(0)
+    weights = {"a.weight": torch.randn(8, 4), "b.weight": torch.randn(8, 6), "bn.weight": torch.zeros(8), "c.bias": torch.randn(3)}
+    weights["bn.weight"][:4] = 100.0  # as a follower it would not save channels 0-3
+    order = torch.arange(8)
+    groups = [{"a.weight": order, "b.weight": order, "bn.weight": order}, {"c.bias": torch.arange(3)}]
+    plain = compute_masks({k: weights[k] for k in ("a.weight", "b.weight")}, sparsity=0.5, scope="local",
+                          pattern="channel", channel_groups=[{"a.weight": order, "b.weight": order}])
+    masks = compute_masks(weights, sparsity=0.5, scope="local", pattern="channel", channel_groups=groups,
+                          followers={"bn.weight", "c.bias"})
+    assert torch.equal(masks["a.weight"], plain["a.weight"]) and torch.equal(masks["b.weight"], plain["b.weight"])
+    assert torch.equal(masks["bn.weight"], plain["a.weight"].any(dim=1))  # pruned with its channels
+    assert masks["c.bias"].all()  # a group of followers alone: kept whole
+    with pytest.raises(ValueError, match="followers.*channel_groups"):
+        compute_masks(weights, sparsity=0.5, pattern="channel", followers={"bn.weight"})
 
 
 def test_refused_under_model_parallel_in_one_line() -> None:

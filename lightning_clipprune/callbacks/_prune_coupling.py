@@ -9,11 +9,13 @@ interrupted.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_clipprune._validation import bad_value
 from lightning_clipprune.callbacks._prune_plan import OWNER
@@ -72,6 +74,36 @@ def example_input(pl_module: pl.LightningModule, batch: Any) -> Any:
     return move_data_to_device(x, pl_module.device)
 
 
+def with_followers(
+    cb: Any, pl_module: pl.LightningModule, params: dict[str, nn.Parameter]
+) -> tuple[dict[str, nn.Parameter], frozenset[str]]:
+    """``params`` and the parameters that follow a coupled channel, in ``named_parameters`` order; their names.
+
+    A follower is pruned only as a member of a traced channel group, never ranked on its own: the ``weight``
+    and ``bias`` of every ``BatchNorm`` and the ``bias`` of every selected layer, unless already selected,
+    named in ``exclude`` or frozen (without ``prune_frozen``). Pruned with its channel it leaves the channel
+    exactly zero after training, which compaction needs: a trained BatchNorm's ``beta`` keeps a channel
+    whose weights are all zero alive. None without ``couple_channels``.
+    """
+    if not cb._couple:
+        return params, frozenset()
+    layers = {n.rpartition(".")[0] for n in params}
+    taken = {id(p) for p in params.values()}
+    extra: dict[str, nn.Parameter] = {}
+    for name, module in pl_module.named_modules():
+        attrs = ("weight", "bias") if isinstance(module, _BatchNorm) else ("bias",) if name in layers else ()
+        for attr in attrs:
+            p, full = getattr(module, attr, None), f"{name}.{attr}" if name else attr
+            if isinstance(p, nn.Parameter) and id(p) not in taken and (p.requires_grad or cb.prune_frozen) and not any(
+                fnmatchcase(full, pattern) for pattern in cb.exclude
+            ):
+                extra[full] = p
+                taken.add(id(p))
+    order = {n: i for i, (n, _) in reversed(list(enumerate(pl_module.named_parameters(remove_duplicate=False))))}
+    merged = sorted({**params, **extra}.items(), key=lambda item: order.get(item[0], len(order)))
+    return dict(merged), frozenset(extra)
+
+
 def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]) -> list[dict[str, Tensor]]:
     """The channel groups of ``cb``'s parameters in ``pl_module`` (one warning naming the layers left uncoupled)."""
     x = cb._example if cb._example is not None else getattr(pl_module, "example_input_array", None)
@@ -80,7 +112,8 @@ def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]
             f"{OWNER}(couple_channels=...) has no example input to trace the model on: set `example_input_array`"
             " on the LightningModule."
         )
-    groups, unmapped = channel_groups(pl_module, x, cb._params, layouts, owner=OWNER)
+    groups, unmapped = channel_groups(pl_module, x, cb._params, layouts, owner=OWNER, followers=cb._followers)
+    unmapped = [n for n in unmapped if n not in cb._followers]  # a follower alone is simply kept
     if unmapped:
         named = ", ".join(unmapped[:4]) + (f" and {len(unmapped) - 4} more" if len(unmapped) > 4 else "")
         rank_zero_warn(
@@ -100,9 +133,12 @@ def event_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]
     if cb._groups is None or cb._groups_key != key:
         cb._groups = trace_groups(cb, pl_module, layouts)
         cb._groups_key = key
-        coupled = [g for g in cb._groups if len(g) > 1]
+        layers = [[n for n in g if n not in cb._followers] for g in cb._groups]
+        coupled = [g for g in layers if len(g) > 1]
+        followed = sum(1 for g in cb._groups for n in g if n in cb._followers and len(g) > 1)
         cb._say(
             f"{OWNER}: couple_channels: {len(coupled)} group(s) of coupled layers"
-            f" ({sum(len(g) for g in coupled)} of {len(cb._params)} layers), pruned together"
+            f" ({sum(len(g) for g in coupled)} of {len(cb._params) - len(cb._followers)} layers), pruned together;"
+            f" {followed} BatchNorm/bias tensor(s) pruned with their channels"
         )
     return cb._groups

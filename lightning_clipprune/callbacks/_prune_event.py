@@ -82,6 +82,7 @@ def event_masks(cb: Any, trainer: pl.Trainer, t: int) -> tuple[dict[str, Tensor]
         layer_sparsity=layer_sparsity,
         layouts=layouts,
         channel_groups=event_groups(cb, trainer.lightning_module, layouts),
+        followers=cb._followers,
     )
     cb._saturated_layers.update(warn_saturated(cb, new, layouts, cb._saturated_layers))
     if criterion.needs != "nothing" and trainer.world_size > 1:

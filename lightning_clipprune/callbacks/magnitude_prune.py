@@ -28,7 +28,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
-from lightning_clipprune.callbacks._prune_coupling import example_input, resolve_coupling
+from lightning_clipprune.callbacks._prune_coupling import example_input, resolve_coupling, with_followers
 from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
@@ -180,9 +180,10 @@ class MagnitudePruneCallback(Callback):
             ``ImportError`` naming ``pip install 'lightning-clipprune[compact]'``). "auto": coupled when the
             pattern is "channel" and Torch-Pruning is installed, else off. Layers whose coupling Torch-Pruning
             cannot map exactly (a channel padding, as the parameter-free "option A" shortcut of the CIFAR
-            ResNets) are pruned on their own, with one warning. A selected bias or ``BatchNorm`` weight/bias
-            (``include``) joins its channel's group, so the channel is exactly zero after training (a
-            BatchNorm's trained ``beta`` would otherwise keep it alive for compaction). The groups depend on the structure only and
+            ResNets) are pruned on their own, with one warning. The ``BatchNorm`` weight and bias and the layer
+            bias of a pruned channel are pruned with it (not ranked: the channel is exactly zero after training,
+            which compaction needs, as a trained ``beta`` would keep it alive); not those named in ``exclude``,
+            nor those of a channel a dense (unselected) layer also writes. The groups depend on the structure only and
             are traced afresh in each fit (eval mode, random state restored), so resume stays exact. Refused
             under ``ModelParallelStrategy``, with ``layer_sparsity`` and with a calibration criterion.
 
@@ -292,6 +293,7 @@ class MagnitudePruneCallback(Callback):
         self.couple_channels = couple_channels  # as given ("auto" stays "auto")
         self._couple = resolve_coupling(self, kind)  # whether the events couple channels
         self._example: Any = None  # one sample of the first training batch: the input the groups are traced on
+        self._followers: frozenset[str] = frozenset()  # pruned only with their coupled channels (BatchNorm, bias)
         self._params: dict[str, torch.nn.Parameter] = {}
         self._handles: list[Any] = []
         #: the 1-D mesh of the pruned parameters under ModelParallelStrategy (FSDP2), else None
@@ -369,7 +371,7 @@ class MagnitudePruneCallback(Callback):
 
     def _select(self, pl_module: pl.LightningModule, stage: str) -> None:
         """Choose the parameters to prune and check them against the pattern and the previous fit."""
-        params = select_parameters(self, pl_module, announce=stage == "fit")
+        params, self._followers = with_followers(self, pl_module, select_parameters(self, pl_module, stage == "fit"))
         if stage == "fit" and list(params) != self.parameter_names:
             announce_coverage(self, pl_module, list(params))
         check_pattern_fits(params, self.pattern, weight_layouts(pl_module, params))

@@ -209,8 +209,8 @@ def _warn_constant_channels(carrying: dict[str, int]) -> None:
         f"compact_channels: {sum(carrying.values())} output channels whose weights are all zero were kept because they"
         f" still carry a constant (a trained BatchNorm's bias, or the layer's own bias): {named}. The model compacts"
         " less than its channel sparsity says. Prune those parameters with their channels:"
-        " MagnitudePruneCallback(pattern='channel', couple_channels=True, include=['*'], exclude=[<the classifier's"
-        " parameters>]) (docs/inference.md, 'After training').",
+        " MagnitudePruneCallback(pattern='channel', couple_channels=True), without `exclude` naming them"
+        " (docs/inference.md, 'After training').",
         stacklevel=3,
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +86,7 @@ def channel_groups(
     weights: Mapping[str, Tensor],
     layouts: Mapping[str, Layout] | None = None,
     owner: str = "channel_groups",
+    followers: Collection[str] = (),
 ) -> tuple[list[ChannelGroup], list[str]]:
     """The channel groups of the weights ``weights`` of ``module``, and the weights left uncoupled.
 
@@ -99,6 +100,9 @@ def channel_groups(
             exactly zero after training, which compaction needs (a BatchNorm's ``beta`` otherwise keeps training).
         layouts: ``{name: Layout}`` of the weights not stored ``(out, in, *k)``.
         owner: who asks, named in the error message.
+        followers: names of ``weights`` that join a group only to be pruned with it (a BatchNorm's ``weight``
+            and ``bias``): left out of a group into which a layer outside ``weights`` also writes (that layer
+            is kept dense, so its channels must stay alive).
 
     Returns:
         ``(groups, unmapped)``: every name of ``weights`` is in exactly one group (a layer coupled with no
@@ -124,14 +128,17 @@ def channel_groups(
         members: dict[str, list[int]] = {}
         exact = True
         size = len(group.items[0].root_idxs) if group.items else 0
-        for item in group.items:
+        out_items = [item for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)]
+        foreign = any(
+            isinstance(item.dep.target.module, _ROOTS) and id(item.dep.target.module.weight) not in by_id
+            for item in out_items
+        )
+        for item in out_items:
             dep = item.dep
-            if not graph.is_out_channel_pruning_fn(dep.handler):
-                continue
             # the layer's weight and bias (a BatchNorm's too, when they are among `weights`) lose the same channels
             for attr in ("weight", "bias"):
                 name = by_id.get(id(getattr(dep.target.module, attr, None)))
-                if name is None:
+                if name is None or (foreign and name in followers):
                     continue
                 channels = _positions(list(item.idxs), list(item.root_idxs), widths[name], size)
                 # Torch-Pruning's mapping must give one channel of each member per position, else no coupling

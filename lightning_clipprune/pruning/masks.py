@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -250,6 +250,7 @@ def compute_masks(
     layer_sparsity: Mapping[str, float] | None = None,
     layouts: Mapping[str, Layout] | None = None,
     channel_groups: Sequence[Mapping[str, Tensor]] | None = None,
+    followers: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """New keep-masks ``{name: bool tensor}`` (True = kept) for ``weights``; options: this module's docstring.
 
@@ -268,6 +269,8 @@ def compute_masks(
         layouts: ``{name: Layout}`` for weights not stored ``(out, in, *k)`` (:func:`~.selection.weight_layouts`).
         channel_groups: "channel" only: coupled output channels, ``[{name: LongTensor of its channels}, ...]``
             (:func:`~.coupling.channel_groups`); the same positions are pruned in every member.
+        followers: with ``channel_groups``: names of ``weights`` pruned only with their group, never scored (a
+            BatchNorm's ``weight`` and ``bias``): a group of followers alone is kept whole.
 
     Raises:
         ValueError: for bad arguments, shapes that do not fit the pattern, or an unreachable target.
@@ -282,6 +285,8 @@ def compute_masks(
     ceiling = _check_compute_args(
         sparsity, threshold, scope, pattern, ranking, max_layer_sparsity, layer_sparsity, channel_groups
     )
+    if followers and channel_groups is None:
+        raise ValueError("compute_masks: `followers` are pruned with their channel group: pass `channel_groups` too")
     crit = _criterion_of(criterion, grad_avgs)
     if not weights:
         return {}
@@ -292,7 +297,7 @@ def compute_masks(
             new = {name: crit.score(name, w) > threshold for name, w in weights.items()}
         elif channel_groups is not None:
             groups = check_channel_groups(channel_groups, weights, layouts)
-            new = _coupled_masks(weights, sparsity, scope, groups, crit, masks, ceiling, layouts)
+            new = _coupled_masks(weights, sparsity, scope, groups, crit, masks, ceiling, layouts, set(followers))
         elif kind == "channel":
             targets = resolve_layer_sparsity(weights, layer_sparsity or {}, sparsity) if scope == "local" else None
             new = _channel_masks(weights, sparsity, targets, crit, masks, ceiling, layouts)
@@ -420,35 +425,42 @@ def _coupled_masks(
     masks: Mapping[str, Tensor] | None,
     max_layer_sparsity: float | None,
     layouts: Mapping[str, Layout],
+    followers: set[str],
 ) -> dict[str, Tensor]:
-    """"channel" masks over coupled groups: one score per group position, the same positions pruned in every member."""
+    """"channel" masks over coupled groups: one score per group position, the same positions pruned in every
+    member; ``followers`` count in the sparsity but not in the score."""
     scores, sizes = {}, {}
     for i, group in enumerate(groups):
-        total, size, pruned = None, 0, None
+        total, size, scored, pruned = None, 0, 0, None
         for name, channels in group.items():
             layout = layouts.get(name, STANDARD_LAYOUT)
-            rows = output_rows(crit.score(name, weights[name]), layout)
+            rows = output_rows(weights[name] if name in followers else crit.score(name, weights[name]), layout)
             at = channels.to(rows.device)
-            part = rows.square().sum(dim=1, dtype=torch.float64)[at]
-            total = part if total is None else total + part
             size += rows.shape[1]
+            if name not in followers:
+                part = rows.square().sum(dim=1, dtype=torch.float64)[at]
+                total = part if total is None else total + part
+                scored += rows.shape[1]
             if masks is not None and name in masks:
                 dead = ~output_rows(masks[name].to(rows.device), layout).any(dim=1)[at]
                 pruned = dead if pruned is None else pruned | dead
-        score = (total / size).sqrt()  # the RMS of every weight the position would remove
+        if total is None:  # followers only: nothing ranks the group, it is kept whole
+            continue
+        score = (total / scored).sqrt()  # the RMS of every ranked weight the position would remove
         if pruned is not None:
             score.masked_fill_(pruned, PRUNED_SCORE)
         scores[str(i)], sizes[str(i)] = score, size
     if scope == "local":
         keep = {k: keep_mask_by_count(s, int(round(sparsity * s.numel()))) for k, s in scores.items()}
     else:
-        keep = _global_rows(scores, sizes, sparsity, max_layer_sparsity)
+        keep = _global_rows(scores, sizes, sparsity, max_layer_sparsity) if scores else {}
     new = {}
     for i, group in enumerate(groups):
         for name, channels in group.items():
             w = weights[name]
             layout = layouts.get(name, STANDARD_LAYOUT)
-            row_keep = torch.empty(channels.numel(), dtype=torch.bool, device=w.device)
-            row_keep[channels.to(w.device)] = keep[str(i)].to(w.device)
+            row_keep = torch.ones(channels.numel(), dtype=torch.bool, device=w.device)
+            if str(i) in keep:
+                row_keep[channels.to(w.device)] = keep[str(i)].to(w.device)
             new[name] = rows_to_mask(row_keep, w.shape, layout)
     return new
