@@ -129,10 +129,7 @@ def channel_groups(
         exact = True
         size = len(group.items[0].root_idxs) if group.items else 0
         out_items = [item for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)]
-        foreign = any(
-            isinstance(item.dep.target.module, _ROOTS) and id(item.dep.target.module.weight) not in by_id
-            for item in out_items
-        )
+        foreign = _written_from_outside(out_items, by_id)
         for item in out_items:
             dep = item.dep
             # the layer's weight and bias (a BatchNorm's too, when they are among `weights`) lose the same channels
@@ -178,6 +175,11 @@ def channel_groups(
             groups.append({name: torch.arange(widths[name])})
     groups.sort(key=lambda g: order[next(iter(g))])
     return groups, [n for n in weights if n in unmapped]
+
+
+def _written_from_outside(out_items: list[Any], by_id: Mapping[int, str]) -> bool:
+    """Whether a layer whose weight is not pruned (not in ``by_id``) writes the group's channels."""
+    return any(isinstance(i.dep.target.module, _ROOTS) and id(i.dep.target.module.weight) not in by_id for i in out_items)
 
 
 def _positions(idxs: list[int], root_idxs: list[int], width: int, size: int) -> list[int] | None:
