@@ -110,6 +110,26 @@ def test_cpu_selection_is_the_torch_selection(monkeypatch: pytest.MonkeyPatch, d
         assert s.numel() - int(keep.sum()) == k  # exactly k pruned, ties by flat index
 
 
+@pytest.mark.parametrize("layout", ["shuffled", "sorted", "half pruned", "one value"])
+def test_large_cpu_selection_narrowed_to_a_band_is_exact(layout: str) -> None:
+    # Arrays of 2**16 entries or more are narrowed to a band around the answer before the partition;
+    # the answer must be the full selection's whatever the sample sees: ties, an already-pruned block, order.
+    g = torch.Generator().manual_seed(2)
+    for _ in range(12):
+        n = int(torch.randint(1 << 16, 1 << 18, (1,), generator=g))
+        s = _scores(n, g, float(torch.rand(1, generator=g)), int(torch.randint(2, 50_000, (1,), generator=g)))
+        if layout == "sorted":
+            s = s.sort().values
+        elif layout == "half pruned":
+            s[: n // 2] = PRUNED_SCORE
+        elif layout == "one value":
+            s.fill_(0.5)
+        for k in (1, int(torch.randint(1, n + 1, (1,), generator=g)), n // 2, n):
+            assert kth_smallest(s, k).item() == s.kthvalue(k).values.item(), (n, k)
+            keep = keep_mask_by_count(s, k)
+            assert s.numel() - int(keep.sum()) == k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fill_pruned_is_masked_fill_bit_for_bit(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)

@@ -166,13 +166,50 @@ def _host_select(a: np.ndarray, k: int) -> Any:
     A float array is selected negated, as the ``(n - k + 1)``-th largest: ``numpy.partition`` slows down
     up to a hundredfold when a large block of equal *lowest* values (the entries already pruned, all at
     ``PRUNED_SCORE``) lies on its way, and not when the block is on top (``benchmarks/overhead.md``).
+    A large float array is first narrowed to the band around the answer (:func:`_host_band`).
     """
     if a.dtype.kind == "f":
+        if a.size >= _BAND_MIN:
+            band = _host_band(a, k)
+            if band is not None:
+                a, k = band
         at = a.size - k
         negated = np.negative(a)  # the one copy: partitioned in place
         negated.partition(at)
         return -negated[at]
     return np.partition(a, k - 1)[k - 1]
+
+
+#: Float arrays at least this long are narrowed to a band before the partition.
+_BAND_MIN = 1 << 16
+
+
+def _host_band(a: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
+    """``(band, k')``: the entries of ``a`` strictly above a low bracket and at most a high one, where the
+    ``k``-th smallest of ``a`` is the ``k'``-th smallest of the band; None when the brackets miss.
+
+    The brackets are order statistics of an evenly strided sample, widened by four standard deviations of
+    the sample quantile, so the band holds a few percent of ``a``: two comparisons and one extraction, then a
+    partition of the band, cost less than partitioning ``a`` (a 235k-entry layer: 1.1-1.7 ms -> 0.2-0.4
+    ms). Exact whatever the sample: a miss only costs the time of the narrowing.
+    """
+    n = a.size
+    sample = np.sort(a[:: max(1, n // min(max(2048, 8 * math.isqrt(n)), n // 8))])
+    m, q = sample.size, k / n
+    delta = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+    lo_rank, hi_rank = math.floor((q - delta) * m), math.ceil((q + delta) * m)
+    lo = sample[lo_rank - 1] if lo_rank >= 1 else None
+    hi = sample[hi_rank - 1] if hi_rank <= m else None
+    if lo is None and hi is None:
+        return None
+    in_band = a > lo if lo is not None else np.ones(n, dtype=bool)
+    below = n - int(np.count_nonzero(in_band))  # a block equal to lo stays out of the band
+    if below >= k:  # the answer is lo itself when fewer than k lie under it
+        return (sample[lo_rank - 1 : lo_rank], 1) if int(np.count_nonzero(a < lo)) < k else None
+    if hi is not None:
+        in_band &= a <= hi
+    band = np.compress(in_band, a)
+    return (band, k - below) if k - below <= band.size else None
 
 
 def keep_mask_by_count(scores: Tensor, n_prune: int) -> Tensor:
