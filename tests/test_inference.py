@@ -323,11 +323,14 @@ def test_traced_linear_chain_follows_new_inputs() -> None:
 
 
 @pytest.mark.slow
-def test_torch_compile_with_graph_breaks() -> None:
-    fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=sparse_wins)
+@pytest.mark.parametrize("timer", [sparse_wins, middle_layer_slow], ids=["all CSR", "CSR, dense in their layout, CSR"])
+def test_torch_compile_with_graph_breaks(timer) -> None:
+    fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=timer)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.allclose(torch.compile(fast)(x), fast(x), atol=1e-5)
+        assert torch.allclose(torch.jit.trace(fast, torch.randn(8, 64))(x), fast(x), atol=1e-5)
+        assert torch.allclose(torch.jit.script(fast)(x), fast(x), atol=1e-5)
 
 
 class _ReadsItsWeight(nn.Module):
