@@ -218,6 +218,18 @@ def test_a_batchnorm_after_a_dense_layer_is_not_pruned(tmp_path) -> None:
     assert _dead_rows(cb.masks["net.head.bias"]) == _dead_rows(cb.masks["net.head.weight"]) != []  # its own group
 
 
+def test_pruning_the_models_outputs_is_said_in_one_line(tmp_path) -> None:
+    # The head's output channels are the model's outputs (nothing reads them): pruning them removes logits.
+    L.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"no layer reads the output channels of net\.head\.weight.*exclude=\['net\.head\.\*'\]") as caught:
+        tiny_trainer(tmp_path / "a", callbacks=[_make()], max_epochs=1).fit(Residual(), random_loader())
+    assert all("\n" not in str(w.message) for w in caught if "no layer reads" in str(w.message))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_trainer(tmp_path / "b", callbacks=[_make(exclude=["net.head.*"])], max_epochs=1).fit(Residual(), random_loader())
+    assert not [w for w in caught if "no layer reads" in str(w.message)]
+
+
 def test_followers_count_in_the_sparsity_but_never_rank() -> None:
     torch.manual_seed(0)
     weights = {"a.weight": torch.randn(8, 4), "b.weight": torch.randn(8, 6), "bn.weight": torch.zeros(8), "c.bias": torch.randn(3)}

@@ -112,7 +112,16 @@ def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]
             f"{OWNER}(couple_channels=...) has no example input to trace the model on: set `example_input_array`"
             " on the LightningModule."
         )
-    groups, unmapped = channel_groups(pl_module, x, cb._params, layouts, owner=OWNER, followers=cb._followers)
+    outputs: list[str] = []
+    groups, unmapped = channel_groups(
+        pl_module, x, cb._params, layouts, owner=OWNER, followers=cb._followers, outputs=outputs
+    )
+    if outputs:
+        rank_zero_warn(
+            f"{OWNER}(pattern='channel'): no layer reads the output channels of {', '.join(outputs)}: they are the"
+            " model's outputs (a classifier's logits), and pruning them removes outputs. Leave them dense:"
+            f" exclude={[n.rpartition('.')[0] + '.*' for n in outputs]} (or keep_first_and_last=True)."
+        )
     unmapped = [n for n in unmapped if n not in cb._followers]  # a follower alone is simply kept
     if unmapped:
         named = ", ".join(unmapped[:4]) + (f" and {len(unmapped) - 4} more" if len(unmapped) > 4 else "")

@@ -87,6 +87,7 @@ def channel_groups(
     layouts: Mapping[str, Layout] | None = None,
     owner: str = "channel_groups",
     followers: Collection[str] = (),
+    outputs: list[str] | None = None,
 ) -> tuple[list[ChannelGroup], list[str]]:
     """The channel groups of the weights ``weights`` of ``module``, and the weights left uncoupled.
 
@@ -103,6 +104,8 @@ def channel_groups(
         followers: names of ``weights`` that join a group only to be pruned with it (a BatchNorm's ``weight``
             and ``bias``): left out of a group into which a layer outside ``weights`` also writes (that layer
             is kept dense, so its channels must stay alive).
+        outputs: when given, the names of the ``weights`` whose output channels no traced layer reads (the
+            model's outputs, such as a classifier's logits) are appended to it.
 
     Returns:
         ``(groups, unmapped)``: every name of ``weights`` is in exactly one group (a layer coupled with no
@@ -130,6 +133,8 @@ def channel_groups(
         size = len(group.items[0].root_idxs) if group.items else 0
         out_items = [item for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)]
         foreign = _written_from_outside(out_items, by_id)
+        if outputs is not None and len(out_items) == len(group.items):  # nothing reads these channels
+            outputs.extend(n for i in out_items if (n := by_id.get(id(i.dep.target.module.weight))) and n not in followers)
         for item in out_items:
             dep = item.dep
             # the layer's weight and bias (a BatchNorm's too, when they are among `weights`) lose the same channels
