@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -470,3 +472,57 @@ def test_checkpoint_of_another_module_is_rejected(tmp_path) -> None:
     prune.setup(None, MixedNet(), "fit")
     assert prune.parameter_names == ["conv.weight", "head.weight"] and prune.masks == {}
     assert prune.current_target == 0.0 and prune.state_dict()["active"] is False
+
+
+def test_channel_pruning_of_the_models_outputs_is_said_in_one_line(tmp_path) -> None:
+    # net.2 is the classifier: its output channels are what the module returns, so pruning them removes logits.
+    cb = MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", start=0.0, end=0.5)
+    with pytest.warns(UserWarning, match=r"no layer reads the output channels of net\.2\.weight.*exclude=\['net\.2\.\*'\]") as caught:
+        model = _fit(tmp_path / "a", cb)
+    said = [w for w in caught if "no layer reads" in str(w.message)]
+    assert len(said) == 1 and "\n" not in str(said[0].message)  # once per fit, one line
+    assert model.training and all(m.training for m in model.modules())  # the check left train mode as it was
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "b", MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", exclude=["net.2.*"]))
+        _fit(tmp_path / "c", MagnitudePruneCallback(sparsity=0.5))  # unstructured: the head may lose weights
+    assert not [w for w in caught if "no layer reads" in str(w.message)]
+
+
+def test_the_output_check_leaves_training_bit_identical(tmp_path) -> None:
+    # The check runs one forward of one sample (eval mode, random state restored): the fit is unchanged by it.
+    from lightning_clipprune.callbacks import _prune_coupling
+
+    def fit(check: bool) -> dict[str, torch.Tensor]:
+        cb = MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", start=0.0, end=0.5)
+        if not check:
+            cb._outputs_checked = True
+            cb.on_train_start = lambda *a, _f=cb.on_train_start: (_f(*a), setattr(cb, "_outputs_checked", True))
+        torch.manual_seed(0)  # the same initial weights for both fits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _fit(tmp_path / str(check), cb, model=_DropoutNet())
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert _prune_coupling.check_outputs  # the function under test exists
+    with_check, without = fit(True), fit(False)
+    assert all(torch.equal(with_check[k], without[k]) for k in with_check)
+
+
+class _DropoutNet(TinyClassifier):
+    """TinyClassifier with dropout and BatchNorm: a forward that draws random numbers and moves statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4))
+
+
+def test_an_include_or_exclude_pattern_matching_no_parameter_is_said(tmp_path) -> None:
+    # "fc.*" misses a LightningModule's "net." prefix: the layer would be pruned although the user excluded it.
+    cb = MagnitudePruneCallback(sparsity=0.5, exclude=["2.*"])
+    with pytest.warns(UserWarning, match=r"exclude pattern '2\.\*' matches no parameter name .*'net\.0\.weight'.*'\*2\.\*'"):
+        _fit(tmp_path, cb)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "b", MagnitudePruneCallback(sparsity=0.5, exclude=["net.2.*"], include=["net.*.weight"]))
+    assert not [w for w in caught if "matches no parameter" in str(w.message)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_clipprune._validation import bad_value
 from lightning_clipprune.callbacks._prune_plan import OWNER
 from lightning_clipprune.pruning import COUPLE_INSTALL, channel_groups, torch_pruning_available
+from lightning_clipprune.pruning.coupling import forward_example
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -104,6 +106,60 @@ def with_followers(
     return dict(merged), frozenset(extra)
 
 
+def warn_outputs(names: list[str]) -> None:
+    """One warning naming the pruned weights whose output channels are the model's outputs, and the fix."""
+    if names:
+        rank_zero_warn(
+            f"{OWNER}(pattern='channel'): no layer reads the output channels of {', '.join(names)}: they are the"
+            " model's outputs (a classifier's logits), and pruning them removes outputs. Leave them dense:"
+            f" exclude={[n.rpartition('.')[0] + '.*' for n in names]} (or keep_first_and_last=True)."
+        )
+
+
+def take_example(cb: Any, pl_module: pl.LightningModule, batch: Any) -> None:
+    """Keep one sample of the fit's first batch on ``cb``: what the coupled channels are traced on and, for
+    any "channel" pattern, what the model's outputs are checked on (:func:`check_outputs`)."""
+    if cb._example is not None or not (cb._couple or cb.pattern == "channel"):
+        return
+    try:
+        cb._example = example_input(pl_module, batch)
+    except ValueError:
+        if cb._couple:  # the trace needs it; the output check does without
+            raise
+
+
+def check_outputs(cb: Any, pl_module: pl.LightningModule) -> None:
+    """Once per fit, uncoupled "channel" pattern: warn when a pruned layer's output is returned by the module
+    itself (the same tensor): its channels are the model's outputs. (Coupled, the trace finds them.)"""
+    if cb._outputs_checked or cb._couple or cb.pattern != "channel" or cb._example is None:
+        return
+    cb._outputs_checked = True
+    modules = dict(pl_module.named_modules())
+    layers = {n: modules.get(n.rpartition(".")[0]) for n in cb._params if n not in cb._followers}
+    made: dict[int, tuple[Tensor, str]] = {}
+
+    def seen(name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:  # returns None: the output stays as it is
+            made.setdefault(id(out), (out, name))
+
+        return hook
+
+    hooks = [m.register_forward_hook(seen(n)) for n, m in layers.items() if m is not None]
+    flags = {m: m.training for m in modules.values()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            returned = forward_example(pl_module.eval(), cb._example)
+    except Exception:  # a module that cannot run on one sample: nothing is said
+        returned = None
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    leaves = returned if isinstance(returned, (tuple, list)) else [returned]
+    warn_outputs([made[id(t)][1] for t in leaves if isinstance(t, Tensor) and id(t) in made])
+
+
 def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]) -> list[dict[str, Tensor]]:
     """The channel groups of ``cb``'s parameters in ``pl_module`` (one warning naming the layers left uncoupled)."""
     x = cb._example if cb._example is not None else getattr(pl_module, "example_input_array", None)
@@ -116,12 +172,7 @@ def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]
     groups, unmapped = channel_groups(
         pl_module, x, cb._params, layouts, owner=OWNER, followers=cb._followers, outputs=outputs
     )
-    if outputs:
-        rank_zero_warn(
-            f"{OWNER}(pattern='channel'): no layer reads the output channels of {', '.join(outputs)}: they are the"
-            " model's outputs (a classifier's logits), and pruning them removes outputs. Leave them dense:"
-            f" exclude={[n.rpartition('.')[0] + '.*' for n in outputs]} (or keep_first_and_last=True)."
-        )
+    warn_outputs(outputs)
     unmapped = [n for n in unmapped if n not in cb._followers]  # a follower alone is simply kept
     if unmapped:
         named = ", ".join(unmapped[:4]) + (f" and {len(unmapped) - 4} more" if len(unmapped) > 4 else "")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_clipprune.callbacks._prune_coupling import event_groups
+from lightning_clipprune.callbacks._prune_coupling import check_outputs, event_groups
 from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
     check_finite,
@@ -67,6 +67,7 @@ def event_masks(cb: Any, trainer: pl.Trainer, t: int) -> tuple[dict[str, Tensor]
         for k, v in cb.layer_sparsity.items()
     }
     layouts = event_layouts(cb, trainer.lightning_module)  # computed once per module
+    check_outputs(cb, trainer.lightning_module)  # "channel": pruning the model's own outputs is said once
     if cb._sharding is not None:  # DTensor shards: a distributed selection, no gather (_prune_sharded)
         return sharded_event_masks(cb, cb._sharding, criterion, target, layer_sparsity, layouts), target
     new = calibrate(cb, trainer, criterion, target) if criterion.needs == "calibration" else compute_masks(

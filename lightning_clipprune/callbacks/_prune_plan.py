@@ -7,6 +7,7 @@ helpers that turn a criterion's state into checkpoint data.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +130,14 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
     params = select_prunable_parameters(
         pl_module, **how, keep_first_and_last=cb.keep_first_and_last, include_frozen=cb.prune_frozen
     )
+    if announce:
+        names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
+        for key, pattern in [("include", p) for p in cb.include or ()] + [("exclude", p) for p in cb.exclude]:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):  # a typo, or a wrapper's prefix missed
+                rank_zero_warn(
+                    f"{OWNER}: {key} pattern {pattern!r} matches no parameter name (names look like {names[:3]});"
+                    f" a LightningModule's own attribute comes first, e.g. {'*' + pattern!r}."
+                )
     frozen = [] if cb.prune_frozen else [
         n for n, p in select_prunable_parameters(pl_module, **how, include_frozen=True).items() if not p.requires_grad
     ]

@@ -28,7 +28,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
-from lightning_clipprune.callbacks._prune_coupling import example_input, resolve_coupling, with_followers
+from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take_example, with_followers
 from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
@@ -293,6 +293,7 @@ class MagnitudePruneCallback(Callback):
         self.couple_channels = couple_channels  # as given ("auto" stays "auto")
         self._couple = resolve_coupling(self, kind)  # whether the events couple channels
         self._example: Any = None  # one sample of the first training batch: the input the groups are traced on
+        self._outputs_checked = False  # "channel": whether this fit checked for pruned model outputs
         self._followers: frozenset[str] = frozenset()  # pruned only with their coupled channels (BatchNorm, bias)
         self._params: dict[str, torch.nn.Parameter] = {}
         self._handles: list[Any] = []
@@ -411,7 +412,7 @@ class MagnitudePruneCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._positions = resolve_positions(self, trainer, pl_module)
-        self._example = None  # couple_channels: taken from this fit's first batch
+        self._example, self._outputs_checked = None, False  # "channel": from this fit's first batch
         if self._restored_counts is not None:  # a sharded run's state: its masks are the zeros of the weights
             self.masks = masks_from_zeros(self, self._restored_counts, self._sharding)
             self._pruned_counts, self._restored_counts = dict(self._restored_counts), None
@@ -436,8 +437,7 @@ class MagnitudePruneCallback(Callback):
         # (gradient accumulation calls this for each micro-batch).
         t = self._position(trainer)
         start, end, frequency = self._positions
-        if self._couple and self._example is None:  # the input the coupled channels are traced on
-            self._example = example_input(pl_module, batch)
+        take_example(self, pl_module, batch)  # the input the coupled channels are traced on
         if event_due(t, self._last_event, start, end, frequency):
             self._update(trainer, t)
         if self._regrow is not None:

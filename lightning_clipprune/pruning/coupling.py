@@ -53,7 +53,7 @@ def _torch_pruning(owner: str) -> Any:
         ) from None
 
 
-def _forward(module: nn.Module, x: Any) -> Any:
+def forward_example(module: nn.Module, x: Any) -> Any:
     """Call ``module`` as Lightning calls it with ``example_input_array``: a tuple is unpacked, a dict passed by name."""
     if isinstance(x, Mapping):
         return module(**x)
@@ -73,7 +73,7 @@ def _trace(module: nn.Module, example_input: Any, tp: Any) -> Any:
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                module, example_inputs=example_input, forward_fn=_forward, verbose=False
+                module, example_inputs=example_input, forward_fn=forward_example, verbose=False
             )
     finally:
         for m, flag in flags.items():
