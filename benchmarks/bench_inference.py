@@ -81,8 +81,9 @@ def prune(model: nn.Module, sparsity: float, pattern: str, coupled_on: torch.Ten
 
 def trained(net: nn.Module, steps: int = 40, **prune: object) -> nn.Module:
     """``net`` after a fit of ``steps`` SGD steps (batch 32, random CIFAR-shaped data) with
-    ``MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", **prune)``: trained BatchNorm
-    statistics and biases, as a user's network has them when it reaches ``to_inference``."""
+    ``MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", exclude=["net.fc.*"], **prune)``
+    (the classifier's outputs left whole): trained BatchNorm statistics and biases, as a user's network has
+    them when it reaches ``to_inference``."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -104,7 +105,8 @@ def trained(net: nn.Module, steps: int = 40, **prune: object) -> nn.Module:
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32 * steps, 3, 32, 32, generator=g), torch.randint(0, 10, (32 * steps,), generator=g))
-    cb = MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", **prune)
+    exclude = ["net.fc.*", *prune.pop("exclude", [])]  # type: ignore[misc]
+    cb = MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", exclude=exclude, **prune)
     L.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(Classifier(), DataLoader(data, batch_size=32))
     return net.eval()
