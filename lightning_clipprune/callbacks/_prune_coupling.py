@@ -130,8 +130,9 @@ def take_example(cb: Any, pl_module: pl.LightningModule, batch: Any) -> None:
 
 def check_outputs(cb: Any, pl_module: pl.LightningModule) -> None:
     """Once per fit, uncoupled "channel" pattern: warn when a pruned layer's output is returned by the module
-    itself (the same tensor): its channels are the model's outputs. (Coupled, the trace finds them.)"""
-    if cb._outputs_checked or cb._couple or cb.pattern != "channel" or cb._example is None:
+    itself (the same tensor): its channels are the model's outputs. (Coupled, the trace finds them.) Not under
+    sharding: a forward there gathers every full parameter, which the sharded event never does."""
+    if cb._outputs_checked or cb._couple or cb.pattern != "channel" or cb._example is None or cb._sharding is not None:
         return
     cb._outputs_checked = True
     modules = dict(pl_module.named_modules())
