@@ -10,6 +10,7 @@ No Lightning import here.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -171,3 +172,14 @@ def check_patterns(owner: str, name: str, value: Any, *, allow_none: bool = Fals
     raise bad_value(
         owner, name, "a list of fnmatch patterns (strings), e.g. ['fc.*']" + (" or None" if allow_none else ""), value
     )
+
+
+def unmatched_patterns(patterns: Iterable[str], names: Sequence[str]) -> list[str]:
+    """The ``fnmatch`` patterns that match none of ``names`` (a typo, or a wrapper's prefix missed).
+
+    Example::
+
+        >>> unmatched_patterns(["fc.*", "*fc.*"], ["net.fc.weight"])
+        ['fc.*']
+    """
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]

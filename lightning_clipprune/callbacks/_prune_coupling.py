@@ -9,7 +9,6 @@ interrupted.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_clipprune._validation import bad_value
 from lightning_clipprune.callbacks._prune_plan import OWNER
 from lightning_clipprune.pruning import COUPLE_INSTALL, channel_groups, torch_pruning_available
-from lightning_clipprune.pruning.coupling import forward_example
+from lightning_clipprune.pruning.coupling import as_it_was, forward_example
+from lightning_clipprune.pruning.selection import matches_any
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -96,9 +96,9 @@ def with_followers(
         attrs = ("weight", "bias") if isinstance(module, _BatchNorm) else ("bias",) if name in layers else ()
         for attr in attrs:
             p, full = getattr(module, attr, None), f"{name}.{attr}" if name else attr
-            if isinstance(p, nn.Parameter) and id(p) not in taken and (p.requires_grad or cb.prune_frozen) and not any(
-                fnmatchcase(full, pattern) for pattern in cb.exclude
-            ):
+            if not isinstance(p, nn.Parameter) or id(p) in taken or matches_any(full, cb.exclude):
+                continue
+            if p.requires_grad or cb.prune_frozen:
                 extra[full] = p
                 taken.add(id(p))
     order = {n: i for i, (n, _) in reversed(list(enumerate(pl_module.named_parameters(remove_duplicate=False))))}
@@ -146,17 +146,14 @@ def check_outputs(cb: Any, pl_module: pl.LightningModule) -> None:
         return hook
 
     hooks = [m.register_forward_hook(seen(n)) for n, m in layers.items() if m is not None]
-    flags = {m: m.training for m in modules.values()}
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with as_it_was(pl_module), torch.no_grad():
             returned = forward_example(pl_module.eval(), cb._example)
     except Exception:  # a module that cannot run on one sample: nothing is said
         returned = None
     finally:
         for h in hooks:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     leaves = returned if isinstance(returned, (tuple, list)) else [returned]
     warn_outputs([made[id(t)][1] for t in leaves if isinstance(t, Tensor) and id(t) in made])
 

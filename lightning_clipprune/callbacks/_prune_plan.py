@@ -7,7 +7,6 @@ helpers that turn a criterion's state into checkpoint data.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_clipprune._validation import bad_value
+from lightning_clipprune._validation import bad_value, unmatched_patterns
 from lightning_clipprune.pruning import (
     CEILING,
     Layout,
@@ -132,8 +131,8 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
     )
     if announce:
         names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
-        for key, pattern in [("include", p) for p in cb.include or ()] + [("exclude", p) for p in cb.exclude]:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):  # a typo, or a wrapper's prefix missed
+        for key, patterns in (("include", cb.include or ()), ("exclude", cb.exclude)):
+            for pattern in unmatched_patterns(patterns, names):
                 rank_zero_warn(
                     f"{OWNER}: {key} pattern {pattern!r} matches no parameter name (names look like {names[:3]});"
                     f" a LightningModule's own attribute comes first, e.g. {'*' + pattern!r}."

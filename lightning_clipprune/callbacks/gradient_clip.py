@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clipprune._validation import check_choice, check_int, check_patterns, check_real
+from lightning_clipprune._validation import (
+    check_choice,
+    check_int,
+    check_patterns,
+    check_real,
+    unmatched_patterns,
+)
 from lightning_clipprune.callbacks._clip_algorithm import (
     DEFAULT_CLIP_VAL,
     OWNER,
@@ -221,12 +227,11 @@ class GradientClipCallback(Callback):
         self._names = {id(p): n for n, p in named}
         self._plans.clear()
         self._maskers = find_callbacks(trainer, GradientMasker, exclude=self)
-        for pattern in self.exclude:
-            if not any(fnmatchcase(n, pattern) for n, _ in named):
-                rank_zero_warn(
-                    f"GradientClipCallback: exclude pattern {pattern!r} matches no parameter name"
-                    f" (names look like {[n for n, _ in named[:3]]})."
-                )
+        for pattern in unmatched_patterns(self.exclude, [n for n, _ in named]):
+            rank_zero_warn(
+                f"GradientClipCallback: exclude pattern {pattern!r} matches no parameter name"
+                f" (names look like {[n for n, _ in named[:3]]})."
+            )
         # clippers that need each weight's layout (AGC: units are columns of a ConvTranspose or HF Conv1D)
         layouts = weight_layouts(pl_module)
         self._layouts = {id(p): layouts[n] for n, p in named if n in layouts}

@@ -17,9 +17,10 @@ pruned one by one, as without coupling.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,12 +70,20 @@ def _trace(module: nn.Module, example_input: Any, tp: Any) -> Any:
     the CPU random state restored afterwards and every module's ``training`` flag put back (Torch-Pruning
     leaves the model in ``eval()``), so tracing never changes what a training run computes.
     """
+    with as_it_was(module), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            module, example_inputs=example_input, forward_fn=forward_example, verbose=False
+        )
+
+
+@contextlib.contextmanager
+def as_it_was(module: nn.Module) -> Iterator[None]:
+    """Run a look at ``module`` (a trace, a check in ``eval()`` mode) leaving it as it was: the CPU random state
+    is restored and every submodule's ``training`` flag put back on exit, so a training run computes the same."""
     flags = {m: m.training for m in module.modules()}
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                module, example_inputs=example_input, forward_fn=forward_example, verbose=False
-            )
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         for m, flag in flags.items():
             m.training = flag

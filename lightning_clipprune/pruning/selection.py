@@ -131,7 +131,8 @@ def layout_of(module: nn.Module) -> Layout:
     return Layout(transposed=True) if is_hf_conv1d(module) else STANDARD_LAYOUT
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` matches one of the ``fnmatch`` ``patterns`` (case-sensitive), as ``include``/``exclude`` do."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -202,8 +203,8 @@ def select_prunable_parameters(
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) in seen or id(param) in tied or not (param.requires_grad or include_frozen):
             continue
-        chosen = _matches(name, include) if include is not None else name in default_names
-        if chosen and not _matches(name, exclude):
+        chosen = matches_any(name, include) if include is not None else name in default_names
+        if chosen and not matches_any(name, exclude):
             seen.add(id(param))
             selected[name] = param
     if keep_first_and_last and selected:
