@@ -22,7 +22,14 @@ from torch import nn
 
 from lightning_clipprune import MagnitudePruneCallback
 from lightning_clipprune.callbacks import magnitude_prune as mp
-from lightning_clipprune.pruning import erk_counts, keep_mask_by_count, kth_smallest, nonfinite_names, ranking
+from lightning_clipprune.pruning import (
+    Magnitude,
+    erk_counts,
+    keep_mask_by_count,
+    kth_smallest,
+    nonfinite_names,
+    ranking,
+)
 from lightning_clipprune.pruning.ranking import PRUNED_SCORE, fill_pruned_, round_to_total
 from tests.helpers import TinyClassifier, random_loader, tiny_trainer
 
@@ -131,16 +138,62 @@ def test_large_cpu_selection_narrowed_to_a_band_is_exact(layout: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fill_pruned_is_masked_fill_bit_for_bit(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("n", [4099, 3 * (1 << 16) + 5])  # one slice of the CPU path, several and a short one
+def test_fill_pruned_is_masked_fill_bit_for_bit(dtype: torch.dtype, n: int) -> None:
     g = torch.Generator().manual_seed(1)
-    s = torch.rand(4099, generator=g, dtype=dtype) * 10
+    s = torch.rand(n, generator=g, dtype=dtype) * 10
     s[::7] = 0.0
-    s[5] = math.inf
-    live = torch.rand(4099, generator=g) < 0.4
+    s[5], s[-1], s[-2] = math.inf, math.nan, -3.0  # kept entries keep their bits, whatever they hold
+    live = torch.rand(n, generator=g) < 0.4
+    live[-2:] = True
     expected = s.clone().masked_fill_(~live, PRUNED_SCORE)
     fill_pruned_(s, live)
     bits = torch.int32 if dtype == torch.float32 else torch.int64
     assert torch.equal(s.view(bits), expected.view(bits))
+
+
+class _Doubled(Magnitude):
+    def score_into(self, name: str, weight: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(weight.detach().reshape(-1)).abs_().mul_(2)
+
+
+@pytest.mark.parametrize("criterion", [Magnitude(), _Doubled()], ids=["magnitude", "subclass"])
+def test_flat_scores_one_pass_path_is_the_plain_one(criterion: Magnitude) -> None:
+    # |w| and the pruned entries' score are written slice by slice for Magnitude on the CPU; a subclass with
+    # its own score_into is not taken for it. Both must equal score_into then masked_fill.
+    g = torch.Generator().manual_seed(3)
+    weights = {"a": torch.randn(300, 700, generator=g), "b": torch.randn(7, 3, generator=g)}
+    weights["a"][0, :5] = torch.tensor([0.0, -0.0, math.inf, -math.inf, 1e-30])
+    masks = {n: torch.rand(w.shape, generator=g) < 0.7 for n, w in weights.items()}
+    flat = ranking.flat_scores(weights, criterion, masks)
+    expected = []
+    for n, w in weights.items():
+        part = torch.empty(w.numel())
+        criterion.score_into(n, w, part)
+        expected.append(part.masked_fill_(~masks[n].reshape(-1), PRUNED_SCORE))
+    assert torch.equal(flat.view(torch.int32), torch.cat(expected).view(torch.int32))
+
+
+def test_hot_path_rewrites_its_own_integer_masks_only() -> None:
+    # The hot path writes an event's integer masks into the last event's buffers (no fresh allocation);
+    # a mask handed in already as integers is the caller's and is never written.
+    from lightning_clipprune.callbacks._prune_masking import MaskHotPath
+
+    params = {"w": nn.Parameter(torch.randn(4, 5)), "v": nn.Parameter(torch.randn(3))}
+    hot = MaskHotPath()
+    first = {"w": torch.rand(4, 5) < 0.5, "v": torch.tensor([1, 0, 1], dtype=torch.int32)}
+    hot.build(params, first, ["w", "v"])
+    buffer, given = hot.factor_of["w"], hot.factor_of["v"]
+    assert given is first["v"]
+    second = {"w": first["w"] & (torch.rand(4, 5) < 0.5), "v": torch.tensor([True, False, False])}
+    second["w"][0, 0] = False
+    hot.build(params, second, ["w", "v"])
+    assert hot.factor_of["w"] is buffer and torch.equal(buffer, second["w"].to(torch.int32))
+    assert torch.equal(first["v"], torch.tensor([1, 0, 1], dtype=torch.int32))  # not written
+    assert torch.equal(hot.factor_of["v"], torch.tensor([1, 0, 0], dtype=torch.int32))
+    params["w"].grad = torch.full((4, 5), math.nan)
+    hot.mask_gradients()
+    assert torch.equal(params["w"].grad == 0, ~second["w"])
 
 
 def _erk_reference(shapes: dict, k: int, caps: dict | None, already: dict | None) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,9 +56,27 @@ class MaskHotPath:
         self.params = params
         self.weights = {n: local(params[n]) for n in live} if self.sharded else params
         self.live: list[torch.nn.Parameter] | None = [params[n] for n in live]
-        self.factors = mask_factors([masks[n] for n in live], [self.weights[n] for n in live])
+        self.factors = [self._factor(n, masks[n]) for n in live]
         self.factor_of = dict(zip(live, self.factors, strict=True))
+        self._owned = {n: f for n, f in self.factor_of.items() if f is not masks[n]}
         self.grads_masked = False
+
+    def _factor(self, name: str, mask: Tensor) -> Tensor:
+        """``mask``'s integer mask; on the CPU written into the last event's when it has the same shape (no
+        fresh allocation: a 25 M-entry conversion 3x cheaper)."""
+        weight = self.weights[name]
+        old = self._owned.get(name)
+        if (
+            old is not None
+            and mask.dtype == torch.bool
+            and mask.device.type == old.device.type == "cpu"
+            and mask.shape == old.shape
+            and mask.is_contiguous()
+            and old.element_size() == weight.element_size()
+        ):
+            np.copyto(old.numpy(), mask.numpy(), casting="unsafe")
+            return old
+        return mask_factors([mask], [weight])[0]
 
     def drop(self) -> None:
         """Forget the cache (its integer masks are a training-time cost)."""
@@ -67,6 +86,7 @@ class MaskHotPath:
         self.live = None
         self.factors: list[Tensor] = []
         self.factor_of: dict[str, Tensor] = {}
+        self._owned: dict[str, Tensor] = {}  # integer masks this cache allocated: rewritten at the next build
         self.pruned = 0
         self.grads_masked = False  # mask_gradients() did its work since the last backward / optimizer step
 

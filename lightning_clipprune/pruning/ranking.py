@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_clipprune._validation import bad_value, check_real
 from lightning_clipprune.pruning.apply import int_mask
+from lightning_clipprune.pruning.criteria import Magnitude
 from lightning_clipprune.pruning.selection import STANDARD_LAYOUT, Layout, matrix_shape, output_rows
 
 __all__ = [
@@ -202,14 +203,32 @@ def _host_band(a: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
     hi = sample[hi_rank - 1] if hi_rank <= m else None
     if lo is None and hi is None:
         return None
-    in_band = a > lo if lo is not None else np.ones(n, dtype=bool)
-    below = n - int(np.count_nonzero(in_band))  # a block equal to lo stays out of the band
+    band, below = _between(a, lo, hi)  # a block equal to lo stays out of the band
     if below >= k:  # the answer is lo itself when fewer than k lie under it
         return (sample[lo_rank - 1 : lo_rank], 1) if int(np.count_nonzero(a < lo)) < k else None
-    if hi is not None:
-        in_band &= a <= hi
-    band = np.compress(in_band, a)
     return (band, k - below) if k - below <= band.size else None
+
+
+def _between(a: np.ndarray, lo: Any, hi: Any) -> tuple[np.ndarray, int]:
+    """The entries ``lo < x <= hi`` of ``a`` in order (a None bound is open) and how many are ``<= lo``.
+
+    Slice by slice, the comparisons written into two small reused buffers (no full-size temporary).
+    """
+    above, at_most = np.empty(min(_FILL_CHUNK, a.size), dtype=bool), np.empty(min(_FILL_CHUNK, a.size), dtype=bool)
+    below, pieces = 0, []
+    for start in range(0, a.size, _FILL_CHUNK):
+        part = a[start : start + _FILL_CHUNK]
+        keep = above[: part.size]
+        if lo is None:
+            keep.fill(True)
+        else:
+            np.greater(part, lo, out=keep)
+            below += part.size - int(np.count_nonzero(keep))
+        if hi is not None:
+            np.less_equal(part, hi, out=at_most[: part.size])
+            keep &= at_most[: part.size]
+        pieces.append(part[keep])
+    return np.concatenate(pieces), below
 
 
 def keep_mask_by_count(scores: Tensor, n_prune: int) -> Tensor:
@@ -264,21 +283,23 @@ def flat_scores(
     """
     first = next(iter(weights.values()))
     dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights.values()) else torch.float32
-    flat = torch.empty(sum(w.numel() for w in weights.values()), dtype=dtype, device=first.device)
+    flat = _host_empty(sum(w.numel() for w in weights.values()), dtype, first.device)
     offset = 0
     for name, w in weights.items():
         part = flat[offset : offset + w.numel()]
         offset += w.numel()
-        score_into = getattr(criterion, "score_into", None)
-        if score_into is not None:
-            score_into(name, w, part)
-        else:
-            part.copy_(criterion.score(name, w).reshape(-1))
         live = masks[name].reshape(-1).to(part.device) if masks is not None and name in masks else None
+        # |w| and the pruned entries' score in one pass over cache-sized slices, where it can
+        done = live is not None and not normalize and _magnitude_filled_host(criterion, w, part, live)
+        score_into = getattr(criterion, "score_into", None)
+        if not done and score_into is not None:
+            score_into(name, w, part)
+        elif not done:
+            part.copy_(criterion.score(name, w).reshape(-1))
         if normalize:
             rms = (part[live] if live is not None else part).square().mean().sqrt()
             part.div_(torch.where(rms > 0, rms, torch.ones_like(rms)))
-        if live is not None:
+        if live is not None and not done:
             fill_pruned_(part, live)
         if blocked is not None and name in blocked:
             part.masked_fill_(~blocked[name].reshape(-1).to(part.device), math.inf)
@@ -293,12 +314,27 @@ _PRUNED_BITS = {
 _INTS = {4: torch.int32, 8: torch.int64}
 
 
+def _host_empty(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty(n, dtype=dtype, device=device)``; on the CPU allocated by numpy, which asks the kernel for huge
+    pages for large arrays (torch's allocator does not): a first pass over 25 M fresh floats costs 3x less."""
+    if torch.device(device).type == "cpu" and dtype in _NUMPY_FLOATS:
+        return torch.from_numpy(np.empty(n, dtype=_NUMPY_FLOATS[dtype]))
+    return torch.empty(n, dtype=dtype, device=device)
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+#: Entries per slice of :func:`fill_pruned_`'s CPU path: its integer temporary stays in the L2 cache.
+_FILL_CHUNK = 1 << 16
+
+
 def fill_pruned_(part: Tensor, live: Tensor) -> None:
     """``part.masked_fill_(~live, PRUNED_SCORE)`` for a float32/float64 ``part`` (``live``: bool, True = kept).
 
     By integer arithmetic on the bits (``bits * live + P - P * live``, ``P`` the bits of ``PRUNED_SCORE``):
-    four branch-free passes, about 5x faster on the CPU than ``masked_fill_`` with a scattered mask, and
-    exact (kept entries keep their bits, whatever they hold).
+    branch-free passes, about 5x faster on the CPU than ``masked_fill_`` with a scattered mask, and exact
+    (kept entries keep their bits, whatever they hold). On the CPU numpy does it slice by slice, the mask's
+    integer copy reused from one slice to the next (no full-size temporary: 2x faster on 16 M entries).
 
     Example::
 
@@ -311,9 +347,42 @@ def fill_pruned_(part: Tensor, live: Tensor) -> None:
         part.masked_fill_(~live, PRUNED_SCORE)
         return
     bits = part.view(_INTS[size])
+    host_bits, host_live = _host_array(bits), _host_array(live)
+    if host_bits is not None and host_live is not None and host_live.dtype == np.bool_:
+        _fill_pruned_host(host_bits, host_live, _PRUNED_BITS[size])
+        return
     factor = int_mask(live, bits.dtype, bits.device)
     # kept: bits + P - P; pruned: 0 + P. No intermediate leaves the range (bits >= 0 for scores >= 0, P < 0).
     bits.mul_(factor).add_(_PRUNED_BITS[size]).sub_(factor, alpha=_PRUNED_BITS[size])
+
+
+def _magnitude_filled_host(criterion: Any, weight: Tensor, part: Tensor, live: Tensor) -> bool:
+    """``part = |weight|`` with :func:`fill_pruned_` by ``live``, slice by slice, when ``criterion`` scores by
+    :class:`~.criteria.Magnitude` and all three are contiguous float32/bool CPU tensors; False otherwise."""
+    if getattr(type(criterion), "score_into", None) is not Magnitude.score_into:
+        return False
+    if weight.dtype != torch.float32 or part.dtype != torch.float32:
+        return False
+    w, out, keep = _host_array(weight), _host_array(part), _host_array(live)
+    if w is None or out is None or keep is None or keep.dtype != np.bool_:
+        return False
+    w, bits = w.reshape(-1), out.view(np.int32)
+    for start in range(0, w.size, _FILL_CHUNK):
+        np.abs(w[start : start + _FILL_CHUNK], out=out[start : start + _FILL_CHUNK])
+        _fill_pruned_host(bits[start : start + _FILL_CHUNK], keep[start : start + _FILL_CHUNK], _PRUNED_BITS[4])
+    return True
+
+
+def _fill_pruned_host(bits: np.ndarray, live: np.ndarray, pruned_bits: int) -> None:
+    factor = np.empty(min(_FILL_CHUNK, bits.size), dtype=bits.dtype)
+    for start in range(0, bits.size, _FILL_CHUNK):
+        b = bits[start : start + _FILL_CHUNK]
+        f = factor[: b.size]
+        np.copyto(f, live[start : start + _FILL_CHUNK], casting="unsafe")
+        b *= f
+        b += pruned_bits
+        f *= pruned_bits
+        b -= f
 
 
 def layer_cap(shape: Sequence[int], max_layer_sparsity: float, layout: Layout = STANDARD_LAYOUT) -> int:
