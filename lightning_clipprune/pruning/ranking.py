@@ -16,8 +16,12 @@ import torch
 from torch import Tensor
 
 from lightning_clipprune._validation import bad_value, check_real
+from lightning_clipprune.pruning._host import fill_pruned_host as _fill_pruned_host
+from lightning_clipprune.pruning._host import host_array as _host_array
+from lightning_clipprune.pruning._host import host_empty as _host_empty
+from lightning_clipprune.pruning._host import host_select as _host_select
+from lightning_clipprune.pruning._host import magnitude_filled as _magnitude_filled
 from lightning_clipprune.pruning.apply import int_mask
-from lightning_clipprune.pruning.criteria import Magnitude
 from lightning_clipprune.pruning.selection import STANDARD_LAYOUT, Layout, matrix_shape, output_rows
 
 __all__ = [
@@ -130,21 +134,6 @@ def kth_smallest(x: Tensor, k: int, sample_size: int = 2**18, seed: int = 0) -> 
     return _select(x, k)
 
 
-#: numpy dtypes of the tensors whose selection and comparisons run in numpy on the CPU (no bfloat16 there).
-_HOST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.bool)
-
-
-def _host_array(x: Tensor) -> np.ndarray | None:
-    """``x`` as a numpy array sharing its memory when it is a contiguous CPU tensor numpy can hold, else None.
-
-    torch's CPU ``topk``/``kthvalue`` and float comparisons are several times slower than numpy's
-    ``partition`` and ``greater`` on the same memory (``benchmarks/overhead.md``, pruning events).
-    """
-    if x.device.type != "cpu" or x.dtype not in _HOST_DTYPES or not x.is_contiguous():
-        return None
-    return x.detach().numpy()
-
-
 def _select(x: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest of the 1-D ``x``: ``x.kthvalue(k).values``, by selection.
 
@@ -159,76 +148,6 @@ def _select(x: Tensor, k: int) -> Tensor:
     if k <= n - k + 1:
         return x.topk(k, largest=False, sorted=False).values.max()
     return x.topk(n - k + 1, largest=True, sorted=False).values.min()
-
-
-def _host_select(a: np.ndarray, k: int) -> Any:
-    """The ``k``-th smallest of the 1-D numpy ``a`` (1-based), by ``numpy.partition``.
-
-    A float array is selected negated, as the ``(n - k + 1)``-th largest: ``numpy.partition`` slows down
-    up to a hundredfold when a large block of equal *lowest* values (the entries already pruned, all at
-    ``PRUNED_SCORE``) lies on its way, and not when the block is on top (``benchmarks/overhead.md``).
-    A large float array is first narrowed to the band around the answer (:func:`_host_band`).
-    """
-    if a.dtype.kind == "f":
-        if a.size >= _BAND_MIN:
-            band = _host_band(a, k)
-            if band is not None:
-                a, k = band
-        at = a.size - k
-        negated = np.negative(a)  # the one copy: partitioned in place
-        negated.partition(at)
-        return -negated[at]
-    return np.partition(a, k - 1)[k - 1]
-
-
-#: Float arrays at least this long are narrowed to a band before the partition.
-_BAND_MIN = 1 << 16
-
-
-def _host_band(a: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
-    """``(band, k')``: the entries of ``a`` strictly above a low bracket and at most a high one, where the
-    ``k``-th smallest of ``a`` is the ``k'``-th smallest of the band; None when the brackets miss.
-
-    The brackets are order statistics of an evenly strided sample, widened by four standard deviations of
-    the sample quantile, so the band holds a few percent of ``a``: two comparisons and one extraction, then a
-    partition of the band, cost less than partitioning ``a`` (a 235k-entry layer: 1.1-1.7 ms -> 0.2-0.4
-    ms). Exact whatever the sample: a miss only costs the time of the narrowing.
-    """
-    n = a.size
-    sample = np.sort(a[:: max(1, n // min(max(2048, 8 * math.isqrt(n)), n // 8))])
-    m, q = sample.size, k / n
-    delta = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
-    lo_rank, hi_rank = math.floor((q - delta) * m), math.ceil((q + delta) * m)
-    lo = sample[lo_rank - 1] if lo_rank >= 1 else None
-    hi = sample[hi_rank - 1] if hi_rank <= m else None
-    if lo is None and hi is None:
-        return None
-    band, below = _between(a, lo, hi)  # a block equal to lo stays out of the band
-    if below >= k:  # the answer is lo itself when fewer than k lie under it
-        return (sample[lo_rank - 1 : lo_rank], 1) if int(np.count_nonzero(a < lo)) < k else None
-    return (band, k - below) if k - below <= band.size else None
-
-
-def _between(a: np.ndarray, lo: Any, hi: Any) -> tuple[np.ndarray, int]:
-    """The entries ``lo < x <= hi`` of ``a`` in order (a None bound is open) and how many are ``<= lo``.
-
-    Slice by slice, the comparisons written into two small reused buffers (no full-size temporary).
-    """
-    above, at_most = np.empty(min(_FILL_CHUNK, a.size), dtype=bool), np.empty(min(_FILL_CHUNK, a.size), dtype=bool)
-    below, pieces = 0, []
-    for start in range(0, a.size, _FILL_CHUNK):
-        part = a[start : start + _FILL_CHUNK]
-        keep = above[: part.size]
-        if lo is None:
-            keep.fill(True)
-        else:
-            np.greater(part, lo, out=keep)
-            below += part.size - int(np.count_nonzero(keep))
-        if hi is not None:
-            np.less_equal(part, hi, out=at_most[: part.size])
-            keep &= at_most[: part.size]
-        pieces.append(part[keep])
-    return np.concatenate(pieces), below
 
 
 def keep_mask_by_count(scores: Tensor, n_prune: int) -> Tensor:
@@ -290,7 +209,7 @@ def flat_scores(
         offset += w.numel()
         live = masks[name].reshape(-1).to(part.device) if masks is not None and name in masks else None
         # |w| and the pruned entries' score in one pass over cache-sized slices, where it can
-        done = live is not None and not normalize and _magnitude_filled_host(criterion, w, part, live)
+        done = live is not None and not normalize and _magnitude_filled(criterion, w, part, live, _PRUNED_BITS[4])
         score_into = getattr(criterion, "score_into", None)
         if not done and score_into is not None:
             score_into(name, w, part)
@@ -312,20 +231,6 @@ _PRUNED_BITS = {
     8: int(torch.tensor(PRUNED_SCORE, dtype=torch.float64).view(torch.int64)),
 }
 _INTS = {4: torch.int32, 8: torch.int64}
-
-
-def _host_empty(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty(n, dtype=dtype, device=device)``; on the CPU allocated by numpy, which asks the kernel for huge
-    pages for large arrays (torch's allocator does not): a first pass over 25 M fresh floats costs 3x less."""
-    if torch.device(device).type == "cpu" and dtype in _NUMPY_FLOATS:
-        return torch.from_numpy(np.empty(n, dtype=_NUMPY_FLOATS[dtype]))
-    return torch.empty(n, dtype=dtype, device=device)
-
-
-_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
-
-#: Entries per slice of :func:`fill_pruned_`'s CPU path: its integer temporary stays in the L2 cache.
-_FILL_CHUNK = 1 << 16
 
 
 def fill_pruned_(part: Tensor, live: Tensor) -> None:
@@ -354,35 +259,6 @@ def fill_pruned_(part: Tensor, live: Tensor) -> None:
     factor = int_mask(live, bits.dtype, bits.device)
     # kept: bits + P - P; pruned: 0 + P. No intermediate leaves the range (bits >= 0 for scores >= 0, P < 0).
     bits.mul_(factor).add_(_PRUNED_BITS[size]).sub_(factor, alpha=_PRUNED_BITS[size])
-
-
-def _magnitude_filled_host(criterion: Any, weight: Tensor, part: Tensor, live: Tensor) -> bool:
-    """``part = |weight|`` with :func:`fill_pruned_` by ``live``, slice by slice, when ``criterion`` scores by
-    :class:`~.criteria.Magnitude` and all three are contiguous float32/bool CPU tensors; False otherwise."""
-    if getattr(type(criterion), "score_into", None) is not Magnitude.score_into:
-        return False
-    if weight.dtype != torch.float32 or part.dtype != torch.float32:
-        return False
-    w, out, keep = _host_array(weight), _host_array(part), _host_array(live)
-    if w is None or out is None or keep is None or keep.dtype != np.bool_:
-        return False
-    w, bits = w.reshape(-1), out.view(np.int32)
-    for start in range(0, w.size, _FILL_CHUNK):
-        np.abs(w[start : start + _FILL_CHUNK], out=out[start : start + _FILL_CHUNK])
-        _fill_pruned_host(bits[start : start + _FILL_CHUNK], keep[start : start + _FILL_CHUNK], _PRUNED_BITS[4])
-    return True
-
-
-def _fill_pruned_host(bits: np.ndarray, live: np.ndarray, pruned_bits: int) -> None:
-    factor = np.empty(min(_FILL_CHUNK, bits.size), dtype=bits.dtype)
-    for start in range(0, bits.size, _FILL_CHUNK):
-        b = bits[start : start + _FILL_CHUNK]
-        f = factor[: b.size]
-        np.copyto(f, live[start : start + _FILL_CHUNK], casting="unsafe")
-        b *= f
-        b += pruned_bits
-        f *= pruned_bits
-        b -= f
 
 
 def layer_cap(shape: Sequence[int], max_layer_sparsity: float, layout: Layout = STANDARD_LAYOUT) -> int:

@@ -1,0 +1,146 @@
+"""The CPU paths of a pruning event's selection: numpy on the tensors' own memory.
+
+torch's CPU ``topk``/``kthvalue``, float comparisons and bool -> int conversions are several times slower
+than numpy's ``partition``, ``greater`` and ``copyto`` on the same memory, and torch's CPU allocator does not
+ask the kernel for huge pages where numpy does; every full-size pass here is done slice by slice in
+cache-sized buffers (``benchmarks/overhead.md``, pruning events). Each function gives exactly what the torch
+path in :mod:`~lightning_clipprune.pruning.ranking` gives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_clipprune.pruning.criteria import Magnitude
+
+#: numpy dtypes of the tensors whose selection and comparisons run in numpy on the CPU (no bfloat16 there).
+HOST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.bool)
+
+
+def host_array(x: Tensor) -> np.ndarray | None:
+    """``x`` as a numpy array sharing its memory when it is a contiguous CPU tensor numpy can hold, else None.
+
+    torch's CPU ``topk``/``kthvalue`` and float comparisons are several times slower than numpy's
+    ``partition`` and ``greater`` on the same memory (``benchmarks/overhead.md``, pruning events).
+    """
+    if x.device.type != "cpu" or x.dtype not in HOST_DTYPES or not x.is_contiguous():
+        return None
+    return x.detach().numpy()
+
+
+def host_select(a: np.ndarray, k: int) -> Any:
+    """The ``k``-th smallest of the 1-D numpy ``a`` (1-based), by ``numpy.partition``.
+
+    A float array is selected negated, as the ``(n - k + 1)``-th largest: ``numpy.partition`` slows down
+    up to a hundredfold when a large block of equal *lowest* values (the entries already pruned, all at
+    ``PRUNED_SCORE``) lies on its way, and not when the block is on top (``benchmarks/overhead.md``).
+    A large float array is first narrowed to the band around the answer (:func:`host_band`).
+    """
+    if a.dtype.kind == "f":
+        if a.size >= BAND_MIN:
+            band = host_band(a, k)
+            if band is not None:
+                a, k = band
+        at = a.size - k
+        negated = np.negative(a)  # the one copy: partitioned in place
+        negated.partition(at)
+        return -negated[at]
+    return np.partition(a, k - 1)[k - 1]
+
+
+#: Float arrays at least this long are narrowed to a band before the partition.
+BAND_MIN = 1 << 16
+
+
+def host_band(a: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
+    """``(band, k')``: the entries of ``a`` strictly above a low bracket and at most a high one, where the
+    ``k``-th smallest of ``a`` is the ``k'``-th smallest of the band; None when the brackets miss.
+
+    The brackets are order statistics of an evenly strided sample, widened by four standard deviations of
+    the sample quantile, so the band holds a few percent of ``a``: two comparisons and one extraction, then a
+    partition of the band, cost less than partitioning ``a`` (a 235k-entry layer: 1.1-1.7 ms -> 0.2-0.4
+    ms). Exact whatever the sample: a miss only costs the time of the narrowing.
+    """
+    n = a.size
+    sample = np.sort(a[:: max(1, n // min(max(2048, 8 * math.isqrt(n)), n // 8))])
+    m, q = sample.size, k / n
+    delta = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+    lo_rank, hi_rank = math.floor((q - delta) * m), math.ceil((q + delta) * m)
+    lo = sample[lo_rank - 1] if lo_rank >= 1 else None
+    hi = sample[hi_rank - 1] if hi_rank <= m else None
+    if lo is None and hi is None:
+        return None
+    band, below = between(a, lo, hi)  # a block equal to lo stays out of the band
+    if below >= k:  # the answer is lo itself when fewer than k lie under it
+        return (sample[lo_rank - 1 : lo_rank], 1) if int(np.count_nonzero(a < lo)) < k else None
+    return (band, k - below) if k - below <= band.size else None
+
+
+def between(a: np.ndarray, lo: Any, hi: Any) -> tuple[np.ndarray, int]:
+    """The entries ``lo < x <= hi`` of ``a`` in order (a None bound is open) and how many are ``<= lo``.
+
+    Slice by slice, the comparisons written into two small reused buffers (no full-size temporary).
+    """
+    above, at_most = np.empty(min(FILL_CHUNK, a.size), dtype=bool), np.empty(min(FILL_CHUNK, a.size), dtype=bool)
+    below, pieces = 0, []
+    for start in range(0, a.size, FILL_CHUNK):
+        part = a[start : start + FILL_CHUNK]
+        keep = above[: part.size]
+        if lo is None:
+            keep.fill(True)
+        else:
+            np.greater(part, lo, out=keep)
+            below += part.size - int(np.count_nonzero(keep))
+        if hi is not None:
+            np.less_equal(part, hi, out=at_most[: part.size])
+            keep &= at_most[: part.size]
+        pieces.append(part[keep])
+    return np.concatenate(pieces), below
+
+
+def host_empty(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty(n, dtype=dtype, device=device)``; on the CPU allocated by numpy, which asks the kernel for huge
+    pages for large arrays (torch's allocator does not): a first pass over 25 M fresh floats costs 3x less."""
+    if torch.device(device).type == "cpu" and dtype in NUMPY_FLOATS:
+        return torch.from_numpy(np.empty(n, dtype=NUMPY_FLOATS[dtype]))
+    return torch.empty(n, dtype=dtype, device=device)
+
+
+NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+#: Entries per slice of :func:`~.ranking.fill_pruned_`'s CPU path: its integer temporary stays in the L2 cache.
+FILL_CHUNK = 1 << 16
+
+
+def magnitude_filled(criterion: Any, weight: Tensor, part: Tensor, live: Tensor, pruned_bits: int) -> bool:
+    """``part = |weight|`` with :func:`~.ranking.fill_pruned_` by ``live`` (``pruned_bits``: their score's bits), slice by slice, when ``criterion`` scores by
+    :class:`~.criteria.Magnitude` and all three are contiguous float32/bool CPU tensors; False otherwise."""
+    if getattr(type(criterion), "score_into", None) is not Magnitude.score_into:
+        return False
+    if weight.dtype != torch.float32 or part.dtype != torch.float32:
+        return False
+    w, out, keep = host_array(weight), host_array(part), host_array(live)
+    if w is None or out is None or keep is None or keep.dtype != np.bool_:
+        return False
+    w, bits = w.reshape(-1), out.view(np.int32)
+    for start in range(0, w.size, FILL_CHUNK):
+        np.abs(w[start : start + FILL_CHUNK], out=out[start : start + FILL_CHUNK])
+        fill_pruned_host(bits[start : start + FILL_CHUNK], keep[start : start + FILL_CHUNK], pruned_bits)
+    return True
+
+
+def fill_pruned_host(bits: np.ndarray, live: np.ndarray, pruned_bits: int) -> None:
+    factor = np.empty(min(FILL_CHUNK, bits.size), dtype=bits.dtype)
+    for start in range(0, bits.size, FILL_CHUNK):
+        b = bits[start : start + FILL_CHUNK]
+        f = factor[: b.size]
+        np.copyto(f, live[start : start + FILL_CHUNK], casting="unsafe")
+        b *= f
+        b += pruned_bits
+        f *= pruned_bits
+        b -= f
