@@ -172,3 +172,51 @@ def test_rows_left_zero_by_unstructured_pruning_are_not_called_channel_pruning()
     with pytest.warns(UserWarning, match=r"12 output channels .* carry a constant"):
         small, widths = compact_channels(wide, torch.randn(8, 64))
     assert widths == {}  # the constant channels are kept: outputs equal
+
+
+class _PadsCircularly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.pad(torch.relu(self.a(x)), (1, 1, 1, 1), mode="circular"))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")),
+         "'2' pads circularly"),
+        (_PadsCircularly, "the forward writes into a slice of a tensor"),
+    ],
+)
+def test_circular_padding_is_refused_before_the_tracer_loops(make, match: str) -> None:
+    # Torch-Pruning's group search never ends on circular padding (a slice written in place): refused up front,
+    # in one line; to_inference's default compact="auto" warns, keeps the channels and still converts.
+    net = make().eval()
+    layer = net[0] if isinstance(net, nn.Sequential) else net.a
+    _zero_rows_(layer, [0, 1])
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=match + r".*compact=False") as err:
+        compact_channels(net, x)
+    assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match="zero output channels are kept: compact: cannot trace"):
+        fast = to_inference(net, example_input=x, min_sparsity=1.0)
+    assert inference_report(fast).compacted == {}
+    _assert_equal(fast, net, x)
+    with pytest.raises(ValueError, match=match):
+        to_inference(net, example_input=x, compact=True)
+
+
+def test_a_model_that_would_not_run_compacted_is_refused_in_one_line() -> None:
+    # A depthwise convolution reading the model's own input: Torch-Pruning removes its input channels with its
+    # outputs, which the input cannot lose. The failure is one line of ours, not torch's shape error.
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 8, 1)).eval()
+    _zero_rows_(net[0], [1, 2])
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"no longer runs with its dead channels removed \(RuntimeError: .*compact=False"):
+        compact_channels(net, x)
+    with pytest.warns(UserWarning, match="zero output channels are kept"):
+        fast = to_inference(net, example_input=x, min_sparsity=1.0)
+    _assert_equal(fast, net, x)

@@ -386,3 +386,23 @@ def test_csr_layers_that_make_the_whole_model_slower_go_back_to_dense() -> None:
     fast = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=whole_model_slower)
     assert not any(isinstance(m, SparseLinear) for m in fast.modules())
     assert all(c.format == "dense" and c.reason.startswith("end to end 0.20x") for c in inference_report(fast).layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_stay_dense_on_the_cpu(dtype: torch.dtype, tmp_path) -> None:
+    # torch has no CPU CSR product in half precision: even when told CSR is faster the layers stay dense, the
+    # report says why, and a float32 model's recipe replayed on a half-precision one keeps them dense too.
+    net = _mlp().to(dtype)
+    x = torch.randn(4, 64).to(dtype)
+    fast = to_inference(net, example_input=x, batch_size=32, timer=sparse_wins)
+    report = inference_report(fast)
+    assert report.sparse_names() == []
+    assert all("float32/float64 only" in c.reason and str(dtype) in c.reason for c in report.layers)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), net(x))
+    path = tmp_path / "net.lcps"  # the half-precision weights with a float32 model's recipe (all CSR)
+    save_inference(net, to_inference(_mlp(), example_input=x.float(), batch_size=32, timer=sparse_wins), str(path))
+    loaded = load_inference(_mlp(seed=1).to(dtype), str(path), example_input=x)
+    assert inference_report(loaded).sparse_names() == []
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), net(x))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
 
-__all__ = ["compact_channels", "has_zero_channels", "torch_pruning_missing"]
+__all__ = ["compact_channels", "has_zero_channels", "maybe_compact", "torch_pruning_missing"]
 
 _INSTALL = "pip install 'lightning-clipprune[compact]' (or: pip install torch-pruning)"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -178,6 +178,7 @@ def compact_channels(
     names = {m: n for n, m in out.named_modules()}
     with torch.no_grad():
         reference = out(example_input)
+    _check_traceable(out, example_input)
     live = _consumer_inputs(out, example_input)
     before = _widths(out)
     graph = tp.DependencyGraph().build_dependency(out, example_inputs=example_input[:1], verbose=False)
@@ -216,8 +217,15 @@ def _warn_constant_channels(carrying: dict[str, int]) -> None:
 
 
 def _check_equal(model: nn.Module, x: Tensor, reference: Tensor, atol: float, rtol: float) -> None:
-    with torch.no_grad():
-        got = model(x)
+    try:
+        with torch.no_grad():
+            got = model(x)
+    except (RuntimeError, ValueError, IndexError) as err:  # e.g. a depthwise conv fed the model's own input
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"compact: the model no longer runs with its dead channels removed ({type(err).__name__}: {first[:160]}); "
+            "a layer the tracer does not understand uses them: pass compact=False"
+        ) from None
     if not isinstance(got, Tensor) or got.shape != reference.shape:
         shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
         raise ValueError(
@@ -230,3 +238,60 @@ def _check_equal(model: nn.Module, x: Tensor, reference: Tensor, atol: float, rt
             f"compact: the compacted model's outputs differ from the masked model's (max |diff| {diff:.3g}); "
             "a layer the tracer does not understand mixes channels: pass compact=False"
         )
+
+
+def _check_traceable(model: nn.Module, x: Tensor) -> None:
+    """Refuse, before Torch-Pruning traces it, a model that writes into slices of a tensor in its forward (circular
+    padding, ``y[..., i] = ...``): Torch-Pruning's group search does not end on such a graph."""
+    with torch.enable_grad():
+        outputs = model(x[:1])
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    seen: set[Any] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "CopySlices":
+            circular = [n for n, m in model.named_modules() if getattr(m, "padding_mode", None) == "circular"]
+            where = f"{circular[0]!r} pads circularly" if circular else "the forward writes into a slice of a tensor"
+            raise ValueError(
+                f"compact: cannot trace this model's channels ({where}, and Torch-Pruning's tracer does not finish "
+                "on that); pass compact=False, or use padding_mode='zeros'/'reflect'"
+            )
+        stack.extend(f for f, _ in fn.next_functions)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
+    """What ``to_inference(compact=...)`` does: :func:`compact_channels` when some output channel is zero.
+
+    ``compact=True`` raises what :func:`compact_channels` raises; ``"auto"`` warns in one line and keeps the
+    channels when Torch-Pruning is missing or the model cannot be compacted (unstructured pruning leaves zero
+    rows by chance in narrow layers: the CSR conversion then goes on); ``False`` does nothing.
+    """
+    if compact is False or not has_zero_channels(model):
+        return model, {}
+    if compact == "auto" and torch_pruning_missing():
+        warnings.warn(
+            "to_inference: whole output channels are zero but Torch-Pruning is not installed, so they are kept; "
+            "pip install 'lightning-clipprune[compact]' (torch-pruning) to remove them physically",
+            stacklevel=3,
+        )
+        return model, {}
+    if compact is True:
+        return compact_channels(model, x)
+    try:
+        return compact_channels(model, x)
+    except ValueError as err:
+        warnings.warn(f"to_inference: the zero output channels are kept: {err} (compact=True makes this an error)", stacklevel=3)
+        return model, {}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
+from lightning_clipprune.export.compact import maybe_compact
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
 from lightning_clipprune.export.sparse_linear import (
     FeatureMajorLinear,
@@ -197,6 +198,11 @@ def _sparse_module(module: nn.Module) -> nn.Module:
     return SparseLinear(module) if isinstance(module, nn.Linear) else SparseConv2d(module)
 
 
+#: Weight dtypes torch's CPU CSR product (MKL) computes in; a float16/bfloat16 layer stays dense.
+CSR_DTYPES = (torch.float32, torch.float64)
+_NO_CSR = "torch has no CPU CSR product in {dtype} (float32/float64 only): convert the model with .float() for CSR"
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -213,6 +219,8 @@ def _choose(
         return LayerChoice(name, kind, sparsity, None, None, "dense", f"sparsity below min_sparsity={min_sparsity}")
     if x is None:
         return LayerChoice(name, kind, sparsity, None, None, "dense", "not run by the example input")
+    if module.weight.dtype not in CSR_DTYPES:
+        return LayerChoice(name, kind, sparsity, None, None, "dense", _NO_CSR.format(dtype=module.weight.dtype))
     dense = FeatureMajorLinear(module) if type(module) is nn.Linear and feature_major(x) else module  # as it would run
     dense_s, sparse_s = compare_latency(dense, _sparse_module(module), x, rounds=rounds, timer=timer)
     if sparse_s * margin < dense_s:
@@ -262,8 +270,9 @@ def to_inference(
         batch_size: the batch size to decide for: CSR wins at large batches and loses on small layers at
             batch 1. ``None``: the batch size of ``example_input``.
         device: ``"cpu"`` (compaction + CSR) or ``"cuda"`` (2:4 semi-structured on sparse tensor cores).
-        compact: remove whole zero output channels physically: ``"auto"`` when Torch-Pruning is installed
-            (warns once otherwise), ``True`` (raises without it), ``False`` never.
+        compact: remove whole zero output channels physically: ``"auto"`` when Torch-Pruning is installed and
+            the model can be compacted (warns in one line otherwise and keeps them), ``True`` (raises instead),
+            ``False`` never.
         min_sparsity: layers less sparse than this stay dense without timing.
         margin: CSR is kept only where it is at least this many times faster than dense.
         rounds: interleaved timing rounds per layer (median of each).
@@ -273,7 +282,7 @@ def to_inference(
         The inference model; ``inference_report(model)`` says what was done per layer.
 
     Raises:
-        ValueError: a bad argument, or compaction would change the outputs (one line).
+        ValueError: a bad argument, or with ``compact=True`` a model that cannot be compacted (one line).
         ImportError: ``compact=True`` without Torch-Pruning (one line with the pip command).
         RuntimeError: ``device="cuda"`` without a suitable GPU (from ``to_semi_structured``).
 
@@ -288,7 +297,7 @@ def to_inference(
     out = copy.deepcopy(model).eval()
     if str(device).startswith("cuda"):
         return _to_cuda(out, str(device), x.shape[0])
-    out, compacted = _maybe_compact(out, x, compact)
+    out, compacted = maybe_compact(out, x, compact)
     before_csr = copy.deepcopy(out)
     order = list(_layer_inputs(out, list(_candidates(out)), x))  # the candidates in the order they run
     originals: dict[str, nn.Module] = {}
@@ -381,23 +390,6 @@ def _verify(model: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn
         "stay dense",
         stacklevel=3,
     )
-
-
-def _maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
-    if compact is False:
-        return model, {}
-    from lightning_clipprune.export.compact import compact_channels, has_zero_channels, torch_pruning_missing
-
-    if not has_zero_channels(model):
-        return model, {}
-    if compact == "auto" and torch_pruning_missing():
-        warnings.warn(
-            "to_inference: whole output channels are zero but Torch-Pruning is not installed, so they are kept; "
-            "pip install 'lightning-clipprune[compact]' (torch-pruning) to remove them physically",
-            stacklevel=3,
-        )
-        return model, {}
-    return compact_channels(model, x)
 
 
 def _to_cuda(model: nn.Module, device: str, batch_size: int) -> nn.Module:
@@ -493,7 +485,7 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
         raise ValueError(f"{path}: the inference recipe is malformed (expected layer names and a batch size)")
     out = copy.deepcopy(module).eval()
     x = _batch_of(example_input, None)
-    out, compacted = _maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
+    out, compacted = maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
     candidates, every = _candidates(out), dict(out.named_modules())
     unknown = [n for n in names if n not in every]
     if unknown:
@@ -503,8 +495,9 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
         )
     choices = []
     for name, m in candidates.items():
-        fmt = "csr" if name in names else "dense"
-        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, "from the recipe"))
+        fmt = "csr" if name in names and m.weight.dtype in CSR_DTYPES else "dense"
+        why = _NO_CSR.format(dtype=m.weight.dtype) if name in names and fmt == "dense" else "from the recipe"
+        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, why))
         if fmt == "csr":
             _set_module(out, name, _sparse_module(m))
     for name in _layer_inputs(out, [n for n in candidates if n not in names], x) if names else ():
