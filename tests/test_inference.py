@@ -388,6 +388,26 @@ def test_csr_layers_that_make_the_whole_model_slower_go_back_to_dense() -> None:
     assert all(c.format == "dense" and c.reason.startswith("end to end 0.20x") for c in inference_report(fast).layers)
 
 
+def test_only_the_csr_layers_that_make_the_whole_model_faster_are_kept() -> None:
+    # Each layer alone is faster in CSR, but the first one's (features, batch) output slows what follows it (a
+    # LayerNorm, in the case measured): all CSR is slower than dense; layer by layer, the two others are kept.
+    def first_layer_slows_the_model(module: nn.Module, x: torch.Tensor) -> float:
+        if isinstance(module, nn.Sequential):
+            csr = [m for m in module.modules() if isinstance(m, SparseLinear)]
+            return 10.0 + sum(30.0 if m.in_features == 64 else -3.0 for m in csr)
+        return sparse_wins(module, x)
+
+    net, x = _mlp(), torch.randn(2, 64)
+    fast = to_inference(net, example_input=x, timer=first_layer_slows_the_model)
+    report = inference_report(fast)
+    assert report.sparse_names() == ["3", "5"]
+    first = next(c for c in report.layers if c.name == "1")
+    assert first.reason.startswith("end to end 0.25x with CSR there (all CSR: 0.29x)")
+    assert type(fast[1]) is nn.Linear and type(fast[3]) is SparseLinear and type(fast[5]) is SparseLinear
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), net(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_layers_stay_dense_on_the_cpu(dtype: torch.dtype, tmp_path) -> None:
     # torch has no CPU CSR product in half precision: even when told CSR is faster the layers stay dense, the

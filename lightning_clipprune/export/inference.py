@@ -21,8 +21,6 @@ the file holds tensors and a JSON recipe of layer names, never a pickle.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
+from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped
 from lightning_clipprune.export.compact import maybe_compact
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
 from lightning_clipprune.export.sparse_linear import (
@@ -52,8 +51,6 @@ __all__ = [
     "to_inference",
 ]
 
-#: ``timer(module, x) -> seconds`` for one call; the default runs it once under ``perf_counter``.
-Timer = Callable[[nn.Module, Tensor], float]
 _REPORT_ATTR = "clipprune_inference"
 _RECIPE_KEY = "inference_recipe"
 
@@ -110,41 +107,6 @@ class InferenceReport:
             "csr": [c.name for c in self.layers if c.format == "csr"],
             "layers": [asdict(c) for c in self.layers],
         }
-
-
-def _one_call_timer(module: nn.Module, x: Tensor, min_seconds: float = 2e-3) -> float:
-    # Seconds per call, over as many calls as fill ``min_seconds``: one sub-millisecond call is mostly noise.
-    calls, start = 0, time.perf_counter()
-    while True:
-        module(x)
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds or calls >= 1000:
-            return elapsed / calls
-
-
-def compare_latency(
-    first: nn.Module, second: nn.Module, x: Tensor, *, rounds: int = 7, timer: Timer | None = None
-) -> tuple[float, float]:
-    """Median seconds per call of ``first(x)`` and ``second(x)``, timed interleaved under ``torch.inference_mode``.
-
-    One warm-up call each, then ``rounds`` alternations, so that a change in machine load hits both alike.
-
-    Example::
-
-        >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
-        >>> t_a, t_b = compare_latency(a, b, torch.randn(2, 4), rounds=3)
-        >>> t_a > 0 and t_b > 0
-        True
-    """
-    timer = timer or _one_call_timer
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.inference_mode():
-        first(x), second(x)
-        for _ in range(rounds):
-            times[0].append(timer(first, x))
-            times[1].append(timer(second, x))
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _batch_of(example_input: Tensor, batch_size: int | None) -> Tensor:
@@ -354,13 +316,35 @@ def _keep_if_faster(
     dense: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice],
     rounds: int, timer: Timer | None,
 ) -> None:
-    """The end-to-end guard: layer timings that each said "faster" must add up to a faster model, else all
-    CSR layers go back to dense (never slower than the model without them)."""
+    """The end-to-end guard: layer timings that each said "faster" must add up to a faster model. When they do not,
+    the CSR layers go back in one at a time, the largest per-layer gain first, each kept only where the whole
+    model is faster with it (a CSR layer whose ``(features, batch)`` output slows what follows it, such as a
+    ``LayerNorm``, stays dense): never slower than the model without them."""
     if not originals:
         return
     dense_s, sparse_s = compare_latency(dense, out, x, rounds=rounds, timer=timer)
-    if sparse_s > dense_s:
-        _restore(out, originals, choices, f"end to end {dense_s / sparse_s:.2f}x of dense with CSR: not faster")
+    if sparse_s <= dense_s:
+        return
+    reasons, swapped = {c.name: c.reason for c in choices}, dict(originals)
+    csr = sorted((c for c in choices if c.format == "csr"), key=lambda c: c.sparse_s - c.dense_s)
+    sparse = {c.name: out.get_submodule(c.name) for c in csr}
+    _restore(out, originals, choices, "")
+    for choice in csr:
+        name, module = choice.name, swapped[choice.name]
+        put = lambda m, n=name: _set_module(out, n, m)  # noqa: E731
+        without_s, with_s = compare_swapped(out, put, module, sparse[name], x, rounds=rounds, timer=timer)
+        if with_s < without_s:
+            originals[name] = module
+            choice.format, choice.reason = "csr", f"{reasons[name]}; end to end {without_s / with_s:.2f}x faster with it"
+        else:
+            put(module)
+            choice.reason = f"end to end {without_s / with_s:.2f}x with CSR there (all CSR: {dense_s / sparse_s:.2f}x): not faster"
+    for choice in (c for c in choices if c.name in swapped and c.name not in sparse):  # dense, fed by a CSR layer
+        module = swapped[choice.name]
+        if _keep_layout(out, choice.name, module, _layer_inputs(out, [choice.name], x).get(choice.name), x):
+            originals[choice.name], choice.reason = module, reasons[choice.name]
+        else:
+            choice.reason = reasons[choice.name].split("; multiplied in")[0]
 
 
 def _verify(model: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice]) -> None:

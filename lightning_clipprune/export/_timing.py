@@ -1,0 +1,68 @@
+"""Interleaved latency comparisons for :func:`~lightning_clipprune.export.inference.to_inference`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Timer", "compare_latency", "compare_swapped"]
+
+#: ``timer(module, x) -> seconds`` for one call; the default runs it once under ``perf_counter``.
+Timer = Callable[[nn.Module, Tensor], float]
+
+
+def _one_call_timer(module: nn.Module, x: Tensor, min_seconds: float = 2e-3) -> float:
+    # Seconds per call, over as many calls as fill ``min_seconds``: one sub-millisecond call is mostly noise.
+    calls, start = 0, time.perf_counter()
+    while True:
+        module(x)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds or calls >= 1000:
+            return elapsed / calls
+
+
+def compare_latency(
+    first: nn.Module, second: nn.Module, x: Tensor, *, rounds: int = 7, timer: Timer | None = None
+) -> tuple[float, float]:
+    """Median seconds per call of ``first(x)`` and ``second(x)``, timed interleaved under ``torch.inference_mode``.
+
+    One warm-up call each, then ``rounds`` alternations, so that a change in machine load hits both alike.
+
+    Example::
+
+        >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        >>> t_a, t_b = compare_latency(a, b, torch.randn(2, 4), rounds=3)
+        >>> t_a > 0 and t_b > 0
+        True
+    """
+    timer = timer or _one_call_timer
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        first(x), second(x)
+        for _ in range(rounds):
+            times[0].append(timer(first, x))
+            times[1].append(timer(second, x))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def compare_swapped(
+    model: nn.Module, put: Callable[[nn.Module], None], first: nn.Module, second: nn.Module, x: Tensor, *,
+    rounds: int = 7, timer: Timer | None = None,
+) -> tuple[float, float]:
+    """Median seconds per call of the whole ``model(x)`` with ``put(first)`` and with ``put(second)`` done,
+    interleaved as :func:`compare_latency`; ``model`` is left with ``second`` put in."""
+    timer = timer or _one_call_timer
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        for i in range(rounds + 1):  # the first round warms up
+            for j, module in enumerate((first, second)):
+                put(module)
+                seconds = timer(model, x)
+                if i:
+                    times[j].append(seconds)
+    return statistics.median(times[0]), statistics.median(times[1])
