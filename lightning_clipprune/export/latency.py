@@ -40,7 +40,7 @@ def measure_inference(
 
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> sorted(measure_inference(net, torch.randn(4, 8), rounds=1))[:3]
-        ['batch_size', 'compacted_layers', 'csr_layers']
+        ['batch_size', 'compacted_layers', 'compaction_skipped']
     """
     from lightning_clipprune.export.compact import has_zero_channels, torch_pruning_missing
 

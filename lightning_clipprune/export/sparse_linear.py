@@ -65,11 +65,11 @@ def _numpy_copy_pays(rows: int, cols: int) -> bool:
 def _transposed_copy(x2d: Tensor) -> Tensor:
     # traced or compiled graphs keep torch's copy, which they can record
     if (
-        x2d.device.type == "cpu"
+        _numpy_copy_pays(x2d.shape[0], x2d.shape[1])
         and x2d.dtype == torch.float32
+        and x2d.is_cpu
         and x2d.is_contiguous()
         and not x2d.requires_grad
-        and _numpy_copy_pays(x2d.shape[0], x2d.shape[1])
         and not torch.jit.is_tracing()
         and not _compiling()
     ):
@@ -123,10 +123,13 @@ class FeatureMajorLinear(nn.Linear):
         self.register_parameter("bias", linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not feature_major(x):
+        if x.dim() != 2 or x.is_contiguous():
+            return F.linear(x, self.weight, self.bias)
+        xt = x.t()
+        if not xt.is_contiguous():
             return F.linear(x, self.weight, self.bias)
         bias = self.bias
-        out = torch.mm(self.weight, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), self.weight, x.t())
+        out = torch.mm(self.weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), self.weight, xt)
         return out.t()
 
 
@@ -152,6 +155,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # no reshapes: a few microseconds of a small layer's call
+            return _csr_matmul(self.weight, self.bias, x)
         shape = list(x.shape[:-1])  # a list, not *unpacking: torch.jit.script accepts it
         shape.append(self.out_features)
         return _csr_matmul(self.weight, self.bias, x.reshape(-1, self.in_features)).reshape(shape)
