@@ -23,6 +23,7 @@ in the "trained" row).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -67,7 +68,8 @@ def prune(model: nn.Module, sparsity: float, pattern: str, coupled_on: torch.Ten
     """Zero the model's Linear/Conv weights with the library's masks (global unstructured or local channels).
 
     ``coupled_on``: an example input; "channel" then prunes the coupled channel groups traced on it together."""
-    weights = {n: p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # GPT-2's head shares one
+    weights = {n: p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n and id(p) not in tables}
     scope = "local" if pattern == "channel" else "global"
     groups = None if coupled_on is None else channel_groups(model, coupled_on, weights)[0]
     masks = compute_masks(
@@ -167,7 +169,19 @@ def cases(smoke: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[int
                 lambda: trained(resnet20(shortcut="B"), couple_channels=True), img(3, 32)))
     out.append(("Transformer block 90 %", lambda: prune(TransformerBlock(), 0.9, "unstructured"),
                 lambda b: torch.randint(0, 1000, (b, 16))))
+    if importlib.util.find_spec("transformers") is not None:  # Hugging Face GPT-2: Conv1D layers, a ModelOutput
+        out += [(f"GPT-2 (HF, 2 x 256) {int(s * 100)} %", (lambda s=s: prune(gpt2(), s, "unstructured")),
+                 lambda b: torch.randint(0, 1000, (b, 16))) for s in (0.9, 0.95)]
     return out
+
+
+def gpt2() -> nn.Module:
+    """A small Hugging Face GPT-2 (2 blocks, width 256, 1000 tokens), randomly initialised, in eval mode."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1000, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
 
 
 def run_row(name: str, dense: nn.Module, make_x: Callable[[int], torch.Tensor], batch: int, threads: int,
@@ -180,7 +194,9 @@ def run_row(name: str, dense: nn.Module, make_x: Callable[[int], torch.Tensor], 
     dense_s, fast_s = compare_latency(dense, fast, x, rounds=rounds)
     report = inference_report(fast)
     with torch.inference_mode():
-        max_diff = float((fast(x).float() - dense(x).float()).abs().max())
+        got, ref = fast(x), dense(x)
+        got, ref = (getattr(o, "logits", o) for o in (got, ref))  # a Hugging Face ModelOutput: its logits
+        max_diff = float((got.float() - ref.float()).abs().max())
     return {
         "model": name, "batch": batch, "threads": threads,
         "dense_ms": 1e3 * dense_s, "inference_ms": 1e3 * fast_s, "speedup": dense_s / fast_s,

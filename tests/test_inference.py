@@ -426,3 +426,69 @@ def test_half_precision_layers_stay_dense_on_the_cpu(dtype: torch.dtype, tmp_pat
     assert inference_report(loaded).sparse_names() == []
     with torch.inference_mode():
         assert torch.equal(loaded(x), net(x))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2), as ``transformers.pytorch_utils`` writes it: ``x @ W + b``, ``W`` is ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class _DictOut(nn.Module):
+    """Two HF-style ``Conv1D`` layers and a dict output, as a Hugging Face model returns its ``ModelOutput``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.proj = Conv1D(48, 32), Conv1D(32, 48)
+        with torch.no_grad():
+            for layer in (self.fc, self.proj):
+                layer.weight.mul_(torch.rand(layer.weight.shape) >= 0.9)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.fc(x))
+        return {"logits": self.proj(hidden), "hidden": hidden}
+
+
+def test_hugging_face_conv1d_layers_and_dict_outputs_are_converted(tmp_path) -> None:
+    # GPT-2's layers are Conv1D, not Linear, and Hugging Face models return a dict-like ModelOutput: both were
+    # left dense before (a dict output read as "outputs differ"). The outputs must match tensor by tensor.
+    net, x = _DictOut().eval(), torch.randn(2, 5, 32)
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    report = inference_report(fast)
+    assert report.sparse_names() == ["fc", "proj"] and {c.kind for c in report.layers} == {"Conv1D"}
+    assert isinstance(fast.fc, SparseLinear) and fast.fc.in_features == 32 and fast.fc.out_features == 48
+    with torch.inference_mode():
+        got, ref = fast(x), net(x)
+    assert got.keys() == ref.keys() and all(torch.allclose(got[k], ref[k], atol=1e-5) for k in ref)
+    path = tmp_path / "net.lcps"
+    save_inference(net, fast, str(path))
+    loaded = load_inference(_DictOut(), str(path), example_input=x)
+    assert inference_report(loaded).sparse_names() == ["fc", "proj"]
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x)["logits"], ref["logits"], atol=1e-5)
+
+
+def test_gpt2_layers_compute_in_csr() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    net = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for module in net.transformer.h.modules():
+            if type(module).__name__ == "Conv1D":
+                module.weight.mul_(torch.rand(module.weight.shape) >= 0.9)
+    tokens = torch.randint(0, 64, (2, 8))
+    fast = to_inference(net, example_input=tokens, timer=sparse_wins)
+    names = inference_report(fast).sparse_names()
+    assert {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"} <= set(names)
+    with torch.inference_mode():
+        assert torch.allclose(fast(tokens).logits, net(tokens).logits, atol=1e-4)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
 
-__all__ = ["compact_channels", "has_zero_channels", "maybe_compact", "torch_pruning_missing"]
+__all__ = ["compact_channels", "has_zero_channels", "maybe_compact", "output_tensors", "torch_pruning_missing"]
 
 _INSTALL = "pip install 'lightning-clipprune[compact]' (or: pip install torch-pruning)"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -245,7 +245,7 @@ def _check_traceable(model: nn.Module, x: Tensor) -> None:
     padding, ``y[..., i] = ...``): Torch-Pruning's group search does not end on such a graph."""
     with torch.enable_grad():
         outputs = model(x[:1])
-    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in output_tensors(outputs) if t.grad_fn is not None]
     seen: set[Any] = set()
     while stack:
         fn = stack.pop()
@@ -262,13 +262,14 @@ def _check_traceable(model: nn.Module, x: Tensor) -> None:
         stack.extend(f for f, _ in fn.next_functions)
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def output_tensors(value: Any) -> list[Tensor]:
+    """The tensors of a model's output, in order: a tensor, or tuples, lists and dicts (a ``ModelOutput``) of them."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in output_tensors(v)]
     return []
 
 

@@ -4,8 +4,8 @@ What it does to a copy of the pruned model, by device:
 
 - ``"cpu"``: layers whose whole output channels are zero (``pattern="channel"``) are removed physically
   (:func:`~lightning_clipprune.export.compact.compact_channels`, through Torch-Pruning when installed); then
-  every ``Linear`` (and ``Conv2d`` with ``groups=1``) at least ``min_sparsity`` sparse is timed at the
-  batch size asked, dense against CSR (:class:`~lightning_clipprune.export.sparse_linear.SparseLinear`,
+  every ``Linear`` (Hugging Face ``Conv1D`` too, and ``Conv2d`` with ``groups=1``) at least ``min_sparsity``
+  sparse is timed at the batch size asked, dense against CSR (:class:`~lightning_clipprune.export.sparse_linear.SparseLinear`,
   :class:`~lightning_clipprune.export.sparse_linear.SparseConv2d`), and converted only where CSR is faster
   by ``margin``. A layer below ``min_sparsity`` stays dense untimed: CSR never won there in our measurements
   (benchmarks/bench_inference.md).
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped
-from lightning_clipprune.export.compact import maybe_compact
+from lightning_clipprune.export.compact import maybe_compact, output_tensors
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
 from lightning_clipprune.export.sparse_linear import (
     FeatureMajorLinear,
@@ -39,6 +39,7 @@ from lightning_clipprune.export.sparse_linear import (
     SparseLinear,
     feature_major,
 )
+from lightning_clipprune.pruning.wrappers import is_hf_conv1d
 
 __all__ = [
     "InferenceReport",
@@ -134,7 +135,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     }
     return {
         n: m for n, m in model.named_modules()
-        if n not in fused and (type(m) is nn.Linear or (
+        if n not in fused and (type(m) is nn.Linear or is_hf_conv1d(m) or (
             type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)))
     }
 
@@ -157,6 +158,8 @@ def _sparsity(weight: Tensor) -> float:
 
 
 def _sparse_module(module: nn.Module) -> nn.Module:
+    if is_hf_conv1d(module):
+        return SparseLinear.from_hf_conv1d(module)
     return SparseLinear(module) if isinstance(module, nn.Linear) else SparseConv2d(module)
 
 
@@ -347,6 +350,21 @@ def _keep_if_faster(
             choice.reason = reasons[choice.name].split("; multiplied in")[0]
 
 
+def _same_outputs(ref: Any, got: Any) -> bool:
+    """Whether every tensor of ``got`` (a tensor, or tuples, lists, dicts of them: a ``ModelOutput``) matches
+    ``ref``'s within float rounding."""
+    a, b = output_tensors(ref), output_tensors(got)
+
+    def close(r: Tensor, g: Tensor) -> bool:
+        if r.shape != g.shape or r.dtype != g.dtype:
+            return False
+        if not r.is_floating_point() or not r.numel():
+            return torch.equal(r, g)
+        return torch.allclose(g, r, atol=1e-4 * (1.0 + float(r.abs().max())), rtol=1e-3)
+
+    return bool(a) and len(a) == len(b) and all(close(r, g) for r, g in zip(a, b, strict=True))
+
+
 def _verify(model: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice]) -> None:
     """Compare the outputs; when CSR changed them (a weight also read outside its layer's forward, such as a
     fused attention fast path or a tied weight), put the dense layers back and warn."""
@@ -362,9 +380,7 @@ def _verify(model: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn
                 got = None
     finally:
         model.train(was_training)
-    if isinstance(ref, Tensor) and isinstance(got, Tensor) and ref.shape == got.shape and torch.allclose(
-        got, ref, atol=1e-4 * (1.0 + float(ref.abs().max())), rtol=1e-3
-    ):
+    if got is not None and _same_outputs(ref, got):
         return
     count = len(originals)
     _restore(out, originals, choices, "CSR changed the model's outputs (weight used outside forward)")

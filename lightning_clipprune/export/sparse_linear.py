@@ -15,6 +15,7 @@ Which layers are worth converting is decided in :mod:`lightning_clipprune.export
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -153,6 +154,24 @@ class SparseLinear(nn.Module):
         self.out_features = linear.out_features
         self.register_buffer("weight", to_csr(linear.weight))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @classmethod
+    def from_hf_conv1d(cls, conv1d: nn.Module) -> SparseLinear:
+        """From a Hugging Face ``Conv1D`` (GPT-2's layers), which computes ``x @ W + b`` with ``W`` stored ``(in, out)``.
+
+        Example::
+
+            >>> class Conv1D(nn.Module):
+            ...     def __init__(self, nf, nx):
+            ...         super().__init__(); self.nf = nf
+            ...         self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.randn(nf))
+            >>> layer, x = Conv1D(4, 8), torch.randn(3, 8)
+            >>> torch.allclose(SparseLinear.from_hf_conv1d(layer)(x), x @ layer.weight + layer.bias, atol=1e-6)
+            True
+        """
+        weight = conv1d.weight.detach()
+        view = SimpleNamespace(in_features=weight.shape[0], out_features=weight.shape[1], weight=weight.t(), bias=conv1d.bias)
+        return cls(view)  # type: ignore[arg-type]  # what __init__ reads of a Linear
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:  # no reshapes: a few microseconds of a small layer's call
