@@ -261,6 +261,7 @@ def test_a_recipe_naming_another_models_layer_is_refused(tmp_path) -> None:
         ({"min_sparsity": 1.5}, "`min_sparsity` must be in"),
         ({"margin": 0.5}, "`margin` must be >= 1"),
         ({"example_input": [1, 2]}, "`example_input` must be a batch tensor"),
+        ({"progress": "yes"}, "`progress` must be True or False"),
     ],
 )
 def test_bad_arguments_are_one_line(kwargs: dict, match: str) -> None:
@@ -268,6 +269,12 @@ def test_bad_arguments_are_one_line(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match) as err:
         to_inference(_mlp(), **args)
     assert "\n" not in str(err.value)
+
+
+def test_progress_bar_changes_nothing_but_the_console() -> None:
+    quiet = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=middle_layer_slow)
+    shown = to_inference(_mlp(), example_input=torch.randn(2, 64), timer=middle_layer_slow, progress=True)
+    assert inference_report(shown).sparse_names() == inference_report(quiet).sparse_names() == ["1", "5"]
 
 
 def test_report_of_a_plain_model_is_refused() -> None:

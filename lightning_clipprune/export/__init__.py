@@ -33,10 +33,9 @@ from lightning_clipprune.export.inference import (
     LayerChoice,
     compare_latency,
     inference_report,
-    load_inference,
-    save_inference,
     to_inference,
 )
+from lightning_clipprune.export.recipes import load_inference, save_inference
 from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
 from lightning_clipprune.export.sparse_linear import FeatureMajorLinear, SparseConv2d, SparseLinear
 

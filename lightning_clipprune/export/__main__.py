@@ -45,9 +45,9 @@ def _one_line(err: BaseException) -> str:
 
 def _inference_recipe(state: dict[str, Tensor], batch_size: int) -> dict[str, object]:
     """Time the Linear weights at ``batch_size`` and print one line per layer: what CSR buys there."""
-    from lightning_clipprune.export.inference import recipe_for_state_dict
+    from lightning_clipprune.export.recipes import recipe_for_state_dict
 
-    recipe = recipe_for_state_dict(state, batch_size)
+    recipe = recipe_for_state_dict(state, batch_size, progress=sys.stdout.isatty())
     for layer in recipe["layers"]:
         if layer["dense_s"] is None:
             timing = layer["reason"]

@@ -14,15 +14,15 @@ What it does to a copy of the pruned model, by device:
   stays dense.
 
 The choices are recorded on the returned model (:func:`inference_report`) and can be stored with the
-weights in a ``.lcps`` file (:func:`save_inference`) and replayed without timing (:func:`load_inference`):
-the file holds tensors and a JSON recipe of layer names, never a pickle.
+weights in a ``.lcps`` file and replayed without timing (:mod:`~lightning_clipprune.export.recipes`): the
+file holds tensors and a JSON recipe of layer names, never a pickle.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,9 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
-from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped
+from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped, progress_bar
 from lightning_clipprune.export.compact import maybe_compact, output_tensors
-from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
 from lightning_clipprune.export.sparse_linear import (
     FeatureMajorLinear,
     SparseConv2d,
@@ -46,14 +45,10 @@ __all__ = [
     "LayerChoice",
     "compare_latency",
     "inference_report",
-    "load_inference",
-    "recipe_for_state_dict",
-    "save_inference",
     "to_inference",
 ]
 
 _REPORT_ATTR = "clipprune_inference"
-_RECIPE_KEY = "inference_recipe"
 
 
 @dataclass
@@ -217,6 +212,7 @@ def to_inference(
     margin: float = 1.05,
     rounds: int = 7,
     timer: Timer | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """The fastest inference model for ``device``: a pruned model's copy, compacted and/or sparse where it pays.
 
@@ -242,6 +238,7 @@ def to_inference(
         margin: CSR is kept only where it is at least this many times faster than dense.
         rounds: interleaved timing rounds per layer (median of each).
         timer: ``timer(module, x) -> seconds`` for one call, replacing the wall clock (for tests).
+        progress: show a progress bar over the layers' timing (seconds per layer on large models).
 
     Returns:
         The inference model; ``inference_report(model)`` says what was done per layer.
@@ -258,6 +255,8 @@ def to_inference(
             y = fast(x)
     """
     _check_options(str(device), compact, min_sparsity, margin, rounds)
+    if not isinstance(progress, bool):
+        raise ValueError(f"to_inference: `progress` must be True or False, got {progress!r}")
     x = _batch_of(example_input, batch_size)
     out = copy.deepcopy(model).eval()
     if str(device).startswith("cuda"):
@@ -270,23 +269,34 @@ def to_inference(
         LayerChoice(n, type(m).__name__, _sparsity(m.weight), None, None, "dense", "not run by the example input")
         for n, m in _candidates(out).items() if n not in order
     ]
-    for name in order:
-        # Re-captured after each conversion: a CSR layer hands the next one its input in the (features, batch)
-        # layout, which changes what the next one costs (a dense Linear then multiplies in that layout).
-        module = out.get_submodule(name)
-        inp = _layer_inputs(out, [name], x).get(name) if originals or _sparsity(module.weight) >= min_sparsity else None
-        choice = _choose(name, module, inp, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
-        if choice.format == "csr" and not _swap_runs(out, name, module, x, _sparse_module):
-            choice.format, choice.reason = "dense", "the model's forward fails with a CSR weight there"
-        if choice.format == "dense" and _keep_layout(out, name, module, inp, x):
-            choice.reason += "; multiplied in the (features, batch) layout of the CSR layer before it"
-        if out.get_submodule(name) is not module:
-            originals[name] = module
-        choices.append(choice)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("to_inference: timing dense vs CSR", total=len(order))
+        for name in order:
+            _convert_one(out, name, x, originals, choices, min_sparsity, margin, rounds, timer)
+            bar.advance(task)
     _verify(model, out, x, originals, choices)
     _keep_if_faster(before_csr, out, x, originals, choices, rounds, timer)
     setattr(out, _REPORT_ATTR, InferenceReport("cpu", int(x.shape[0]), choices, compacted))
     return out
+
+
+def _convert_one(
+    out: nn.Module, name: str, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice],
+    min_sparsity: float, margin: float, rounds: int, timer: Timer | None,
+) -> None:
+    """Time layer ``name`` of ``out`` on the input it now receives and put CSR in where it wins."""
+    # Re-captured after each conversion: a CSR layer hands the next one its input in the (features, batch)
+    # layout, which changes what the next one costs (a dense Linear then multiplies in that layout).
+    module = out.get_submodule(name)
+    inp = _layer_inputs(out, [name], x).get(name) if originals or _sparsity(module.weight) >= min_sparsity else None
+    choice = _choose(name, module, inp, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
+    if choice.format == "csr" and not _swap_runs(out, name, module, x, _sparse_module):
+        choice.format, choice.reason = "dense", "the model's forward fails with a CSR weight there"
+    if choice.format == "dense" and _keep_layout(out, name, module, inp, x):
+        choice.reason += "; multiplied in the (features, batch) layout of the CSR layer before it"
+    if out.get_submodule(name) is not module:
+        originals[name] = module
+    choices.append(choice)
 
 
 def _keep_layout(model: nn.Module, name: str, module: nn.Module, inp: Tensor | None, x: Tensor) -> bool:
@@ -427,117 +437,3 @@ def inference_report(model: nn.Module) -> InferenceReport:
     if not isinstance(report, InferenceReport):
         raise ValueError(f"{type(model).__name__} was not made by to_inference() or load_inference(): no report")
     return report
-
-
-def save_inference(
-    pruned: nn.Module, inference_model: nn.Module, path: str, *, metadata: Mapping[str, Any] | None = None
-) -> int:
-    """Write the pruned weights and the inference recipe (JSON) to a ``.lcps`` file; returns its size.
-
-    The file holds the weights of ``pruned`` (as :func:`~lightning_clipprune.export.save_sparse` does)
-    and, in its metadata, which layers ``inference_model`` computes in CSR and whether it was compacted,
-    so :func:`load_inference` rebuilds the same inference model without timing and without unpickling.
-
-    Example::
-
-        fast = to_inference(net, example_input=x[:1], batch_size=256)
-        save_inference(net, fast, "net.lcps")
-    """
-    recipe = inference_report(inference_model).recipe()
-    return save_sparse(pruned, path, metadata={**dict(metadata or {}), _RECIPE_KEY: recipe})
-
-
-def load_inference(
-    module: nn.Module, path: str, *, example_input: Tensor, prefix: str = "", **to_inference_kwargs: Any
-) -> nn.Module:
-    """Load a ``.lcps`` file into ``module`` and return its inference model.
-
-    With a recipe in the file (:func:`save_inference`, or ``python -m lightning_clipprune.export
-    --inference-batch-size``), the recorded layers are converted without timing; without one,
-    :func:`to_inference` decides (pass ``batch_size=`` then). ``module`` itself receives the pruned weights.
-
-    Args:
-        module: an instance of the saved model's class.
-        path: the ``.lcps`` file.
-        example_input: one real input batch (needed to trace compaction and check outputs).
-        prefix: only the file's keys (and recipe names) under this prefix, with it removed: ``prefix="net."``
-            loads a LightningModule's checkpoint into its bare network.
-        **to_inference_kwargs: passed to :func:`to_inference` when the file holds no recipe.
-
-    Raises:
-        SparseFormatError: the file is not a sparse export or does not fit ``module``.
-        ValueError: the recipe names a layer that is not a ``Linear``/``Conv2d`` of ``module``.
-    """
-    load_sparse_into(module, path, prefix=prefix)
-    recipe = read_sparse_metadata(path).get("user", {}).get(_RECIPE_KEY)
-    if not isinstance(recipe, dict):
-        return to_inference(module, example_input=example_input, **to_inference_kwargs)
-    if prefix and isinstance(recipe.get("csr"), list):
-        dotted = prefix.rstrip(".") + "."
-        recipe = {**recipe, "csr": [n[len(dotted):] for n in recipe["csr"] if isinstance(n, str) and n.startswith(dotted)]}
-    return _replay(module, recipe, example_input, path)
-
-
-def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, path: str) -> nn.Module:
-    names = recipe.get("csr", [])
-    batch_size = recipe.get("batch_size")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(batch_size, int):
-        raise ValueError(f"{path}: the inference recipe is malformed (expected layer names and a batch size)")
-    out = copy.deepcopy(module).eval()
-    x = _batch_of(example_input, None)
-    out, compacted = maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
-    candidates, every = _candidates(out), dict(out.named_modules())
-    unknown = [n for n in names if n not in every]
-    if unknown:
-        raise ValueError(
-            f"{path}: the inference recipe names {unknown[0]!r}, which is not a module of {type(module).__name__}; "
-            "the file was written for another model (or pass prefix= to strip a wrapper's name)"
-        )
-    choices = []
-    for name, m in candidates.items():
-        fmt = "csr" if name in names and m.weight.dtype in CSR_DTYPES else "dense"
-        why = _NO_CSR.format(dtype=m.weight.dtype) if name in names and fmt == "dense" else "from the recipe"
-        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, why))
-        if fmt == "csr":
-            _set_module(out, name, _sparse_module(m))
-    for name in _layer_inputs(out, [n for n in candidates if n not in names], x) if names else ():
-        _keep_layout(out, name, candidates[name], _layer_inputs(out, [name], x).get(name), x)
-    # A 2-D weight the command line timed as a Linear may be another layer (an Embedding): it stays as it is.
-    choices += [
-        LayerChoice(n, type(every[n]).__name__, 0.0, None, None, "dense", "not a Linear or Conv2d (groups=1)")
-        for n in names if n not in candidates
-    ]
-    setattr(out, _REPORT_ATTR, InferenceReport(str(recipe.get("device", "cpu")), batch_size, choices, compacted))
-    return out
-
-
-def recipe_for_state_dict(
-    state: Mapping[str, Tensor], batch_size: int, *, min_sparsity: float = 0.5, margin: float = 1.05,
-    rounds: int = 7, timer: Timer | None = None,
-) -> dict[str, Any]:
-    """The inference recipe of a bare state dict: each 2-D ``<name>.weight`` timed as a ``Linear`` at ``batch_size``.
-
-    What ``python -m lightning_clipprune.export --inference-batch-size N`` stores, with no model class at hand:
-    convolutions stay dense (their input size is unknown), and a 2-D weight that is not a ``Linear`` (an
-    ``Embedding``) is left dense when :func:`load_inference` replays the recipe on the real model.
-
-    Example::
-
-        >>> lin = nn.Linear(8, 4)
-        >>> recipe_for_state_dict({"fc.weight": lin.weight, "fc.bias": lin.bias}, 2, rounds=1)["csr"]
-        []
-    """
-    choices = []
-    for key, weight in state.items():
-        if not key.endswith("weight") or weight.dim() != 2 or not weight.is_floating_point():
-            continue
-        name = key[: -len(".weight")] if key.endswith(".weight") else key
-        bias = state.get(f"{name}.bias")
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None and bias.shape == weight.shape[:1])
-        with torch.no_grad():
-            lin.weight.copy_(weight.to(lin.weight.dtype))
-            if lin.bias is not None:
-                lin.bias.copy_(bias)
-        x = torch.randn(batch_size, weight.shape[1])
-        choices.append(_choose(name, lin, x, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer))
-    return InferenceReport("cpu", batch_size, choices, {}).recipe()

@@ -1,0 +1,164 @@
+"""Inference models stored and replayed: :func:`save_inference`, :func:`load_inference`, and the recipe of a bare
+state dict (:func:`recipe_for_state_dict`, the command line's ``--inference-batch-size``).
+
+The ``.lcps`` file holds the pruned weights and a JSON recipe (which layers compute in CSR, whether the model
+was compacted): replaying it times nothing and unpickles nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_clipprune.export._timing import Timer, progress_bar
+from lightning_clipprune.export.compact import maybe_compact
+from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
+from lightning_clipprune.export.inference import (
+    _NO_CSR,
+    _REPORT_ATTR,
+    CSR_DTYPES,
+    InferenceReport,
+    LayerChoice,
+    _batch_of,
+    _candidates,
+    _choose,
+    _keep_layout,
+    _layer_inputs,
+    _set_module,
+    _sparse_module,
+    _sparsity,
+    inference_report,
+    to_inference,
+)
+
+__all__ = ["load_inference", "recipe_for_state_dict", "save_inference"]
+
+_RECIPE_KEY = "inference_recipe"
+
+
+def save_inference(
+    pruned: nn.Module, inference_model: nn.Module, path: str, *, metadata: Mapping[str, Any] | None = None
+) -> int:
+    """Write the pruned weights and the inference recipe (JSON) to a ``.lcps`` file; returns its size.
+
+    The file holds the weights of ``pruned`` (as :func:`~lightning_clipprune.export.save_sparse` does)
+    and, in its metadata, which layers ``inference_model`` computes in CSR and whether it was compacted,
+    so :func:`load_inference` rebuilds the same inference model without timing and without unpickling.
+
+    Example::
+
+        fast = to_inference(net, example_input=x[:1], batch_size=256)
+        save_inference(net, fast, "net.lcps")
+    """
+    recipe = inference_report(inference_model).recipe()
+    return save_sparse(pruned, path, metadata={**dict(metadata or {}), _RECIPE_KEY: recipe})
+
+
+def load_inference(
+    module: nn.Module, path: str, *, example_input: Tensor, prefix: str = "", **to_inference_kwargs: Any
+) -> nn.Module:
+    """Load a ``.lcps`` file into ``module`` and return its inference model.
+
+    With a recipe in the file (:func:`save_inference`, or ``python -m lightning_clipprune.export
+    --inference-batch-size``), the recorded layers are converted without timing; without one,
+    :func:`to_inference` decides (pass ``batch_size=`` then). ``module`` itself receives the pruned weights.
+
+    Args:
+        module: an instance of the saved model's class.
+        path: the ``.lcps`` file.
+        example_input: one real input batch (needed to trace compaction and check outputs).
+        prefix: only the file's keys (and recipe names) under this prefix, with it removed: ``prefix="net."``
+            loads a LightningModule's checkpoint into its bare network.
+        **to_inference_kwargs: passed to :func:`to_inference` when the file holds no recipe.
+
+    Raises:
+        SparseFormatError: the file is not a sparse export or does not fit ``module``.
+        ValueError: the recipe names a layer that is not a ``Linear``/``Conv2d`` of ``module``.
+    """
+    load_sparse_into(module, path, prefix=prefix)
+    recipe = read_sparse_metadata(path).get("user", {}).get(_RECIPE_KEY)
+    if not isinstance(recipe, dict):
+        return to_inference(module, example_input=example_input, **to_inference_kwargs)
+    if prefix and isinstance(recipe.get("csr"), list):
+        dotted = prefix.rstrip(".") + "."
+        recipe = {**recipe, "csr": [n[len(dotted):] for n in recipe["csr"] if isinstance(n, str) and n.startswith(dotted)]}
+    return _replay(module, recipe, example_input, path)
+
+
+def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, path: str) -> nn.Module:
+    names = recipe.get("csr", [])
+    batch_size = recipe.get("batch_size")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(batch_size, int):
+        raise ValueError(f"{path}: the inference recipe is malformed (expected layer names and a batch size)")
+    out = copy.deepcopy(module).eval()
+    x = _batch_of(example_input, None)
+    out, compacted = maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
+    candidates, every = _candidates(out), dict(out.named_modules())
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise ValueError(
+            f"{path}: the inference recipe names {unknown[0]!r}, which is not a module of {type(module).__name__}; "
+            "the file was written for another model (or pass prefix= to strip a wrapper's name)"
+        )
+    choices = []
+    for name, m in candidates.items():
+        fmt = "csr" if name in names and m.weight.dtype in CSR_DTYPES else "dense"
+        why = _NO_CSR.format(dtype=m.weight.dtype) if name in names and fmt == "dense" else "from the recipe"
+        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, why))
+        if fmt == "csr":
+            _set_module(out, name, _sparse_module(m))
+    for name in _layer_inputs(out, [n for n in candidates if n not in names], x) if names else ():
+        _keep_layout(out, name, candidates[name], _layer_inputs(out, [name], x).get(name), x)
+    # A 2-D weight the command line timed as a Linear may be another layer (an Embedding): it stays as it is.
+    choices += [
+        LayerChoice(n, type(every[n]).__name__, 0.0, None, None, "dense", "not a Linear or Conv2d (groups=1)")
+        for n in names if n not in candidates
+    ]
+    setattr(out, _REPORT_ATTR, InferenceReport(str(recipe.get("device", "cpu")), batch_size, choices, compacted))
+    return out
+
+
+def recipe_for_state_dict(
+    state: Mapping[str, Tensor], batch_size: int, *, min_sparsity: float = 0.5, margin: float = 1.05,
+    rounds: int = 7, timer: Timer | None = None, progress: bool = False,
+) -> dict[str, Any]:
+    """The inference recipe of a bare state dict: each 2-D ``<name>.weight`` timed as a ``Linear`` at ``batch_size``.
+
+    What ``python -m lightning_clipprune.export --inference-batch-size N`` stores, with no model class at hand:
+    convolutions stay dense (their input size is unknown), and a 2-D weight that is not a ``Linear`` (an
+    ``Embedding``) is left dense when :func:`load_inference` replays the recipe on the real model.
+
+    Example::
+
+        >>> lin = nn.Linear(8, 4)
+        >>> recipe_for_state_dict({"fc.weight": lin.weight, "fc.bias": lin.bias}, 2, rounds=1)["csr"]
+        []
+    """
+    choices = []
+    keys = [k for k, w in state.items() if k.endswith("weight") and w.dim() == 2 and w.is_floating_point()]
+    with progress_bar(progress) as bar:
+        task = bar.add_task("timing dense vs CSR", total=len(keys))
+        for key in keys:
+            choices.append(_time_state_weight(state, key, batch_size, min_sparsity, margin, rounds, timer))
+            bar.advance(task)
+    return InferenceReport("cpu", batch_size, choices, {}).recipe()
+
+
+def _time_state_weight(
+    state: Mapping[str, Tensor], key: str, batch_size: int, min_sparsity: float, margin: float, rounds: int,
+    timer: Timer | None,
+) -> LayerChoice:
+    weight = state[key]
+    name = key[: -len(".weight")] if key.endswith(".weight") else key
+    bias = state.get(f"{name}.bias")
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None and bias.shape == weight.shape[:1])
+    with torch.no_grad():
+        lin.weight.copy_(weight.to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.copy_(bias)
+    x = torch.randn(batch_size, weight.shape[1])
+    return _choose(name, lin, x, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
