@@ -14,6 +14,7 @@ from torch import nn
 import lightning_clipprune
 from lightning_clipprune.export import (
     FeatureMajorLinear,
+    SparseConv1d,
     SparseConv2d,
     SparseLinear,
     inference_report,
@@ -44,11 +45,11 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 def sparse_wins(module: nn.Module, x: torch.Tensor) -> float:
     """An injected timer: every CSR layer takes 1 s, every dense one 10 s."""
-    return 1.0 if isinstance(module, (SparseLinear, SparseConv2d)) else 10.0
+    return 1.0 if isinstance(module, (SparseLinear, SparseConv1d, SparseConv2d)) else 10.0
 
 
 def dense_wins(module: nn.Module, x: torch.Tensor) -> float:
-    return 10.0 if isinstance(module, (SparseLinear, SparseConv2d)) else 1.0
+    return 10.0 if isinstance(module, (SparseLinear, SparseConv1d, SparseConv2d)) else 1.0
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -151,6 +152,46 @@ def test_sparse_conv2d_equals_dense(stride: int, padding: int, dilation: int, bi
 def test_sparse_conv2d_refuses_groups() -> None:
     with pytest.raises(ValueError, match="groups=1"):
         SparseConv2d(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def _conv1d_net(sparsity: float = 0.9, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv1d(2, 8, 5), nn.ReLU(), nn.Conv1d(8, 4, 3, padding=1, bias=False))
+    with torch.no_grad():
+        for m in (net[0], net[2]):
+            m.weight.mul_(torch.rand(m.weight.shape) >= sparsity)
+    return net.eval()
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "bias"), [(1, 0, 1, True), (2, 1, 1, False), (1, 2, 2, True)])
+def test_sparse_conv1d_equals_dense(stride: int, padding: int, dilation: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 8, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) >= 0.7)
+    x = torch.randn(2, 3, 17)
+    with torch.inference_mode():
+        assert torch.allclose(SparseConv1d(conv)(x), conv(x), atol=1e-5)
+        assert torch.allclose(SparseConv1d(conv)(x[0]), conv(x[0]), atol=1e-5)  # unbatched, as Conv1d takes
+    with pytest.raises(ValueError, match="SparseConv1d: only groups=1"):
+        SparseConv1d(nn.Conv1d(4, 4, 3, groups=2))
+
+
+def test_conv1d_through_unfolded_inputs_scripted_and_stored(tmp_path) -> None:
+    net, x = _conv1d_net(), torch.randn(3, 2, 20)
+    fast = to_inference(net, example_input=x, timer=sparse_wins)
+    assert isinstance(fast[0], SparseConv1d) and isinstance(fast[2], SparseConv1d)
+    with torch.no_grad():
+        expected = net(x)
+        assert torch.allclose(fast(x), expected, atol=1e-5)
+        assert torch.allclose(torch.jit.script(fast)(x), expected, atol=1e-5)
+        assert torch.allclose(torch.jit.trace(fast, x)(x), expected, atol=1e-5)
+    path = tmp_path / "net.lcps"
+    save_inference(net, fast, str(path))
+    loaded = load_inference(_conv1d_net(seed=1), str(path), example_input=x)
+    assert isinstance(loaded[0], SparseConv1d)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), expected, atol=1e-5)
 
 
 def test_to_inference_converts_where_csr_is_faster_and_outputs_match() -> None:

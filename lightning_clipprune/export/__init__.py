@@ -37,13 +37,19 @@ from lightning_clipprune.export.inference import (
 )
 from lightning_clipprune.export.recipes import load_inference, save_inference
 from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
-from lightning_clipprune.export.sparse_linear import FeatureMajorLinear, SparseConv2d, SparseLinear
+from lightning_clipprune.export.sparse_linear import (
+    FeatureMajorLinear,
+    SparseConv1d,
+    SparseConv2d,
+    SparseLinear,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "FeatureMajorLinear",
     "InferenceReport",
     "LayerChoice",
+    "SparseConv1d",
     "SparseConv2d",
     "SparseFormatError",
     "SparseLinear",

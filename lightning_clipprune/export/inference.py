@@ -4,7 +4,7 @@ What it does to a copy of the pruned model, by device:
 
 - ``"cpu"``: layers whose whole output channels are zero (``pattern="channel"``) are removed physically
   (:func:`~lightning_clipprune.export.compact.compact_channels`, through Torch-Pruning when installed); then
-  every ``Linear`` (Hugging Face ``Conv1D`` too, and ``Conv2d`` with ``groups=1``) at least ``min_sparsity``
+  every ``Linear`` (Hugging Face ``Conv1D`` too, and ``Conv1d``/``Conv2d`` with ``groups=1``) at least ``min_sparsity``
   sparse is timed at the batch size asked, dense against CSR (:class:`~lightning_clipprune.export.sparse_linear.SparseLinear`,
   :class:`~lightning_clipprune.export.sparse_linear.SparseConv2d`), and converted only where CSR is faster
   by ``margin``. A layer below ``min_sparsity`` stays dense untimed: CSR never won there in our measurements
@@ -34,6 +34,7 @@ from lightning_clipprune.export._timing import Timer, compare_latency, compare_s
 from lightning_clipprune.export.compact import maybe_compact, output_tensors
 from lightning_clipprune.export.sparse_linear import (
     FeatureMajorLinear,
+    SparseConv1d,
     SparseConv2d,
     SparseLinear,
     feature_major,
@@ -131,7 +132,8 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return {
         n: m for n, m in model.named_modules()
         if n not in fused and (type(m) is nn.Linear or is_hf_conv1d(m) or (
-            type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)))
+            type(m) in (nn.Conv1d, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)))
     }
 
 
@@ -155,6 +157,8 @@ def _sparsity(weight: Tensor) -> float:
 def _sparse_module(module: nn.Module) -> nn.Module:
     if is_hf_conv1d(module):
         return SparseLinear.from_hf_conv1d(module)
+    if isinstance(module, nn.Conv1d):
+        return SparseConv1d(module)
     return SparseLinear(module) if isinstance(module, nn.Linear) else SparseConv2d(module)
 
 
