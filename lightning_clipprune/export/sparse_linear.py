@@ -186,6 +186,14 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz} ({nnz / total:.1%})"
 
 
+def _check_convertible(kind: str, conv: nn.Module) -> None:
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(
+            f"{kind}: only groups=1, padding_mode='zeros' and numeric padding are supported, got "
+            f"groups={conv.groups}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
+        )
+
+
 class SparseConv2d(nn.Module):
     """A ``Conv2d`` (``groups=1``) computed as a CSR weight times the unfolded input (``F.unfold``), for inference.
 
@@ -208,11 +216,7 @@ class SparseConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(
-                f"SparseConv2d: only groups=1, padding_mode='zeros' and numeric padding are supported, got "
-                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
-            )
+        _check_convertible("SparseConv2d", conv)
         self.out_channels = conv.out_channels
         self.kernel_size = conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
@@ -260,11 +264,7 @@ class SparseConv1d(nn.Module):
 
     def __init__(self, conv: nn.Conv1d) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(
-                f"SparseConv1d: only groups=1, padding_mode='zeros' and numeric padding are supported, got "
-                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
-            )
+        _check_convertible("SparseConv1d", conv)
         self.out_channels = conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size[0], conv.stride[0]
         self.padding, self.dilation = conv.padding[0], conv.dilation[0]
