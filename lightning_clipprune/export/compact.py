@@ -277,8 +277,9 @@ def maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.
     """What ``to_inference(compact=...)`` does: :func:`compact_channels` when some output channel is zero.
 
     ``compact=True`` raises what :func:`compact_channels` raises; ``"auto"`` warns in one line and keeps the
-    channels when Torch-Pruning is missing or the model cannot be compacted (unstructured pruning leaves zero
-    rows by chance in narrow layers: the CSR conversion then goes on); ``False`` does nothing.
+    channels when Torch-Pruning is missing or the model cannot be compacted, whatever Torch-Pruning raised
+    (unstructured pruning leaves zero rows by chance in narrow layers: the CSR conversion then goes on);
+    ``False`` does nothing.
     """
     if compact is False or not has_zero_channels(model):
         return model, {}
@@ -293,6 +294,8 @@ def maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.
         return compact_channels(model, x)
     try:
         return compact_channels(model, x)
-    except ValueError as err:
-        warnings.warn(f"to_inference: the zero output channels are kept: {err} (compact=True makes this an error)", stacklevel=3)
+    except Exception as err:  # an optional step: a tracer failing inside Torch-Pruning must not stop the CSR conversion
+        lines = str(err).strip().splitlines()
+        said = lines[0] if isinstance(err, ValueError) and lines else f"{type(err).__name__}: {lines[0] if lines else ''}"
+        warnings.warn(f"to_inference: the zero output channels are kept: {said} (compact=True makes this an error)", stacklevel=3)
         return model, {}
