@@ -275,8 +275,9 @@ def to_inference(
     ]
     with progress_bar(progress) as bar:
         task = bar.add_task("to_inference: timing dense vs CSR", total=len(order))
-        for name in order:
-            _convert_one(out, name, x, originals, choices, min_sparsity, margin, rounds, timer)
+        inp = None  # the input of the layer to convert, when the previous step's forward captured it
+        for name, following in zip(order, [*order[1:], None], strict=True):
+            inp = _convert_one(out, name, following, inp, x, originals, choices, (min_sparsity, margin, rounds), timer)
             bar.advance(task)
     _verify(model, out, x, originals, choices)
     _keep_if_faster(before_csr, out, x, originals, choices, rounds, timer)
@@ -285,39 +286,56 @@ def to_inference(
 
 
 def _convert_one(
-    out: nn.Module, name: str, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice],
-    min_sparsity: float, margin: float, rounds: int, timer: Timer | None,
-) -> None:
-    """Time layer ``name`` of ``out`` on the input it now receives and put CSR in where it wins."""
+    out: nn.Module, name: str, following: str | None, inp: Tensor | None, x: Tensor, originals: dict[str, nn.Module],
+    choices: list[LayerChoice], options: tuple[float, float, int], timer: Timer | None,
+) -> Tensor | None:
+    """Time layer ``name`` of ``out`` on the input it now receives (``inp`` when already captured) and put CSR
+    in where it wins; returns the input ``following`` receives in the model as it is left, when the last
+    forward run captured it (each whole-model forward serves twice: a conversion's check and the next capture)."""
+    min_sparsity, margin, rounds = options
+    module = out.get_submodule(name)
+    wanted = [following] if following else []
+    seen: dict[str, Tensor] = {}
     # Re-captured after each conversion: a CSR layer hands the next one its input in the (features, batch)
     # layout, which changes what the next one costs (a dense Linear then multiplies in that layout).
-    module = out.get_submodule(name)
-    inp = _layer_inputs(out, [name], x).get(name) if originals or _sparsity(module.weight) >= min_sparsity else None
+    if inp is None and (originals or _sparsity(module.weight) >= min_sparsity):
+        seen = _layer_inputs(out, [name, *wanted], x)
+        inp = seen.get(name)
     choice = _choose(name, module, inp, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
-    if choice.format == "csr" and not _swap_runs(out, name, module, x, _sparse_module):
+    if choice.format == "csr" and not _swap_runs(out, name, module, x, _sparse_module, seen, wanted):
         choice.format, choice.reason = "dense", "the model's forward fails with a CSR weight there"
-    if choice.format == "dense" and _keep_layout(out, name, module, inp, x):
+    if choice.format == "dense" and _keep_layout(out, name, module, inp, x, seen, wanted):
         choice.reason += "; multiplied in the (features, batch) layout of the CSR layer before it"
     if out.get_submodule(name) is not module:
         originals[name] = module
     choices.append(choice)
+    return seen.get(following) if following else None
 
 
-def _keep_layout(model: nn.Module, name: str, module: nn.Module, inp: Tensor | None, x: Tensor) -> bool:
+def _keep_layout(
+    model: nn.Module, name: str, module: nn.Module, inp: Tensor | None, x: Tensor,
+    seen: dict[str, Tensor] | None = None, capture: Sequence[str] = (),
+) -> bool:
     """A dense ``Linear`` fed by a CSR layer becomes a :class:`FeatureMajorLinear` (when the model still runs)."""
     fed = type(module) is nn.Linear and inp is not None and feature_major(inp)
-    return fed and _swap_runs(model, name, module, x, FeatureMajorLinear)
+    return fed and _swap_runs(model, name, module, x, FeatureMajorLinear, seen, capture)
 
 
-def _swap_runs(model: nn.Module, name: str, module: nn.Module, x: Tensor, make: Callable[[Any], nn.Module]) -> bool:
-    """Put ``make(module)`` in; keep it when the model still runs, else put the dense one back."""
+def _swap_runs(
+    model: nn.Module, name: str, module: nn.Module, x: Tensor, make: Callable[[Any], nn.Module],
+    seen: dict[str, Tensor] | None = None, capture: Sequence[str] = (),
+) -> bool:
+    """Put ``make(module)`` in; keep it when the model still runs, else put the dense one back. The inputs of
+    the layers named in ``capture`` in that forward replace ``seen``'s when it ran."""
     _set_module(model, name, make(module))
     try:
-        with torch.inference_mode():
-            model(x)
+        got = _layer_inputs(model, capture, x)
     except (RuntimeError, NotImplementedError, TypeError):  # a kernel that reads the weight directly
         _set_module(model, name, module)
         return False
+    if seen is not None:
+        seen.clear()
+        seen.update(got)
     return True
 
 
