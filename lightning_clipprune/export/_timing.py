@@ -5,12 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Timer", "compare_latency", "compare_swapped", "progress_bar"]
+__all__ = ["Timer", "compare_latency", "compare_swapped"]
 
 #: ``timer(module, x) -> seconds`` for one call; the default runs it once under ``perf_counter``.
 Timer = Callable[[nn.Module, Tensor], float]
@@ -68,26 +67,3 @@ def compare_swapped(
                     times[j].append(seconds)
     return statistics.median(times[0]), statistics.median(times[1])
 
-
-def progress_bar(enabled: bool) -> Any:
-    """The search's transient progress bar (:func:`~lightning_clipprune.search.plots.progress_bar`); a no-op
-    context when not ``enabled``, which imports nothing."""
-    if not enabled:
-        return _NoBar()
-    from lightning_clipprune.search.plots import progress_bar as bar
-
-    return bar(True)
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def advance(self, *args: Any, **kwargs: Any) -> None:
-        return None

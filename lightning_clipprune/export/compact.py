@@ -221,9 +221,8 @@ def _check_equal(model: nn.Module, x: Tensor, reference: Tensor, atol: float, rt
         with torch.no_grad():
             got = model(x)
     except (RuntimeError, ValueError, IndexError) as err:  # e.g. a depthwise conv fed the model's own input
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
-            f"compact: the model no longer runs with its dead channels removed ({type(err).__name__}: {first[:160]}); "
+            f"compact: the model no longer runs with its dead channels removed ({type(err).__name__}: {_first_line(err)[:160]}); "
             "a layer the tracer does not understand uses them: pass compact=False"
         ) from None
     if not isinstance(got, Tensor) or got.shape != reference.shape:
@@ -295,7 +294,12 @@ def maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.
     try:
         return compact_channels(model, x)
     except Exception as err:  # an optional step: a tracer failing inside Torch-Pruning must not stop the CSR conversion
-        lines = str(err).strip().splitlines()
-        said = lines[0] if isinstance(err, ValueError) and lines else f"{type(err).__name__}: {lines[0] if lines else ''}"
+        said = _first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {_first_line(err)}"
         warnings.warn(f"to_inference: the zero output channels are kept: {said} (compact=True makes this an error)", stacklevel=3)
         return model, {}
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message ("" for none): torch's and Torch-Pruning's messages run to many."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""

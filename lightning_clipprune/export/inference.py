@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
-from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped, progress_bar
+from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped
 from lightning_clipprune.export.compact import maybe_compact, output_tensors
 from lightning_clipprune.export.sparse_linear import (
     FeatureMajorLinear,
@@ -273,6 +273,8 @@ def to_inference(
         LayerChoice(n, type(m).__name__, _sparsity(m.weight), None, None, "dense", "not run by the example input")
         for n, m in _candidates(out).items() if n not in order
     ]
+    from lightning_clipprune.search.plots import progress_bar  # lazy: the search package is not needed before
+
     with progress_bar(progress) as bar:
         task = bar.add_task("to_inference: timing dense vs CSR", total=len(order))
         inp = None  # the input of the layer to convert, when the previous step's forward captured it

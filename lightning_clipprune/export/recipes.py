@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_clipprune.export._timing import Timer, progress_bar
+from lightning_clipprune.export._timing import Timer
 from lightning_clipprune.export.compact import maybe_compact
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
 from lightning_clipprune.export.inference import (
@@ -140,6 +140,8 @@ def recipe_for_state_dict(
     """
     choices = []
     keys = [k for k, w in state.items() if k.endswith("weight") and w.dim() == 2 and w.is_floating_point()]
+    from lightning_clipprune.search.plots import progress_bar  # lazy, as in to_inference
+
     with progress_bar(progress) as bar:
         task = bar.add_task("timing dense vs CSR", total=len(keys))
         for key in keys:

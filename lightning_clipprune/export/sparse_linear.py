@@ -284,6 +284,4 @@ class SparseConv1d(nn.Module):
         out = out.reshape(self.out_channels, n, length).permute(1, 0, 2)
         return out.squeeze(0) if unbatched else out
 
-    def extra_repr(self) -> str:
-        nnz = self.weight.values().numel()
-        return f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, nnz={nnz}"
+    extra_repr = SparseConv2d.extra_repr  # the same attributes, ints here
