@@ -23,7 +23,7 @@ from lightning_clipprune.export import (
     save_sparse,
     to_inference,
 )
-from lightning_clipprune.export.sparse_linear import _numpy_copy_pays, _transposed_copy, to_csr
+from lightning_clipprune.export.sparse_linear import KERNELS, _numpy_copy_pays, _transposed_copy, to_csr
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -245,7 +245,7 @@ def test_layers_below_min_sparsity_stay_dense_untimed() -> None:
     choice = {c.name: c for c in inference_report(fast).layers}["3"]
     assert choice.format == "dense" and choice.dense_s is None and "min_sparsity" in choice.reason
     layer_calls = [t for t in timed if t is not nn.Sequential]
-    assert len(layer_calls) == 2 * 2 * 2  # two layers timed, two rounds, both arms
+    assert len(layer_calls) == 2 * 2 * (1 + len(KERNELS))  # two layers timed, two rounds, dense and each kernel
     assert timed.count(nn.Sequential) == 2 * 2  # then the end-to-end guard: two rounds, both arms
 
 

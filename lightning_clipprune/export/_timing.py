@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Timer", "compare_latency", "compare_swapped"]
+__all__ = ["Timer", "compare_latencies", "compare_latency", "compare_swapped"]
 
 #: ``timer(module, x) -> seconds`` for one call; the default runs it once under ``perf_counter``.
 Timer = Callable[[nn.Module, Tensor], float]
@@ -26,12 +26,35 @@ def _one_call_timer(module: nn.Module, x: Tensor, min_seconds: float = 2e-3) -> 
             return elapsed / calls
 
 
+def compare_latencies(
+    modules: Sequence[nn.Module], x: Tensor, *, rounds: int = 7, timer: Timer | None = None
+) -> list[float]:
+    """Median seconds per call of each ``module(x)``, timed interleaved under ``torch.inference_mode``.
+
+    One warm-up call each, then ``rounds`` rounds that time each module once, so that a change in machine
+    load hits all alike.
+
+    Example::
+
+        >>> t = compare_latencies([nn.Linear(4, 4), nn.Linear(4, 4), nn.Identity()], torch.randn(2, 4), rounds=3)
+        >>> len(t), all(s > 0 for s in t)
+        (3, True)
+    """
+    timer = timer or _one_call_timer
+    times: list[list[float]] = [[] for _ in modules]
+    with torch.inference_mode():
+        for module in modules:
+            module(x)
+        for _ in range(rounds):
+            for module, seconds in zip(modules, times, strict=True):
+                seconds.append(timer(module, x))
+    return [statistics.median(seconds) for seconds in times]
+
+
 def compare_latency(
     first: nn.Module, second: nn.Module, x: Tensor, *, rounds: int = 7, timer: Timer | None = None
 ) -> tuple[float, float]:
-    """Median seconds per call of ``first(x)`` and ``second(x)``, timed interleaved under ``torch.inference_mode``.
-
-    One warm-up call each, then ``rounds`` alternations, so that a change in machine load hits both alike.
+    """Median seconds per call of ``first(x)`` and ``second(x)``, timed interleaved (:func:`compare_latencies`).
 
     Example::
 
@@ -40,14 +63,8 @@ def compare_latency(
         >>> t_a > 0 and t_b > 0
         True
     """
-    timer = timer or _one_call_timer
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.inference_mode():
-        first(x), second(x)
-        for _ in range(rounds):
-            times[0].append(timer(first, x))
-            times[1].append(timer(second, x))
-    return statistics.median(times[0]), statistics.median(times[1])
+    first_s, second_s = compare_latencies([first, second], x, rounds=rounds, timer=timer)
+    return first_s, second_s
 
 
 def compare_swapped(

@@ -6,9 +6,10 @@ What it does to a copy of the pruned model, by device:
   (:func:`~lightning_clipprune.export.compact.compact_channels`, through Torch-Pruning when installed); then
   every ``Linear`` (Hugging Face ``Conv1D`` too, and ``Conv1d``/``Conv2d`` with ``groups=1``) at least ``min_sparsity``
   sparse is timed at the batch size asked, dense against CSR (:class:`~lightning_clipprune.export.sparse_linear.SparseLinear`,
-  :class:`~lightning_clipprune.export.sparse_linear.SparseConv2d`), and converted only where CSR is faster
-  by ``margin``. A layer below ``min_sparsity`` stays dense untimed: CSR never won there in our measurements
-  (benchmarks/bench_inference.md).
+  :class:`~lightning_clipprune.export.sparse_linear.SparseConv2d`) with each sparse kernel
+  (:data:`~lightning_clipprune.export.sparse_linear.KERNELS`: MKL's product, ``embedding_bag``), and
+  converted, with the faster kernel, only where CSR is faster by ``margin``. A layer below ``min_sparsity``
+  stays dense untimed: CSR never won there in our measurements (benchmarks/bench_inference.md).
 - ``"cuda"``: 2:4 sparse ``Linear`` weights in half precision go to
   :func:`~lightning_clipprune.export.semi_structured.to_semi_structured` (sparse tensor cores); the rest
   stays dense.
@@ -30,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
-from lightning_clipprune.export._timing import Timer, compare_latency, compare_swapped
+from lightning_clipprune.export._timing import Timer, compare_latencies, compare_latency, compare_swapped
 from lightning_clipprune.export.compact import maybe_compact, output_tensors
 from lightning_clipprune.export.sparse_linear import (
+    KERNELS,
     FeatureMajorLinear,
     SparseConv1d,
     SparseConv2d,
@@ -64,6 +66,8 @@ class LayerChoice:
         sparse_s: median time of the CSR layer (None: not timed).
         format: ``"csr"``, ``"dense"`` or ``"semi_structured"``.
         reason: why, in words.
+        kernel: the sparse product of a ``"csr"`` layer, one of
+            :data:`~lightning_clipprune.export.sparse_linear.KERNELS` (None otherwise).
     """
 
     name: str
@@ -73,6 +77,7 @@ class LayerChoice:
     sparse_s: float | None
     format: str
     reason: str
+    kernel: str | None = None
 
 
 @dataclass
@@ -102,6 +107,7 @@ class InferenceReport:
             "batch_size": self.batch_size,
             "compact": bool(self.compacted),
             "csr": [c.name for c in self.layers if c.format == "csr"],
+            "kernels": {c.name: c.kernel for c in self.layers if c.format == "csr" and c.kernel},
             "layers": [asdict(c) for c in self.layers],
         }
 
@@ -154,12 +160,12 @@ def _sparsity(weight: Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight.detach())) / max(weight.numel(), 1)
 
 
-def _sparse_module(module: nn.Module) -> nn.Module:
+def _sparse_module(module: nn.Module, kernel: str = "mm") -> nn.Module:
     if is_hf_conv1d(module):
-        return SparseLinear.from_hf_conv1d(module)
+        return SparseLinear.from_hf_conv1d(module, kernel)
     if isinstance(module, nn.Conv1d):
-        return SparseConv1d(module)
-    return SparseLinear(module) if isinstance(module, nn.Linear) else SparseConv2d(module)
+        return SparseConv1d(module, kernel)
+    return SparseLinear(module, kernel) if isinstance(module, nn.Linear) else SparseConv2d(module, kernel)
 
 
 #: Weight dtypes torch's CPU CSR product (MKL) computes in; a float16/bfloat16 layer stays dense.
@@ -176,7 +182,7 @@ def _choose(
     name: str, module: nn.Module, x: Tensor | None, *, min_sparsity: float, margin: float, rounds: int,
     timer: Timer | None,
 ) -> LayerChoice:
-    """Time one layer dense against CSR on its real input and say which to keep."""
+    """Time one layer dense against CSR (each kernel) on its real input and say which to keep."""
     sparsity = _sparsity(module.weight)
     kind = type(module).__name__
     if sparsity < min_sparsity:
@@ -186,9 +192,14 @@ def _choose(
     if module.weight.dtype not in CSR_DTYPES:
         return LayerChoice(name, kind, sparsity, None, None, "dense", _NO_CSR.format(dtype=module.weight.dtype))
     dense = FeatureMajorLinear(module) if type(module) is nn.Linear and feature_major(x) else module  # as it would run
-    dense_s, sparse_s = compare_latency(dense, _sparse_module(module), x, rounds=rounds, timer=timer)
+    dense_s, *kernel_s = compare_latencies(
+        [dense, *(_sparse_module(module, k) for k in KERNELS)], x, rounds=rounds, timer=timer
+    )
+    best = min(range(len(KERNELS)), key=kernel_s.__getitem__)  # a tie: the first, MKL's
+    sparse_s, kernel = kernel_s[best], KERNELS[best]
     if sparse_s * margin < dense_s:
-        return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "csr", f"CSR {dense_s / sparse_s:.2f}x faster")
+        why = f"CSR {dense_s / sparse_s:.2f}x faster ({kernel} kernel)"
+        return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "csr", why, kernel)
     return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "dense", "CSR not faster at this batch size")
 
 
@@ -304,8 +315,9 @@ def _convert_one(
         seen = _layer_inputs(out, [name, *wanted], x)
         inp = seen.get(name)
     choice = _choose(name, module, inp, min_sparsity=min_sparsity, margin=margin, rounds=rounds, timer=timer)
-    if choice.format == "csr" and not _swap_runs(out, name, module, x, _sparse_module, seen, wanted):
-        choice.format, choice.reason = "dense", "the model's forward fails with a CSR weight there"
+    make = lambda m: _sparse_module(m, choice.kernel or KERNELS[0])  # noqa: E731
+    if choice.format == "csr" and not _swap_runs(out, name, module, x, make, seen, wanted):
+        choice.format, choice.reason, choice.kernel = "dense", "the model's forward fails with a CSR weight there", None
     if choice.format == "dense" and _keep_layout(out, name, module, inp, x, seen, wanted):
         choice.reason += "; multiplied in the (features, batch) layout of the CSR layer before it"
     if out.get_submodule(name) is not module:
@@ -345,7 +357,7 @@ def _restore(out: nn.Module, originals: dict[str, nn.Module], choices: list[Laye
     for name, module in originals.items():
         _set_module(out, name, module)
     for choice in (c for c in choices if c.name in originals):
-        choice.format, choice.reason = "dense", reason
+        choice.format, choice.reason, choice.kernel = "dense", reason, None
     originals.clear()
 
 
@@ -362,7 +374,7 @@ def _keep_if_faster(
     dense_s, sparse_s = compare_latency(dense, out, x, rounds=rounds, timer=timer)
     if sparse_s <= dense_s:
         return
-    reasons, swapped = {c.name: c.reason for c in choices}, dict(originals)
+    reasons, kernels, swapped = {c.name: c.reason for c in choices}, {c.name: c.kernel for c in choices}, dict(originals)
     csr = sorted((c for c in choices if c.format == "csr"), key=lambda c: c.sparse_s - c.dense_s)
     sparse = {c.name: out.get_submodule(c.name) for c in csr}
     _restore(out, originals, choices, "")
@@ -372,7 +384,8 @@ def _keep_if_faster(
         without_s, with_s = compare_swapped(out, put, module, sparse[name], x, rounds=rounds, timer=timer)
         if with_s < without_s:
             originals[name] = module
-            choice.format, choice.reason = "csr", f"{reasons[name]}; end to end {without_s / with_s:.2f}x faster with it"
+            choice.format, choice.kernel = "csr", kernels[name]
+            choice.reason = f"{reasons[name]}; end to end {without_s / with_s:.2f}x faster with it"
         else:
             put(module)
             choice.reason = f"end to end {without_s / with_s:.2f}x with CSR there (all CSR: {dense_s / sparse_s:.2f}x): not faster"

@@ -34,6 +34,7 @@ from lightning_clipprune.export.inference import (
     inference_report,
     to_inference,
 )
+from lightning_clipprune.export.sparse_linear import KERNELS
 
 __all__ = ["load_inference", "recipe_for_state_dict", "save_inference"]
 
@@ -86,14 +87,18 @@ def load_inference(
     if prefix and isinstance(recipe.get("csr"), list):
         dotted = prefix.rstrip(".") + "."
         recipe = {**recipe, "csr": [n[len(dotted):] for n in recipe["csr"] if isinstance(n, str) and n.startswith(dotted)]}
+        if isinstance(recipe.get("kernels"), dict):
+            recipe["kernels"] = {n[len(dotted):]: k for n, k in recipe["kernels"].items() if n.startswith(dotted)}
     return _replay(module, recipe, example_input, path)
 
 
 def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, path: str) -> nn.Module:
-    names = recipe.get("csr", [])
+    names, kernels = recipe.get("csr", []), recipe.get("kernels", {})  # files before kernels: MKL's product
     batch_size = recipe.get("batch_size")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(batch_size, int):
         raise ValueError(f"{path}: the inference recipe is malformed (expected layer names and a batch size)")
+    if not isinstance(kernels, dict) or not set(kernels.values()) <= set(KERNELS):
+        raise ValueError(f"{path}: the inference recipe's kernels are malformed (expected names among {KERNELS})")
     out = copy.deepcopy(module).eval()
     x = _batch_of(example_input, None)
     out, compacted = maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
@@ -108,9 +113,10 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
     for name, m in candidates.items():
         fmt = "csr" if name in names and m.weight.dtype in CSR_DTYPES else "dense"
         why = _NO_CSR.format(dtype=m.weight.dtype) if name in names and fmt == "dense" else "from the recipe"
-        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, why))
-        if fmt == "csr":
-            _set_module(out, name, _sparse_module(m))
+        kernel = kernels.get(name, KERNELS[0]) if fmt == "csr" else None
+        choices.append(LayerChoice(name, type(m).__name__, _sparsity(m.weight), None, None, fmt, why, kernel))
+        if kernel:
+            _set_module(out, name, _sparse_module(m, kernel))
     for name in _layer_inputs(out, [n for n in candidates if n not in names], x) if names else ():
         _keep_layout(out, name, candidates[name], _layer_inputs(out, [name], x).get(name), x)
     # A 2-D weight the command line timed as a Linear may be another layer (an Embedding): it stays as it is.
