@@ -201,6 +201,7 @@ def run_row(name: str, dense: nn.Module, make_x: Callable[[int], torch.Tensor], 
         "model": name, "batch": batch, "threads": threads,
         "dense_ms": 1e3 * dense_s, "inference_ms": 1e3 * fast_s, "speedup": dense_s / fast_s,
         "csr_layers": report.sparse_names(), "compacted": {k: list(v) for k, v in report.compacted.items()},
+        "kernels": {c.name: c.kernel for c in report.layers if c.format == "csr"},
         "convert_s": convert_s, "max_abs_diff": max_diff,
         "model_bytes_dense": tensor_bytes(dense), "model_bytes_inference": tensor_bytes(fast),
         "forward_peak_bytes_dense": forward_peak_bytes(dense, x),
@@ -216,7 +217,9 @@ def markdown(rows: list[dict]) -> str:
     ]
     mib = 2.0**20
     for r in rows:
-        layers = f"{len(r['csr_layers'])} CSR" + (f", {len(r['compacted'])} compacted" if r["compacted"] else "")
+        bags = sum(k == "embedding_bag" for k in r.get("kernels", {}).values())
+        layers = f"{len(r['csr_layers'])} CSR" + (f" ({bags} embedding_bag)" if bags else "")
+        layers += f", {len(r['compacted'])} compacted" if r["compacted"] else ""
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | {r['inference_ms']:.3f} | "
             f"**{r['speedup']:.2f}x** | {layers} | {r['model_bytes_dense'] / mib:.2f} -> "
