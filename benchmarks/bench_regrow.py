@@ -31,6 +31,7 @@ import timeit
 import warnings
 from typing import Any
 
+import lightning as L
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +117,84 @@ def _gradual_obs(sparsity: float, allocation: str) -> list[Any]:
     return [GradientClipCallback(clip_val=1.0, algorithm="norm"), prune]
 
 
+class _Feedback(L.Callback):
+    """Prototype, not a library option: dynamic pruning with feedback (DPF, Lin et al. 2020).
+
+    During the ramp each step's forward and backward see the masked weights, while the optimizer updates the
+    dense ones: a pruned weight keeps learning from the gradient at the masked point and comes back at a later
+    event if it grows past the threshold (masks are recomputed from the dense weights, not only growing). The
+    schedule and budgets are the library defaults' (cubic to 0.5 of training, an event every ``frequency``
+    steps, ER budgets); at the ramp's end the mask is fixed and the weights and momentum pruned for good.
+    """
+
+    def __init__(self, sparsity: float, end: float = 0.5, frequency: int | None = None) -> None:
+        self.sparsity, self.end, self.frequency = sparsity, end, frequency
+        self.masks: dict[str, torch.Tensor] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+        self.hard = False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.params = {n: p for n, p in pl_module.named_parameters() if p.dim() > 1}
+        self.ramp = max(1, int(self.end * trainer.estimated_stepping_batches))
+        self.every = self.frequency or max(1, min(100, self.ramp // 10))
+
+    def _target(self, step: int) -> float:
+        return self.sparsity if step >= self.ramp else self.sparsity * (1.0 - (1.0 - step / self.ramp) ** 3)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        from lightning_clipprune.pruning import compute_masks
+
+        step = trainer.global_step
+        if self.hard:
+            return
+        if step >= self.ramp:  # the last mask, at the target: weights and momentum pruned for good
+            self.masks = compute_masks({n: p.detach() for n, p in self.params.items()}, sparsity=self.sparsity,
+                                       ranking="er", max_layer_sparsity=None)
+            self.hard = True
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.mul_(self.masks[n])
+                    for state in trainer.optimizers[0].state.get(p, {}).values():
+                        if isinstance(state, torch.Tensor) and state.shape == p.shape:
+                            state.mul_(self.masks[n])
+            return
+        if step % self.every == 0 and step > 0:
+            self.masks = compute_masks({n: p.detach() for n, p in self.params.items()}, sparsity=self._target(step),
+                                       ranking="er", max_layer_sparsity=None)
+        if self.masks:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    self.dense[n] = p.detach().clone()
+                    p.mul_(self.masks[n])
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        with torch.no_grad():
+            if self.hard:
+                for n, p in self.params.items():
+                    if p.grad is not None:
+                        p.grad.mul_(self.masks[n])
+            elif self.dense:  # the update goes to the dense weights (the gradient was taken at the masked ones)
+                for n, p in self.params.items():
+                    p.copy_(self.dense[n])
+                self.dense.clear()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.hard:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.mul_(self.masks[n])
+
+
+#: Prototypes of dynamic pruning with feedback (``_Feedback``), with the default norm clip at 1.0.
+FEEDBACK = {"dpf": {}, "dpf_f20": {"frequency": 20}, "dpf_end75": {"end": 0.75}}
+bvl.VARIANTS.update({name: {} for name in FEEDBACK})  # built by _capture
+
+
 def _capture(sparsity: float, variant: str) -> list[Any]:
+    if variant in FEEDBACK:
+        from lightning_clipprune import GradientClipCallback
+
+        return [GradientClipCallback(clip_val=1.0, algorithm="norm"), _Feedback(sparsity, **FEEDBACK[variant])]
     if variant in GRADUAL_OBS:
         callbacks = _gradual_obs(sparsity, GRADUAL_OBS[variant])
     else:

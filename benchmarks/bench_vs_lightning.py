@@ -314,7 +314,7 @@ def run_arm(arm: str, seed: int, sparsity: float | None, args: argparse.Namespac
     trainer_kwargs: dict[str, Any] = {}
     if arm == "ours":
         callbacks = variant_callbacks(sparsity, variant)
-        probe.ours = next(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        probe.ours = next((c for c in callbacks if isinstance(c, MagnitudePruneCallback)), None)
     elif arm == "lightning":
         callbacks = lightning_callbacks(sparsity, max_epochs)
         trainer_kwargs["gradient_clip_val"] = 1.0
