@@ -120,6 +120,10 @@ def test_export_cli_writes_the_inference_recipe(tmp_path, capsys) -> None:
     fresh = TinyClassifier(in_features=64, hidden=128)
     fast = load_inference(fresh.net, str(out), example_input=torch.randn(2, 64), prefix="net.")
     assert sorted(inference_report(fast).sparse_names()) == sorted(n.removeprefix("net.") for n in recipe["csr"])
+    for name in recipe["csr"]:  # each CSR layer with the kernel timed faster, printed and replayed
+        kernel = recipe["kernels"][name]
+        assert f"inference    {name}: " in printed and f"-> csr, {kernel} kernel (" in printed
+        assert fast.get_submodule(name.removeprefix("net.")).kernel == kernel
     x = torch.randn(5, 64)
     with torch.inference_mode():
         assert torch.allclose(fast(x), model.net(x), atol=1e-5)

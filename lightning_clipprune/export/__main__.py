@@ -54,7 +54,8 @@ def _inference_recipe(state: dict[str, Tensor], batch_size: int) -> dict[str, ob
         else:
             timing = (f"dense {layer['dense_s'] * 1e6:.0f} us, CSR {layer['sparse_s'] * 1e6:.0f} us "
                       f"({layer['dense_s'] / layer['sparse_s']:.2f}x)")
-        sys.stdout.write(f"inference    {layer['name']}: {layer['sparsity']:.1%} zeros -> {layer['format']} ({timing})\n")
+        fmt = layer["format"] + (f", {layer['kernel']} kernel" if layer.get("kernel") else "")
+        sys.stdout.write(f"inference    {layer['name']}: {layer['sparsity']:.1%} zeros -> {fmt} ({timing})\n")
     return recipe
 
 

@@ -238,7 +238,7 @@ def to_inference(
 
     ``torch.jit.script`` and ``torch.jit.trace`` work on the result; ``torch.compile`` works with its default
     ``fullgraph=False`` (torch breaks the graph around the sparse products); ``fullgraph=True`` is refused by
-    torch for a ``SparseConv2d`` ("torch.compile does not support sparse Tensors"). See ``docs/inference.md``.
+    torch for any model with a CSR layer (sparse tensors cannot be traced). See ``docs/inference.md``.
 
     Args:
         model: the pruned network (an ``nn.Module``; a ``LightningModule`` is copied without its Trainer).
