@@ -185,12 +185,35 @@ class _Feedback(L.Callback):
                     p.mul_(self.masks[n])
 
 
+class _DecayAfterRamp(L.Callback):
+    """Prototype: the optimizer's weight decay times ``factor`` from the end of the pruning ramp on (the sparse
+    network's few weights carry the whole function; the dense network's regulariser may hold them back)."""
+
+    def __init__(self, end: float, factor: float) -> None:
+        self.end, self.factor, self.done = end, factor, False
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self.done and trainer.global_step >= self.end * trainer.estimated_stepping_batches:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["weight_decay"] = group.get("weight_decay", 0.0) * self.factor
+            self.done = True
+
+
+#: Prototypes: the defaults with weight decay scaled after the ramp (``_DecayAfterRamp``).
+DECAY = {"default_wd0": 0.0, "default_wd01": 0.1, "default_wd3": 3.0}
+bvl.VARIANTS.update({name: {} for name in DECAY})  # built by _capture
+
 #: Prototypes of dynamic pruning with feedback (``_Feedback``), with the default norm clip at 1.0.
 FEEDBACK = {"dpf": {}, "dpf_f20": {"frequency": 20}, "dpf_end75": {"end": 0.75}}
 bvl.VARIANTS.update({name: {} for name in FEEDBACK})  # built by _capture
 
 
 def _capture(sparsity: float, variant: str) -> list[Any]:
+    if variant in DECAY:
+        callbacks = _variant_callbacks(sparsity, "default")
+        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        return [*callbacks, _DecayAfterRamp(_DEFAULTS["end"], DECAY[variant])]
     if variant in FEEDBACK:
         from lightning_clipprune import GradientClipCallback
 
