@@ -175,13 +175,22 @@ def cases(smoke: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[int
     return out
 
 
-def gpt2() -> nn.Module:
-    """A small Hugging Face GPT-2 (2 blocks, width 256, 1000 tokens), randomly initialised, in eval mode."""
+def gpt2(layers: int = 2, width: int = 256, vocab: int = 1000, positions: int = 64) -> nn.Module:
+    """A Hugging Face GPT-2 (default: 2 blocks, width 256, 1000 tokens), randomly initialised, in eval mode."""
     import transformers
 
     transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1000, n_positions=64)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=width // 64, vocab_size=vocab,
+                                     n_positions=positions)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def wide_gpt2_cases() -> list[tuple[str, Callable[[], nn.Module], Callable[[int], torch.Tensor]]]:
+    """``--gpt2-wide``: 4 blocks of width 768, 8000 tokens, sequences of 128 tokens (run at batch 4)."""
+    torch.manual_seed(0)
+    return [(f"GPT-2 (HF, 4 x 768) {int(s * 100)} %",
+             (lambda s=s: prune(gpt2(layers=4, width=768, vocab=8000, positions=128), s, "unstructured")),
+             lambda b: torch.randint(0, 8000, (b, 128))) for s in (0.9, 0.95)]
 
 
 def run_row(name: str, dense: nn.Module, make_x: Callable[[int], torch.Tensor], batch: int, threads: int,
@@ -236,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="one small row, few rounds (for the tests)")
     parser.add_argument("--only", default="", help="run only the models whose name contains this text")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
+    parser.add_argument("--gpt2-wide", action="store_true",
+                        help="only GPT-2 of 4 blocks of width 768 at 4 sequences of 128 tokens (minutes)")
     parser.add_argument("--torch-layout-copy", action="store_true",
                         help="CSR layers lay their input out with torch's copy, not numpy's (the library before it)")
     args = parser.parse_args(argv)
@@ -243,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         sparse_linear._transposed_copy = _torch_transposed_copy
     rounds = 3 if args.smoke else args.rounds
     batches, thread_counts = ((1, 32), (1,)) if args.smoke else ((1, 256), tuple(args.threads))
+    if args.gpt2_wide:
+        batches = (4,)
     rows = []
-    for name, build, make_x in cases(args.smoke):
+    for name, build, make_x in wide_gpt2_cases() if args.gpt2_wide else cases(args.smoke):
         if args.only and args.only not in name:
             continue
         dense = build()
