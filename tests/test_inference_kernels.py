@@ -1,11 +1,13 @@
 """The two sparse products of the CSR layers (``kernel="mm"``, MKL's; ``kernel="embedding_bag"``): the same
-outputs, chosen per layer by timing, kept through the ``.lcps`` recipe (issue #24).
+outputs, chosen per layer by timing, kept through the ``.lcps`` recipe (issue #24); and what users do with
+a converted model besides calling it: deep-copy it, convert it again, convert a model with nothing to convert.
 
 Choices are asserted with injected timers only; no assertion depends on the machine's speed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -205,3 +207,38 @@ def test_a_recipe_with_unknown_kernels_is_refused_in_one_line(tmp_path, kernels)
     with pytest.raises(ValueError, match="kernels are malformed"):
         load_inference(_mlp(seed=1), str(path), example_input=torch.randn(2, 64))
     assert json.dumps(kernels)  # the file held plain JSON: nothing of it was run
+
+
+def test_a_converted_model_can_be_deep_copied_and_converted_again() -> None:
+    # torch's deepcopy of a CSR tensor raises ("Cannot access storage of SparseCsrTensorImpl"); users copy models
+    torch.manual_seed(0)
+    net = _pruned(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)), 0.9)
+    x = torch.randn(2, 1, 8, 8)
+    for timer in (bag_wins, mm_wins):
+        fast = to_inference(net, example_input=x, timer=timer)
+        copied = copy.deepcopy(fast)
+        assert copied[0].weight is not fast[0].weight and copied[0].kernel == fast[0].kernel
+        assert copied[0].weight.crow_indices().dtype == torch.int32
+        with torch.inference_mode():
+            assert torch.allclose(copied(x), fast(x)) and torch.allclose(copied(x), net(x), atol=1e-5)
+        again = to_inference(fast, example_input=x, timer=timer)  # deep-copies its input first
+        assert inference_report(again).layers == [] or all(c.format == "dense" for c in inference_report(again).layers)
+        with torch.inference_mode():
+            assert torch.allclose(again(x), net(x), atol=1e-5)
+    conv1 = SparseConv1d(_pruned(nn.Conv1d(3, 8, 5), 0.7), "embedding_bag")
+    x1 = torch.randn(2, 3, 17)
+    assert torch.allclose(copy.deepcopy(conv1)(x1), conv1(x1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Embedding(50, 8), nn.LayerNorm(8)),
+    lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU()),  # depthwise: not a candidate
+])
+def test_a_model_without_candidate_layers_comes_back_unchanged(make) -> None:
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randint(0, 50, (3, 5)) if isinstance(net[0], nn.Embedding) else torch.randn(2, 4, 8, 8)
+    fast = to_inference(net, example_input=x, timer=bag_wins)
+    assert inference_report(fast).layers == []
+    with torch.inference_mode():
+        assert torch.equal(fast(x), net(x))

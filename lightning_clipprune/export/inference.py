@@ -289,7 +289,8 @@ def to_inference(
     with progress_bar(progress) as bar:
         task = bar.add_task("to_inference: timing dense vs CSR", total=len(order))
         inp = None  # the input of the layer to convert, when the previous step's forward captured it
-        for name, following in zip(order, [*order[1:], None], strict=True):
+        # `order` is empty for a model without candidate layers (or one converted already)
+        for name, following in zip(order, [*order[1:], None][: len(order)], strict=True):
             inp = _convert_one(out, name, following, inp, x, originals, choices, (min_sparsity, margin, rounds), timer)
             bar.advance(task)
     _verify(model, out, x, originals, choices)

@@ -17,6 +17,7 @@ Which layers are worth converting is decided in :mod:`lightning_clipprune.export
 
 from __future__ import annotations
 
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -175,7 +176,31 @@ class FeatureMajorLinear(nn.Linear):
         return out.t()
 
 
-class SparseLinear(nn.Module):
+class _CsrModule(nn.Module):
+    """A module holding CSR buffers that ``copy.deepcopy`` can copy (torch's own deepcopy of a CSR tensor raises
+    "Cannot access storage of SparseCsrTensorImpl"): those buffers are cloned, everything else deep-copied."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _CsrModule:
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_buffers":
+                buffers = {}
+                for name, buf in value.items():
+                    if buf is not None and buf.layout == torch.sparse_csr:
+                        if id(buf) not in memo:  # a tensor shared by two modules stays shared in the copy
+                            memo[id(buf)] = buf.clone()
+                        buffers[name] = memo[id(buf)]
+                    else:
+                        buffers[name] = copy.deepcopy(buf, memo)
+                value = buffers
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        return new
+
+
+class SparseLinear(_CsrModule):
     """A ``Linear`` whose weight is a CSR tensor: the same outputs (within float rounding), for inference only.
 
     Args:
@@ -244,7 +269,7 @@ def _check_convertible(kind: str, conv: nn.Module) -> None:
         )
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_CsrModule):
     """A ``Conv2d`` (``groups=1``) computed as a CSR weight times the unfolded input (``F.unfold``), for inference.
 
     The unfold copies the input ``kernel_h * kernel_w`` times, so this pays only for large, very sparse
@@ -297,7 +322,7 @@ class SparseConv2d(nn.Module):
         )
 
 
-class SparseConv1d(nn.Module):
+class SparseConv1d(_CsrModule):
     """A ``Conv1d`` (``groups=1``) computed as a CSR weight times its input's windows, for inference.
 
     The windows are a strided view of the (padded) input; one copy lays them out as ``(C * k, N * L)`` for the
