@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_clipprune.checkpoint import CheckpointError, read_state_dict
+from lightning_clipprune.export._reparam import fold_pruning_masks
 from lightning_clipprune.export.format import save_sparse
 from lightning_clipprune.sparsity import format_bytes
 
@@ -36,7 +37,9 @@ _UNSAFE_WARNING = (
 def _read_state_dict(path: str, unsafe: bool) -> dict[str, Tensor]:
     if unsafe:
         sys.stderr.write(_UNSAFE_WARNING.format(path=path))
-    return read_state_dict(path, unsafe=unsafe)
+    # a checkpoint of torch.nn.utils.prune (Lightning's ModelPruning before it makes pruning permanent) holds
+    # <name>_orig and <name>_mask: the pruned <name> is what is stored and timed
+    return fold_pruning_masks(read_state_dict(path, unsafe=unsafe))
 
 
 def _one_line(err: BaseException) -> str:

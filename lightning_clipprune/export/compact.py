@@ -16,7 +16,6 @@ compacted model is returned.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
 import warnings
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
+from lightning_clipprune.export._reparam import inference_copy
 
 __all__ = ["compact_channels", "has_zero_channels", "maybe_compact", "output_tensors", "torch_pruning_missing"]
 
@@ -174,7 +174,7 @@ def compact_channels(
         small, widths = compact_channels(net, x[:8])
     """
     tp = _torch_pruning()
-    out = copy.deepcopy(model).eval()
+    out = inference_copy(model)
     names = {m: n for n, m in out.named_modules()}
     with torch.no_grad():
         reference = out(example_input)

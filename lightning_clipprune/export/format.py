@@ -47,6 +47,7 @@ from lightning_clipprune._io import (
     max_load_bytes,
     open_regular,
 )
+from lightning_clipprune.export._reparam import fold_pruning_masks
 from lightning_clipprune.sparsity import BITS_DTYPE, encoded_sizes, storage_key
 
 __all__ = [
@@ -201,9 +202,9 @@ def _decode(r: _Reader, dtype: torch.dtype, encoding: int, shape: tuple[int, ...
 
 def _state_dict_of(obj: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     if isinstance(obj, nn.Module):
-        return obj.state_dict()
+        return fold_pruning_masks(obj.state_dict())
     if isinstance(obj, Mapping):
-        return obj
+        return fold_pruning_masks(obj)
     raise TypeError(f"expected an nn.Module or a state dict (a mapping of names to tensors), got {type(obj).__name__}")
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
+from lightning_clipprune.export._reparam import inference_copy
 from lightning_clipprune.export._timing import Timer, compare_latencies, compare_latency, compare_swapped
 from lightning_clipprune.export.compact import maybe_compact, output_tensors
 from lightning_clipprune.export.sparse_linear import (
@@ -273,7 +274,7 @@ def to_inference(
     if not isinstance(progress, bool):
         raise ValueError(f"to_inference: `progress` must be True or False, got {progress!r}")
     x = _batch_of(example_input, batch_size)
-    out = copy.deepcopy(model).eval()
+    out = inference_copy(model)
     if str(device).startswith("cuda"):
         return _to_cuda(out, str(device), x.shape[0])
     out, compacted = maybe_compact(out, x, compact)

@@ -7,12 +7,12 @@ the table.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune.export._reparam import inference_copy
 from lightning_clipprune.export.inference import compare_latency, inference_report, to_inference
 
 __all__ = ["format_latency", "measure_inference"]
@@ -44,7 +44,7 @@ def measure_inference(
     """
     from lightning_clipprune.export.compact import has_zero_channels, torch_pruning_missing
 
-    dense = copy.deepcopy(model).eval()
+    dense = inference_copy(model)
     # Without Torch-Pruning the line says so itself: no warning from deep inside to_inference at every fit end
     skipped = torch_pruning_missing() and has_zero_channels(dense)
     fast = to_inference(

@@ -7,13 +7,13 @@ was compacted): replaying it times nothing and unpickles nothing.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune.export._reparam import inference_copy
 from lightning_clipprune.export._timing import Timer
 from lightning_clipprune.export.compact import maybe_compact
 from lightning_clipprune.export.format import load_sparse_into, read_sparse_metadata, save_sparse
@@ -99,7 +99,7 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
         raise ValueError(f"{path}: the inference recipe is malformed (expected layer names and a batch size)")
     if not isinstance(kernels, dict) or not set(kernels.values()) <= set(KERNELS):
         raise ValueError(f"{path}: the inference recipe's kernels are malformed (expected names among {KERNELS})")
-    out = copy.deepcopy(module).eval()
+    out = inference_copy(module)
     x = _batch_of(example_input, None)
     out, compacted = maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
     candidates, every = _candidates(out), dict(out.named_modules())
