@@ -245,7 +245,8 @@ def test_layers_below_min_sparsity_stay_dense_untimed() -> None:
     choice = {c.name: c for c in inference_report(fast).layers}["3"]
     assert choice.format == "dense" and choice.dense_s is None and "min_sparsity" in choice.reason
     layer_calls = [t for t in timed if t is not nn.Sequential]
-    assert len(layer_calls) == 2 * 2 * (1 + len(KERNELS))  # two layers timed, two rounds, dense and each kernel
+    # two layers timed, a screening round and two rounds, dense and each kernel
+    assert len(layer_calls) == 2 * (1 + 2) * (1 + len(KERNELS))
     assert timed.count(nn.Sequential) == 2 * 2  # then the end-to-end guard: two rounds, both arms
 
 

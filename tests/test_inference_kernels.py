@@ -242,3 +242,22 @@ def test_a_model_without_candidate_layers_comes_back_unchanged(make) -> None:
     assert inference_report(fast).layers == []
     with torch.inference_mode():
         assert torch.equal(fast(x), net(x))
+
+
+def test_a_kernel_far_slower_than_dense_in_a_first_round_is_not_timed_further() -> None:
+    calls: list[str] = []
+
+    def bag_far_slower(module: nn.Module, x: torch.Tensor) -> float:  # dense 2 s, MKL's 1 s, bags 9 s
+        calls.append(getattr(module, "kernel", "dense"))
+        return {"dense": 2.0, "mm": 1.0, "embedding_bag": 9.0}[calls[-1]]
+
+    fast = to_inference(_mlp(), example_input=torch.randn(4, 64), timer=bag_far_slower, rounds=3)
+    assert [c.kernel for c in inference_report(fast).layers] == ["mm"] * 3
+    # three layers: the bags once each (the screening round), MKL's in the screening round and three more
+    assert calls.count("embedding_bag") == 3 and calls.count("mm") == 3 * (1 + 3)
+
+    calls.clear()
+    dense = to_inference(_mlp(), example_input=torch.randn(4, 64), rounds=3,
+                         timer=lambda m, x: calls.append("x") or (5.0 if isinstance(m, SPARSE) else 1.0))
+    assert all(c.format == "dense" and c.sparse_s == 5.0 for c in inference_report(dense).layers)
+    assert len(calls) == 3 * (1 + len(KERNELS))  # one screening round per layer, nothing more

@@ -27,12 +27,12 @@ def _one_call_timer(module: nn.Module, x: Tensor, min_seconds: float = 2e-3) -> 
 
 
 def compare_latencies(
-    modules: Sequence[nn.Module], x: Tensor, *, rounds: int = 7, timer: Timer | None = None
+    modules: Sequence[nn.Module], x: Tensor, *, rounds: int = 7, timer: Timer | None = None, warmup: bool = True
 ) -> list[float]:
     """Median seconds per call of each ``module(x)``, timed interleaved under ``torch.inference_mode``.
 
-    One warm-up call each, then ``rounds`` rounds that time each module once, so that a change in machine
-    load hits all alike.
+    One warm-up call each (unless ``warmup=False``: they ran already), then ``rounds`` rounds that time each
+    module once, so that a change in machine load hits all alike.
 
     Example::
 
@@ -43,7 +43,7 @@ def compare_latencies(
     timer = timer or _one_call_timer
     times: list[list[float]] = [[] for _ in modules]
     with torch.inference_mode():
-        for module in modules:
+        for module in modules if warmup else ():
             module(x)
         for _ in range(rounds):
             for module, seconds in zip(modules, times, strict=True):

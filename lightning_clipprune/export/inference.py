@@ -179,6 +179,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+#: A sparse kernel slower than this many times dense in the first timing round is not timed further.
+_SCREEN = 2.0
+
+
 def _choose(
     name: str, module: nn.Module, x: Tensor | None, *, min_sparsity: float, margin: float, rounds: int,
     timer: Timer | None,
@@ -193,11 +197,19 @@ def _choose(
     if module.weight.dtype not in CSR_DTYPES:
         return LayerChoice(name, kind, sparsity, None, None, "dense", _NO_CSR.format(dtype=module.weight.dtype))
     dense = FeatureMajorLinear(module) if type(module) is nn.Linear and feature_major(x) else module  # as it would run
-    dense_s, *kernel_s = compare_latencies(
-        [dense, *(_sparse_module(module, k) for k in KERNELS)], x, rounds=rounds, timer=timer
-    )
-    best = min(range(len(KERNELS)), key=kernel_s.__getitem__)  # a tie: the first, MKL's
-    sparse_s, kernel = kernel_s[best], KERNELS[best]
+    sparse = dict(zip(KERNELS, (_sparse_module(module, k) for k in KERNELS), strict=True))
+    # A first round screens out the kernels far slower than dense (a convolution's unfolded input often is):
+    # they are not timed `rounds` times more.
+    dense_s, *first = compare_latencies([dense, *sparse.values()], x, rounds=1, timer=timer)
+    alive = [k for k, s in zip(KERNELS, first, strict=True) if s < _SCREEN * dense_s]
+    if alive:
+        dense_s, *kernel_s = compare_latencies(
+            [dense, *(sparse[k] for k in alive)], x, rounds=rounds, timer=timer, warmup=False
+        )
+    else:
+        alive, kernel_s = list(KERNELS), first
+    best = min(range(len(alive)), key=kernel_s.__getitem__)  # a tie: the first, MKL's
+    sparse_s, kernel = kernel_s[best], alive[best]
     if sparse_s * margin < dense_s:
         why = f"CSR {dense_s / sparse_s:.2f}x faster ({kernel} kernel)"
         return LayerChoice(name, kind, sparsity, dense_s, sparse_s, "csr", why, kernel)
