@@ -337,10 +337,10 @@ def main() -> None:
     install_sigterm_handler()
     argv = sys.argv[1:]
     try:
-        from lightning_clipprune.app.cli import check_overrides, hydra_errors_raised
+        from lightning_clipprune.app.cli import check_overrides, fast_help, hydra_errors_raised
 
         check_overrides(argv)
-        with hydra_errors_raised():
+        with hydra_errors_raised(), fast_help(argv):
             _app()
     except SystemExit as err:
         if not is_sigterm(err):
