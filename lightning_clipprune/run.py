@@ -338,8 +338,10 @@ def main() -> None:
     argv = sys.argv[1:]
     try:
         from lightning_clipprune.app.cli import check_overrides, fast_help, hydra_errors_raised
+        from lightning_clipprune.app.sweep_check import check_sweep_values
 
         check_overrides(argv)
+        check_sweep_values(argv, config_dir())  # a sweep's bad value before its first job trains
         with hydra_errors_raised(), fast_help(argv):
             _app()
     except SystemExit as err:

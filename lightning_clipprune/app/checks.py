@@ -113,8 +113,10 @@ def _check_not_nan(cfg: DictConfig) -> None:
     walk(tree, "")
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, optimizer: bool = True) -> None:
     """Check the app-level values of ``cfg``; the groups' own values are checked when they are built.
+
+    ``optimizer=False`` leaves out the one check that imports torch (building the optimizer).
 
     Raises:
         ConfigError: naming the first bad key, its value and what is allowed.
@@ -158,7 +160,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     _check_not_nan(cfg)
     check_group_values(cfg)
-    _check_optimizer(cfg)  # the only check that imports torch: last, so every other bad value answers in a second
+    if optimizer:
+        _check_optimizer(cfg)  # the only check that imports torch: last, so every other bad value answers in a second
 
 
 _PRUNE_TARGET = "lightning_clipprune.MagnitudePruneCallback"

@@ -1,0 +1,104 @@
+"""Every value of a command-line sweep checked before the first job starts: :func:`check_sweep_values`.
+
+``python -m lightning_clipprune.run -m prune.sparsity=0.9,1.5`` would otherwise train the 0.9 job and only
+then report that 1.5 is not a sparsity. Each value of each comma-separated sweep is composed once (the other
+sweeps at their first value) and checked with :func:`~lightning_clipprune.app.checks.check_config`, the same
+check each job runs before torch loads; the first bad one is the usual one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_clipprune.app.checks import ConfigError, check_config
+from lightning_clipprune.app.cli import _overrides
+
+__all__ = ["check_sweep_values"]
+
+#: Options that choose another config: the sweep is then left to its jobs.
+_OTHER_CONFIG = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
+def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str = "config") -> None:
+    """With ``-m``/``--multirun``: compose and check every value of the command line's ``key=a,b,c`` sweeps (and
+    the bounds of its ``range(...)`` sweeps).
+
+    Args:
+        argv: the command line's arguments (without the program).
+        config_dir: the app's config folder.
+        config_name: its primary config.
+
+    Raises:
+        ConfigError: the first bad value, in the words of the job's own check.
+
+    Example::
+
+        check_sweep_values(["-m", "prune.sparsity=0.9,1.5"], config_dir())  # ConfigError: ... got 1.5.
+    """
+    if not any(arg in ("-m", "--multirun") for arg in argv) or any(arg in _OTHER_CONFIG for arg in argv):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(_overrides(argv))
+    except Exception:  # Hydra reports a malformed override itself, in its own words
+        return
+    sweeps = [o for o in parsed if o.is_sweep_override() and (o.is_choice_sweep() or o.is_range_sweep())]
+    if not sweeps:
+        return
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    values = {id(o): _values(o) for o in sweeps}
+    jobs = [
+        [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps if o is not sweep), f"{_key(sweep)}={value}"]
+        for sweep in sweeps for value in values[id(sweep)]
+    ]
+    configs = [cfg for cfg in (_compose(config_dir, config_name, job) for job in jobs) if cfg is not None]
+    for optimizer in (False, True):  # every value's quick checks first; the optimizer's (torch) after
+        for cfg in configs:
+            _check(cfg, optimizer)
+
+
+def _values(override: Any) -> list[str]:
+    """A choice sweep's values as typed; a range's first and last (its bounds are what a check can refuse)."""
+    if override.is_choice_sweep():
+        return list(override.sweep_string_iterator())
+    first = last = None
+    for value in override.sweep_string_iterator():
+        first = value if first is None else first
+        last = value
+    return [v for v in dict.fromkeys((first, last)) if v is not None]
+
+
+def _key(override: Any) -> str:
+    return f"{override.get_key_element()}"
+
+
+def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> Any:
+    """One job's config as Hydra composes it, or None when it cannot be composed here (Hydra reports that)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception:  # a missing group option, a bad override: Hydra reports it in its own words
+        return None
+    # a job's run-time values (its number, its output folder) do not exist before it starts: placeholders,
+    # so that the checks can resolve what refers to them
+    cfg.hydra.job.num, cfg.hydra.job.id, cfg.hydra.runtime.output_dir = 0, "0", str(config_dir)
+    return cfg
+
+
+def _check(cfg: Any, optimizer: bool) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    try:
+        check_config(cfg, optimizer=optimizer)
+    except ConfigError:
+        raise
+    except Exception:  # a check that needs the running job: left to the job
+        return
+    finally:
+        HydraConfig.instance().cfg = None
