@@ -38,6 +38,8 @@ def test_every_swept_value_is_checked_before_the_first_job(argv: list[str], text
         ["prune.sparsity=0.9,1.5"],  # not a sweep: Hydra's own error
         ["-m", "--config-name", "other", "prune.sparsity=0.9,1.5"],  # another config: left to the jobs
         ["-m", "prune.sparsity=0.9", "model=no_such_model,mlp"],  # Hydra reports the missing option itself
+        ["-m", "seed=range(5,2)", "prune.sparsity=0.9,1.5"],  # an empty range: Hydra's own error first
+        ["-m", "hydra.sweeper.params.prune.sparsity=choice(0.5,1.5)"],  # a sweeper's search space
     ],
 )
 def test_nothing_else_is_refused_here(argv: list[str]) -> None:

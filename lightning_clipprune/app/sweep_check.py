@@ -45,11 +45,16 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
         parsed = OverridesParser.create().parse_overrides(_overrides(argv))
     except Exception:  # Hydra reports a malformed override itself, in its own words
         return
-    sweeps = [o for o in parsed if o.is_sweep_override() and (o.is_choice_sweep() or o.is_range_sweep())]
-    if not sweeps:
+    # a sweep of the sweeper's own settings (hydra.sweeper.params...) is its search space, not a job's value
+    sweeps = [
+        o for o in parsed
+        if o.is_sweep_override() and (o.is_choice_sweep() or o.is_range_sweep())
+        and not o.key_or_group.startswith("hydra.")
+    ]
+    values = {id(o): _values(o) for o in sweeps}
+    if not sweeps or not all(values.values()):  # an empty range: Hydra says so
         return
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    values = {id(o): _values(o) for o in sweeps}
     jobs = [
         [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps if o is not sweep), f"{_key(sweep)}={value}"]
         for sweep in sweeps for value in values[id(sweep)]
