@@ -64,10 +64,12 @@ def fold_pruning_masks(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """
     pairs = {}
     for key, value in state.items():
+        if not key.endswith("_orig"):
+            continue
         base = key[: -len("_orig")]
         mask = state.get(base + "_mask")
         if (
-            key.endswith("_orig") and base not in state and isinstance(value, Tensor) and isinstance(mask, Tensor)
+            base not in state and isinstance(value, Tensor) and isinstance(mask, Tensor)
             and mask.shape == value.shape and bool(torch.logical_or(mask == 0, mask == 1).all())
         ):
             pairs[key] = base
