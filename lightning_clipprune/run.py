@@ -32,7 +32,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_clipprune.app.checks import ConfigError, check_against_model, check_config, one_line
+from lightning_clipprune.app.checks import (
+    ConfigError,
+    DataNotFoundError,
+    check_against_model,
+    check_config,
+    one_line,
+)
 from lightning_clipprune.app.interrupts import (
     begin_run,
     defer_signals,
@@ -302,9 +308,7 @@ def _run(cfg: DictConfig) -> float | None:
     # FloatingPointError: NaN weights at a prune event; StorageFullError: disk full (one line naming the folder)
     except (ConfigError, FloatingPointError, StorageFullError, RefusedPathError) as err:
         _fail(err, sweeping=job is not None)
-    except FileNotFoundError as err:  # DataNotFoundError, named without importing the data modules (Lightning)
-        if not _data_not_found(err):
-            raise
+    except DataNotFoundError as err:
         _fail(err, sweeping=job is not None)
     except KeyboardInterrupt:
         _interrupted_at_start("SIGINT")
@@ -320,12 +324,6 @@ def _run(cfg: DictConfig) -> float | None:
               file=sys.stderr)
         sys.exit(_INTERRUPTED_STATUS[which])
     return results.get("val_acc")
-
-
-def _data_not_found(err: BaseException) -> bool:
-    """Whether ``err`` is a ``DataNotFoundError`` (its module is loaded whenever one can have been raised)."""
-    locate = sys.modules.get("lightning_clipprune.app.data.locate")
-    return locate is not None and isinstance(err, locate.DataNotFoundError)
 
 
 def main() -> None:

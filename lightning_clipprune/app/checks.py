@@ -1,24 +1,50 @@
 """App-level checks of the composed config, before anything is built or trained.
 
-The callbacks, models and data modules check their own arguments when they are built; this module
-checks what only the app knows about: the Trainer's length and logging, the batch sizes, the seed, thread
-counts, the optimizer's hyper-parameters, NaN anywhere, settings that contradict each other, and (once
-the model is built) that the data set's classes and the parameter-name patterns fit the model. Every
-failure is one :class:`ConfigError` line naming the config key, the value and the fix.
+Everything here runs before torch and Lightning are imported (about a second, where the heavy imports take
+several), except the optimizer's check, which comes last: what only the app knows about (the Trainer's
+length, logging and precision, the batch sizes, the seed, thread counts, NaN anywhere, settings that
+contradict each other) and the scalar arguments of the prune and clip groups, the Classifier and the app's
+data modules, in the words those components use when they are built (they still check them then). Once the
+model is built, :func:`check_against_model` checks that the data set's classes and the parameter-name
+patterns fit the model. Every failure is one :class:`ConfigError` line naming the config key, the value and
+the fix.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["ConfigError", "check_against_model", "check_config", "check_group_values", "one_line", "root_cause"]
+from lightning_clipprune._choices import (
+    BUDGET_RANKINGS,
+    CEILING,
+    CLIP_ALGORITHMS,
+    CLIP_BOUNDS,
+    CRITERIA,
+    DEFAULT_RANKING,
+    RANKINGS,
+    REGROW_METHODS,
+    SCOPES,
+    UNCAPPED_CLIP_ALGORITHMS,
+    parse_pattern,
+)
+
+__all__ = ["ConfigError", "DataNotFoundError", "check_against_model", "check_config", "check_group_values", "one_line", "root_cause"]
 
 
 class ConfigError(ValueError):
     """A bad value in the composed config, raised before training starts; the message is one line."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not on disk where we looked, and could not be downloaded (or ``data.root`` is no folder).
+
+    Defined here, without torch, so the app can raise it before the heavy imports and name it without them.
+    """
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -68,6 +94,9 @@ def _check_trainer(cfg: DictConfig, trainer: Any) -> None:
     if "check_val_every_n_epoch" in trainer:
         _int_or_none(cfg, "trainer.check_val_every_n_epoch", trainer.get("check_val_every_n_epoch"), low=1,
                      allow_none=True, what="an integer >= 1 (validate every N epochs)")
+    if "precision" in trainer and not _maybe_precision(trainer.get("precision")):
+        allowed = ", ".join(str(p) for p in PRECISIONS if isinstance(p, str))
+        raise ConfigError(f"trainer.precision={_shown(trainer.get('precision'))}: must be one of {allowed} (Lightning's precisions)")
     limit = trainer.get("limit_train_batches")
     fraction = isinstance(limit, float) and 0.0 < limit <= 1.0
     count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
@@ -79,15 +108,70 @@ def _check_trainer(cfg: DictConfig, trainer: Any) -> None:
 
 
 def _check_data(cfg: DictConfig) -> None:
-    """The batch sizes' types (the data module checks their range): ``true`` trained at batch size 1, 1.5 failed late."""
+    """The batch sizes (``true`` trained at batch size 1, 1.5 failed late), and for the app's data modules the
+    validation share and the ``root`` folder, which they check too, after the heavy imports."""
     data = cfg.get("data")
     if data is None or not hasattr(data, "get"):
         return
     for key, what in (("batch_size", "an integer >= 1 (samples per training batch)"),
                       ("eval_batch_size", "an integer >= 1, or null (4 x data.batch_size)")):
         value = data.get(key)
-        if key in data and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if key in data and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"data.{key}={_shown(value)}: must be {what}")
+    if not str(data.get("_target_", "")).startswith("lightning_clipprune.app.data."):
+        return  # a data module of the user's: its own checks
+    fraction = data.get("val_fraction")
+    if "val_fraction" in data and not (_is_real(fraction) and 0.0 < fraction < 1.0):
+        raise ConfigError(f"data.val_fraction={_shown(fraction)}: must be a number in (0, 1) (the share held out for validation)")
+    root = data.get("root")
+    if isinstance(root, str) and root and not os.path.isdir(os.path.expanduser(root)):
+        raise DataNotFoundError(
+            f"data.root={root!r} is not a folder: create it and put the data set's files there, "
+            "or drop data.root to search $DATA_DIR and the default locations"
+        )
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: What ``Trainer(precision=...)`` accepts (Lightning 2.6's ``_PRECISION_INPUT``), as the early error lists it.
+PRECISIONS: tuple[Any, ...] = (
+    "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
+    "64-true", 64, 32, 16, "64", "32", "16", "bf16",
+)
+
+
+def _maybe_precision(value: Any) -> bool:
+    """Whether ``value`` is one of :data:`PRECISIONS` or a string a later Lightning could add (``bf16-...``)."""
+    if isinstance(value, bool):
+        return False
+    return value in PRECISIONS or (isinstance(value, str) and re.match(r"(bf16|16|32|64|transformer-engine)(-|$)", value) is not None)
+
+
+#: Learning-rate schedules that ``Classifier(lr_schedule=...)`` accepts (checked here before torch loads).
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+_CLASSIFIER_TARGET = "lightning_clipprune.app.models.Classifier"
+
+
+def _check_model(cfg: DictConfig) -> None:
+    """The Classifier's own checks of its scalar arguments (``model: ...`` as a failure at build time reads)."""
+    from lightning_clipprune import _validation as v
+
+    model = cfg.get("model")
+    if model is None or not hasattr(model, "get") or model.get("_target_") != _CLASSIFIER_TARGET:
+        return
+    owner = "Classifier"
+    try:
+        if "lr_schedule" in model:
+            v.check_choice(owner, "lr_schedule", model.get("lr_schedule"), LR_SCHEDULES)
+        for key in ("warmup_fraction", "label_smoothing"):
+            if key in model:
+                v.check_real(owner, key, model.get(key), low=0.0, high=1.0, high_open=True)
+        if "num_classes" in model:
+            v.check_int(owner, "num_classes", model.get("num_classes"), low=2)
+    except ValueError as err:
+        raise ConfigError(f"model: {one_line(err)}") from None
 
 
 def _check_not_nan(cfg: DictConfig) -> None:
@@ -141,6 +225,7 @@ def check_config(cfg: DictConfig, optimizer: bool = True) -> None:
     _int_or_none(cfg, "seed", cfg.get("seed"), low=0, high=_MAX_SEED, allow_none=True,
                  what=f"an integer in [0, {_MAX_SEED}] (2**32 - 1) or null (unseeded)")
     _check_data(cfg)
+    _check_model(cfg)
     _int_or_none(cfg, "cpu_threads", cfg.get("cpu_threads"), low=1, allow_none=True,
                  what="an integer >= 1 or null (torch's default: one thread per core)")
     for key in ("test", "verbose"):
@@ -165,6 +250,8 @@ def check_config(cfg: DictConfig, optimizer: bool = True) -> None:
 
 
 _PRUNE_TARGET = "lightning_clipprune.MagnitudePruneCallback"
+#: Criterion names the app can name: the built-in ones and the post-training "obs" (registered by posttrain).
+_CRITERION_NAMES = (*CRITERIA, "obs")
 _CLIP_TARGET = "lightning_clipprune.GradientClipCallback"
 
 
@@ -209,15 +296,30 @@ def check_group_values(cfg: DictConfig) -> None:
         raise ConfigError(f"prune: {one_line(err)}") from None
     try:
         if clip is not None:
-            owner = "GradientClipCallback"
-            if "norm_type" in clip:
-                v.check_real(owner, "norm_type", clip["norm_type"], low=0, low_open=True, allow_inf=True)
-            if "nonfinite" in clip:
-                v.check_choice(owner, "nonfinite", clip["nonfinite"], ("skip", "error"))
-            if "log_every_n_steps" in clip:
-                v.check_int(owner, "log_every_n_steps", clip["log_every_n_steps"], low=1, allow_none=True)
+            _check_clip_values(v, clip)
     except ValueError as err:
         raise ConfigError(f"clip: {one_line(err)}") from None
+
+
+def _check_clip_values(v: Any, args: dict[str, Any]) -> None:
+    """``GradientClipCallback.__init__``'s checks of its scalar arguments and of a built-in algorithm's bound."""
+    owner = "GradientClipCallback"
+    if "norm_type" in args:
+        v.check_real(owner, "norm_type", args["norm_type"], low=0, low_open=True, allow_inf=True)
+    if "nonfinite" in args:
+        v.check_choice(owner, "nonfinite", args["nonfinite"], ("skip", "error"))
+    if "log_every_n_steps" in args:
+        v.check_int(owner, "log_every_n_steps", args["log_every_n_steps"], low=1, allow_none=True)
+    algorithm = args.get("algorithm", "norm")
+    if not isinstance(algorithm, str):  # a clipper built by Hydra (`_target_`): checked when it is built
+        return
+    if algorithm not in CLIP_ALGORITHMS:
+        allowed = f"one of {', '.join(map(repr, CLIP_ALGORITHMS))} (lightning_clipprune.clipping.CLIPPERS) or a clipper object (clipping.Clipper)"
+        raise v.bad_value(owner, "algorithm", allowed, algorithm)
+    options = args.get("algorithm_options") or {}
+    if "clip_val" in args and not (isinstance(options, dict) and CLIP_BOUNDS[algorithm] in options):
+        uncapped = algorithm in UNCAPPED_CLIP_ALGORITHMS
+        v.check_real(owner, "clip_val", args["clip_val"], low=0, low_open=True, allow_none=uncapped)
 
 
 def _check_prune_values(v: Any, args: dict[str, Any], schedules: tuple[str, ...]) -> None:
@@ -243,6 +345,63 @@ def _check_prune_values(v: Any, args: dict[str, Any], schedules: tuple[str, ...]
     for key in ("prune_bias", "keep_first_and_last", "prune_frozen", "verbose", "include_tied"):
         if key in args:
             v.check_bool(owner, key, args[key])
+    for key, names in (("scope", SCOPES), ("ranking", RANKINGS)):
+        if key in args:
+            v.check_choice(owner, key, args[key], names)
+    criterion = get("criterion")
+    if isinstance(criterion, str) and criterion not in _CRITERION_NAMES:  # (a Criterion built by Hydra is checked at build)
+        raise v.bad_value(owner, "criterion", f"one of {', '.join(map(repr, _CRITERION_NAMES))} or a Criterion", criterion)
+    max_layer = get("max_layer_sparsity", "auto")
+    if max_layer != "auto":
+        try:
+            v.check_real(owner, "max_layer_sparsity", max_layer, low=0.0, high=1.0, low_open=True, allow_none=True)
+        except ValueError:
+            raise v.bad_value(owner, "max_layer_sparsity", "'auto', a number in (0, 1] or None", max_layer) from None
+    _check_prune_combination(v, owner, args)
+    if isinstance(get("regrow"), dict):
+        _check_regrow_values(v, get("regrow"))
+
+
+def _check_prune_combination(v: Any, owner: str, args: dict[str, Any]) -> None:
+    """The checks of ``MagnitudePruneCallback`` that involve two arguments: pattern and sparsity, start and end."""
+    get = args.get
+    kind, n, m = parse_pattern(get("pattern", "unstructured"), owner=owner)
+    sparsity, threshold = get("sparsity"), get("threshold")
+    if threshold is not None and kind != "unstructured":
+        raise ValueError(f"`{owner}(threshold=...)` works with pattern 'unstructured' only, got pattern={get('pattern')!r}.")
+    if kind == "nm" and sparsity is not None and not math.isclose(sparsity, 1.0 - n / m, abs_tol=1e-9):
+        raise ValueError(
+            f"`{owner}(pattern={get('pattern')!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
+            f" (or left out), got sparsity={sparsity!r}."
+        )
+    if "sparsity" in args and "threshold" in args and sparsity is None and threshold is None and kind != "nm":
+        raise ValueError(f"`{owner}` needs exactly one of `sparsity` and `threshold`, got sparsity=None, threshold=None.")
+    max_layer = get("max_layer_sparsity", "auto")
+    budgets = get("ranking", DEFAULT_RANKING) in BUDGET_RANKINGS and get("scope", "global") == "global" and kind == "unstructured"
+    ceiling = (None if budgets and threshold is None else CEILING) if max_layer == "auto" else max_layer
+    if ceiling is not None and get("scope", "global") == "global" and (sparsity or 0.0) > ceiling:
+        raise v.bad_value(owner, "max_layer_sparsity", f">= sparsity={sparsity} or None", ceiling)
+    start, end = get("start"), get("end")
+    if get("schedule") != "oneshot" and start is not None and end is not None and type(start) is type(end) and start > end:
+        raise ValueError(f"`{owner}`: `start` must be <= `end`, got start={start!r}, end={end!r}.")
+
+
+def _check_regrow_values(v: Any, regrow: dict[str, Any]) -> None:
+    """``RegrowConfig``'s checks of a ``prune.regrow`` mapping (unknown keys are left to the callback's message)."""
+    owner = "MagnitudePruneCallback(regrow=...)"
+    get = regrow.get
+    if "method" in regrow:
+        v.check_choice(owner, "method", regrow["method"], REGROW_METHODS)
+    if "fraction" in regrow:
+        v.check_real(owner, "fraction", regrow["fraction"], low=0, high=1, low_open=True)
+    if "interval" in regrow:
+        v.check_int(owner, "interval", regrow["interval"], low=1)
+    if get("start") is not None:
+        v.check_position(owner, "start", regrow["start"])
+    if "end" in regrow:
+        v.check_position(owner, "end", regrow["end"])
+    if "seed" in regrow:
+        v.check_int(owner, "seed", regrow["seed"], low=0)
 
 
 def _check_optimizer(cfg: DictConfig) -> None:

@@ -218,8 +218,10 @@ def _missing_option_line(err: BaseException, overrides: Sequence[str]) -> str | 
     if "/" not in missing or not options:
         return None
     group, value = missing.rsplit("/", 1)
-    typed = next((o for o in overrides if _key(o) == group.replace("/", ".")), f"{group}={value}")
-    return f"{typed}: no such option in the '{group}' group; choose one of: {', '.join(options)}"
+    same_key = [o for o in overrides if _key(o) == group.replace("/", ".")]
+    typed = next((o for o in same_key if o.split("=", 1)[-1] == value), same_key[0] if same_key else f"{group}={value}")
+    shown = [o for o in options if not o.startswith("_")]  # `_base`-style files are building blocks, not presets
+    return f"{typed}: no such option in the '{group}' group; choose one of: {', '.join(shown)}"
 
 
 def hydra_error_line(err: BaseException, argv: Sequence[str]) -> str:

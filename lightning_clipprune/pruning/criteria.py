@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_clipprune._choices import CRITERIA
 from lightning_clipprune._validation import bad_value, check_real
 from lightning_clipprune.pruning.apply import apply_masks_
 
@@ -49,8 +50,6 @@ __all__ = [
 
 #: What a criterion may need before it can score.
 NEEDS: tuple[str, ...] = ("nothing", "gradients", "calibration")
-#: The built-in criteria (every registered name: :func:`criterion_names`).
-CRITERIA: tuple[str, ...] = ("magnitude", "taylor")
 
 
 @runtime_checkable

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lightning_clipprune._choices import REGROW_METHODS
+
 __all__ = [
     "REGROW_METHODS",
     "clipped_pruned_scores",
@@ -29,8 +31,6 @@ __all__ = [
     "regrow_masks",
 ]
 
-#: "rigl": regrow where the clipped gradient is largest; "set": regrow at random.
-REGROW_METHODS = ("rigl", "set")
 
 
 def cosine_fraction(t: int, start: int, end: int, fraction: float) -> float:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_clipprune._io import atomic_path, open_regular
+from lightning_clipprune.app.checks import DataNotFoundError
 from lightning_clipprune.app.data.tensors import TensorDataModule
 
 __all__ = [
@@ -34,10 +35,6 @@ __all__ = [
 
 #: Seconds to wait for a server before giving up on a download (offline machines fail fast).
 DOWNLOAD_TIMEOUT_S = 10.0
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The data set is not on disk where we looked, and could not be downloaded."""
 
 
 class ChecksumError(OSError):

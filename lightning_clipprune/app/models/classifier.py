@@ -13,11 +13,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_clipprune._validation import check_choice, check_int, check_real
+from lightning_clipprune.app.checks import LR_SCHEDULES
 
 __all__ = ["Classifier", "LR_SCHEDULES"]
-
-#: Learning-rate schedules that ``Classifier(lr_schedule=...)`` accepts.
-LR_SCHEDULES = ("cosine", "constant")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 

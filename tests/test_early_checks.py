@@ -1,0 +1,174 @@
+"""A wrong value on the command line is answered before torch and Lightning load (issue 26: start-up).
+
+``app.checks.check_config(cfg, optimizer=False)`` imports neither; every case here must be refused by it,
+with the words the component itself uses when it is built (the two are compared with the early check
+switched off), and the torch-free names it checks against must be the library's.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import lightning_clipprune.posttrain.criterion  # noqa: F401  (registers "obs": the callback's message names it)
+from lightning_clipprune import _choices
+from lightning_clipprune.app import checks
+from lightning_clipprune.run import ConfigError, config_dir, train
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+# (overrides, whether the component's own message at build time is the same line)
+EARLY: list[tuple[tuple[str, ...], bool]] = [
+    (("clip.algorithm=median",), True),
+    (("clip.clip_val=0",), True),
+    (("clip.clip_val=null",), True),
+    (("clip=zclip", "clip.clip_val=-2"), True),
+    (("clip=autoclip", "clip.clip_val=0"), True),
+    (("clip=agc", "clip.clip_val=-1"), True),
+    (("prune.scope=everywhere",), True),
+    (("prune.ranking=snip",), True),
+    (("prune.pattern=3:2",), True),
+    (("prune.pattern=2:5",), True),
+    (("prune.pattern=2:4", "prune.threshold=0.1", "prune.sparsity=null"), True),
+    (("prune.criterion=random",), False),  # the build lists every registered criterion, tests register more
+    (("prune.max_layer_sparsity=off",), True),
+    (("prune.max_layer_sparsity=2",), True),
+    (("prune.ranking=raw", "prune.max_layer_sparsity=0.5"), True),
+    (("prune.sparsity=null",), True),
+    (("prune.start=0.6", "prune.end=0.5"), True),
+    (("prune=regrow", "prune.regrow.fraction=2"), True),
+    (("prune=regrow", "prune.regrow.method=grasp"), True),
+    (("prune=regrow", "prune.regrow.interval=0"), True),
+    (("model.lr_schedule=exponential",), True),
+    (("model.warmup_fraction=1",), True),
+    (("model.label_smoothing=-0.1",), True),
+    (("data.batch_size=0",), False),
+    (("data.eval_batch_size=0",), False),
+    (("data.val_fraction=1.5",), False),
+    (("trainer.precision=17",), False),
+    (("+experiment=fashion_mnist", "data.root=/nonexistent/folder"), False),
+]
+
+# Valid settings the early check must let through.
+ACCEPTED: list[tuple[str, ...]] = [
+    ("prune=nm24",),
+    ("prune=channel",),
+    ("prune=regrow",),
+    ("prune=threshold", "prune.threshold=0.01"),
+    ("clip=autoclip",),
+    ("clip=zclip", "clip.clip_val=null"),
+    ("clip=agc",),
+    ("clip=value",),
+    ("trainer.precision=bf16-mixed",),
+    ("trainer.precision=32",),
+    ("prune.ranking=raw", "prune.max_layer_sparsity=0.95"),
+    ("prune.criterion=taylor",),
+    ("model.lr_schedule=constant",),
+]
+
+
+def _compose(tmp_path: Path, overrides: tuple[str, ...]) -> typing.Any:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={tmp_path}", "debug=smoke", *overrides])
+
+
+def _early(cfg: typing.Any) -> str:
+    with pytest.raises((ConfigError, checks.DataNotFoundError)) as info:
+        checks.check_config(cfg, optimizer=False)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("overrides", "same"), EARLY, ids=[" ".join(o) for o, _ in EARLY])
+def test_refused_before_the_heavy_imports_in_the_components_words(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, overrides: tuple[str, ...], same: bool
+) -> None:
+    cfg = _compose(tmp_path, overrides)
+    early = _early(cfg)
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith(("prune=", "clip="))]
+    assert "\n" not in early and any(v in early or (v == "null" and "None" in early) for v in values), early
+    # the same config with the early check off: the component refuses it when it is built
+    monkeypatch.setattr("lightning_clipprune.run.check_config", lambda *a, **k: None)
+    with pytest.raises(ConfigError if same else Exception) as info:
+        train(cfg, list(overrides))
+    if same:
+        assert str(info.value) == early
+    else:
+        assert any(v in str(info.value) for v in values), info.value
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("overrides", ACCEPTED, ids=[" ".join(o) for o in ACCEPTED])
+def test_valid_settings_pass_the_early_check(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    checks.check_config(_compose(tmp_path, overrides), optimizer=False)
+
+
+def test_the_torch_free_names_are_the_librarys() -> None:
+    import lightning.fabric.connector as connector
+
+    from lightning_clipprune import GradientClipCallback
+    from lightning_clipprune.app.models import classifier
+    from lightning_clipprune.clipping import CLIPPERS
+    from lightning_clipprune.pruning import criteria, masks, ranking, regrow
+
+    assert (_choices.SCOPES, _choices.PATTERNS) == (masks.SCOPES, masks.PATTERNS)
+    assert (_choices.RANKINGS, _choices.BUDGET_RANKINGS) == (ranking.RANKINGS, ranking.BUDGET_RANKINGS)
+    assert (_choices.CEILING, _choices.DEFAULT_RANKING) == (ranking.CEILING, ranking.DEFAULT_RANKING)
+    assert _choices.CRITERIA == criteria.CRITERIA and set(checks._CRITERION_NAMES) <= set(criteria.criterion_names())
+    assert _choices.REGROW_METHODS == regrow.REGROW_METHODS
+    assert checks.LR_SCHEDULES == classifier.LR_SCHEDULES
+    assert {name: cls.clip_val_option for name, cls in CLIPPERS.items()} == _choices.CLIP_BOUNDS
+    for name in _choices.CLIP_ALGORITHMS:  # None is a valid bound exactly for the uncapped ones
+        try:
+            GradientClipCallback(clip_val=None, algorithm=name)
+            uncapped = True
+        except ValueError:
+            uncapped = False
+        assert uncapped == (name in _choices.UNCAPPED_CLIP_ALGORITHMS), name
+    lightning_precisions = {a for part in typing.get_args(connector._PRECISION_INPUT) for a in typing.get_args(part)}
+    assert lightning_precisions <= set(checks.PRECISIONS)  # none refused early
+    assert not any(checks._maybe_precision(p) for p in (13, "13", "17-mixed", "fp8", True, 1.5, None))
+
+
+_PROBE = """
+import atexit, sys
+def _report():
+    print("MODULES", "lightning" in sys.modules, "torch" in sys.modules, file=sys.stderr)
+atexit.register(_report)
+sys.argv = ["lightning_clipprune.run", *sys.argv[1:]]
+from lightning_clipprune.run import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "override", ["clip.algorithm=median", "prune.scope=everywhere", "trainer.precision=17", "model.lr_schedule=step"]
+)
+def test_the_command_exits_before_torch_is_imported(tmp_path: Path, override: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, override, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("MODULES")]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert override.split("=")[1] in lines[0]
+    assert "MODULES False False" in proc.stderr
+
+
+def test_a_missing_option_names_the_override_typed_and_only_real_presets() -> None:
+    from hydra.errors import MissingConfigException
+
+    from lightning_clipprune.app.cli import hydra_error_line
+
+    line = hydra_error_line(MissingConfigException("...", "clip/nope", ["_base", "agc", "norm"]), ["clip=nope"])
+    assert line == "clip=nope: no such option in the 'clip' group; choose one of: agc, norm"
+    err = MissingConfigException("...", "experiment/nope", ["cifar", "fashion_mnist"])
+    assert hydra_error_line(err, ["+experiment=fashion_mnist", "+experiment=nope"]).startswith("+experiment=nope: ")
