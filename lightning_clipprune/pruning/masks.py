@@ -50,8 +50,11 @@ from lightning_clipprune.pruning.ranking import (
     PRUNED_SCORE,
     RANKINGS,
     capped_global,
+    count_kept,
     flat_scores,
     keep_mask_by_count,
+    layer_keep,
+    magnitude_budget_masks,
     resolve_max_layer_sparsity,
     uses_budgets,
 )
@@ -292,6 +295,7 @@ def compute_masks(
         return {}
     layouts = dict(layouts or {})
     check_pattern_fits(weights, pattern, layouts)
+    within: Collection[str] = ()  # the names whose new mask is already ANDed with the old one
     with torch.no_grad():
         if threshold is not None:
             new = {name: crit.score(name, w) > threshold for name, w in weights.items()}
@@ -302,10 +306,12 @@ def compute_masks(
             targets = resolve_layer_sparsity(weights, layer_sparsity or {}, sparsity) if scope == "local" else None
             new = _channel_masks(weights, sparsity, targets, crit, masks, ceiling, layouts)
         else:
-            new = _sparsity_masks(weights, sparsity, scope, (kind, n, m), crit, masks, ceiling, ranking, layer_sparsity, layouts)
+            new, within = _sparsity_masks(
+                weights, sparsity, scope, (kind, n, m), crit, masks, ceiling, ranking, layer_sparsity, layouts
+            )
         if masks is not None:
             for name in new:
-                if name in masks:
+                if name in masks and name not in within:
                     new[name] &= masks[name].to(new[name].device)
         return new
 
@@ -321,8 +327,8 @@ def _sparsity_masks(
     ranking: str,
     layer_sparsity: Mapping[str, float] | None,
     layouts: Mapping[str, Layout],
-) -> dict[str, Tensor]:
-    """Unstructured and N:M masks for a sparsity target."""
+) -> tuple[dict[str, Tensor], Collection[str]]:
+    """Unstructured and N:M masks for a sparsity target, and the names whose mask is already within ``masks``."""
     kind, n, m = pattern
     cand = None
     if kind == "nm":
@@ -330,17 +336,26 @@ def _sparsity_masks(
         sparsity = min(sparsity, 1.0 - n / m)
         ceiling = None  # every group keeps N: never binds
     if scope == "global":
-        flat = flat_scores(weights, crit, masks, cand, normalize=ranking == "layer_normalized")
         # N:M fixes every layer's count at M - N per group: per-layer budgets would break the pattern
         budget = ranking if uses_budgets(ranking, scope, kind, None) else None
-        return capped_global(weights, flat, sparsity, ceiling, layouts, masks, budget=budget)
+        if budget is not None and ceiling is None:  # each layer alone: no flat buffer of the whole model
+            new = magnitude_budget_masks(weights, crit, sparsity, layouts, masks, budget)
+            if new is not None:
+                return new, new.keys()
+        flat = flat_scores(weights, crit, masks, cand, normalize=ranking == "layer_normalized")
+        return capped_global(weights, flat, sparsity, ceiling, layouts, masks, budget=budget), ()
     targets = resolve_layer_sparsity(weights, layer_sparsity or {}, sparsity)
-    new = {}
+    new, within = {}, set()
     for name, w in weights.items():
-        flat = flat_scores({name: w}, crit, masks, cand)
         target = min(targets[name], 1.0 - n / m) if kind == "nm" else targets[name]
-        new[name] = keep_mask_by_count(flat, int(round(target * flat.numel()))).view(w.shape)
-    return new
+        n_prune = int(round(target * w.numel()))
+        if cand is None:
+            live = w.numel() if masks is None or name not in masks else count_kept(masks[name])
+            new[name] = layer_keep(name, w, crit, masks, n_prune, live).view(w.shape)
+            within.add(name)
+        else:
+            new[name] = keep_mask_by_count(flat_scores({name: w}, crit, masks, cand), n_prune).view(w.shape)
+    return new, within
 
 
 def _nm_masks_candidates(

@@ -21,7 +21,9 @@ from lightning_clipprune.pruning._host import host_array as _host_array
 from lightning_clipprune.pruning._host import host_empty as _host_empty
 from lightning_clipprune.pruning._host import host_select as _host_select
 from lightning_clipprune.pruning._host import magnitude_filled as _magnitude_filled
+from lightning_clipprune.pruning._host import magnitude_keep as _magnitude_keep
 from lightning_clipprune.pruning.apply import int_mask
+from lightning_clipprune.pruning.criteria import Magnitude
 from lightning_clipprune.pruning.selection import STANDARD_LAYOUT, Layout, matrix_shape, output_rows
 
 __all__ = [
@@ -394,6 +396,78 @@ def capped_global(
         return {x: keep_mask_by_count(parts[x], counts[x]).view(w.shape) for x, w in weights.items()}
     keep = _global_keep(flat, parts, k, caps)
     return {name: keep[name].view(w.shape) for name, w in weights.items()}
+
+
+def magnitude_budget_masks(
+    weights: Mapping[str, Tensor],
+    criterion: Any,
+    sparsity: float,
+    layouts: Mapping[str, Layout],
+    masks: Mapping[str, Tensor] | None,
+    budget: str,
+) -> dict[str, Tensor] | None:
+    """``capped_global(weights, flat_scores(weights, criterion, masks), sparsity, None, layouts, masks, budget)``
+    ANDed with ``masks``, layer by layer (:func:`layer_keep`): no flat scores of the whole model.
+
+    Args:
+        weights: ``{name: tensor}``.
+        criterion: the criterion object.
+        sparsity: the global target.
+        layouts: ``{name: Layout}`` of the weights not stored ``(out, in, *k)`` ("er" budgets).
+        masks: the current masks, or None.
+        budget: "er" or "erk".
+
+    Returns:
+        None (take that path) unless ``criterion`` scores by :class:`~.criteria.Magnitude` and no weight is
+        float64: the flat scores' dtype is then each layer's own, so a layer's scores rank alone as in the
+        flat buffer.
+    """
+    if getattr(type(criterion), "score_into", None) is not Magnitude.score_into:
+        return None
+    if any(w.dtype == torch.float64 for w in weights.values()):
+        return None
+    k = int(round(sparsity * sum(w.numel() for w in weights.values())))
+    already = _already_pruned(weights, masks)
+    shapes = {
+        x: matrix_shape(w.shape, layouts.get(x, STANDARD_LAYOUT)) if budget == "er" else tuple(w.shape)
+        for x, w in weights.items()
+    }
+    counts = erk_counts(shapes, k, None, already)
+    return {
+        x: layer_keep(x, w, criterion, masks, counts[x], w.numel() - already[x]).view(w.shape)
+        for x, w in weights.items()
+    }
+
+
+def layer_keep(
+    name: str, weight: Tensor, criterion: Any, masks: Mapping[str, Tensor] | None, n_prune: int, n_live: int
+) -> Tensor:
+    """``keep_mask_by_count(flat_scores({name: weight}, criterion, masks), n_prune) & masks[name]`` (flat): by
+    :func:`~._host.magnitude_keep` where it can.
+
+    Args:
+        name: the weight's name in ``masks``.
+        weight: the weight.
+        criterion: the criterion object.
+        masks: the current masks, or None.
+        n_prune: how many entries the new mask prunes, those already pruned included.
+        n_live: how many entries ``masks[name]`` keeps (``weight.numel()`` without one).
+
+    Returns:
+        The flat bool mask, True = kept.
+
+    Example::
+
+        >>> layer_keep("w", torch.tensor([0.3, -0.1, 0.2]), Magnitude(), None, 1, 3)
+        tensor([ True, False,  True])
+    """
+    live = masks[name].reshape(-1) if masks is not None and name in masks else None
+    keep = _magnitude_keep(criterion, weight, live, n_prune, n_live)
+    if keep is None:
+        keep = keep_mask_by_count(flat_scores({name: weight}, criterion, masks), n_prune)
+        if live is not None:
+            keep &= live.to(keep.device)
+    return keep
 
 
 def _already_pruned(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> dict[str, int]:
