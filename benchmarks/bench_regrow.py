@@ -74,6 +74,14 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     "default_end60": {"prune": {"end": 0.6}},
     "default_f50": {"prune": {**_DEFAULTS, "frequency": 50}},
     "default_p2": {"prune": {**_DEFAULTS, "power": 2.0}},
+    # the ramp starting after some dense training (fifth round): the first masks no longer come from the init
+    "default_s05": {"prune": {**_DEFAULTS, "start": 0.05}},
+    "default_s10": {"prune": {**_DEFAULTS, "start": 0.1}},
+    "default_s20": {"prune": {**_DEFAULTS, "start": 0.2}},
+    "default_s10_end60": {"prune": {"start": 0.1, "end": 0.6}},
+    # a tighter norm clip under the ER budgets (issue 12 tried 0.25 and 2.0 under raw ranking only)
+    "default_clip05": {"prune": dict(_DEFAULTS), "clip": 0.5},
+    "default_clip07": {"prune": dict(_DEFAULTS), "clip": 0.7},
 }
 #: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
 #: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is

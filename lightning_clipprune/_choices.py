@@ -32,14 +32,22 @@ SCOPES: tuple[str, ...] = ("global", "local")
 PATTERNS: tuple[str, ...] = ("unstructured", "nm", "channel")
 #: What a ``pattern`` may be, as the error messages say it.
 PATTERN_HELP = "'unstructured', 'channel' or 'N:M' with integers 0 < N < M (such as '2:4')"
-#: How global scope compares scores across layers (:data:`~lightning_clipprune.pruning.ranking.RANKINGS`).
+#: How global scope compares scores across layers: "raw" (one threshold on the scores),
+#: "layer_normalized" (each score divided by the RMS of its layer's live scores, so layers of different
+#: scale are pruned alike), "erk" (each layer's pruned count set by Erdos-Renyi-Kernel,
+#: :func:`~lightning_clipprune.pruning.ranking.erk_counts`, then its lowest scores pruned) or "er" (the same
+#: with every weight seen as its (out, fan-in) matrix, Erdos-Renyi: a convolution's kernel size counts in its
+#: fan-in, :func:`~lightning_clipprune.pruning.selection.matrix_shape`).
 RANKINGS: tuple[str, ...] = ("raw", "layer_normalized", "erk", "er")
 #: The rankings that set per-layer budgets instead of one global threshold.
 BUDGET_RANKINGS: tuple[str, ...] = ("erk", "er")
 #: The default ranking of ``compute_masks`` and ``MagnitudePruneCallback``: Erdos-Renyi budgets.
 DEFAULT_RANKING = "er"
-#: The ceiling ``max_layer_sparsity="auto"`` gives where no per-layer budget decides
-#: (:data:`~lightning_clipprune.pruning.ranking.CEILING`).
+#: The ceiling that ``max_layer_sparsity="auto"`` (the default everywhere) gives where no per-layer budget
+#: decides ("raw" / "layer_normalized" ranking, N:M, "channel"): a global target of 0.9 to 0.98 (the usual
+#: range) leaves it far from binding on layers of similar scale, while a layer whose weights are all
+#: smaller than the rest (an output layer, often initialised smaller) keeps at least 1 % of its weights
+#: instead of collapsing to 100 %. Under budgets ("er", "erk") "auto" is no ceiling.
 CEILING = 0.99
 #: The criteria built in (more can be registered: :func:`~lightning_clipprune.pruning.criteria.criterion_names`).
 CRITERIA: tuple[str, ...] = ("magnitude", "taylor")

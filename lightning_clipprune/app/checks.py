@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Any
 
 from lightning_clipprune._choices import (
     BUDGET_RANKINGS,
@@ -32,6 +30,9 @@ from lightning_clipprune._choices import (
     UNCAPPED_CLIP_ALGORITHMS,
     parse_pattern,
 )
+
+if TYPE_CHECKING:  # omegaconf only when a config is checked: the data modules import this file without Hydra
+    from omegaconf import DictConfig
 
 __all__ = ["ConfigError", "DataNotFoundError", "check_against_model", "check_config", "check_group_values", "one_line", "root_cause"]
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clipprune._choices import PATTERNS, SCOPES, parse_pattern
 from lightning_clipprune._validation import bad_value, check_choice, check_real
 from lightning_clipprune.pruning.coupling import check_channel_groups
 from lightning_clipprune.pruning.criteria import Taylor, make_criterion
@@ -70,40 +71,6 @@ __all__ = [
     "parse_pattern",
     "resolve_layer_sparsity",
 ]
-
-#: Scopes understood by :func:`compute_masks`.
-SCOPES: tuple[str, ...] = ("global", "local")
-#: Pattern kinds returned by :func:`parse_pattern` (``"nm"`` for an ``"N:M"`` string such as ``"2:4"``).
-PATTERNS: tuple[str, ...] = ("unstructured", "nm", "channel")
-_PATTERN_HELP = "'unstructured', 'channel' or 'N:M' with integers 0 < N < M (such as '2:4')"
-
-
-def parse_pattern(pattern: str, owner: str | None = None) -> tuple[str, int, int]:
-    """``"unstructured"`` -> ``("unstructured", 0, 0)``, ``"2:4"`` -> ``("nm", 2, 4)``, ``"channel"`` -> ``("channel", 0, 0)``.
-
-    Args:
-        pattern: the pattern string.
-        owner: who checks, named in the error message as ```owner(pattern=...)``` (None: ```pattern```).
-
-    Raises:
-        ValueError: for anything else, or ``N:M`` without ``0 < N < M``.
-
-    Example::
-
-        >>> parse_pattern("2:4")
-        ('nm', 2, 4)
-    """
-    if pattern in ("unstructured", "channel"):
-        return pattern, 0, 0
-    parts = pattern.split(":") if isinstance(pattern, str) else []
-    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-        n, m = int(parts[0]), int(parts[1])
-        if 0 < n < m:
-            return "nm", n, m
-    if owner is None:
-        raise ValueError(f"`pattern` must be {_PATTERN_HELP}, got {pattern!r}.")
-    raise bad_value(owner, "pattern", _PATTERN_HELP, pattern)
-
 
 def check_pattern_fits(weights: Mapping[str, Tensor], pattern: str, layouts: Mapping[str, Layout] | None = None) -> None:
     """Raise a clear ``ValueError`` when a weight's shape does not fit ``pattern``.

@@ -1,8 +1,9 @@
 """Scores, rankings, per-layer budgets and the per-layer ceiling: how many entries of which tensor go.
 
-The defaults of every entry point (``compute_masks``, ``MagnitudePruneCallback``) are stated here once:
-:data:`DEFAULT_RANKING` and :data:`DEFAULT_MAX_LAYER_SPARSITY` (``"auto"``, resolved by
-:func:`resolve_max_layer_sparsity`).
+The defaults of every entry point (``compute_masks``, ``MagnitudePruneCallback``) are stated once, in the
+torch-free :mod:`lightning_clipprune._choices` (the app checks a config against them before torch loads) and
+re-exported here: :data:`DEFAULT_RANKING`, :data:`RANKINGS`, :data:`CEILING` and
+:data:`DEFAULT_MAX_LAYER_SPARSITY` (``"auto"``, resolved by :func:`resolve_max_layer_sparsity`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_clipprune._choices import BUDGET_RANKINGS, CEILING, DEFAULT_RANKING, RANKINGS
 from lightning_clipprune._validation import bad_value, check_real
 from lightning_clipprune.pruning._host import fill_pruned_host as _fill_pruned_host
 from lightning_clipprune.pruning._host import host_array as _host_array
@@ -40,22 +42,6 @@ __all__ = [
     "saturated_layers",
 ]
 
-#: How global scope compares scores across layers: "raw" (one threshold on the scores),
-#: "layer_normalized" (each score divided by the RMS of its layer's live scores, so layers of different
-#: scale are pruned alike), "erk" (each layer's pruned count set by Erdos-Renyi-Kernel, :func:`erk_counts`,
-#: then its lowest scores pruned) or "er" (the same with every weight seen as its (out, fan-in) matrix,
-#: Erdos-Renyi: a convolution's kernel size counts in its fan-in, :func:`matrix_shape`).
-RANKINGS: tuple[str, ...] = ("raw", "layer_normalized", "erk", "er")
-#: The rankings that set per-layer budgets (:func:`erk_counts`) instead of one global threshold.
-BUDGET_RANKINGS: tuple[str, ...] = ("erk", "er")
-#: The default ranking of ``compute_masks`` and ``MagnitudePruneCallback``: Erdos-Renyi budgets.
-DEFAULT_RANKING = "er"
-#: The ceiling that ``max_layer_sparsity="auto"`` (the default everywhere) gives where no per-layer budget
-#: decides ("raw" / "layer_normalized" ranking, N:M, "channel"): a global target of 0.9 to 0.98 (the usual
-#: range) leaves it far from binding on layers of similar scale, while a layer whose weights are all
-#: smaller than the rest (an output layer, often initialised smaller) keeps at least 1 % of its weights
-#: instead of collapsing to 100 %. Under budgets ("er", "erk") "auto" is no ceiling.
-CEILING = 0.99
 #: Kept under its historical name: the number "auto" resolves to where a ceiling applies.
 DEFAULT_MAX_LAYER_SPARSITY = CEILING
 
