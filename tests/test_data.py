@@ -61,6 +61,18 @@ def test_tensor_batches_cover_every_sample_once_per_epoch_in_a_new_order() -> No
         assert torch.equal(xb.view(-1).long(), yb)
 
 
+def test_tensor_batches_follow_the_samplers_order_exactly() -> None:
+    # the batches are gathered one by one: they must be the slices of the epoch's whole gather (same runs as before)
+    x = torch.randint(0, 255, (103, 1, 4, 4), dtype=torch.uint8)
+    y = torch.arange(103)
+    for sampler in (ShuffleSampler(103, shuffle=True, seed=5), ShuffleSampler(103, shuffle=True, seed=5, rank=1, world_size=2)):
+        sampler.set_epoch(3)
+        loader = TensorBatches(x, y, batch_size=16, sampler=sampler)
+        idx = sampler.indices()
+        assert torch.equal(torch.cat([b[0] for b in loader]), x[idx])
+        assert torch.equal(torch.cat([b[1] for b in loader]), y[idx])
+
+
 def test_tensor_batches_drop_last_and_in_order_slices() -> None:
     x, y = torch.arange(10.0), torch.arange(10)
     loader = TensorBatches(x, y, batch_size=4, drop_last=True)

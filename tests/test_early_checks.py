@@ -132,37 +132,6 @@ def test_the_torch_free_names_are_the_librarys() -> None:
     assert not any(checks._maybe_precision(p) for p in (13, "13", "17-mixed", "fp8", True, 1.5, None))
 
 
-_PROBE = """
-import atexit, sys
-def _report():
-    print("MODULES", "lightning" in sys.modules, "torch" in sys.modules, file=sys.stderr)
-atexit.register(_report)
-sys.argv = ["lightning_clipprune.run", *sys.argv[1:]]
-from lightning_clipprune.run import main
-main()
-"""
-
-
-@pytest.mark.parametrize(
-    "override", ["clip.algorithm=median", "prune.scope=everywhere", "trainer.precision=17", "model.lr_schedule=step"]
-)
-def test_the_command_exits_before_torch_is_imported(tmp_path: Path, override: str) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, override, f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("MODULES")]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert override.split("=")[1] in lines[0]
-    assert "MODULES False False" in proc.stderr
-
-
 def test_a_missing_option_names_the_override_typed_and_only_real_presets() -> None:
     from hydra.errors import MissingConfigException
 

@@ -53,6 +53,10 @@ main()
         ("prune.power=-1", "prune: `MagnitudePruneCallback(power=...)` must be a finite number > 0"),
         ("clip.norm_type=0", "clip: `GradientClipCallback(norm_type=...)` must be a number > 0"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1"),
+        ("clip.algorithm=median", "clip: `GradientClipCallback(algorithm=...)` must be one of 'norm'"),
+        ("prune.scope=everywhere", "prune: `MagnitudePruneCallback(scope=...)` must be one of 'global', 'local'"),
+        ("trainer.precision=17", "trainer.precision=17: must be one of"),
+        ("model.lr_schedule=step", "model: `Classifier(lr_schedule=...)` must be one of 'cosine', 'constant'"),
     ],
 )
 def test_bad_value_exits_before_lightning_is_imported(tmp_path: Path, override: str, words: str) -> None:
