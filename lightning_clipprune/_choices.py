@@ -1,9 +1,11 @@
-"""The names that choice-valued arguments accept, and the pattern syntax: torch-free.
+"""The names that choice-valued arguments accept, the pattern syntax and the defaults the command lines show:
+torch-free.
 
 The library checks its arguments against these, and the app checks the composed config against the same
 names before torch and Lightning load (:mod:`lightning_clipprune.app.checks`): a misspelled scope, ranking,
 pattern or clip algorithm on the command line is one line in about a second instead of after the heavy
-imports. Nothing here imports torch.
+imports; the search command's ``--help`` and option errors come before them the same way
+(:mod:`lightning_clipprune.app.search_args`). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ __all__ = [
     "CLIP_ALGORITHMS",
     "CLIP_BOUNDS",
     "CRITERIA",
+    "DEFAULT_GRID",
+    "DEFAULT_LAYER_GRID",
+    "DEFAULT_MAX_HESSIAN_BYTES",
+    "DEFAULT_NUM_SAMPLES",
     "DEFAULT_RANKING",
     "PATTERNS",
     "PATTERN_HELP",
     "RANKINGS",
     "REGROW_METHODS",
     "SCOPES",
+    "SEARCH_METHODS",
     "UNCAPPED_CLIP_ALGORITHMS",
     "parse_pattern",
 ]
@@ -61,6 +68,19 @@ CLIP_BOUNDS: dict[str, str] = {
 CLIP_ALGORITHMS: tuple[str, ...] = tuple(CLIP_BOUNDS)
 #: The algorithms whose bound may be None (``clip_val=None``: spikes only, no hard cap).
 UNCAPPED_CLIP_ALGORITHMS: tuple[str, ...] = ("autoclip", "zclip")
+
+#: The coarse grid of global sparsities the threshold search evaluates before its bisection.
+DEFAULT_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+#: The per-layer sparsities of the layer sensitivity.
+DEFAULT_LAYER_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+#: The search methods by name (the search command's ``--method``); "obs" is another name of "sparsegpt".
+SEARCH_METHODS: dict[str, str] = {"magnitude": "magnitude", "sparsegpt": "sparsegpt", "obs": "sparsegpt"}
+#: Default calibration size of the layer-wise reconstruction: SparseGPT used 128 sequences of 2048 tokens
+#: (262 k rows); a few thousand images give a well-conditioned Hessian for layers up to a few thousand inputs.
+DEFAULT_NUM_SAMPLES = 2048
+#: Default memory allowed for one layer's Hessian: 2 GiB (a 23 k-input layer); the seed CNN's
+#: ``Linear(9216, 100)`` needs 340 MB.
+DEFAULT_MAX_HESSIAN_BYTES = 2 * 1024**3
 
 
 def parse_pattern(pattern: str, owner: str | None = None) -> tuple[str, int, int]:

@@ -141,3 +141,38 @@ def test_a_missing_option_names_the_override_typed_and_only_real_presets() -> No
     assert line == "clip=nope: no such option in the 'clip' group; choose one of: agc, norm"
     err = MissingConfigException("...", "experiment/nope", ["cifar", "fashion_mnist"])
     assert hydra_error_line(err, ["+experiment=fashion_mnist", "+experiment=nope"]).startswith("+experiment=nope: ")
+
+
+_SEARCH_PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("MODULES", "torch" in sys.modules, "lightning" in sys.modules, file=sys.stderr))
+sys.argv = ["lightning_clipprune.search", *sys.argv[1:]]
+runpy.run_module("lightning_clipprune.search", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "words"),
+    [
+        (["--help"], 0, "usage: python -m lightning_clipprune.search"),
+        (["NOWHERE"], 1, "error: no such run folder or checkpoint: "),
+        (["."], 1, "error: no checkpoints/final.ckpt or checkpoints/last.ckpt in ."),
+        ([".", "--method", "prune"], 1, "error: --method 'prune' is not one of magnitude, sparsegpt, obs"),
+        ([".", "--tolerance", "abc"], 2, "argument --tolerance: invalid float value: 'abc'"),
+    ],
+)
+def test_the_search_command_answers_before_torch_is_imported(
+    tmp_path: Path, args: list[str], status: int, words: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]
+    proc = subprocess.run([sys.executable, "-c", _SEARCH_PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert proc.returncode == status, proc.stderr
+    assert words in proc.stdout + proc.stderr
+    assert "MODULES False False" in proc.stderr  # neither torch nor Lightning was imported to answer

@@ -49,21 +49,15 @@ from lightning_clipprune._io import atomic_path, atomic_write_text
 from lightning_clipprune.app.build import instantiate
 from lightning_clipprune.app.checks import ConfigError, one_line
 from lightning_clipprune.app.rundir import read_run_overrides
+from lightning_clipprune.app.search_args import build_parser, check_args, error_line, run_dir_of
 from lightning_clipprune.app.targets import check_targets
 from lightning_clipprune.app.untrusted import make_output_dir
 from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
 from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
 from lightning_clipprune.export import save_sparse
-from lightning_clipprune.posttrain import (
-    DEFAULT_MAX_HESSIAN_BYTES,
-    DEFAULT_NUM_SAMPLES,
-    ReconstructionOptions,
-)
+from lightning_clipprune.posttrain import DEFAULT_NUM_SAMPLES, ReconstructionOptions
 from lightning_clipprune.run import config_dir
 from lightning_clipprune.search import (
-    DEFAULT_GRID,
-    DEFAULT_LAYER_GRID,
-    METHODS,
     SearchResult,
     compare_allocation,
     layer_sensitivity,
@@ -81,22 +75,6 @@ OUTPUT_NAMES: tuple[str, ...] = (
     "search.csv", "search.png", "search.json", "pruned.ckpt", "pruned.lcps",
     "sensitivity.csv", "sensitivity.png", "finetuned",
 )
-
-
-def _run_dir_of(path: Path) -> tuple[Path, Path]:
-    """``(run folder, checkpoint)`` from a run folder or a checkpoint inside one."""
-    if path.is_dir() and path.suffix in (".ckpt", ".pt", ".pth"):
-        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file")
-    if os.path.lexists(path) and not path.is_dir() and not path.is_file():
-        raise FileNotFoundError(f"{path} is not a regular file (a device, a pipe, or a broken or special link)")
-    if path.is_dir():
-        for name in ("final.ckpt", "last.ckpt"):
-            if (path / "checkpoints" / name).is_file():
-                return path, path / "checkpoints" / name
-        raise FileNotFoundError(f"no checkpoints/final.ckpt or checkpoints/last.ckpt in {path}")
-    if not path.is_file():
-        raise FileNotFoundError(f"no such run folder or checkpoint: {path}")
-    return (path.parent.parent if path.parent.name == "checkpoints" else path.parent), path
 
 
 def run_overrides(run_dir: Path) -> list[str]:
@@ -244,43 +222,6 @@ def _fit_and_score(model: nn.Module, tuned: Any, datamodule: Any, callbacks: lis
     return {"val_acc": float(val), "test_acc": None if test is None else float(test)}
 
 
-def _parse_floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m lightning_clipprune.search``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_clipprune.search",
-        description="Find the largest global sparsity whose validation accuracy, without retraining, stays within "
-        "a tolerance of the dense model; optionally the per-layer sensitivity and a short fine-tune.",
-    )
-    add = parser.add_argument
-    add("run", help="a run folder of `python -m lightning_clipprune.run` or a checkpoint inside it")
-    add("overrides", nargs="*", help="extra Hydra overrides (such as data.root=...) after the run's own")
-    add("--tolerance", type=float, default=0.5, help="allowed val accuracy drop, percentage points (0.5)")
-    add("--grid", type=_parse_floats, default=list(DEFAULT_GRID), help="coarse sparsity grid, comma-separated")
-    add("--resolution", type=float, default=0.001, help="bisection stops at this sparsity width (0.001)")
-    add("--method", default="magnitude", help="magnitude (one global threshold, default) or sparsegpt (layer-wise "
-        "reconstruction on training samples, no retraining; 'obs' is another name)")
-    add("--calibration-samples", type=int, default=DEFAULT_NUM_SAMPLES,
-        help=f"sparsegpt: training samples of the calibration ({DEFAULT_NUM_SAMPLES})")
-    add("--seed", type=int, default=0, help="sparsegpt: random state while the calibration samples are drawn (0)")
-    add("--max-hessian-mib", type=float, default=DEFAULT_MAX_HESSIAN_BYTES / 2**20,
-        help="sparsegpt: refuse a layer whose float32 Hessian is larger (MiB; 2048); the run needs several times it")
-    add("--criterion", choices=("magnitude", "taylor"), default="magnitude", help="ranking of --method magnitude")
-    add("--taylor-batches", type=int, default=20, help="training batches averaged for the taylor gradient")
-    add("--sensitivity", action="store_true", help="also the per-layer sensitivity and an allocation")
-    add("--layer-grid", type=_parse_floats, default=list(DEFAULT_LAYER_GRID))
-    add("--target", type=float, default=None, help="global sparsity of the per-layer allocation (default: the one found)")
-    add("--finetune-epochs", type=int, default=0, help="fine-tune at the sparsity found for N epochs")
-    add("--finetune-lr", type=float, default=None, help="peak learning rate of the fine-tune (default: run's / 10)")
-    add("--no-test", action="store_true", help="do not evaluate the test split at all")
-    add("--out", type=Path, default=None, help="output folder (default: RUN/search)")
-    add("--overwrite", action="store_true", help="replace an earlier search in the output folder (default: refuse)")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m lightning_clipprune.search RUN_DIR_OR_CKPT [options] [overrides]``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -289,10 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError, ConfigError, UntrustedFileError...
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        text = " ".join(str(err).split())
-        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
-            text = f"{err.filename}: {text}"
-        print(f"error: {text}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 1
 
 
@@ -343,17 +281,6 @@ def _summary(checkpoint: Path, result: SearchResult, commands: list[str]) -> dic
     }
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """The options argparse cannot check in one line; ``--method`` resolved to its canonical name."""
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
-    args.method = METHODS[args.method]
-    if args.method == "sparsegpt" and args.criterion != "magnitude":
-        raise ValueError(f"--criterion {args.criterion} ranks the magnitude search; drop it with --method sparsegpt")
-    if args.calibration_samples < 1:
-        raise ValueError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
-
-
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     """Create ``out`` (a real folder); refuse one holding an earlier search unless ``overwrite``, which removes
     the earlier search's files (:data:`OUTPUT_NAMES`, nothing else) so no stale file stays beside the new ones.
@@ -379,9 +306,9 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    _check_args(args)
+    check_args(args)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    run_dir, checkpoint = _run_dir_of(Path(args.run))
+    run_dir, checkpoint = run_dir_of(Path(args.run))
     out = args.out or run_dir / "search"
     overrides = [*run_overrides(run_dir), *args.overrides]
     cfg = compose_run_config(overrides, out)

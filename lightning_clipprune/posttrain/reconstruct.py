@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune._choices import DEFAULT_MAX_HESSIAN_BYTES, DEFAULT_NUM_SAMPLES
 from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune._validation import bad_value, check_bool, check_choice, check_int, check_real
 from lightning_clipprune.posttrain.allocation import ALLOCATIONS, layer_counts, spread
@@ -53,12 +54,6 @@ __all__ = [
 ]
 
 OWNER = "reconstruct_prune"
-#: Default calibration size: SparseGPT used 128 sequences of 2048 tokens (262 k rows); a few thousand
-#: images give a well-conditioned Hessian for layers up to a few thousand inputs.
-DEFAULT_NUM_SAMPLES = 2048
-#: Default memory allowed for one layer's Hessian: 2 GiB (a 23 k-input layer); the seed CNN's
-#: ``Linear(9216, 100)`` needs 340 MB.
-DEFAULT_MAX_HESSIAN_BYTES = 2 * 1024**3
 #: What each layer's reconstruction preserves: "dense" (the dense model's outputs of that layer, on the
 #: dense inputs: repairs the drift of the earlier pruned layers too; keeps a copy of the model) or "layer"
 #: (the layer's own outputs on its current inputs, as SparseGPT).

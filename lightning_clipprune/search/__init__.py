@@ -15,8 +15,8 @@ The library part, one module per job (torch and Lightning's neighbours only; not
 The command line, ``python -m lightning_clipprune.search RUN`` (rebuilding a run of the app from its folder,
 loading its weights, fine-tuning), is the app's: :mod:`lightning_clipprune.app.search_cli`. Its public names
 (``main``, ``compose_run_config``, ``run_overrides``, ``load_weights``, ``save_pruned``, ``finetune``) stay
-importable from here for older code; they are looked up on first use, so importing the search never
-imports Hydra.
+importable from here for older code. Every name here is looked up on first use, so importing the search
+imports neither Hydra nor (until a name is used) torch.
 
 Example::
 
@@ -29,25 +29,26 @@ Example::
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning_clipprune.search.ranking import (
-    Ranking,
-    evaluate,
-    loader_batches,
-    prunable_parameters,
-    taylor_gradients,
-)
-from lightning_clipprune.search.reconstruction import METHODS, search_reconstruction
-from lightning_clipprune.search.sensitivity import (
-    DEFAULT_LAYER_GRID,
-    SensitivityResult,
-    compare_allocation,
-    layer_sensitivity,
-    layer_sparsity_snippets,
-    suggest_layer_sparsity,
-)
-from lightning_clipprune.search.threshold import DEFAULT_GRID, SearchPoint, SearchResult, search_threshold
+if TYPE_CHECKING:
+    from lightning_clipprune.search.ranking import (
+        Ranking,
+        evaluate,
+        loader_batches,
+        prunable_parameters,
+        taylor_gradients,
+    )
+    from lightning_clipprune.search.reconstruction import METHODS, search_reconstruction
+    from lightning_clipprune.search.sensitivity import (
+        DEFAULT_LAYER_GRID,
+        SensitivityResult,
+        compare_allocation,
+        layer_sensitivity,
+        layer_sparsity_snippets,
+        suggest_layer_sparsity,
+    )
+    from lightning_clipprune.search.threshold import DEFAULT_GRID, SearchPoint, SearchResult, search_threshold
 
 __all__ = [
     "DEFAULT_GRID",
@@ -75,14 +76,25 @@ __all__ = [
     "taylor_gradients",
 ]
 
-# The command line's names live on the app side; the one place the library names the app, and only when asked.
+# Every name is looked up on first use: `python -m lightning_clipprune.search --help` imports this package
+# first and answers before torch loads. The command line's names live on the app side; the one place the
+# library names the app, and only when asked.
 _APP_CLI = "lightning_clipprune.app.search_cli"
-_APP_NAMES = frozenset({"compose_run_config", "finetune", "load_weights", "main", "run_overrides", "save_pruned"})
+_LAZY = {
+    **dict.fromkeys(("Ranking", "evaluate", "loader_batches", "prunable_parameters", "taylor_gradients"),
+                    "lightning_clipprune.search.ranking"),
+    **dict.fromkeys(("METHODS", "search_reconstruction"), "lightning_clipprune.search.reconstruction"),
+    **dict.fromkeys(("DEFAULT_LAYER_GRID", "SensitivityResult", "compare_allocation", "layer_sensitivity",
+                     "layer_sparsity_snippets", "suggest_layer_sparsity"), "lightning_clipprune.search.sensitivity"),
+    **dict.fromkeys(("DEFAULT_GRID", "SearchPoint", "SearchResult", "search_threshold"),
+                    "lightning_clipprune.search.threshold"),
+    **dict.fromkeys(("compose_run_config", "finetune", "load_weights", "main", "run_overrides", "save_pruned"), _APP_CLI),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _APP_NAMES:
-        return getattr(importlib.import_module(_APP_CLI), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lightning_clipprune.search' has no attribute {name!r}")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_clipprune._choices import SEARCH_METHODS
 from lightning_clipprune.posttrain import ReconstructionOptions, collect_calibration, reconstruct_prune
 from lightning_clipprune.search.ranking import Loader, evaluate, prunable_parameters
 from lightning_clipprune.search.threshold import (
@@ -30,7 +31,7 @@ __all__ = ["METHODS", "search_reconstruction"]
 
 _OWNER = "search_reconstruction"
 #: The search methods by name (the command line's ``--method``); "obs" is another name of "sparsegpt".
-METHODS: dict[str, str] = {"magnitude": "magnitude", "sparsegpt": "sparsegpt", "obs": "sparsegpt"}
+METHODS = SEARCH_METHODS
 
 
 class _Points:

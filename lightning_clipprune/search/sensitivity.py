@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_clipprune._choices import DEFAULT_LAYER_GRID
 from lightning_clipprune.search import plots
 from lightning_clipprune.search.ranking import Loader, Ranking, evaluate, prunable_parameters
 
@@ -29,8 +30,6 @@ __all__ = [
     "suggest_layer_sparsity",
 ]
 
-#: The per-layer sparsities of the layer sensitivity.
-DEFAULT_LAYER_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune._choices import DEFAULT_GRID
 from lightning_clipprune._validation import bad_value, check_choice, check_real
 from lightning_clipprune.pruning import importance
 from lightning_clipprune.search import plots
@@ -27,8 +28,6 @@ _OWNER = "search_threshold"
 
 __all__ = ["DEFAULT_GRID", "SearchPoint", "SearchResult", "search_threshold"]
 
-#: The coarse grid of global sparsities evaluated before the bisection.
-DEFAULT_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
 @dataclass
