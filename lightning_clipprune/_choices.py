@@ -1,16 +1,19 @@
-"""The names that choice-valued arguments accept, the pattern syntax and the defaults the command lines show:
-torch-free.
+"""The names that choice-valued arguments accept, the pattern syntax, the defaults the command lines show and the
+few checks that need nothing else (the ceiling, the regrowth fields): torch-free.
 
-The library checks its arguments against these, and the app checks the composed config against the same
-names before torch and Lightning load (:mod:`lightning_clipprune.app.checks`): a misspelled scope, ranking,
-pattern or clip algorithm on the command line is one line in about a second instead of after the heavy
-imports; the search command's ``--help`` and option errors come before them the same way
+The library checks its arguments with these, and the app checks the composed config with the same code before
+torch and Lightning load (:mod:`lightning_clipprune.app.checks`): a misspelled scope, ranking, pattern or clip
+algorithm on the command line is one line in about a second instead of after the heavy imports; the search
+command's ``--help`` and option errors come before them the same way
 (:mod:`lightning_clipprune.app.search_args`). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from lightning_clipprune._validation import bad_value
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_clipprune._validation import bad_value, check_choice, check_int, check_position, check_real
 
 __all__ = [
     "BUDGET_RANKINGS",
@@ -30,7 +33,10 @@ __all__ = [
     "SCOPES",
     "SEARCH_METHODS",
     "UNCAPPED_CLIP_ALGORITHMS",
+    "check_regrow_fields",
     "parse_pattern",
+    "resolve_max_layer_sparsity",
+    "uses_budgets",
 ]
 
 #: Scopes of ``compute_masks`` and ``MagnitudePruneCallback``: one ranking over all layers, or per layer.
@@ -108,3 +114,52 @@ def parse_pattern(pattern: str, owner: str | None = None) -> tuple[str, int, int
     if owner is None:
         raise ValueError(f"`pattern` must be {PATTERN_HELP}, got {pattern!r}.")
     raise bad_value(owner, "pattern", PATTERN_HELP, pattern)
+
+
+def uses_budgets(ranking: str, scope: str, kind: str, threshold: float | None) -> bool:
+    """Whether per-layer budgets decide the counts: "er"/"erk" for a global, unstructured sparsity target."""
+    return ranking in BUDGET_RANKINGS and scope == "global" and kind == "unstructured" and threshold is None
+
+
+def resolve_max_layer_sparsity(value: Any, budgets: bool, owner: str = "compute_masks") -> float | None:
+    """``max_layer_sparsity`` as a number or None: ``"auto"`` is None under per-layer budgets, else :data:`CEILING`.
+
+    Raises:
+        ValueError: for anything but "auto", a number in (0, 1] or None.
+
+    Example::
+
+        >>> resolve_max_layer_sparsity("auto", budgets=False), resolve_max_layer_sparsity("auto", budgets=True)
+        (0.99, None)
+    """
+    if isinstance(value, str) and value == "auto":
+        return None if budgets else CEILING
+    try:
+        return check_real(owner, "max_layer_sparsity", value, low=0.0, high=1.0, low_open=True, allow_none=True)
+    except ValueError:
+        raise bad_value(owner, "max_layer_sparsity", "'auto', a number in (0, 1] or None", value) from None
+
+
+def check_regrow_fields(values: Mapping[str, Any]) -> None:
+    """The checks of :class:`~lightning_clipprune.RegrowConfig`'s fields, on those present in ``values``.
+
+    Raises:
+        ValueError: naming the field, the allowed values and the value received.
+
+    Example::
+
+        >>> check_regrow_fields({"method": "rigl", "fraction": 0.3})
+    """
+    owner = "MagnitudePruneCallback(regrow=...)"
+    if "method" in values:
+        check_choice(owner, "method", values["method"], REGROW_METHODS)
+    if "fraction" in values:
+        check_real(owner, "fraction", values["fraction"], low=0, high=1, low_open=True)
+    if "interval" in values:
+        check_int(owner, "interval", values["interval"], low=1)
+    if values.get("start") is not None:
+        check_position(owner, "start", values["start"])
+    if "end" in values:
+        check_position(owner, "end", values["end"])
+    if "seed" in values:
+        check_int(owner, "seed", values["seed"], low=0)

@@ -18,18 +18,19 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lightning_clipprune._choices import (
-    BUDGET_RANKINGS,
-    CEILING,
     CLIP_ALGORITHMS,
     CLIP_BOUNDS,
     CRITERIA,
     DEFAULT_RANKING,
     RANKINGS,
-    REGROW_METHODS,
     SCOPES,
     UNCAPPED_CLIP_ALGORITHMS,
+    check_regrow_fields,
     parse_pattern,
+    resolve_max_layer_sparsity,
+    uses_budgets,
 )
+from lightning_clipprune._validation import _is_real
 
 if TYPE_CHECKING:  # omegaconf only when a config is checked: the data modules import this file without Hydra
     from omegaconf import DictConfig
@@ -130,10 +131,6 @@ def _check_data(cfg: DictConfig) -> None:
             f"data.root={root!r} is not a folder: create it and put the data set's files there, "
             "or drop data.root to search $DATA_DIR and the default locations"
         )
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 #: What ``Trainer(precision=...)`` accepts (Lightning 2.6's ``_PRECISION_INPUT``), as the early error lists it.
@@ -352,22 +349,19 @@ def _check_prune_values(v: Any, args: dict[str, Any], schedules: tuple[str, ...]
     criterion = get("criterion")
     if isinstance(criterion, str) and criterion not in _CRITERION_NAMES:  # (a Criterion built by Hydra is checked at build)
         raise v.bad_value(owner, "criterion", f"one of {', '.join(map(repr, _CRITERION_NAMES))} or a Criterion", criterion)
-    max_layer = get("max_layer_sparsity", "auto")
-    if max_layer != "auto":
-        try:
-            v.check_real(owner, "max_layer_sparsity", max_layer, low=0.0, high=1.0, low_open=True, allow_none=True)
-        except ValueError:
-            raise v.bad_value(owner, "max_layer_sparsity", "'auto', a number in (0, 1] or None", max_layer) from None
     _check_prune_combination(v, owner, args)
     if isinstance(get("regrow"), dict):
-        _check_regrow_values(v, get("regrow"))
+        check_regrow_fields(get("regrow"))  # RegrowConfig's own checks (unknown keys: the callback's message)
 
 
 def _check_prune_combination(v: Any, owner: str, args: dict[str, Any]) -> None:
-    """The checks of ``MagnitudePruneCallback`` that involve two arguments: pattern and sparsity, start and end."""
+    """The checks of ``MagnitudePruneCallback`` that involve two arguments, in its order: the ceiling (resolved by
+    the callback's own function), pattern and sparsity, start and end."""
     get = args.get
     kind, n, m = parse_pattern(get("pattern", "unstructured"), owner=owner)
     sparsity, threshold = get("sparsity"), get("threshold")
+    budgets = uses_budgets(get("ranking", DEFAULT_RANKING), get("scope", "global"), kind, threshold)
+    ceiling = resolve_max_layer_sparsity(get("max_layer_sparsity", "auto"), budgets, owner=owner)  # (its own check)
     if threshold is not None and kind != "unstructured":
         raise ValueError(f"`{owner}(threshold=...)` works with pattern 'unstructured' only, got pattern={get('pattern')!r}.")
     if kind == "nm" and sparsity is not None and not math.isclose(sparsity, 1.0 - n / m, abs_tol=1e-9):
@@ -377,32 +371,11 @@ def _check_prune_combination(v: Any, owner: str, args: dict[str, Any]) -> None:
         )
     if "sparsity" in args and "threshold" in args and sparsity is None and threshold is None and kind != "nm":
         raise ValueError(f"`{owner}` needs exactly one of `sparsity` and `threshold`, got sparsity=None, threshold=None.")
-    max_layer = get("max_layer_sparsity", "auto")
-    budgets = get("ranking", DEFAULT_RANKING) in BUDGET_RANKINGS and get("scope", "global") == "global" and kind == "unstructured"
-    ceiling = (None if budgets and threshold is None else CEILING) if max_layer == "auto" else max_layer
     if ceiling is not None and get("scope", "global") == "global" and (sparsity or 0.0) > ceiling:
         raise v.bad_value(owner, "max_layer_sparsity", f">= sparsity={sparsity} or None", ceiling)
     start, end = get("start"), get("end")
     if get("schedule") != "oneshot" and start is not None and end is not None and type(start) is type(end) and start > end:
         raise ValueError(f"`{owner}`: `start` must be <= `end`, got start={start!r}, end={end!r}.")
-
-
-def _check_regrow_values(v: Any, regrow: dict[str, Any]) -> None:
-    """``RegrowConfig``'s checks of a ``prune.regrow`` mapping (unknown keys are left to the callback's message)."""
-    owner = "MagnitudePruneCallback(regrow=...)"
-    get = regrow.get
-    if "method" in regrow:
-        v.check_choice(owner, "method", regrow["method"], REGROW_METHODS)
-    if "fraction" in regrow:
-        v.check_real(owner, "fraction", regrow["fraction"], low=0, high=1, low_open=True)
-    if "interval" in regrow:
-        v.check_int(owner, "interval", regrow["interval"], low=1)
-    if get("start") is not None:
-        v.check_position(owner, "start", regrow["start"])
-    if "end" in regrow:
-        v.check_position(owner, "end", regrow["end"])
-    if "seed" in regrow:
-        v.check_int(owner, "seed", regrow["seed"], low=0)
 
 
 def _check_optimizer(cfg: DictConfig) -> None:

@@ -28,7 +28,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_clipprune._validation import bad_value, check_choice, check_int, check_position, check_real
+from lightning_clipprune._choices import check_regrow_fields
+from lightning_clipprune._validation import bad_value, check_choice
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import OWNER, run_length
 from lightning_clipprune.pruning import apply_masks_, mask_optimizer_state_
@@ -79,14 +80,7 @@ class RegrowConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        owner = f"{OWNER}(regrow=...)"
-        check_choice(owner, "method", self.method, REGROW_METHODS)
-        check_real(owner, "fraction", self.fraction, low=0, high=1, low_open=True)
-        check_int(owner, "interval", self.interval, low=1)
-        if self.start is not None:
-            check_position(owner, "start", self.start)
-        check_position(owner, "end", self.end)
-        check_int(owner, "seed", self.seed, low=0)
+        check_regrow_fields(vars(self))  # torch-free: the app checks a `prune.regrow` mapping with it, early
 
 
 def make_regrow(value: Any, cb: Any, kind: str) -> Regrowth | None:

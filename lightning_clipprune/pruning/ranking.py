@@ -16,8 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_clipprune._choices import BUDGET_RANKINGS, CEILING, DEFAULT_RANKING, RANKINGS
-from lightning_clipprune._validation import bad_value, check_real
+from lightning_clipprune._choices import (
+    BUDGET_RANKINGS,
+    CEILING,
+    DEFAULT_RANKING,
+    RANKINGS,
+    resolve_max_layer_sparsity,
+    uses_budgets,  # noqa: F401  (masks, distributed and the callback import it from here)
+)
 from lightning_clipprune.pruning._host import fill_pruned_host as _fill_pruned_host
 from lightning_clipprune.pruning._host import host_array as _host_array
 from lightning_clipprune.pruning._host import host_empty as _host_empty
@@ -48,30 +54,6 @@ DEFAULT_MAX_LAYER_SPARSITY = CEILING
 # Score given to entries that are already pruned: below every real importance (all are >= 0), so they
 # are selected first and a mask only ever grows.
 PRUNED_SCORE = -1.0
-
-
-def uses_budgets(ranking: str, scope: str, kind: str, threshold: float | None) -> bool:
-    """Whether per-layer budgets decide the counts: "er"/"erk" for a global, unstructured sparsity target."""
-    return ranking in BUDGET_RANKINGS and scope == "global" and kind == "unstructured" and threshold is None
-
-
-def resolve_max_layer_sparsity(value: Any, budgets: bool, owner: str = "compute_masks") -> float | None:
-    """``max_layer_sparsity`` as a number or None: ``"auto"`` is None under per-layer budgets, else :data:`CEILING`.
-
-    Raises:
-        ValueError: for anything but "auto", a number in (0, 1] or None.
-
-    Example::
-
-        >>> resolve_max_layer_sparsity("auto", budgets=False), resolve_max_layer_sparsity("auto", budgets=True)
-        (0.99, None)
-    """
-    if isinstance(value, str) and value == "auto":
-        return None if budgets else CEILING
-    try:
-        return check_real(owner, "max_layer_sparsity", value, low=0.0, high=1.0, low_open=True, allow_none=True)
-    except ValueError:
-        raise bad_value(owner, "max_layer_sparsity", "'auto', a number in (0, 1] or None", value) from None
 
 
 def kth_smallest(x: Tensor, k: int, sample_size: int = 2**18, seed: int = 0) -> Tensor:
