@@ -85,6 +85,48 @@ def test_clip_grad_norm_hand_built():
     assert coef.item() == 1.0 and w.grad.tolist() == pytest.approx([0.3, 0.4])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clip_grad_norm_around_the_bound_equals_torch(dtype):
+    """Under the bound no pass is made over the gradients (decided on the host); at and just around it the
+    tensor path decides: every result is torch's, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(400):
+        ours = []
+        for p in make_params(seed=i, scale=0.2):
+            q = torch.nn.Parameter(p.detach().to(dtype))
+            q.grad = p.grad.to(dtype)
+            ours.append(q)
+        norm = torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in ours])).item()
+        # bounds at, and a few ulps to a few percent around, the gradients' norm
+        rel = float(torch.randn((), generator=g)) * 10.0 ** float(torch.randint(-9, -1, (), generator=g))
+        max_norm = norm * (1.0 + rel) + (1e-6 if i % 3 == 0 else 0.0)
+        ref = clone_params(ours)
+        before = [p.grad.data_ptr() for p in ours]
+        n, coef = clip_grad_norm(ours, max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        assert torch.equal(n, ref_norm)
+        assert torch.equal(coef, torch.clamp(max_norm / (ref_norm + 1e-6), max=1.0))
+        assert coef.dtype == ref_norm.dtype
+        for p, q, ptr in zip(ours, ref, before, strict=True):
+            assert torch.equal(p.grad, q.grad) and p.grad.data_ptr() == ptr
+
+
+def test_clip_grad_norm_under_the_bound_writes_no_gradient(monkeypatch):
+    from lightning_clipprune.clipping import base
+
+    scaled = []
+    monkeypatch.setattr(base, "_scale_groups_", lambda groups, coef: scaled.append(coef))
+    w = torch.nn.Parameter(torch.zeros(2))
+    w.grad = torch.tensor([0.3, 0.4])
+    _, coef = clip_grad_norm([w], 1.0)
+    assert scaled == [] and coef.item() == 1.0
+    for bound in (0.5, 0.5 + 1e-6, float("nan")):  # over it, at it (the tensor path decides), NaN
+        clip_grad_norm([w], bound)
+    w.grad = torch.tensor([float("nan"), 0.0])
+    clip_grad_norm([w], 1.0)
+    assert len(scaled) == 4
+
+
 def test_parameters_without_grad_are_ignored_and_empty_is_a_no_op():
     params = make_params()
     params[1].grad = None

@@ -277,9 +277,27 @@ def _norm_and_groups(
 def _clip_to_norm_(grads: list[Tensor], max_norm: float | Tensor, norm_type: float) -> tuple[Tensor, Tensor]:
     """Norm clipping of a non-empty gradient list: one grouping pass shared by the norm and the scaling."""
     norm, groups = _norm_and_groups(grads, norm_type)
+    if _surely_under(norm, max_norm):  # coef is exactly 1 and x * 1.0 is x: no pass over the gradients
+        return norm, torch.ones((), dtype=norm.dtype)
     coef = clip_coefficient(max_norm, norm)
     _scale_groups_(groups, coef)
     return norm, coef
+
+
+#: Relative margin under the bound within which :func:`_surely_under` leaves the decision to the tensor path:
+#: far wider than the float32 rounding of ``max_norm / (norm + eps)`` (three roundings, about 2e-7).
+_UNDER_MARGIN = 2.0**-20
+
+
+def _surely_under(norm: Tensor, max_norm: float | Tensor) -> bool:
+    """Whether :func:`clip_coefficient` would be exactly 1, decided on the host where reading ``norm`` is free.
+
+    Only a CPU float32/float64 norm and a number bound (no device sync, no adaptive tensor bound), and only
+    clearly under the bound; otherwise False and the tensor path decides (NaN and inf included).
+    """
+    if norm.device.type != "cpu" or norm.dtype not in (torch.float32, torch.float64) or isinstance(max_norm, Tensor):
+        return False
+    return float(norm) + _NORM_EPS <= max_norm * (1.0 - _UNDER_MARGIN)
 
 
 def _ratio(post: Tensor, pre: Tensor) -> Tensor:
