@@ -126,6 +126,24 @@ def test_one_pass_path_is_taken_on_a_default_sized_layer(monkeypatch: pytest.Mon
     assert sum(int(m.sum()) for m in got.values()) == 30000 + 235200 - round(0.75 * (30000 + 235200))
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "rounded", "scaled"])
+def test_small_layers_are_selected_whole_as_the_flat_path(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Layers under KEEP_MIN entries (an output layer, a bias-sized weight): the whole-layer numpy selection."""
+    small = []
+    inner = _host._small_keep
+    monkeypatch.setattr(_host, "_small_keep", lambda *a: small.append(a[0].size) or inner(*a))
+    g = torch.Generator().manual_seed(11)
+    for case in range(3):
+        weights = {x: w[:7] for x, w in random_weights(g, kind).items()}  # 7 rows each: all under KEEP_MIN
+        masks = random_masks(g, weights, case)
+        for scope, ranking in (("global", "er"), ("local", "er")):
+            for sparsity in (0.1, 0.5, 0.9, 0.99):
+                got = compute_masks(weights, sparsity=sparsity, masks=masks, scope=scope, ranking=ranking)
+                want = flat_path(weights, sparsity, masks, scope, ranking)
+                assert all(torch.equal(got[x], want[x]) for x in weights), (kind, case, scope, sparsity)
+    assert len(small) > 50
+
+
 class Square(Criterion):
     def score(self, name: str, weight: Tensor) -> Tensor:
         return weight.square()

@@ -30,7 +30,13 @@ from lightning_clipprune.pruning import (
     nonfinite_names,
     ranking,
 )
-from lightning_clipprune.pruning.ranking import PRUNED_SCORE, fill_pruned_, round_to_total
+from lightning_clipprune.pruning.ranking import (
+    PRUNED_SCORE,
+    _erk_bracket,
+    _erk_total,
+    fill_pruned_,
+    round_to_total,
+)
 from tests.helpers import TinyClassifier, random_loader, tiny_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,10 +235,27 @@ def test_erk_early_stop_is_the_full_bisection() -> None:
         low, high = sum((already or {}).values()), sum((caps or n).values())
         if low > high:
             continue
-        k = rng.randint(low, high)
+        k = rng.choice([low, high, rng.randint(low, high), rng.randint(low, high)])
         assert erk_counts(shapes, k, caps, already) == _erk_reference(shapes, k, caps, already)
         checked += 1
     assert checked > 1000
+
+
+def test_erk_bracket_brackets_the_bisections_boundary() -> None:
+    """The piecewise-linear solve's bracket holds the root the full bisection ends on, in the usual cases."""
+    rng = random.Random(1)
+    taken = 0
+    for _ in range(500):
+        sizes = [(rng.randint(1, 3000), rng.randint(1, 300)) for _ in range(rng.randint(1, 30))]
+        rows = [(a * b, (a + b) / (a * b), 0.0, 1.0 - rng.randint(0, a * b // 2) / (a * b)) for a, b in sizes]
+        low, high = sum(size * (1.0 - top) for size, _, _, top in rows), sum(size for size, *_ in rows)
+        k = rng.randint(math.ceil(low), int(high) - 1)
+        bracket = _erk_bracket(rows, k)
+        if bracket is not None:
+            a, b = bracket
+            assert _erk_total(rows, a) > k >= _erk_total(rows, b) and b - a <= 1e-11 * b + 1e-299
+            taken += 1
+    assert taken > 450  # only a k at a clamp's flat part may miss it (then the whole range is bisected)
 
 
 def test_nonfinite_names_fast_path_is_exact() -> None:

@@ -152,7 +152,7 @@ def fill_pruned_host(bits: np.ndarray, live: np.ndarray, pruned_bits: int) -> No
 
 #: Entries per slice of :func:`magnitude_keep` (2^16 and 2^17 measured no faster).
 KEEP_CHUNK = 1 << 18
-#: Layers smaller than this go through the flat scores (:func:`magnitude_keep` is not faster there).
+#: Layers smaller than this are selected whole (a partition of all their scores), larger ones by the band.
 KEEP_MIN = 1 << 14
 
 
@@ -175,8 +175,8 @@ def magnitude_keep(criterion: Any, weight: Tensor, live: Tensor | None, n_prune:
 
     Returns:
         The new flat mask, or None (the caller takes the flat scores) when ``criterion`` is not
-        :class:`~.criteria.Magnitude` on contiguous float32/bool CPU tensors, the layer is under
-        :data:`KEEP_MIN` entries, the brackets miss or a live weight is NaN.
+        :class:`~.criteria.Magnitude` on contiguous float32/bool CPU tensors, the brackets miss or a live
+        weight is NaN. A layer under :data:`KEEP_MIN` entries is selected whole (:func:`_small_keep`).
 
     Example::
 
@@ -188,7 +188,7 @@ def magnitude_keep(criterion: Any, weight: Tensor, live: Tensor | None, n_prune:
     if getattr(type(criterion), "score_into", None) is not Magnitude.score_into or weight.dtype != torch.float32:
         return None
     w, keep = host_array(weight), host_array(live) if live is not None else None
-    if w is None or w.size < KEEP_MIN or (live is not None and (keep is None or keep.dtype != np.bool_)):
+    if w is None or (live is not None and (keep is None or keep.dtype != np.bool_)):
         return None
     w, n = w.reshape(-1), w.size
     r = n_prune - (n - n_live)  # the pruned entries score lowest: they go first
@@ -196,6 +196,8 @@ def magnitude_keep(criterion: Any, weight: Tensor, live: Tensor | None, n_prune:
         return torch.ones(n, dtype=torch.bool) if keep is None else torch.from_numpy(keep.copy())
     if r >= n_live:
         return torch.zeros(n, dtype=torch.bool)
+    if n < KEEP_MIN:
+        return _small_keep(w, keep, n_prune)
     bracket = _live_bracket(w, keep, r, n_live)
     if bracket is None:
         return None
@@ -214,6 +216,24 @@ def magnitude_keep(criterion: Any, weight: Tensor, live: Tensor | None, n_prune:
         ties = np.flatnonzero(values == kth)
         cut[ties[ties.size - ties_kept :]] = False
     out[index[cut]] = False
+    return torch.from_numpy(out)
+
+
+def _small_keep(w: np.ndarray, live: np.ndarray | None, n_prune: int) -> Tensor | None:
+    """:func:`magnitude_keep` of a layer under :data:`KEEP_MIN` entries: the flat path's selection
+    (``keep_mask_by_count``) on this layer's scores alone, in a few numpy calls (a small layer's cost is the
+    calls, not the arithmetic); None when a weight is NaN."""
+    scores = np.abs(w)
+    if np.isnan(scores).any():
+        return None
+    if live is not None:
+        scores[~live] = -1.0  # under every |w|, as the flat path's pruned score
+    kth = host_select(scores, n_prune)
+    out = scores > kth
+    ties_kept = w.size - int(np.count_nonzero(out)) - n_prune
+    if ties_kept > 0:  # ties at the cut: the last ones by flat index stay
+        ties = np.flatnonzero(scores == kth)
+        out[ties[ties.size - ties_kept :]] = True
     return torch.from_numpy(out)
 
 

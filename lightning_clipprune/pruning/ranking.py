@@ -481,8 +481,8 @@ def erk_counts(
     def pruned(eps: float) -> dict[str, float]:
         return {x: n[x] * (1.0 - min(max(eps * raw[x], lo[x]), hi[x])) for x in n}
 
-    a, b = 0.0, 1.0 / min(raw.values())
     rows = [(n[x], raw[x], lo[x], hi[x]) for x in n]  # plain lists: the bisection runs at every pruning event
+    a, b = _erk_bracket(rows, k) or (0.0, 1.0 / min(raw.values()))
     for _ in range(100):
         mid = (a + b) / 2
         total = sum(size * (1.0 - min(max(mid * r, low), high)) for size, r, low, high in rows)
@@ -492,6 +492,37 @@ def erk_counts(
             break
     upper = {x: n[x] if caps is None else caps[x] for x in n}
     return round_to_total(pruned(b), k, n, upper)
+
+
+def _erk_total(rows: Sequence[tuple[int, float, float, float]], eps: float) -> float:
+    return sum(size * (1.0 - min(max(eps * r, low), high)) for size, r, low, high in rows)
+
+
+def _erk_bracket(rows: Sequence[tuple[int, float, float, float]], k: int) -> tuple[float, float] | None:
+    """A narrow ``(a, b)`` with ``total(a) > k >= total(b)`` around the root of ``erk_counts``' clamped total.
+
+    The total is piecewise linear in ``eps`` (each tensor's pruned count falls between its two clamps), so a
+    sweep over the clamps' breakpoints solves it; the bisection then only has the last ~14 bits to find
+    instead of ~60. The total, as evaluated, is monotone in ``eps`` (each rounding step is), so the boundary
+    between adjacent floats it ends on is the one the full bisection reaches. None (the caller bisects from
+    the whole range) when the bracket cannot be checked on both sides.
+    """
+    total, events = 0.0, []
+    for size, r, low, high in rows:
+        total += size * (1.0 - min(max(0.0, low), high))
+        if r > 0 and low < high:
+            events += [(max(low, 0.0) / r, -size * r), (high / r, size * r)]
+    eps, slope = 0.0, 0.0
+    for at, change in sorted(events):
+        reach = total + slope * (at - eps)
+        if slope < 0 and reach <= k:
+            break
+        total, eps, slope = reach, at, slope + change
+    if slope >= 0 or total <= k:
+        return None
+    root = eps + (k - total) / slope
+    a, b = max(root * (1 - 1e-12) - 1e-300, 0.0), root * (1 + 1e-12) + 1e-300
+    return (a, b) if _erk_total(rows, a) > k >= _erk_total(rows, b) else None
 
 
 def round_to_total(
