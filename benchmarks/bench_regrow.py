@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,6 +40,8 @@ import bench_vs_lightning as bvl
 
 from lightning_clipprune import MagnitudePruneCallback
 from lightning_clipprune.callbacks import _regrow
+from lightning_clipprune.pruning import ranking as _ranking
+from lightning_clipprune.pruning.criteria import Criterion, register_criterion
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "bench_regrow.json")
@@ -82,11 +85,38 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     # a tighter norm clip under the ER budgets (issue 12 tried 0.25 and 2.0 under raw ranking only)
     "default_clip05": {"prune": dict(_DEFAULTS), "clip": 0.5},
     "default_clip07": {"prune": dict(_DEFAULTS), "clip": 0.7},
+    # sixth round: LAMP scores (Lee et al. 2021) ranked globally instead of the ER budgets; see Lamp below
+    "lamp": {"prune": {**_DEFAULTS, "ranking": "raw", "criterion": "lamp"}},
+    "lamp_end60": {"prune": {"end": 0.6, "ranking": "raw", "criterion": "lamp"}},
+    # ... a steeper start of the ramp (p2 lost 0.09), and the gradient criterion under the ER budgets
+    "default_p4": {"prune": {**_DEFAULTS, "power": 4.0}},
+    "taylor_er": {"prune": {**_DEFAULTS, "criterion": "taylor"}},
 }
 #: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
 #: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
 #: switched after construction. 256 calibration samples per event, one allocation each.
 GRADUAL_OBS = {"gradual_obs": "global_magnitude", "gradual_obs_er": "er"}
+
+
+class Lamp(Criterion):
+    """Prototype (sixth round): LAMP, layer-adaptive magnitude (Lee et al. 2021): ``w_u^2 / sum_{|w_v| >= |w_u|}
+    w_v^2`` within a layer, then one global threshold; the layers' shares come from their weights' spread
+    instead of their shapes (ER)."""
+
+    name = "lamp"
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        sq = weight.detach().reshape(-1).double().square()
+        ordered, index = torch.sort(sq)
+        suffix = ordered.flip(0).cumsum(0).flip(0)
+        out = torch.empty_like(sq)
+        out[index] = ordered / suffix.clamp_min(torch.finfo(torch.float64).tiny)
+        return out.float().reshape(weight.shape)
+
+
+register_criterion("lamp", Lamp)
+
+
 bvl.VARIANTS.update(REGROW_VARIANTS)
 bvl.VARIANTS.update({name: {} for name in GRADUAL_OBS})  # built by _capture
 
@@ -217,7 +247,41 @@ FEEDBACK = {"dpf": {}, "dpf_f20": {"frequency": 20}, "dpf_end75": {"end": 0.75}}
 bvl.VARIANTS.update({name: {} for name in FEEDBACK})  # built by _capture
 
 
+#: Prototypes (sixth round): ER budgets with densities proportional to ``((n_in + n_out) / (n_in n_out)) ** gamma``
+#: instead of gamma = 1 (ER): gamma < 1 moves weights towards the wide first layer, gamma > 1 away from it.
+GAMMA = {"er_g07": 0.7, "er_g13": 1.3}
+bvl.VARIANTS.update({name: {} for name in GAMMA})  # built by _capture
+_gamma = [1.0]
+_erk_counts = _ranking.erk_counts
+
+
+def _erk_gamma(shapes: Any, k: int, caps: Any = None, already: Any = None) -> dict[str, int]:
+    if _gamma[0] == 1.0:
+        return _erk_counts(shapes, k, caps, already)
+    n = {x: math.prod(s) for x, s in shapes.items()}
+    raw = {x: (sum(s) / n[x]) ** _gamma[0] for x, s in shapes.items()}
+    lo = {x: 1.0 - (caps[x] if caps is not None else n[x]) / n[x] for x in n}
+    hi = {x: 1.0 - (already[x] if already is not None else 0) / n[x] for x in n}
+
+    def pruned(eps: float) -> dict[str, float]:
+        return {x: n[x] * (1.0 - min(max(eps * raw[x], lo[x]), hi[x])) for x in n}
+
+    a, b = 0.0, 1.0 / min(raw.values())
+    for _ in range(200):
+        mid = (a + b) / 2
+        a, b = (mid, b) if sum(pruned(mid).values()) > k else (a, mid)
+    return _ranking.round_to_total(pruned(b), k, n, {x: n[x] if caps is None else caps[x] for x in n})
+
+
+_ranking.erk_counts = _erk_gamma
+
+
 def _capture(sparsity: float, variant: str) -> list[Any]:
+    _gamma[0] = GAMMA.get(variant, 1.0)
+    if variant in GAMMA:
+        callbacks = _variant_callbacks(sparsity, "default")
+        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        return callbacks
     if variant in DECAY:
         callbacks = _variant_callbacks(sparsity, "default")
         _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
