@@ -47,11 +47,15 @@ Whole fits (``--whole-fit``): what a user feels, complete ``trainer.fit`` calls 
 bar), wall time and the process's CPU time of each fit divided by the ``none`` fit of the same round.
 Arms: ``none``, ``lightning_clip`` (``gradient_clip_val=1.0``), ``lightning_pair``, ``clip``, ``prune``,
 ``ours_three`` (defaults, 90 %). ``--profile`` adds one cProfile of an ``ours_three`` fit (the callbacks'
-hooks, the pruning events, set-up), summed per function of the project.
+hooks, the pruning events, set-up), summed per function of the project. ``--hook-costs`` runs the arms again
+and counts the CPU time of each fit spent in each callback hook and in Lightning's clipping
+(``Precision._clip_gradients``): what each arm adds, where it is spent, with far less noise than the ratios.
 
 Run by hand (CPU)::
 
     python benchmarks/bench_overhead.py --whole-fit --rounds 9 --limit-train-batches 100 --profile
+    python benchmarks/bench_overhead.py --whole-fit --rounds 9 --limit-train-batches 100 --hook-costs \\
+        --arms none lightning_clip lightning_pair clip prune ours_three
 
     python benchmarks/bench_overhead.py                        # 9 rounds; writes benchmarks/results/bench_overhead.json
     python benchmarks/bench_overhead.py --rounds 15 --resnet-rounds 5 --resnet-steps 300
@@ -367,6 +371,81 @@ def profile_fit(make_net: Callable[[], nn.Module], data: Any, epochs: int, limit
     return out.getvalue()
 
 
+def _timed_hooks(callbacks: Sequence[Callback], spent: dict[str, float]) -> None:
+    """Wrap every hook ``callbacks`` override (on the instances) to add its process CPU seconds to ``spent``."""
+    for cb in callbacks:
+        for name in dir(Callback):
+            if name.startswith(("on_", "setup", "teardown")) and getattr(type(cb), name) is not getattr(Callback, name):
+                hook, key = getattr(cb, name), f"{type(cb).__name__}.{name}"
+                spent.setdefault(key, 0.0)
+
+                def timed(*args: Any, _hook: Any = hook, _key: str = key, **kwargs: Any) -> Any:
+                    t0 = time.process_time()
+                    try:
+                        return _hook(*args, **kwargs)
+                    finally:
+                        spent[_key] += time.process_time() - t0
+
+                setattr(cb, name, timed)
+
+
+def hook_costs(
+    arms: Sequence[str], rounds: int, epochs: int, make_net: Callable[[], nn.Module], data: Any, limit: int | None
+) -> dict[str, dict[str, float]]:
+    """CPU milliseconds per whole fit spent in each callback hook of each arm, and in Lightning's own clipping
+    (``Precision._clip_gradients``, which ``gradient_clip_val`` runs at every step), median over ``rounds``.
+
+    What an arm adds to a fit, counted where it is spent: far less noisy than the whole-fit ratios, whose
+    spread on a shared machine is wider than the differences between arms.
+    """
+    from lightning.pytorch.plugins.precision import Precision
+
+    clip_path, made = Precision._clip_gradients, make_arm
+    per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    try:
+        for r in range(rounds):
+            for arm in [*arms[r % len(arms):], *arms[: r % len(arms)]]:
+                spent: dict[str, float] = {}
+
+                def lightning_clip(*args: Any, _spent: dict[str, float] = spent, **kwargs: Any) -> Any:
+                    t0 = time.process_time()
+                    try:
+                        return clip_path(*args, **kwargs)
+                    finally:
+                        key = "Lightning gradient_clip_val (Precision._clip_gradients)"
+                        _spent[key] = _spent.get(key, 0.0) + time.process_time() - t0
+
+                Precision._clip_gradients = lightning_clip  # type: ignore[method-assign]
+
+                def timed_arm(name: str, model: nn.Module, max_epochs: int = 1, _spent: dict = spent) -> Any:
+                    callbacks, kwargs = made(name, model, max_epochs)
+                    _timed_hooks(callbacks, _spent)
+                    return callbacks, kwargs
+
+                globals()["make_arm"] = timed_arm
+                try:
+                    whole_fit_once(arm, make_net, data, epochs, limit)
+                finally:
+                    globals()["make_arm"] = made
+                per_arm[arm].append(spent)
+    finally:
+        Precision._clip_gradients = clip_path  # type: ignore[method-assign]
+    table: dict[str, dict[str, float]] = {}
+    for arm, runs in per_arm.items():
+        keys = sorted({k for run in runs for k in run})
+        medians = {k: 1e3 * statistics.median(run.get(k, 0.0) for run in runs) for k in keys}
+        table[arm] = {k: v for k, v in sorted(medians.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        table[arm]["total"] = 1e3 * statistics.median(sum(run.values()) for run in runs)
+    return table
+
+
+def hook_costs_markdown(title: str, table: dict[str, dict[str, float]]) -> str:
+    lines = [f"**{title}**", "", "| arm | hook | CPU ms per fit (median) |", "|---|---|---:|"]
+    for arm, hooks in table.items():
+        lines += [f"| {arm} | {hook} | {ms:.1f} |" for hook, ms in hooks.items()]
+    return "\n".join(lines)
+
+
 def whole_fit_main(args: argparse.Namespace, make_net: Callable[[], nn.Module], data: Any, result: dict[str, Any]) -> None:
     """The ``--whole-fit`` mode: 1- and 3-epoch fits (``--epochs``), tables printed, results in ``result``."""
     arms = [a for a in args.arms if a in WHOLE_FIT_ARMS] if args.arms != list(ARMS) else list(WHOLE_FIT_ARMS)
@@ -378,6 +457,15 @@ def whole_fit_main(args: argparse.Namespace, make_net: Callable[[], nn.Module], 
     if args.profile:
         result["whole_fit"]["profile"] = profile_fit(make_net, data, max(args.epochs), args.limit_train_batches)
         print(result["whole_fit"]["profile"])
+    if args.hook_costs:
+        costs = {
+            str(epochs): hook_costs(arms, args.rounds, epochs, make_net, data, args.limit_train_batches)
+            for epochs in args.epochs
+        }
+        result["whole_fit"]["hook_costs"] = costs
+        for epochs, table in costs.items():
+            print()
+            print(hook_costs_markdown(f"Time in the hooks, CPU ms per {epochs}-epoch fit, {args.rounds} rounds", table))
     for epochs, fit in fits.items():
         print()
         print(whole_fit_markdown(
@@ -537,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--whole-fit", action="store_true", help="time complete fits (LeNet-300-100) instead")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3], help="whole-fit lengths (default 1 3)")
     parser.add_argument("--profile", action="store_true", help="with --whole-fit: cProfile one ours_three fit")
+    parser.add_argument("--hook-costs", action="store_true",
+                        help="with --whole-fit: also the CPU time per fit in each hook (and Lightning's clipping)")
     parser.add_argument("--events", nargs=2, metavar=("MODEL", "N"), default=None,
                         help="time N pruning events alone: MODEL lenet (266 k weights) or mlp25m (25.2 M)")
     args = parser.parse_args(argv)
