@@ -176,3 +176,44 @@ def test_the_search_command_answers_before_torch_is_imported(
     assert proc.returncode == status, proc.stderr
     assert words in proc.stdout + proc.stderr
     assert "MODULES False False" in proc.stderr  # neither torch nor Lightning was imported to answer
+
+
+_EXPORT_PROBE = _SEARCH_PROBE.replace("lightning_clipprune.search", "lightning_clipprune.export")
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "words"),
+    [
+        (["--help"], 0, "usage: python -m lightning_clipprune.export"),
+        (["NOWHERE", "out.lcps"], 1, "error: cannot read checkpoint "),
+        (["NOWHERE"], 2, "the following arguments are required: out"),
+        (["NOWHERE", "out.lcps", "--inference-batch-size", "0"], 1, "--inference-batch-size must be a positive"),
+    ],
+)
+def test_the_export_command_answers_before_torch_is_imported(
+    tmp_path: Path, args: list[str], status: int, words: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [str(tmp_path / "missing.ckpt") if a == "NOWHERE" else a for a in args]
+    proc = subprocess.run([sys.executable, "-c", _EXPORT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert proc.returncode == status, proc.stderr
+    assert words in proc.stdout + proc.stderr
+    assert "MODULES False False" in proc.stderr  # neither torch nor Lightning was imported to answer
+
+
+def test_the_export_commands_early_missing_file_line_is_the_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_clipprune.export.__main__ import main
+
+    missing = str(tmp_path / "missing.ckpt")
+    assert main([missing, str(tmp_path / "o.lcps")]) == 1
+    early = capsys.readouterr().err
+    monkeypatch.setattr("os.path.lexists", lambda path: True)  # past the early check: the checkpoint reader says it
+    assert main([missing, str(tmp_path / "o.lcps")]) == 1
+    assert capsys.readouterr().err == early

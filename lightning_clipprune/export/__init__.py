@@ -11,38 +11,42 @@
 * :mod:`~lightning_clipprune.export.__main__`: the command line, ``python -m lightning_clipprune.export CKPT OUT``
   (:func:`main`).
 
-Every name is importable from here: ``from lightning_clipprune.export import save_sparse, main``.
+Every name is importable from here: ``from lightning_clipprune.export import save_sparse, main``; each is
+looked up on first use, so importing the package (and ``--help`` of its command line) does not import torch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from lightning_clipprune.export.compact import compact_channels
-from lightning_clipprune.export.format import (
-    FORMAT_VERSION,
-    SparseFormatError,
-    load_sparse,
-    load_sparse_into,
-    read_sparse_metadata,
-    record_overhead_bytes,
-    save_sparse,
-)
-from lightning_clipprune.export.inference import (
-    InferenceReport,
-    LayerChoice,
-    compare_latency,
-    inference_report,
-    to_inference,
-)
-from lightning_clipprune.export.recipes import load_inference, save_inference
-from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
-from lightning_clipprune.export.sparse_linear import (
-    FeatureMajorLinear,
-    SparseConv1d,
-    SparseConv2d,
-    SparseLinear,
-)
+if TYPE_CHECKING:
+    from lightning_clipprune.export.__main__ import main
+    from lightning_clipprune.export.compact import compact_channels
+    from lightning_clipprune.export.format import (
+        FORMAT_VERSION,
+        SparseFormatError,
+        load_sparse,
+        load_sparse_into,
+        read_sparse_metadata,
+        record_overhead_bytes,
+        save_sparse,
+    )
+    from lightning_clipprune.export.inference import (
+        InferenceReport,
+        LayerChoice,
+        compare_latency,
+        inference_report,
+        to_inference,
+    )
+    from lightning_clipprune.export.recipes import load_inference, save_inference
+    from lightning_clipprune.export.semi_structured import is_n_m_sparse, to_semi_structured
+    from lightning_clipprune.export.sparse_linear import (
+        FeatureMajorLinear,
+        SparseConv1d,
+        SparseConv2d,
+        SparseLinear,
+    )
 
 __all__ = [
     "FORMAT_VERSION",
@@ -70,11 +74,28 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # ``main`` is imported on first use: importing ``__main__`` here would make ``python -m`` warn that the
-    # module was already imported before it ran.
-    if name == "main":
-        from lightning_clipprune.export.__main__ import main
+# Every name is looked up on first use: `python -m lightning_clipprune.export --help` imports this package
+# first and answers before torch loads. ``main`` in particular: importing ``__main__`` here would make
+# ``python -m`` warn that the module was already imported before it ran.
+_LAZY = {
+    "compact_channels": "lightning_clipprune.export.compact",
+    **dict.fromkeys(("FORMAT_VERSION", "SparseFormatError", "load_sparse", "load_sparse_into", "read_sparse_metadata",
+                     "record_overhead_bytes", "save_sparse"), "lightning_clipprune.export.format"),
+    **dict.fromkeys(("InferenceReport", "LayerChoice", "compare_latency", "inference_report", "to_inference"),
+                    "lightning_clipprune.export.inference"),
+    **dict.fromkeys(("load_inference", "save_inference"), "lightning_clipprune.export.recipes"),
+    **dict.fromkeys(("is_n_m_sparse", "to_semi_structured"), "lightning_clipprune.export.semi_structured"),
+    **dict.fromkeys(("FeatureMajorLinear", "SparseConv1d", "SparseConv2d", "SparseLinear"),
+                    "lightning_clipprune.export.sparse_linear"),
+    "main": "lightning_clipprune.export.__main__",
+}
 
-        return main
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

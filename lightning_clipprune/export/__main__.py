@@ -17,14 +17,10 @@ import io
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from lightning_clipprune.checkpoint import CheckpointError, read_state_dict
-from lightning_clipprune.export._reparam import fold_pruning_masks
-from lightning_clipprune.export.format import save_sparse
-from lightning_clipprune.sparsity import format_bytes
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["main"]
 
@@ -35,6 +31,9 @@ _UNSAFE_WARNING = (
 
 
 def _read_state_dict(path: str, unsafe: bool) -> dict[str, Tensor]:
+    from lightning_clipprune.checkpoint import read_state_dict
+    from lightning_clipprune.export._reparam import fold_pruning_masks
+
     if unsafe:
         sys.stderr.write(_UNSAFE_WARNING.format(path=path))
     # a checkpoint of torch.nn.utils.prune (Lightning's ModelPruning before it makes pruning permanent) holds
@@ -106,10 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         python -m lightning_clipprune.export outputs/2026-01-01/12-00-00/checkpoints/final.ckpt model.lcps
     """
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # --help and a usage error answer here, before torch loads
     if args.inference_batch_size is not None and args.inference_batch_size < 1:
         sys.stderr.write(f"error: --inference-batch-size must be a positive integer, got {args.inference_batch_size}\n")
         return 1
+    if not os.path.lexists(args.checkpoint):  # the reader's own words for it, without importing torch first
+        sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: no such file\n")
+        return 1
+
+    import torch
+
+    from lightning_clipprune.checkpoint import CheckpointError
+    from lightning_clipprune.export.format import save_sparse
+    from lightning_clipprune.sparsity import format_bytes
 
     try:
         state = _read_state_dict(args.checkpoint, args.unsafe_load)
