@@ -189,6 +189,25 @@ def test_bench_overhead_smoke(tmp_path):
     assert "| ours_three |" in proc.stdout
 
 
+def test_bench_overhead_hook_costs_smoke(tmp_path):
+    """``--whole-fit --hook-costs``: each arm's hooks timed, Lightning's own clipping counted where it clips."""
+    out = tmp_path / "whole.json"
+    proc = _python(
+        "import runpy, sys\nsys.argv = ['bench_overhead.py', '--smoke', '--whole-fit', '--hook-costs', '--arms', 'none',"
+        f" 'lightning_pair', 'ours_three', '--models', 'lenet300', '--out', {str(out)!r}]\n"
+        f"runpy.run_path({str(BENCH_OVERHEAD)!r}, run_name='__main__')\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    costs = json.loads(out.read_text())["whole_fit"]["hook_costs"]["1"]
+    assert list(costs) == ["none", "lightning_pair", "ours_three"]
+    clip = "Lightning gradient_clip_val (Precision._clip_gradients)"
+    assert costs["lightning_pair"][clip] > 0 and "ModelPruning.on_train_epoch_end" in costs["lightning_pair"]
+    assert costs["ours_three"]["GradientClipCallback.on_before_optimizer_step"] > 0
+    assert costs["ours_three"]["MagnitudePruneCallback.on_train_batch_start"] > 0  # the pruning events
+    assert all(hooks["total"] >= max(v for k, v in hooks.items() if k != "total") for hooks in costs.values())
+    assert "Time in the hooks, CPU ms per 1-epoch fit" in proc.stdout
+
+
 def test_bench_overhead_summary_pairs_each_arm_with_the_same_round():
     bench = _load(BENCH_OVERHEAD)
     runs = [
