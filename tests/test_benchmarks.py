@@ -208,6 +208,18 @@ def test_bench_overhead_hook_costs_smoke(tmp_path):
     assert "Time in the hooks, CPU ms per 1-epoch fit" in proc.stdout
 
 
+def test_bench_clip_resnet_smoke():
+    """``bench_clip.py --resnet``: the clipper and ``clip_grad_norm_`` timed on ResNet-20's gradients, both cases."""
+    script = ROOT / "benchmarks" / "bench_clip.py"
+    proc = _python(
+        f"import runpy, sys\nsys.argv = ['bench_clip.py', '--resnet', '--quick']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| under") or line.startswith("| over")]
+    assert len(rows) == 2 and all(row.count(" us") == 2 for row in rows)
+
+
 def test_bench_overhead_summary_pairs_each_arm_with_the_same_round():
     bench = _load(BENCH_OVERHEAD)
     runs = [
