@@ -53,6 +53,24 @@ def host_select(a: np.ndarray, k: int) -> Any:
     return np.partition(a, k - 1)[k - 1]
 
 
+def host_keep_by_count(a: np.ndarray, n_prune: int) -> np.ndarray:
+    """``keep_mask_by_count`` on a 1-D numpy ``a`` (``0 < n_prune < a.size``): the bool mask that prunes exactly the
+    ``n_prune`` lowest, ties at the cut pruned by lowest flat index first.
+
+    Example::
+
+        >>> host_keep_by_count(np.array([3.0, 1.0, 1.0, 2.0, 1.0]), 2)
+        array([ True, False, False,  True,  True])
+    """
+    kth = host_select(a, n_prune)
+    keep = a > kth
+    ties_kept = a.size - int(np.count_nonzero(keep)) - n_prune
+    if ties_kept > 0:  # ties at the cut: the last ones by flat index stay
+        ties = np.flatnonzero(a == kth)
+        keep[ties[ties.size - ties_kept :]] = True
+    return keep
+
+
 #: Float arrays at least this long are narrowed to a band before the partition (a 30k-entry layer: 2.5x faster).
 BAND_MIN = 1 << 14
 
@@ -228,13 +246,7 @@ def _small_keep(w: np.ndarray, live: np.ndarray | None, n_prune: int) -> Tensor 
         return None
     if live is not None:
         scores[~live] = -1.0  # under every |w|, as the flat path's pruned score
-    kth = host_select(scores, n_prune)
-    out = scores > kth
-    ties_kept = w.size - int(np.count_nonzero(out)) - n_prune
-    if ties_kept > 0:  # ties at the cut: the last ones by flat index stay
-        ties = np.flatnonzero(scores == kth)
-        out[ties[ties.size - ties_kept :]] = True
-    return torch.from_numpy(out)
+    return torch.from_numpy(host_keep_by_count(scores, n_prune))
 
 
 def _live_bracket(w: np.ndarray, live: np.ndarray | None, r: int, n_live: int) -> tuple[Any, Any] | None:

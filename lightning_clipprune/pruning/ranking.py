@@ -27,6 +27,7 @@ from lightning_clipprune._choices import (
 from lightning_clipprune.pruning._host import fill_pruned_host as _fill_pruned_host
 from lightning_clipprune.pruning._host import host_array as _host_array
 from lightning_clipprune.pruning._host import host_empty as _host_empty
+from lightning_clipprune.pruning._host import host_keep_by_count as _host_keep_by_count
 from lightning_clipprune.pruning._host import host_select as _host_select
 from lightning_clipprune.pruning._host import magnitude_filled as _magnitude_filled
 from lightning_clipprune.pruning._host import magnitude_keep as _magnitude_keep
@@ -143,15 +144,11 @@ def keep_mask_by_count(scores: Tensor, n_prune: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     a = _host_array(scores)
     if a is not None:  # numpy's selection, comparison and count are several times faster on the CPU
-        kth = _host_select(a, n_prune)
-        keep_array = a > kth
-        keep, n_at_or_below = torch.from_numpy(keep_array), n - int(np.count_nonzero(keep_array))
-        at_cut = torch.from_numpy(a == kth) if n_at_or_below > n_prune else None
-    else:
-        kth = kth_smallest(scores, n_prune)
-        keep = scores > kth
-        n_at_or_below = n - int(keep.count_nonzero())
-        at_cut = scores == kth if n_at_or_below > n_prune else None
+        return torch.from_numpy(_host_keep_by_count(a, n_prune))
+    kth = kth_smallest(scores, n_prune)
+    keep = scores > kth
+    n_at_or_below = n - int(keep.count_nonzero())
+    at_cut = scores == kth if n_at_or_below > n_prune else None
     if at_cut is not None:  # ties at the cut: keep the last ones by flat index
         ties = at_cut.nonzero().squeeze(1)  # ascending flat indices
         keep[ties[ties.numel() - (n_at_or_below - n_prune) :]] = True
@@ -485,9 +482,8 @@ def erk_counts(
     a, b = _erk_bracket(rows, k) or (0.0, 1.0 / min(raw.values()))
     for _ in range(100):
         mid = (a + b) / 2
-        total = sum(size * (1.0 - min(max(mid * r, low), high)) for size, r, low, high in rows)
         below, above = mid == a, mid == b
-        a, b = (mid, b) if total > k else (a, mid)
+        a, b = (mid, b) if _erk_total(rows, mid) > k else (a, mid)
         if below or above:  # no float left between a and b: every further step leaves (a, b) as it is
             break
     upper = {x: n[x] if caps is None else caps[x] for x in n}
@@ -495,6 +491,7 @@ def erk_counts(
 
 
 def _erk_total(rows: Sequence[tuple[int, float, float, float]], eps: float) -> float:
+    """How many entries ``eps`` prunes in all: the one float expression the bisection and its bracket share."""
     return sum(size * (1.0 - min(max(eps * r, low), high)) for size, r, low, high in rows)
 
 
@@ -507,9 +504,8 @@ def _erk_bracket(rows: Sequence[tuple[int, float, float, float]], k: int) -> tup
     between adjacent floats it ends on is the one the full bisection reaches. None (the caller bisects from
     the whole range) when the bracket cannot be checked on both sides.
     """
-    total, events = 0.0, []
+    total, events = _erk_total(rows, 0.0), []
     for size, r, low, high in rows:
-        total += size * (1.0 - min(max(0.0, low), high))
         if r > 0 and low < high:
             events += [(max(low, 0.0) / r, -size * r), (high / r, size * r)]
     eps, slope = 0.0, 0.0
