@@ -300,12 +300,24 @@ def fit_once(
     }
 
 
-def whole_fit_once(arm: str, make_net: Callable[[], nn.Module], data: Any, epochs: int, limit: int | None) -> dict[str, Any]:
-    """One complete ``trainer.fit`` of ``epochs`` epochs for ``arm``: wall and process CPU seconds, Trainer included."""
+def whole_fit_once(
+    arm: str,
+    make_net: Callable[[], nn.Module],
+    data: Any,
+    epochs: int,
+    limit: int | None,
+    hooks: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """One complete ``trainer.fit`` of ``epochs`` epochs for ``arm``: wall and process CPU seconds, Trainer included.
+
+    With ``hooks``, the CPU seconds spent in each of the arm's callback hooks are added to it (``_timed_hooks``).
+    """
     w0, c0 = time.perf_counter(), time.process_time()
     net = make_net()
     model = Classifier(net)
     callbacks, trainer_kwargs = make_arm(arm, net, max_epochs=epochs)
+    if hooks is not None:
+        _timed_hooks(callbacks, hooks)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -400,34 +412,24 @@ def hook_costs(
     """
     from lightning.pytorch.plugins.precision import Precision
 
-    clip_path, made = Precision._clip_gradients, make_arm
+    clip_path, key = Precision._clip_gradients, "Lightning gradient_clip_val (Precision._clip_gradients)"
+    spent: dict[str, float] = {}  # the fit being timed
+
+    def lightning_clip(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.process_time()
+        try:
+            return clip_path(*args, **kwargs)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.process_time() - t0
+
     per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    Precision._clip_gradients = lightning_clip  # type: ignore[method-assign]
     try:
         for r in range(rounds):
             for arm in [*arms[r % len(arms):], *arms[: r % len(arms)]]:
-                spent: dict[str, float] = {}
-
-                def lightning_clip(*args: Any, _spent: dict[str, float] = spent, **kwargs: Any) -> Any:
-                    t0 = time.process_time()
-                    try:
-                        return clip_path(*args, **kwargs)
-                    finally:
-                        key = "Lightning gradient_clip_val (Precision._clip_gradients)"
-                        _spent[key] = _spent.get(key, 0.0) + time.process_time() - t0
-
-                Precision._clip_gradients = lightning_clip  # type: ignore[method-assign]
-
-                def timed_arm(name: str, model: nn.Module, max_epochs: int = 1, _spent: dict = spent) -> Any:
-                    callbacks, kwargs = made(name, model, max_epochs)
-                    _timed_hooks(callbacks, _spent)
-                    return callbacks, kwargs
-
-                globals()["make_arm"] = timed_arm
-                try:
-                    whole_fit_once(arm, make_net, data, epochs, limit)
-                finally:
-                    globals()["make_arm"] = made
-                per_arm[arm].append(spent)
+                spent.clear()
+                whole_fit_once(arm, make_net, data, epochs, limit, hooks=spent)
+                per_arm[arm].append(dict(spent))
     finally:
         Precision._clip_gradients = clip_path  # type: ignore[method-assign]
     table: dict[str, dict[str, float]] = {}
