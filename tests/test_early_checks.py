@@ -164,15 +164,21 @@ runpy.run_module("lightning_clipprune.search", run_name="__main__")
 def test_the_search_command_answers_before_torch_is_imported(
     tmp_path: Path, args: list[str], status: int, words: str
 ) -> None:
+    args = [str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]
+    _answers_before_torch(_SEARCH_PROBE, args, status, words, tmp_path)
+
+
+def _answers_before_torch(probe: str, args: list[str], status: int, words: str, cwd: Path) -> None:
+    """Run ``probe`` (a command's ``__main__``) with ``args``: its exit status and words, neither torch nor Lightning
+    imported to answer."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("HYDRA_FULL_ERROR", None)
-    args = [str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]
-    proc = subprocess.run([sys.executable, "-c", _SEARCH_PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
     assert proc.returncode == status, proc.stderr
     assert words in proc.stdout + proc.stderr
     assert "MODULES False False" in proc.stderr  # neither torch nor Lightning was imported to answer
@@ -193,17 +199,8 @@ _EXPORT_PROBE = _SEARCH_PROBE.replace("lightning_clipprune.search", "lightning_c
 def test_the_export_command_answers_before_torch_is_imported(
     tmp_path: Path, args: list[str], status: int, words: str
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     args = [str(tmp_path / "missing.ckpt") if a == "NOWHERE" else a for a in args]
-    proc = subprocess.run([sys.executable, "-c", _EXPORT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=300)
-    assert proc.returncode == status, proc.stderr
-    assert words in proc.stdout + proc.stderr
-    assert "MODULES False False" in proc.stderr  # neither torch nor Lightning was imported to answer
+    _answers_before_torch(_EXPORT_PROBE, args, status, words, tmp_path)
 
 
 def test_the_export_commands_early_missing_file_line_is_the_readers(
