@@ -156,3 +156,74 @@ def test_bench_inference_smoke(tmp_path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [(r["batch"], r["threads"]) for r in rows] == [(1, 1), (32, 1)]
     assert all(r["max_abs_diff"] < 1e-4 and r["dense_ms"] > 0 and r["model_bytes_dense"] > 0 for r in rows)
+
+
+def _sparse_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    return net
+
+
+def _fake_timer(penalty: float = 0.0):
+    """Seconds per call from the layer kinds: dense Linear 2 ms, a CSR layer 1 ms, plus ``penalty`` for a whole
+    model holding any CSR layer (what a layout change can cost the layers after it)."""
+
+    def timer(module: torch.nn.Module, x: torch.Tensor) -> float:
+        kinds = [type(m).__name__ for m in module.modules()]
+        sparse = sum("Sparse" in k for k in kinds)
+        dense = sum(k in ("Linear", "FeatureMajorLinear") for k in kinds)
+        return 2e-3 * dense + 1e-3 * sparse + (penalty if sparse and len(kinds) > 1 else 0.0)
+
+    return timer
+
+
+def test_the_end_to_end_check_is_the_measurement_when_it_kept_every_csr_layer(monkeypatch) -> None:
+    import lightning_clipprune.export.latency as latency
+
+    def no_second_timing(*args, **kwargs):
+        raise AssertionError("timed the same two models twice")
+
+    monkeypatch.setattr(latency, "compare_latency", no_second_timing)
+    result = measure_inference(_sparse_mlp(), torch.randn(4, 64), batch_size=32, rounds=1, timer=_fake_timer())
+    assert result["csr_layers"] == 2
+    assert result["dense_ms"] == pytest.approx(4.0) and result["inference_ms"] == pytest.approx(2.0)
+
+
+def test_layers_put_back_by_the_end_to_end_check_leave_no_reused_timing() -> None:
+    from lightning_clipprune.export import to_inference
+
+    x = torch.randn(4, 64)
+    kept = inference_report(to_inference(_sparse_mlp(), example_input=x, rounds=1, timer=_fake_timer()))
+    assert kept.end_to_end == pytest.approx((4e-3, 2e-3))
+    back = inference_report(to_inference(_sparse_mlp(), example_input=x, rounds=1, timer=_fake_timer(penalty=1.0)))
+    assert back.sparse_names() == [] and back.end_to_end is None
+    result = measure_inference(_sparse_mlp(), x, rounds=1, timer=_fake_timer(penalty=1.0))
+    assert result["csr_layers"] == 0 and result["speedup"] == 1.0
+
+
+def test_the_end_of_fit_latency_line_takes_short_samples(tmp_path, monkeypatch) -> None:
+    import lightning_clipprune.export.latency as latency
+
+    seen: dict = {}
+    real = latency.measure_inference
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_inference", spy)
+    logger = SparsityLogger()
+    _fit(tmp_path, logger)
+    assert logger.inference_latency is not None
+    # samples of at least 2 ms, 3 rounds, cost LeNet-300-100 about 0.13 s at the end of every fit
+    assert seen["rounds"] <= 3 and seen["timer"].keywords["min_seconds"] < 2e-3
+
+
+def test_call_timer_refuses_a_non_positive_duration() -> None:
+    from lightning_clipprune.export._timing import call_timer
+
+    with pytest.raises(ValueError, match="min_seconds"):
+        call_timer(0.0)

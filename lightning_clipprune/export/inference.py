@@ -90,12 +90,15 @@ class InferenceReport:
         batch_size: the batch size the layers were timed at.
         layers: one :class:`LayerChoice` per candidate layer.
         compacted: ``{layer name: (channels before, channels after)}`` for the layers compaction shrank.
+        end_to_end: ``(seconds before CSR, seconds with it)`` per call of the whole model, from the end-to-end
+            check, when its first comparison kept every CSR layer (None: not measured, or layers went back).
     """
 
     device: str
     batch_size: int
     layers: list[LayerChoice]
     compacted: dict[str, tuple[int, int]]
+    end_to_end: tuple[float, float] | None = None
 
     def sparse_names(self) -> list[str]:
         """The layers converted to a sparse format."""
@@ -307,8 +310,8 @@ def to_inference(
             inp = _convert_one(out, name, following, inp, x, originals, choices, (min_sparsity, margin, rounds), timer)
             bar.advance(task)
     _verify(model, out, x, originals, choices)
-    _keep_if_faster(before_csr, out, x, originals, choices, rounds, timer)
-    setattr(out, _REPORT_ATTR, InferenceReport("cpu", int(x.shape[0]), choices, compacted))
+    end_to_end = _keep_if_faster(before_csr, out, x, originals, choices, rounds, timer)
+    setattr(out, _REPORT_ATTR, InferenceReport("cpu", int(x.shape[0]), choices, compacted, end_to_end))
     return out
 
 
@@ -378,16 +381,19 @@ def _restore(out: nn.Module, originals: dict[str, nn.Module], choices: list[Laye
 def _keep_if_faster(
     dense: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn.Module], choices: list[LayerChoice],
     rounds: int, timer: Timer | None,
-) -> None:
+) -> tuple[float, float] | None:
     """The end-to-end guard: layer timings that each said "faster" must add up to a faster model. When they do not,
     the CSR layers go back in one at a time, the largest per-layer gain first, each kept only where the whole
     model is faster with it (a CSR layer whose ``(features, batch)`` output slows what follows it, such as a
-    ``LayerNorm``, stays dense): never slower than the model without them."""
+    ``LayerNorm``, stays dense): never slower than the model without them.
+
+    Returns the first comparison's ``(dense seconds, sparse seconds)`` when it kept every CSR layer, else None.
+    """
     if not originals:
-        return
+        return None
     dense_s, sparse_s = compare_latency(dense, out, x, rounds=rounds, timer=timer)
     if sparse_s <= dense_s:
-        return
+        return dense_s, sparse_s
     reasons, kernels, swapped = {c.name: c.reason for c in choices}, {c.name: c.kernel for c in choices}, dict(originals)
     csr = sorted((c for c in choices if c.format == "csr"), key=lambda c: c.sparse_s - c.dense_s)
     sparse = {c.name: out.get_submodule(c.name) for c in csr}
@@ -409,6 +415,7 @@ def _keep_if_faster(
             originals[choice.name], choice.reason = module, reasons[choice.name]
         else:
             choice.reason = reasons[choice.name].split("; multiplied in")[0]
+    return None
 
 
 def _same_outputs(ref: Any, got: Any) -> bool:

@@ -13,24 +13,33 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune.export._reparam import inference_copy
+from lightning_clipprune.export._timing import Timer, compare_latencies
 from lightning_clipprune.export.inference import compare_latency, inference_report, to_inference
 
 __all__ = ["format_latency", "measure_inference"]
 
 
 def measure_inference(
-    model: nn.Module, example_input: Tensor, *, batch_size: int | None = None, rounds: int = 5
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    batch_size: int | None = None,
+    rounds: int = 5,
+    timer: Timer | None = None,
 ) -> dict[str, Any]:
     """Median latency of ``model`` as it is (dense compute, eval mode) and of :func:`to_inference`'s model.
 
     Both are copies: ``model`` keeps its mode, weights and buffers. Timed on the CPU, interleaved, with the
-    current ``torch.get_num_threads()``.
+    current ``torch.get_num_threads()``. When nothing was compacted and ``to_inference``'s end-to-end check
+    kept every CSR layer, that check's timing of the same two models is the answer (no second timing).
 
     Args:
         model: the pruned network (on the CPU).
         example_input: one real input batch; repeated or cut to ``batch_size``.
         batch_size: the batch size to measure at (``None``: that of ``example_input``).
         rounds: interleaved timing rounds (per layer at conversion, then end to end).
+        timer: one timing sample (default: calls filling 2 ms; :func:`~lightning_clipprune.export._timing.call_timer`
+            makes shorter, cheaper ones).
 
     Returns:
         ``{"batch_size", "threads", "dense_ms", "inference_ms", "speedup", "csr_layers", "compacted_layers",
@@ -48,17 +57,20 @@ def measure_inference(
     # Without Torch-Pruning the line says so itself: no warning from deep inside to_inference at every fit end
     skipped = torch_pruning_missing() and has_zero_channels(dense)
     fast = to_inference(
-        dense, example_input=example_input, batch_size=batch_size, rounds=rounds, compact=False if skipped else "auto"
+        dense, example_input=example_input, batch_size=batch_size, rounds=rounds, timer=timer,
+        compact=False if skipped else "auto",
     )
     report = inference_report(fast)
     x = example_input
     if report.batch_size != x.shape[0]:
         reps = -(-report.batch_size // x.shape[0])
         x = x.repeat(reps, *([1] * (x.dim() - 1)))[: report.batch_size]
-    if report.sparse_names() or report.compacted:
-        dense_s, fast_s = compare_latency(dense, fast, x, rounds=rounds)
+    if report.end_to_end is not None and not report.compacted:  # `dense` is what the check timed: the same models
+        dense_s, fast_s = report.end_to_end
+    elif report.sparse_names() or report.compacted:
+        dense_s, fast_s = compare_latency(dense, fast, x, rounds=rounds, timer=timer)
     else:  # nothing converted: the inference model computes as the dense one, and a second timing is only noise
-        dense_s = fast_s = compare_latency(dense, dense, x, rounds=rounds)[0]
+        dense_s = fast_s = compare_latencies([dense], x, rounds=rounds, timer=timer)[0]
     return {
         "batch_size": report.batch_size,
         "threads": torch.get_num_threads(),
