@@ -23,8 +23,10 @@ Arms (each on the same seeded initial weights, the same batches in the same orde
 - ``ours_three``: the three together, with their defaults. The extra arm ``ours_three_pruned`` uses
   ``schedule="oneshot"`` at step 0 instead, the steady state after the last event.
 
-``SparsityLogger(print_table=False)`` everywhere: the table is printed in ``on_fit_end``, outside the timed
-epoch, and would flood the output. Every arm has the same in-memory logger (so ``SparsityLogger`` and the
+``SparsityLogger()`` with its defaults everywhere: the table and the inference-latency line are printed in
+``on_fit_end`` (outside the timed epoch, inside the whole fits: a user pays them), into a buffer, since they
+would flood the output. ``--logger-table off`` builds ``SparsityLogger(print_table=False)`` instead (the arm
+of runs 1-17). Every arm has the same in-memory logger (so ``SparsityLogger`` and the
 clip metrics are really logged, every 50 steps as Lightning's default), no checkpointing, no validation, no
 progress bar. The time of an epoch runs from ``on_train_epoch_start`` to the end of ``on_train_epoch_end``
 (the pruning event of ModelPruning included); ``fit_s`` is the whole ``trainer.fit``.
@@ -71,6 +73,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import platform
@@ -94,6 +98,8 @@ from lightning_clipprune.app.models import CifarResNet, Classifier, LeNet300100
 from lightning_clipprune.loggers import MemoryLogger
 
 ARMS = ("none", "lightning_pair", "clip", "prune", "logger", "ours_three")
+#: Whether the arms' SparsityLogger prints its end-of-fit table and latency line (``--logger-table``).
+LOGGER_TABLE = [True]
 WHOLE_FIT_ARMS = ("none", "lightning_clip", "lightning_pair", "clip", "prune", "ours_three")
 EXTRA_ARMS = ("lightning_pair_pruned", "ours_three_pruned")
 RESNET_ARMS = ("none", "lightning_pair", "ours_three")
@@ -210,7 +216,7 @@ def lightning_amount(sparsity: float, max_epochs: int) -> Callable[[int], float]
 def make_arm(arm: str, model: nn.Module, max_epochs: int = 1) -> tuple[list[Callback], dict[str, Any]]:
     """The callbacks and extra Trainer arguments of one arm."""
     def logger_cb() -> SparsityLogger:
-        return SparsityLogger(print_table=False)
+        return SparsityLogger(print_table=LOGGER_TABLE[0])
 
     if arm == "none":
         return [], {}
@@ -251,6 +257,15 @@ def make_arm(arm: str, model: nn.Module, max_epochs: int = 1) -> tuple[list[Call
     raise ValueError(f"`arm` must be one of {ARMS + EXTRA_ARMS}, got {arm!r}")
 
 
+def _fit(trainer: L.Trainer, model: L.LightningModule, data: Any) -> None:
+    """``trainer.fit`` on a datamodule or a loader; what the callbacks print (the sparsity table) goes to a buffer."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if isinstance(data, L.LightningDataModule):
+            trainer.fit(model, datamodule=data)
+        else:
+            trainer.fit(model, train_dataloaders=data)
+
+
 def fit_once(
     arm: str,
     make_net: Callable[[], nn.Module],
@@ -281,10 +296,7 @@ def fit_once(
             **trainer_kwargs,
         )
         t0 = time.perf_counter()
-        if isinstance(data, L.LightningDataModule):
-            trainer.fit(model, datamodule=data)
-        else:
-            trainer.fit(model, train_dataloaders=data)
+        _fit(trainer, model, data)
         fit_s = time.perf_counter() - t0
     pruned_bytes = sum(w.numel() * w.element_size() for w in pruned)
     return {
@@ -323,10 +335,7 @@ def whole_fit_once(
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         limit_train_batches=limit, callbacks=callbacks, **trainer_kwargs,
     )
-    if isinstance(data, L.LightningDataModule):
-        trainer.fit(model, datamodule=data)
-    else:
-        trainer.fit(model, train_dataloaders=data)
+    _fit(trainer, model, data)
     return {"arm": arm, "fit_s": time.perf_counter() - w0, "fit_cpu_s": time.process_time() - c0,
             "steps": trainer.global_step}
 
@@ -370,7 +379,6 @@ def whole_fit_markdown(title: str, summary: dict[str, dict[str, Any]]) -> str:
 def profile_fit(make_net: Callable[[], nn.Module], data: Any, epochs: int, limit: int | None, top: int = 25) -> str:
     """cProfile (process CPU time) of one ``ours_three`` fit: the project's functions by cumulative time."""
     import cProfile
-    import io
     import pstats
 
     prof = cProfile.Profile(time.process_time)
@@ -629,9 +637,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", action="store_true", help="with --whole-fit: cProfile one ours_three fit")
     parser.add_argument("--hook-costs", action="store_true",
                         help="with --whole-fit: also the CPU time per fit in each hook (and Lightning's clipping)")
+    parser.add_argument("--logger-table", choices=["on", "off"], default="on",
+                        help="SparsityLogger's end-of-fit table and latency line (default on: its defaults)")
     parser.add_argument("--events", nargs=2, metavar=("MODEL", "N"), default=None,
                         help="time N pruning events alone: MODEL lenet (266 k weights) or mlp25m (25.2 M)")
     args = parser.parse_args(argv)
+    LOGGER_TABLE[0] = args.logger_table == "on"
     if args.events is not None:
         times = event_costs(args.events[0], int(args.events[1]))
         print(f"{args.events[0]}: ms per event (process CPU):", " ".join(f"{1e3 * t:.2f}" for t in times))
