@@ -89,6 +89,9 @@ def test_experiments_set_what_the_issue_asks(tmp_path: Path) -> None:
     assert (fm.model.optimizer.lr, fm.model.optimizer.momentum, fm.model.optimizer.weight_decay) == (0.1, 0.9, 5e-4)
     assert fm.model.lr_schedule == "cosine" and fm.data.batch_size == 128 and fm.trainer.max_epochs == 10
     assert (list(fm.data.mean), list(fm.data.std)) == ([0.2860], [0.3530])
+    assert (fm.prune.end, fm.prune.lr_rewind, fm.prune.schedule) == (0.6, 1.0, "cubic")  # prune=rewind (issue 28)
+    assert compose_cfg(tmp_path, ["+experiment=fashion_mnist", "prune=cubic"]).prune.lr_rewind is None
+    assert compose_cfg(tmp_path, ["+experiment=fashion_mnist", "~prune"]).get("prune") is None
     cifar = compose_cfg(tmp_path, ["+experiment=cifar"])
     assert cifar.model.net.depth == 20 and cifar.data.augment and cifar.model.optimizer._target_ == "torch.optim.SGD"
     assert compose_cfg(tmp_path, ["+experiment=cifar_resnet56"]).model.net.depth == 56

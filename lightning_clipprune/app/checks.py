@@ -340,6 +340,7 @@ def _check_prune_values(v: Any, args: dict[str, Any], schedules: tuple[str, ...]
         v.check_real(owner, "initial_sparsity", args["initial_sparsity"], low=0, high=get("sparsity") or 0.0)
     if "taylor_beta" in args:
         v.check_real(owner, "taylor_beta", args["taylor_beta"], low=0, high=1, high_open=True)
+    v.check_real(owner, "lr_rewind", get("lr_rewind"), low=0, low_open=True, allow_none=True)
     for key in ("prune_bias", "keep_first_and_last", "prune_frozen", "verbose", "include_tied"):
         if key in args:
             v.check_bool(owner, key, args[key])

@@ -28,6 +28,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
+from lightning_clipprune.callbacks._lr_rewind import LrRewind
 from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take_example, with_followers
 from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
@@ -170,22 +171,18 @@ class MagnitudePruneCallback(Callback):
             start, end. Per-layer sparsity unchanged, but masks then move (they no longer only grow); logs
             ``prune/regrown``. See ``docs/regrowth.md``.
         couple_channels: with ``pattern="channel"``, prune together the output channels that must be removed
-            together: those of the layers whose outputs a residual addition sums (the stem, each block's last
-            conv, a projection shortcut), grouped as Torch-Pruning's ``DependencyGraph`` traces them on one
-            sample of the first training batch (or the module's ``example_input_array``). Each position of a
-            group is scored by the RMS of all the weights it would remove, and the same channels are pruned
-            in every member, to the same target, so :func:`~lightning_clipprune.to_inference` can remove the
-            residual stream's channels physically (``benchmarks/bench_inference.md``). False (default): each
-            layer's channels are pruned on their own. True: coupled (Torch-Pruning needed: without it,
-            ``ImportError`` naming ``pip install 'lightning-clipprune[compact]'``). "auto": coupled when the
-            pattern is "channel" and Torch-Pruning is installed, else off. Layers whose coupling Torch-Pruning
-            cannot map exactly (a channel padding, as the parameter-free "option A" shortcut of the CIFAR
-            ResNets) are pruned on their own, with one warning. The ``BatchNorm`` weight and bias and the layer
-            bias of a pruned channel are pruned with it (not ranked: the channel is exactly zero after training,
-            which compaction needs, as a trained ``beta`` would keep it alive); not those named in ``exclude``,
-            nor those of a channel a dense (unselected) layer also writes. The groups depend on the structure only and
-            are traced afresh in each fit (eval mode, random state restored), so resume stays exact. Refused
-            under ``ModelParallelStrategy``, with ``layer_sparsity`` and with a calibration criterion.
+            together (those a residual addition sums), grouped as Torch-Pruning's ``DependencyGraph`` traces
+            them, the same channels in every member, so :func:`~lightning_clipprune.to_inference` can remove the
+            residual stream's channels physically; their ``BatchNorm`` weight and bias and layer bias follow
+            them. False (default): each layer on its own. True: coupled (Torch-Pruning needed, else one
+            ``ImportError`` line with the pip command). "auto": coupled when Torch-Pruning is installed. Refused
+            under ``ModelParallelStrategy``, with ``layer_sparsity`` and with a calibration criterion. The
+            details (scores, exclusions, couplings it cannot map, exact resume): ``docs/pruning.md``.
+        lr_rewind: learning-rate rewinding (Renda et al. 2020): from the ramp's ``end`` on, every parameter
+            group's rate restarts at ``lr_rewind`` times its base rate (``initial_lr``, else its rate at train
+            start) and decays on a cosine to 0 at the last step, overriding the module's scheduler there. None
+            (default): the rate is left alone. ``1.0`` with ``end=0.6`` is the best of ``benchmarks/bench_regrow.md``'s
+            seventh round at 98 % (the same restart does not help a dense network). Needs a known run length.
 
     Raises:
         ImportError: ``couple_channels=True`` without Torch-Pruning (in ``__init__``, one line with the pip command).
@@ -205,16 +202,9 @@ class MagnitudePruneCallback(Callback):
     weights DDP keeps identical; the masks of the others (gradient EMAs) are broadcast from rank 0.
 
     Under ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in ``configure_model``, ``tensor_parallel_size=1``)
-    the parameters are chosen at fit start, once sharded; the masks are DTensors sharded like their
-    parameters (each rank holds its rows), and an event finds the cut by a distributed k-th selection over
-    the shards (:mod:`lightning_clipprune.pruning.distributed`): no parameter is gathered, and the masks
-    are bit for bit those of one process on the same weights, ties included. Supported there: criterion
-    "magnitude" (or a threshold), "global" scope with ranking "er", "erk" or "raw" (the ceiling included),
-    "local" scope, "N:M", "channel" with "local" scope. Refused at setup, in one line: criteria that need
-    gradients ("taylor") or calibration ("obs"), ``regrow``, ranking "layer_normalized", "channel" with
-    "global" scope. Checkpoints keep their keys: the state holds each mask's pruned count, and a resumed run
-    reads its masks from the zeros of the restored weights, checked against those counts (one warning where
-    a kept weight is exactly zero: :func:`~lightning_clipprune.callbacks._prune_sharded.masks_from_zeros`).
+    the masks are DTensors sharded like their parameters and an event finds the cut by a distributed k-th
+    selection (:mod:`lightning_clipprune.pruning.distributed`): nothing gathered, masks bit for bit those of one
+    process. What is supported and refused there, and how checkpoints resume: ``docs/strategies.md``.
 
     Example::
 
@@ -251,6 +241,7 @@ class MagnitudePruneCallback(Callback):
         include_tied: bool = False,
         regrow: Any = None,
         couple_channels: bool | str = False,
+        lr_rewind: float | None = None,
     ) -> None:
         super().__init__()
         kind, n, m = parse_pattern(pattern, owner=OWNER)
@@ -290,6 +281,8 @@ class MagnitudePruneCallback(Callback):
         check_combination(self, kind, n, m)
         self.regrow = regrow  # as given; the state in use is self._regrow (None: off)
         self._regrow = make_regrow(regrow, self, kind)
+        self.lr_rewind = check_real(OWNER, "lr_rewind", lr_rewind, low=0, low_open=True, allow_none=True)
+        self._rewind = None if self.lr_rewind is None else LrRewind(self.lr_rewind)
         self.couple_channels = couple_channels  # as given ("auto" stays "auto")
         self._couple = resolve_coupling(self, kind)  # whether the events couple channels
         self._example: Any = None  # one sample of the first training batch: the input the groups are traced on
@@ -427,6 +420,8 @@ class MagnitudePruneCallback(Callback):
                 mask = local_mask(self._sharding, name, mask, p)
             self.masks[name] = torch.ones_like(p, dtype=torch.bool) if mask is None else mask.to(p.device)
         self._criterion.prepare(self._params)
+        if self._rewind is not None:
+            self._rewind.on_train_start(self, trainer)
         if self._active:  # resumed: weights from the checkpoint are already masked; make sure of it
             self._build_cache()
             self._apply_weights()
@@ -442,6 +437,8 @@ class MagnitudePruneCallback(Callback):
             self._update(trainer, t)
         if self._regrow is not None:
             self._regrow.on_train_batch_start(self, trainer)
+        if self._rewind is not None:
+            self._rewind.on_train_batch_start(self, trainer, t)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -496,6 +493,7 @@ class MagnitudePruneCallback(Callback):
             "current_target": self.current_target,
             "criterion": cpu_copy(self._criterion.state_dict()),  # its tensors are updated in place
             **({"regrow": self._regrow.state_dict()} if self._regrow is not None else {}),
+            **({"lr_rewind": self._rewind.state_dict()} if self._rewind is not None else {}),
         }
 
     @override
@@ -514,6 +512,8 @@ class MagnitudePruneCallback(Callback):
         self._criterion.load_state_dict(state_dict.get("criterion", state_dict))
         if self._regrow is not None:
             self._regrow.load_state_dict(state_dict.get("regrow", {}))
+        if self._rewind is not None:
+            self._rewind.load_state_dict(state_dict.get("lr_rewind", {}))
         self._drop_cache()  # rebuilt from these masks at train start
 
     # ------------------------------------------------------------------ internals

@@ -1,0 +1,98 @@
+"""``MagnitudePruneCallback(lr_rewind=...)``: learning-rate rewinding once the pruning ramp is done.
+
+After the ramp's last event the sparse network fine-tunes for the rest of the run. With a schedule that
+decays over the whole run (the app's cosine), that fine-tuning starts at a rate already part-way down.
+Learning-rate rewinding (Renda et al., ICLR 2020) restarts it: from the first step at or after ``end`` the
+rate of every parameter group is ``factor`` times the group's base rate, decaying on a cosine to 0 at the
+last step. Measured in ``benchmarks/bench_regrow.md`` (seventh round): at 98 % on Fashion-MNIST LeNet-300-100
+it moves the pruned network closer to dense, while the same restart does not help the dense network.
+
+The rate is set in ``on_train_batch_start`` of every step from there on, so whatever the module's scheduler
+computed is overridden (a scheduler stepping from the current rate, such as ``ReduceLROnPlateau``, sees the
+rewound one). A pure function of the step, the recorded base rates and the first rewound step: a resumed run
+sets the same rates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_clipprune.callbacks._prune_plan import OWNER
+
+__all__ = ["LrRewind", "rewound_lr"]
+
+
+def rewound_lr(base: float, factor: float, step: int, first: int, total: int) -> float:
+    """The rewound rate at ``step``: ``factor * base`` at ``first``, a cosine down to 0 at ``total``.
+
+    Example::
+
+        >>> [round(rewound_lr(0.1, 1.0, step, 50, 100), 6) for step in (50, 75, 100)]
+        [0.1, 0.05, 0.0]
+    """
+    progress = min(1.0, max(0.0, (step - first) / max(1, total - first)))
+    return factor * base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LrRewind:
+    """The state of ``lr_rewind``: the base rates of the optimizers' groups and the first rewound step.
+
+    Args:
+        factor: the restarted rate as a fraction of each group's base rate (its ``initial_lr``, which torch's
+            schedulers record, else its rate when training starts).
+    """
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.base: list[list[float]] | None = None  # per optimizer, per parameter group
+        self.first: int | None = None  # the first global step with the rewound rate
+        self._total: int | None = None
+        self._restored = False  # a checkpoint's state was loaded for the coming fit
+
+    def on_train_start(self, cb: Any, trainer: pl.Trainer) -> None:
+        """Record the base rates (a resumed fit keeps the checkpoint's) and check the run can be rewound.
+
+        Raises:
+            ValueError: the training length is unknown (the cosine needs its last step).
+        """
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                f"{OWNER}: `lr_rewind` needs a known training length to decay to its last step: give the Trainer"
+                " `max_epochs` or `max_steps`, or set lr_rewind=None."
+            )
+        self._total = int(total)
+        if not self._restored:  # a new fit (also a second one with this callback): its own base rates
+            self.base = [[float(g.get("initial_lr", g["lr"])) for g in opt.param_groups] for opt in trainer.optimizers]
+            self.first = None
+        self._restored = False
+        _, end, _ = cb._positions
+        if cb.unit == "step" and end >= self._total and self.first is None:
+            rank_zero_warn(
+                f"{OWNER}: `lr_rewind` has no effect: the pruning ramp ends at step {end}, at or after the last"
+                f" step ({self._total}), so no step trains after it."
+            )
+
+    def on_train_batch_start(self, cb: Any, trainer: pl.Trainer, t: int) -> None:
+        """From the first step at or after the ramp's ``end``: set every group's rate."""
+        _, end, _ = cb._positions
+        if t < end or self.base is None or self._total is None:
+            return
+        if self.first is None:
+            self.first = trainer.global_step
+        for optimizer, bases in zip(trainer.optimizers, self.base, strict=False):
+            for group, base in zip(optimizer.param_groups, bases, strict=False):
+                group["lr"] = rewound_lr(base, self.factor, trainer.global_step, self.first, self._total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "first": self.first}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        base = state.get("base")
+        self.base = [[float(x) for x in bases] for bases in base] if base is not None else None
+        self.first = None if state.get("first") is None else int(state["first"])
+        self._restored = base is not None
