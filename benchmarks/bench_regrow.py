@@ -91,6 +91,9 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     # ... a steeper start of the ramp (p2 lost 0.09), and the gradient criterion under the ER budgets
     "default_p4": {"prune": {**_DEFAULTS, "power": 4.0}},
     "taylor_er": {"prune": {**_DEFAULTS, "criterion": "taylor"}},
+    # seventh round: the library's learning-rate rewinding (MagnitudePruneCallback(lr_rewind=...)), the prototype
+    # lr_rewind_e60 below built into the callback
+    "rewind_e60": {"prune": {"end": 0.6, "lr_rewind": 1.0}},
 }
 #: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
 #: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
@@ -242,6 +245,87 @@ class _DecayAfterRamp(L.Callback):
 DECAY = {"default_wd0": 0.0, "default_wd01": 0.1, "default_wd3": 3.0}
 bvl.VARIANTS.update({name: {} for name in DECAY})  # built by _capture
 
+
+class _LrAfterRamp(L.Callback):
+    """Prototype (seventh round; ``rewind`` is now ``MagnitudePruneCallback(lr_rewind=...)``): the learning rate
+    around the pruning ramp's end (``end`` of training).
+
+    ``"rewind"``: the schedule as before until the ramp ends, then back to the peak and a fresh cosine to 0 over
+    the rest (learning-rate rewinding, Renda et al. 2020, inside the same number of steps). ``"hold"``: the peak
+    during the whole ramp, then one cosine to 0 over the rest (the sparse network gets a full decay)."""
+
+    def __init__(self, end: float, mode: str, peak: float = 1.0) -> None:
+        self.end, self.mode, self.peak = end, mode, peak
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        t_end = int(self.end * total)
+        for config in trainer.lr_scheduler_configs:
+            before = config.scheduler.lr_lambdas[0]
+
+            def factor(step: int, before: Any = before) -> float:
+                if step < t_end:
+                    return before(step) if self.mode == "rewind" else 1.0
+                return self.peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - t_end) / max(1, total - t_end))))
+
+            config.scheduler.lr_lambdas[0] = factor
+
+
+#: Prototypes: the defaults with the learning rate rewound or held at the ramp (``_LrAfterRamp``): variant ->
+#: (the variant it starts from, the ramp's end, mode, the rewound peak as a fraction of the base rate).
+#: ``dense_rewind`` is the dense arm (no pruning, no clipping) with the same restart: is the gain the pruning's?
+LR_AFTER = {
+    "lr_rewind": ("default", 0.5, "rewind", 1.0),
+    "lr_hold": ("default", 0.5, "hold", 1.0),
+    "lr_rewind_e40": ("default_end40", 0.4, "rewind", 1.0),
+    "lr_rewind_e60": ("default_end60", 0.6, "rewind", 1.0),
+    "lr_rewind_75": ("default", 0.5, "rewind", 0.75),
+    "dense_rewind": (None, 0.5, "rewind", 1.0),
+}
+bvl.VARIANTS.update({name: {} for name in LR_AFTER})  # built by _capture
+
+
+class _Shrink(L.Callback):
+    """Prototype (seventh round): the weights the next event will prune shrink to ``floor`` times their value
+    over the steps before it, so the network adapts before they go (after growing regularisation, GReg, Wang
+    et al. 2021). Placed after the default ``MagnitudePruneCallback`` ``cb``: at each of its events before the
+    ramp's end, the next event's masks are computed now (the same criterion, ER budgets, schedule); the kept
+    weights outside them are scaled after every optimizer step, linearly from 1 to ``floor`` at the next event."""
+
+    def __init__(self, cb: MagnitudePruneCallback, floor: float) -> None:
+        self.cb, self.floor = cb, floor
+        self.doomed: dict[str, torch.Tensor] = {}
+        self.length = self.j = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        from lightning_clipprune.pruning import compute_masks
+        from lightning_clipprune.schedules import sparsity_at
+
+        cb, step = self.cb, trainer.global_step
+        start, end, every = cb._positions
+        if cb._last_event != step or step >= end:
+            return
+        nxt = min(step + every, end)
+        target = sparsity_at(cb.schedule, nxt, start, end, cb.sparsity, cb.initial_sparsity, cb.power)
+        params = {n: p.detach() for n, p in cb._params.items()}
+        new = compute_masks(params, sparsity=target, ranking=cb.ranking, masks=cb.masks, max_layer_sparsity=cb._ceiling)
+        self.doomed = {n: cb.masks[n] & ~new[n] for n in params}
+        self.length, self.j = nxt - step, 0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.j >= self.length:
+            return
+        self.j += 1  # the doomed weights go from v(j - 1) to v(j), v(j) = 1 - (1 - floor) j / length
+        before, after = (1 - (1 - self.floor) * i / self.length for i in (self.j - 1, self.j))
+        with torch.no_grad():
+            for name, p in self.cb._params.items():
+                p[self.doomed[name]] *= after / before
+
+
+#: Prototypes: the defaults with the next event's weights shrunk first (``_Shrink``), to 0 or to half.
+SHRINK = {"shrink0": 0.0, "shrink05": 0.5}
+bvl.VARIANTS.update({name: {} for name in SHRINK})  # built by _capture
+
 #: Prototypes of dynamic pruning with feedback (``_Feedback``), with the default norm clip at 1.0.
 FEEDBACK = {"dpf": {}, "dpf_f20": {"frequency": 20}, "dpf_end75": {"end": 0.75}}
 bvl.VARIANTS.update({name: {} for name in FEEDBACK})  # built by _capture
@@ -286,6 +370,16 @@ def _capture(sparsity: float, variant: str) -> list[Any]:
         callbacks = _variant_callbacks(sparsity, "default")
         _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
         return [*callbacks, _DecayAfterRamp(_DEFAULTS["end"], DECAY[variant])]
+    if variant in SHRINK:
+        callbacks = _variant_callbacks(sparsity, "default")
+        prune = next(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        _made.append(prune)
+        return [*callbacks, _Shrink(prune, SHRINK[variant])]
+    if variant in LR_AFTER:
+        base, end, mode, peak = LR_AFTER[variant]
+        callbacks = _variant_callbacks(sparsity, base) if base is not None else []
+        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        return [*callbacks, _LrAfterRamp(end, mode, peak)]
     if variant in FEEDBACK:
         from lightning_clipprune import GradientClipCallback
 
