@@ -93,6 +93,20 @@ def test_a_second_fit_with_the_same_callback_records_its_own_base_rates(tmp_path
     assert rates.lrs[4] == pytest.approx(0.05) and rates.lrs[:4] == [0.05] * 4
 
 
+def test_a_learning_rate_monitor_listed_first_logs_the_rewound_rates(tmp_path) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lightning_clipprune.loggers import MemoryLogger
+
+    L.seed_everything(0, verbose=False)
+    logger, rates = MemoryLogger(), _Rates()
+    callbacks = [LearningRateMonitor("step"), MagnitudePruneCallback(sparsity=0.5, end=0.5, lr_rewind=1.0), rates]
+    tiny_trainer(tmp_path, callbacks=callbacks, logger=logger, log_every_n_steps=1).fit(_Cosine(), random_loader())
+    logged = [m["lr-SGD"] for _, m in logger.rows_with("lr-SGD")]
+    assert len(logged) == STEPS and logged == pytest.approx(rates.lrs)  # what each step used, rewound ones included
+    assert logged[STEPS // 2] == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, "1.0", True, float("nan")])
 def test_bad_lr_rewind_is_refused_in_one_line(bad) -> None:
     with pytest.raises(ValueError, match="lr_rewind"):

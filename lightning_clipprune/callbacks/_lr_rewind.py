@@ -21,9 +21,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_clipprune._validation import check_real
 from lightning_clipprune.callbacks._prune_plan import OWNER
 
-__all__ = ["LrRewind", "rewound_lr"]
+__all__ = ["LrRewind", "make_rewind", "rewound_lr"]
 
 
 def rewound_lr(base: float, factor: float, step: int, first: int, total: int) -> float:
@@ -36,6 +37,21 @@ def rewound_lr(base: float, factor: float, step: int, first: int, total: int) ->
     """
     progress = min(1.0, max(0.0, (step - first) / max(1, total - first)))
     return factor * base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_rewind(lr_rewind: Any) -> tuple[float | None, LrRewind | None]:
+    """``MagnitudePruneCallback(lr_rewind=...)`` checked, and its state (None when off).
+
+    Raises:
+        ValueError: not a finite number > 0 (nor None).
+
+    Example::
+
+        >>> make_rewind(None)
+        (None, None)
+    """
+    value = check_real(OWNER, "lr_rewind", lr_rewind, low=0, low_open=True, allow_none=True)
+    return value, None if value is None else LrRewind(value)
 
 
 class LrRewind:
@@ -77,8 +93,13 @@ class LrRewind:
                 f" step ({self._total}), so no step trains after it."
             )
 
-    def on_train_batch_start(self, cb: Any, trainer: pl.Trainer, t: int) -> None:
-        """From the first step at or after the ramp's ``end``: set every group's rate."""
+    def apply(self, cb: Any, trainer: pl.Trainer, t: int) -> None:
+        """Set every group's rate for the step about to run (position ``t``), once ``t`` reached the ramp's ``end``.
+
+        Called before each step (``on_train_batch_start``) and again after the scheduler's step
+        (``on_train_batch_end``), so the step uses the rewound rate and so does whatever reads it in between
+        (a ``LearningRateMonitor``, a checkpoint of the optimizer), whatever the callback order.
+        """
         _, end, _ = cb._positions
         if t < end or self.base is None or self._total is None:
             return

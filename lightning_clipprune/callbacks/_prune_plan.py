@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -30,6 +31,20 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 OWNER = "MagnitudePruneCallback"
+
+
+def check_single(trainer: pl.Trainer, kind: type) -> None:
+    """Raise when the Trainer has more than one callback of ``kind`` (``MagnitudePruneCallback``).
+
+    Raises:
+        MisconfigurationException: naming how many and how to merge them.
+    """
+    others = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, kind)]
+    if len(others) > 1:
+        raise MisconfigurationException(
+            f"the Trainer has {len(others)} {kind.__name__}s, at most one is allowed: merge them into"
+            " one (choose the parameters with `include`/`exclude`)."
+        )
 
 
 def check_combination(cb: Any, kind: str, n: int, m: int) -> None:

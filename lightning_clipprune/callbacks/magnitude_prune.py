@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
@@ -28,7 +27,7 @@ from lightning_clipprune._validation import (
     check_position,
     check_real,
 )
-from lightning_clipprune.callbacks._lr_rewind import LrRewind
+from lightning_clipprune.callbacks._lr_rewind import make_rewind
 from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take_example, with_followers
 from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
@@ -36,6 +35,7 @@ from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
     check_combination,
     check_finite,
+    check_single,
     cpu_copy,
     event_layouts,
     parameter_changes,
@@ -180,9 +180,8 @@ class MagnitudePruneCallback(Callback):
             details (scores, exclusions, couplings it cannot map, exact resume): ``docs/pruning.md``.
         lr_rewind: learning-rate rewinding (Renda et al. 2020): from the ramp's ``end`` on, every parameter
             group's rate restarts at ``lr_rewind`` times its base rate (``initial_lr``, else its rate at train
-            start) and decays on a cosine to 0 at the last step, overriding the module's scheduler there. None
-            (default): the rate is left alone. ``1.0`` with ``end=0.6`` is the best of ``benchmarks/bench_regrow.md``'s
-            seventh round at 98 % (the same restart does not help a dense network). Needs a known run length.
+            start), cosine to 0 at the last step, overriding the module's scheduler. None (default): left alone.
+            ``end=0.6, lr_rewind=1.0``: ``docs/pruning.md``, ``benchmarks/bench_regrow.md``. Needs a known length.
 
     Raises:
         ImportError: ``couple_channels=True`` without Torch-Pruning (in ``__init__``, one line with the pip command).
@@ -281,8 +280,7 @@ class MagnitudePruneCallback(Callback):
         check_combination(self, kind, n, m)
         self.regrow = regrow  # as given; the state in use is self._regrow (None: off)
         self._regrow = make_regrow(regrow, self, kind)
-        self.lr_rewind = check_real(OWNER, "lr_rewind", lr_rewind, low=0, low_open=True, allow_none=True)
-        self._rewind = None if self.lr_rewind is None else LrRewind(self.lr_rewind)
+        self.lr_rewind, self._rewind = make_rewind(lr_rewind)  # (the state in use: self._rewind, None when off)
         self.couple_channels = couple_channels  # as given ("auto" stays "auto")
         self._couple = resolve_coupling(self, kind)  # whether the events couple channels
         self._example: Any = None  # one sample of the first training batch: the input the groups are traced on
@@ -351,12 +349,7 @@ class MagnitudePruneCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__, "prune")  # sharded strategies are refused here
-        others = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, MagnitudePruneCallback)]
-        if len(others) > 1:
-            raise MisconfigurationException(
-                f"the Trainer has {len(others)} MagnitudePruneCallbacks, at most one is allowed: merge them into"
-                " one (choose the parameters with `include`/`exclude`)."
-            )
+        check_single(trainer, MagnitudePruneCallback)
         if is_model_parallel(trainer):
             # configure_model (fully_shard) runs after setup: the parameters are chosen in on_fit_start
             check_supported(self, weight_layouts(pl_module))
@@ -438,7 +431,12 @@ class MagnitudePruneCallback(Callback):
         if self._regrow is not None:
             self._regrow.on_train_batch_start(self, trainer)
         if self._rewind is not None:
-            self._rewind.on_train_batch_start(self, trainer, t)
+            self._rewind.apply(self, trainer, t)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self._rewind is not None:  # again after the scheduler's step: what a LearningRateMonitor reads next
+            self._rewind.apply(self, trainer, self._position(trainer))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
