@@ -110,9 +110,11 @@ class LrRewind:
                 group["lr"] = rewound_lr(base, self.factor, trainer.global_step, self.first, self._total)
 
     def state_dict(self) -> dict[str, Any]:
+        """The base rates and the first rewound step (plain numbers): all a resumed run needs."""
         return {"base": self.base, "first": self.first}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s numbers; an empty state (a checkpoint without ``lr_rewind``) records afresh."""
         base = state.get("base")
         self.base = [[float(x) for x in bases] for bases in base] if base is not None else None
         self.first = None if state.get("first") is None else int(state["first"])
