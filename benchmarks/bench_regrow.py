@@ -91,9 +91,13 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     # ... a steeper start of the ramp (p2 lost 0.09), and the gradient criterion under the ER budgets
     "default_p4": {"prune": {**_DEFAULTS, "power": 4.0}},
     "taylor_er": {"prune": {**_DEFAULTS, "criterion": "taylor"}},
-    # seventh round: the library's learning-rate rewinding (MagnitudePruneCallback(lr_rewind=...)), the prototype
-    # lr_rewind_e60 below built into the callback
-    "rewind_e60": {"prune": {"end": 0.6, "lr_rewind": 1.0}},
+    # seventh round: learning-rate rewinding after the ramp, MagnitudePruneCallback(lr_rewind=...); first run by a
+    # prototype of this script, which set the same rates (the library gives the same accuracies on seed 0)
+    "lr_rewind": {"prune": {**_DEFAULTS, "lr_rewind": 1.0}},
+    "lr_rewind_75": {"prune": {**_DEFAULTS, "lr_rewind": 0.75}},
+    "lr_rewind_e40": {"prune": {"end": 0.4, "lr_rewind": 1.0}},
+    "lr_rewind_e60": {"prune": {"end": 0.6, "lr_rewind": 1.0}},
+    "rewind_e60": {"prune": {"end": 0.6, "lr_rewind": 1.0}},  # the name of the library check in the results
 }
 #: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
 #: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
@@ -247,17 +251,17 @@ bvl.VARIANTS.update({name: {} for name in DECAY})  # built by _capture
 
 
 class _LrAfterRamp(L.Callback):
-    """Prototype (seventh round; ``rewind`` is now ``MagnitudePruneCallback(lr_rewind=...)``): the learning rate
-    around the pruning ramp's end (``end`` of training).
+    """Prototype (seventh round): what ``lr_rewind`` cannot express. ``"hold"``: the peak rate during the whole
+    ramp, then one cosine to 0 over the rest. ``"rewind"`` without a pruning callback (the dense network with the
+    restart ``lr_rewind`` gives a pruned one): the schedule as before until ``end``, then the peak again and a
+    fresh cosine to 0."""
 
-    ``"rewind"``: the schedule as before until the ramp ends, then back to the peak and a fresh cosine to 0 over
-    the rest (learning-rate rewinding, Renda et al. 2020, inside the same number of steps). ``"hold"``: the peak
-    during the whole ramp, then one cosine to 0 over the rest (the sparse network gets a full decay)."""
-
-    def __init__(self, end: float, mode: str, peak: float = 1.0) -> None:
-        self.end, self.mode, self.peak = end, mode, peak
+    def __init__(self, end: float, mode: str) -> None:
+        self.end, self.mode = end, mode
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from lightning_clipprune.callbacks._lr_rewind import rewound_lr
+
         total = int(trainer.estimated_stepping_batches)
         t_end = int(self.end * total)
         for config in trainer.lr_scheduler_configs:
@@ -266,22 +270,14 @@ class _LrAfterRamp(L.Callback):
             def factor(step: int, before: Any = before) -> float:
                 if step < t_end:
                     return before(step) if self.mode == "rewind" else 1.0
-                return self.peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - t_end) / max(1, total - t_end))))
+                return rewound_lr(1.0, 1.0, step, t_end, total)
 
             config.scheduler.lr_lambdas[0] = factor
 
 
-#: Prototypes: the defaults with the learning rate rewound or held at the ramp (``_LrAfterRamp``): variant ->
-#: (the variant it starts from, the ramp's end, mode, the rewound peak as a fraction of the base rate).
-#: ``dense_rewind`` is the dense arm (no pruning, no clipping) with the same restart: is the gain the pruning's?
-LR_AFTER = {
-    "lr_rewind": ("default", 0.5, "rewind", 1.0),
-    "lr_hold": ("default", 0.5, "hold", 1.0),
-    "lr_rewind_e40": ("default_end40", 0.4, "rewind", 1.0),
-    "lr_rewind_e60": ("default_end60", 0.6, "rewind", 1.0),
-    "lr_rewind_75": ("default", 0.5, "rewind", 0.75),
-    "dense_rewind": (None, 0.5, "rewind", 1.0),
-}
+#: Prototypes: the learning rate around the ramp's end where ``lr_rewind`` cannot set it (``_LrAfterRamp``):
+#: variant -> (the variant it starts from, None: the dense arm without pruning or clipping; the end; mode).
+LR_AFTER = {"lr_hold": ("default", 0.5, "hold"), "dense_rewind": (None, 0.5, "rewind")}
 bvl.VARIANTS.update({name: {} for name in LR_AFTER})  # built by _capture
 
 
@@ -376,10 +372,10 @@ def _capture(sparsity: float, variant: str) -> list[Any]:
         _made.append(prune)
         return [*callbacks, _Shrink(prune, SHRINK[variant])]
     if variant in LR_AFTER:
-        base, end, mode, peak = LR_AFTER[variant]
+        base, end, mode = LR_AFTER[variant]
         callbacks = _variant_callbacks(sparsity, base) if base is not None else []
         _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-        return [*callbacks, _LrAfterRamp(end, mode, peak)]
+        return [*callbacks, _LrAfterRamp(end, mode)]
     if variant in FEEDBACK:
         from lightning_clipprune import GradientClipCallback
 

@@ -7,10 +7,10 @@ rate of every parameter group is ``factor`` times the group's base rate, decayin
 last step. Measured in ``benchmarks/bench_regrow.md`` (seventh round): at 98 % on Fashion-MNIST LeNet-300-100
 it moves the pruned network closer to dense, while the same restart does not help the dense network.
 
-The rate is set in ``on_train_batch_start`` of every step from there on, so whatever the module's scheduler
-computed is overridden (a scheduler stepping from the current rate, such as ``ReduceLROnPlateau``, sees the
-rewound one). A pure function of the step, the recorded base rates and the first rewound step: a resumed run
-sets the same rates.
+The rate is set before every step from there on (``on_train_batch_start``) and again after the scheduler's step
+(``on_train_batch_end``), so whatever the module's scheduler computed is overridden (a scheduler stepping from
+the current rate, such as ``ReduceLROnPlateau``, sees the rewound one). A pure function of the step, the
+recorded base rates and the first rewound step: a resumed run sets the same rates.
 """
 
 from __future__ import annotations
