@@ -98,6 +98,11 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     "lr_rewind_e40": {"prune": {"end": 0.4, "lr_rewind": 1.0}},
     "lr_rewind_e60": {"prune": {"end": 0.6, "lr_rewind": 1.0}},
     "rewind_e60": {"prune": {"end": 0.6, "lr_rewind": 1.0}},  # the name of the library check in the results
+    # eighth round: the rewinding recipe (prune=rewind) with a later ramp end, with regrowth after it
+    "lr_rewind_e70": {"prune": {"end": 0.7, "lr_rewind": 1.0}},
+    "lr_rewind_e80": {"prune": {"end": 0.8, "lr_rewind": 1.0}},
+    "rewind_rigl_a01": {"prune": {"end": 0.6, "lr_rewind": 1.0, "regrow": {"method": "rigl", "fraction": 0.1}}},
+    "lr_rewind15_e60": {"prune": {"end": 0.6, "lr_rewind": 1.5}},
 }
 #: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
 #: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
