@@ -27,7 +27,7 @@ def _fit(tmp_path, logger: SparsityLogger) -> TinyClassifier:
 
 
 def test_the_end_of_fit_table_has_a_measured_latency_line(tmp_path, capsys) -> None:
-    logger = SparsityLogger(latency_batch_size=64)
+    logger = SparsityLogger(latency_batch_size=64, inference_latency=True)
     model = _fit(tmp_path, logger)
     assert logger.inference_latency is not None and set(logger.inference_latency) == KEYS
     assert logger.inference_latency["batch_size"] == 64
@@ -37,7 +37,7 @@ def test_the_end_of_fit_table_has_a_measured_latency_line(tmp_path, capsys) -> N
 
 
 def test_the_latency_line_defaults_to_the_training_batch_and_can_be_turned_off(tmp_path, capsys) -> None:
-    on = SparsityLogger()
+    on = SparsityLogger(inference_latency=True)
     _fit(tmp_path, on)
     assert on.inference_latency["batch_size"] == 16  # random_loader's batch size
     off = SparsityLogger(inference_latency=False)
@@ -48,9 +48,26 @@ def test_the_latency_line_defaults_to_the_training_batch_and_can_be_turned_off(t
     assert capsys.readouterr().out.count("Inference latency") == 1
 
 
-def test_bad_latency_batch_size_is_refused() -> None:
+def test_auto_measures_after_long_fits_only(tmp_path, capsys, monkeypatch) -> None:
+    import lightning_clipprune.callbacks.sparsity_logger as module
+
+    short = SparsityLogger()  # "auto": a fit of a second or two is under the 10 s
+    _fit(tmp_path, short)
+    out = capsys.readouterr().out
+    assert short.inference_latency is None
+    assert "not measured after a fit of" in out and "inference_latency=True" in out
+    monkeypatch.setattr(module, "AUTO_LATENCY_MIN_FIT_S", 0.0)  # every fit is long enough now
+    long = SparsityLogger()
+    _fit(tmp_path, long)
+    assert long.inference_latency is not None and long.inference_latency["batch_size"] == 16
+    assert "Inference latency (CPU): batch 16" in capsys.readouterr().out
+
+
+def test_bad_latency_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="latency_batch_size"):
         SparsityLogger(latency_batch_size=0)
+    with pytest.raises(ValueError, match=r"inference_latency=.*True, False or 'auto', got 'yes'"):
+        SparsityLogger(inference_latency="yes")
 
 
 def test_measure_inference_leaves_the_model_alone() -> None:
@@ -215,7 +232,7 @@ def test_the_end_of_fit_latency_line_takes_short_samples(tmp_path, monkeypatch) 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(latency, "measure_inference", spy)
-    logger = SparsityLogger()
+    logger = SparsityLogger(inference_latency=True)
     _fit(tmp_path, logger)
     assert logger.inference_latency is not None
     # samples of at least 2 ms, 3 rounds, cost LeNet-300-100 about 0.13 s at the end of every fit

@@ -5,7 +5,8 @@ The counting lives in :mod:`lightning_clipprune.sparsity`; this file decides whe
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from typing_extensions import override
 
 from lightning_clipprune._sharded import any_sharded
-from lightning_clipprune._validation import check_bool, check_int
+from lightning_clipprune._validation import bad_value, check_bool, check_int
 from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import PruneState, find_callbacks
 from lightning_clipprune.sparsity import (
@@ -29,6 +30,9 @@ from lightning_clipprune.sparsity import (
 #: The end-of-fit latency line: 3 interleaved rounds of samples of at least 0.5 ms. With samples of 2 ms it
 #: cost LeNet-300-100 at batch 128 about 115 ms inside a fit (a sixth of a 100-step fit), now 55-60 ms.
 _LATENCY_ROUNDS, _LATENCY_SAMPLE_S = 3, 5e-4
+#: ``inference_latency="auto"`` measures after fits of at least this many seconds, where the line costs under
+#: 1 % of the fit for small models (a short fit pays 55-60 ms for LeNet-300-100, 7 % of a 100-step fit).
+AUTO_LATENCY_MIN_FIT_S = 10.0
 
 
 class SparsityLogger(Callback):
@@ -56,7 +60,7 @@ class SparsityLogger(Callback):
     model as it is (dense compute) against :func:`~lightning_clipprune.to_inference`'s model (CSR layers where
     they are faster, zero channels removed), also kept in :attr:`inference_latency`. It runs three short
     interleaved rounds on the first training batch's first input, repeated to the batch size (about 60 ms for
-    LeNet-300-100 at batch 128); a model on a GPU is not measured.
+    LeNet-300-100 at batch 128), by default only after fits of 10 s or more; a model on a GPU is not measured.
 
     Sharded models (``ModelParallelStrategy``: FSDP2, DTensor parameters, ``tensor_parallel_size=1``): every
     rank counts the zeros of its own shards and one ``all_reduce`` sums them, so the logged metrics and the
@@ -70,8 +74,10 @@ class SparsityLogger(Callback):
         log_every_n_steps: log every this many optimizer steps (``trainer.global_step``); ``None`` follows
             ``Trainer(log_every_n_steps=...)``; ``0`` logs only at the end of each training epoch.
         print_table: print the table at the end of ``fit`` (rank zero only).
-        inference_latency: measure and print the inference latency line with the table (``False`` skips it;
-            nothing is measured when ``print_table`` is ``False``).
+        inference_latency: measure and print the inference latency line with the table. ``"auto"`` (default):
+            after a fit of at least :data:`AUTO_LATENCY_MIN_FIT_S` seconds (10 s); a shorter fit gets a
+            one-line note instead, so quick fits do not pay for the measurement. ``True``: after every fit;
+            ``False``: never. Nothing is measured when ``print_table`` is ``False``.
         latency_batch_size: the batch size of that measurement; ``None``: the training batch size.
 
     Raises:
@@ -91,7 +97,7 @@ class SparsityLogger(Callback):
         max_layers_per_layer_logging: int = 50,
         log_every_n_steps: int | None = None,
         print_table: bool = True,
-        inference_latency: bool = True,
+        inference_latency: bool | Literal["auto"] = "auto",
         latency_batch_size: int | None = None,
     ) -> None:
         owner = "SparsityLogger"
@@ -102,7 +108,9 @@ class SparsityLogger(Callback):
         # 0 is meaningful: log at epoch ends only (see Args).
         self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, low=0, allow_none=True)
         self.print_table = check_bool(owner, "print_table", print_table)
-        self.measure_latency = check_bool(owner, "inference_latency", inference_latency)
+        if inference_latency != "auto" and not isinstance(inference_latency, bool):
+            raise bad_value(owner, "inference_latency", "True, False or 'auto'", inference_latency)
+        self.measure_latency: bool | str = inference_latency
         self.latency_batch_size = check_int(owner, "latency_batch_size", latency_batch_size, low=1, allow_none=True)
         #: The end-of-fit inference measurement (:func:`~lightning_clipprune.export.latency.measure_inference`).
         self.inference_latency: dict[str, Any] | None = None
@@ -114,6 +122,7 @@ class SparsityLogger(Callback):
         self._names: list[str] | None = None
         self._log_per_layer = False
         self._last_step = -1
+        self._fit_started = 0.0
 
     def _selected_names(self, pl_module: pl.LightningModule) -> list[str]:
         names = self._prune_callback.parameter_names if self._prune_callback is not None else None
@@ -133,6 +142,10 @@ class SparsityLogger(Callback):
         self._prune_callback = found[0] if found else None
         self._names = None
         self._last_step = -1
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,7 +192,10 @@ class SparsityLogger(Callback):
                 rank_zero_info("SparsityLogger: inference latency not measured: the model is sharded (DTensors).")
             return
         self._print_table(pl_module)
-        if self.measure_latency:
+        elapsed = time.perf_counter() - self._fit_started
+        if self.measure_latency == "auto" and elapsed < AUTO_LATENCY_MIN_FIT_S:
+            self._print_skipped(pl_module, elapsed)
+        elif self.measure_latency:
             self._print_latency(pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -219,9 +235,18 @@ class SparsityLogger(Callback):
         _print(self._report(pl_module).to_table())
 
     @rank_zero_only
-    def _print_latency(self, pl_module: pl.LightningModule) -> None:
-        from rich.console import Console
+    def _print_skipped(self, pl_module: pl.LightningModule, elapsed: float) -> None:
+        if self._example is None or pl_module.device.type != "cpu":
+            return  # the same cases the measurement itself skips
+        _print(
+            f"Inference latency (CPU): not measured after a fit of {elapsed:.1f} s (inference_latency='auto' "
+            f"measures after fits of {AUTO_LATENCY_MIN_FIT_S:g} s or more); SparsityLogger(inference_latency=True) "
+            "measures it after every fit.",
+            highlight=False,
+        )
 
+    @rank_zero_only
+    def _print_latency(self, pl_module: pl.LightningModule) -> None:
         from lightning_clipprune.export._timing import call_timer
         from lightning_clipprune.export.latency import format_latency, measure_inference
 
@@ -235,7 +260,7 @@ class SparsityLogger(Callback):
         except Exception as err:  # the run's result stands; the measurement is a bonus, say why it is missing
             rank_zero_warn(f"SparsityLogger: inference latency not measured: {' '.join(str(err).split())}")
             return
-        Console().print(f"Inference latency (CPU): {format_latency(self.inference_latency)}", highlight=False)
+        _print(f"Inference latency (CPU): {format_latency(self.inference_latency)}", highlight=False)
 
 
 def _sharded(pl_module: pl.LightningModule) -> bool:
@@ -243,7 +268,7 @@ def _sharded(pl_module: pl.LightningModule) -> bool:
     return any_sharded(pl_module.parameters())
 
 
-def _print(renderable: Any) -> None:
+def _print(renderable: Any, **options: Any) -> None:
     from rich.console import Console
 
-    Console().print(renderable)
+    Console().print(renderable, **options)
