@@ -286,6 +286,45 @@ LR_AFTER = {"lr_hold": ("default", 0.5, "hold"), "dense_rewind": (None, 0.5, "re
 bvl.VARIANTS.update({name: {} for name in LR_AFTER})  # built by _capture
 
 
+class _TailAverage(L.Callback):
+    """Prototype (ninth round): the uniform average of the weights over the optimizer steps after ``start`` (a
+    fraction of the run), loaded into the model at the end of training (tail averaging, as SWA without its own
+    rate schedule). After the ramp the masks no longer change, so a pruned entry is 0.0 at every step averaged
+    and stays exactly 0.0 in the average: the sparsity is the recipe's. Placed after the pruning callback."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.avg: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.t0 = int(self.start * int(trainer.estimated_stepping_batches))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step <= self.t0:
+            return
+        self.n += 1
+        with torch.no_grad():
+            for name, p in pl_module.named_parameters():
+                if name not in self.avg:
+                    self.avg[name] = p.detach().clone()
+                else:
+                    self.avg[name].lerp_(p.detach(), 1.0 / self.n)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        with torch.no_grad():
+            for name, p in pl_module.named_parameters():
+                if name in self.avg:
+                    p.copy_(self.avg[name])
+
+
+#: Prototypes: tail averaging (``_TailAverage``): variant -> (the variant it starts from, None: the dense arm
+#: without pruning or clipping; the fraction of the run where averaging starts).
+TAIL_AVG = {"rewind_avg70": ("lr_rewind_e60", 0.7), "rewind_avg85": ("lr_rewind_e60", 0.85),
+            "dense_avg70": (None, 0.7), "dense_avg85": (None, 0.85)}
+bvl.VARIANTS.update({name: {} for name in TAIL_AVG})  # built by _capture
+
+
 class _Shrink(L.Callback):
     """Prototype (seventh round): the weights the next event will prune shrink to ``floor`` times their value
     over the steps before it, so the network adapts before they go (after growing regularisation, GReg, Wang
@@ -381,6 +420,11 @@ def _capture(sparsity: float, variant: str) -> list[Any]:
         callbacks = _variant_callbacks(sparsity, base) if base is not None else []
         _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
         return [*callbacks, _LrAfterRamp(end, mode)]
+    if variant in TAIL_AVG:
+        base, start = TAIL_AVG[variant]
+        callbacks = _variant_callbacks(sparsity, base) if base is not None else []
+        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+        return [*callbacks, _TailAverage(start)]
     if variant in FEEDBACK:
         from lightning_clipprune import GradientClipCallback
 
