@@ -325,6 +325,38 @@ TAIL_AVG = {"rewind_avg70": ("lr_rewind_e60", 0.7), "rewind_avg85": ("lr_rewind_
 bvl.VARIANTS.update({name: {} for name in TAIL_AVG})  # built by _capture
 
 
+class _SwaAfterRamp(L.Callback):
+    """Prototype (tenth round): stochastic weight averaging after the ramp (Izmailov et al. 2018). The schedule as
+    before until ``end``; there the peak rate again (as ``lr_rewind=1.0``), a cosine down to ``floor`` times the
+    peak at ``swa``, then ``floor`` held to the last step; the weights are averaged over the held steps
+    (:class:`_TailAverage` from ``swa``). Without a pruning callback, the same schedule on the dense network."""
+
+    def __init__(self, end: float, swa: float, floor: float) -> None:
+        self.end, self.swa, self.floor = end, swa, floor
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        t_end, t_swa = int(self.end * total), int(self.swa * total)
+        for config in trainer.lr_scheduler_configs:
+            before = config.scheduler.lr_lambdas[0]
+
+            def factor(step: int, before: Any = before) -> float:
+                if step < t_end:
+                    return before(step)
+                progress = min(1.0, (step - t_end) / max(1, t_swa - t_end))
+                return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+            config.scheduler.lr_lambdas[0] = factor
+
+
+#: Prototypes: SWA after the ramp (``_SwaAfterRamp`` + ``_TailAverage``): variant -> (the variant it starts from,
+#: None: the dense arm without pruning or clipping; the ramp's end; where the held rate and the average start;
+#: the held rate as a fraction of the peak). ``default_end60`` is the recipe's ramp without ``lr_rewind``.
+SWA = {"rewind_swa05": ("default_end60", 0.6, 0.8, 0.05), "rewind_swa20": ("default_end60", 0.6, 0.8, 0.2),
+       "rewind_swa05_s70": ("default_end60", 0.6, 0.7, 0.05), "dense_swa05": (None, 0.6, 0.8, 0.05)}
+bvl.VARIANTS.update({name: {} for name in SWA})  # built by _capture
+
+
 class _Shrink(L.Callback):
     """Prototype (seventh round): the weights the next event will prune shrink to ``floor`` times their value
     over the steps before it, so the network adapts before they go (after growing regularisation, GReg, Wang
@@ -420,11 +452,13 @@ def _capture(sparsity: float, variant: str) -> list[Any]:
         callbacks = _variant_callbacks(sparsity, base) if base is not None else []
         _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
         return [*callbacks, _LrAfterRamp(end, mode)]
-    if variant in TAIL_AVG:
-        base, start = TAIL_AVG[variant]
+    if variant in TAIL_AVG or variant in SWA:
+        base, *rest = TAIL_AVG[variant] if variant in TAIL_AVG else SWA[variant]
         callbacks = _variant_callbacks(sparsity, base) if base is not None else []
         _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-        return [*callbacks, _TailAverage(start)]
+        if variant in TAIL_AVG:
+            return [*callbacks, _TailAverage(rest[0])]
+        return [*callbacks, _SwaAfterRamp(*rest), _TailAverage(rest[1])]
     if variant in FEEDBACK:
         from lightning_clipprune import GradientClipCallback
 

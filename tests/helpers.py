@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clipprune.loggers import MemoryLogger
 
-__all__ = ["MemoryLogger", "TinyClassifier", "random_loader", "tiny_trainer"]
+__all__ = ["MemoryLogger", "TinyClassifier", "random_loader", "shut_down_process_groups", "tiny_trainer"]
 
 
 def random_loader(n: int = 128, in_features: int = 16, classes: int = 4, batch_size: int = 16, seed: int = 0) -> DataLoader:
@@ -72,3 +72,16 @@ def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def shut_down_process_groups() -> None:
+    """End a worker script's process groups on every rank together, while the interpreter is whole.
+
+    Left to the interpreter's exit, gloo's threads can abort a rank that finished its work ("terminate called
+    without an active exception", pytorch/pytorch#190489): the run's return code is then -6.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

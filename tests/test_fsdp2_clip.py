@@ -268,6 +268,9 @@ def main(out: Path) -> None:
         (out / f"tp_{name}.rank{rank}.json").write_text(json.dumps(result))
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     (out / f"agc_tp.rank{rank}.json").write_text(json.dumps(_agc_refuses_tensor_parallel_rows()))
+    from helpers import shut_down_process_groups
+
+    shut_down_process_groups()  # run as a script: tests/ is on sys.path
 
 
 if __name__ == "__main__":

@@ -536,6 +536,9 @@ def _worker(out: Path, names: list[str]) -> None:
             results["resumed_full"] = run(2, name, out / f"{name}-full", True, full=True)
         if rank == 0:
             torch.save(results, out / f"{name}.pt")
+    from helpers import shut_down_process_groups
+
+    shut_down_process_groups()  # run as a script: tests/ is on sys.path
 
 
 def _free_port() -> int:
