@@ -103,6 +103,9 @@ REGROW_VARIANTS: dict[str, dict[str, Any]] = {
     "lr_rewind_e80": {"prune": {"end": 0.8, "lr_rewind": 1.0}},
     "rewind_rigl_a01": {"prune": {"end": 0.6, "lr_rewind": 1.0, "regrow": {"method": "rigl", "fraction": 0.1}}},
     "lr_rewind15_e60": {"prune": {"end": 0.6, "lr_rewind": 1.5}},
+    # eleventh round: the rewinding recipe under a looser norm clip (0.5 and 0.7 lost under the defaults)
+    "rewind_clip15": {"prune": {"end": 0.6, "lr_rewind": 1.0}, "clip": 1.5},
+    "rewind_clip20": {"prune": {"end": 0.6, "lr_rewind": 1.0}, "clip": 2.0},
 }
 #: A prototype, not a library option: layer-wise reconstruction (criterion "obs", SparseGPT) at every event of
 #: the default cubic ramp instead of magnitude. The library allows "obs" only after training; the schedule is
@@ -349,6 +352,40 @@ class _SwaAfterRamp(L.Callback):
             config.scheduler.lr_lambdas[0] = factor
 
 
+class _WarmRestart(L.Callback):
+    """Prototype (eleventh round): ``lr_rewind=1.0`` with a warm-up. The schedule as before until ``end``; then
+    a linear climb from the rate reached there to the peak over ``warm`` of the run, and a cosine to 0 at the
+    last step (``rewound_lr``), instead of the jump straight to the peak."""
+
+    def __init__(self, end: float, warm: float) -> None:
+        self.end, self.warm = end, warm
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from lightning_clipprune.callbacks._lr_rewind import rewound_lr
+
+        total = int(trainer.estimated_stepping_batches)
+        t_end, t_peak = int(self.end * total), int((self.end + self.warm) * total)
+        for config in trainer.lr_scheduler_configs:
+            before = config.scheduler.lr_lambdas[0]
+
+            def factor(step: int, before: Any = before) -> float:
+                if step < t_end:
+                    return before(step)
+                if step < t_peak:
+                    start = before(t_end)
+                    return start + (1.0 - start) * (step - t_end) / max(1, t_peak - t_end)
+                return rewound_lr(1.0, 1.0, step, t_peak, total)
+
+            config.scheduler.lr_lambdas[0] = factor
+
+
+#: Prototypes: the restart with a warm-up (``_WarmRestart``): variant -> (the variant it starts from, None: the
+#: dense arm without pruning or clipping; the ramp's end; the warm-up's length).
+WARM = {"rewind_warm05": ("default_end60", 0.6, 0.05), "rewind_warm10": ("default_end60", 0.6, 0.1),
+        "dense_warm05": (None, 0.6, 0.05)}
+bvl.VARIANTS.update({name: {} for name in WARM})  # built by _capture
+
+
 #: Prototypes: SWA after the ramp (``_SwaAfterRamp`` + ``_TailAverage``): variant -> (the variant it starts from,
 #: None: the dense arm without pruning or clipping; the ramp's end; where the held rate and the average start;
 #: the held rate as a fraction of the peak). ``default_end60`` is the recipe's ramp without ``lr_rewind``.
@@ -432,16 +469,19 @@ def _erk_gamma(shapes: Any, k: int, caps: Any = None, already: Any = None) -> di
 _ranking.erk_counts = _erk_gamma
 
 
+def _on(sparsity: float, base: str | None, *extra: Any) -> list[Any]:
+    """The callbacks of variant ``base`` (None: none, the dense arm), then ``extra``; the pruning callback recorded."""
+    callbacks = [*(_variant_callbacks(sparsity, base) if base is not None else []), *extra]
+    _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
+    return callbacks
+
+
 def _capture(sparsity: float, variant: str) -> list[Any]:
     _gamma[0] = GAMMA.get(variant, 1.0)
     if variant in GAMMA:
-        callbacks = _variant_callbacks(sparsity, "default")
-        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-        return callbacks
+        return _on(sparsity, "default")
     if variant in DECAY:
-        callbacks = _variant_callbacks(sparsity, "default")
-        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-        return [*callbacks, _DecayAfterRamp(_DEFAULTS["end"], DECAY[variant])]
+        return _on(sparsity, "default", _DecayAfterRamp(_DEFAULTS["end"], DECAY[variant]))
     if variant in SHRINK:
         callbacks = _variant_callbacks(sparsity, "default")
         prune = next(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
@@ -449,26 +489,23 @@ def _capture(sparsity: float, variant: str) -> list[Any]:
         return [*callbacks, _Shrink(prune, SHRINK[variant])]
     if variant in LR_AFTER:
         base, end, mode = LR_AFTER[variant]
-        callbacks = _variant_callbacks(sparsity, base) if base is not None else []
-        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-        return [*callbacks, _LrAfterRamp(end, mode)]
-    if variant in TAIL_AVG or variant in SWA:
-        base, *rest = TAIL_AVG[variant] if variant in TAIL_AVG else SWA[variant]
-        callbacks = _variant_callbacks(sparsity, base) if base is not None else []
-        _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-        if variant in TAIL_AVG:
-            return [*callbacks, _TailAverage(rest[0])]
-        return [*callbacks, _SwaAfterRamp(*rest), _TailAverage(rest[1])]
+        return _on(sparsity, base, _LrAfterRamp(end, mode))
+    if variant in TAIL_AVG:
+        base, start = TAIL_AVG[variant]
+        return _on(sparsity, base, _TailAverage(start))
+    if variant in SWA:
+        base, end, swa, floor = SWA[variant]
+        return _on(sparsity, base, _SwaAfterRamp(end, swa, floor), _TailAverage(swa))
+    if variant in WARM:
+        base, end, warm = WARM[variant]
+        return _on(sparsity, base, _WarmRestart(end, warm))
     if variant in FEEDBACK:
         from lightning_clipprune import GradientClipCallback
 
         return [GradientClipCallback(clip_val=1.0, algorithm="norm"), _Feedback(sparsity, **FEEDBACK[variant])]
     if variant in GRADUAL_OBS:
-        callbacks = _gradual_obs(sparsity, GRADUAL_OBS[variant])
-    else:
-        callbacks = _variant_callbacks(sparsity, variant)
-    _made.extend(c for c in callbacks if isinstance(c, MagnitudePruneCallback))
-    return callbacks
+        return _on(sparsity, None, *_gradual_obs(sparsity, GRADUAL_OBS[variant]))
+    return _on(sparsity, variant)
 
 
 bvl.variant_callbacks = _capture
