@@ -78,10 +78,17 @@ def shut_down_process_groups() -> None:
     """End a worker script's process groups on every rank together, while the interpreter is whole.
 
     Left to the interpreter's exit, gloo's threads can abort a rank that finished its work ("terminate called
-    without an active exception", pytorch/pytorch#190489): the run's return code is then -6.
+    without an active exception", pytorch/pytorch#190489): the run's return code is then -6. Under gloo the
+    ranks meet at a barrier that gives up after two minutes, so a rank that failed does not hold the other.
     """
+    import datetime
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+    else:
         dist.barrier()
-        dist.destroy_process_group()
+    dist.destroy_process_group()
