@@ -258,6 +258,22 @@ DECAY = {"default_wd0": 0.0, "default_wd01": 0.1, "default_wd3": 3.0}
 bvl.VARIANTS.update({name: {} for name in DECAY})  # built by _capture
 
 
+def _replace_rate(trainer: Any, end: float, after: Any, until: Any = None) -> None:
+    """Every scheduler's factor (the rate over its peak): ``until(step)`` before ``end`` of the run (None: the
+    module's own schedule), ``after(step, t_end, total, before)`` from there on."""
+    total = int(trainer.estimated_stepping_batches)
+    t_end = int(end * total)
+    for config in trainer.lr_scheduler_configs:
+        before = config.scheduler.lr_lambdas[0]
+
+        def factor(step: int, before: Any = before) -> float:
+            if step < t_end:
+                return before(step) if until is None else until(step)
+            return after(step, t_end, total, before)
+
+        config.scheduler.lr_lambdas[0] = factor
+
+
 class _LrAfterRamp(L.Callback):
     """Prototype (seventh round): what ``lr_rewind`` cannot express. ``"hold"``: the peak rate during the whole
     ramp, then one cosine to 0 over the rest. ``"rewind"`` without a pruning callback (the dense network with the
@@ -270,17 +286,8 @@ class _LrAfterRamp(L.Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         from lightning_clipprune.callbacks._lr_rewind import rewound_lr
 
-        total = int(trainer.estimated_stepping_batches)
-        t_end = int(self.end * total)
-        for config in trainer.lr_scheduler_configs:
-            before = config.scheduler.lr_lambdas[0]
-
-            def factor(step: int, before: Any = before) -> float:
-                if step < t_end:
-                    return before(step) if self.mode == "rewind" else 1.0
-                return rewound_lr(1.0, 1.0, step, t_end, total)
-
-            config.scheduler.lr_lambdas[0] = factor
+        _replace_rate(trainer, self.end, lambda step, t_end, total, before: rewound_lr(1.0, 1.0, step, t_end, total),
+                      until=None if self.mode == "rewind" else (lambda step: 1.0))
 
 
 #: Prototypes: the learning rate around the ramp's end where ``lr_rewind`` cannot set it (``_LrAfterRamp``):
@@ -338,18 +345,13 @@ class _SwaAfterRamp(L.Callback):
         self.end, self.swa, self.floor = end, swa, floor
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        total = int(trainer.estimated_stepping_batches)
-        t_end, t_swa = int(self.end * total), int(self.swa * total)
-        for config in trainer.lr_scheduler_configs:
-            before = config.scheduler.lr_lambdas[0]
+        t_swa = int(self.swa * int(trainer.estimated_stepping_batches))
 
-            def factor(step: int, before: Any = before) -> float:
-                if step < t_end:
-                    return before(step)
-                progress = min(1.0, (step - t_end) / max(1, t_swa - t_end))
-                return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        def after(step: int, t_end: int, total: int, before: Any) -> float:
+            progress = min(1.0, (step - t_end) / max(1, t_swa - t_end))
+            return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-            config.scheduler.lr_lambdas[0] = factor
+        _replace_rate(trainer, self.end, after)
 
 
 class _WarmRestart(L.Callback):
@@ -363,20 +365,15 @@ class _WarmRestart(L.Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         from lightning_clipprune.callbacks._lr_rewind import rewound_lr
 
-        total = int(trainer.estimated_stepping_batches)
-        t_end, t_peak = int(self.end * total), int((self.end + self.warm) * total)
-        for config in trainer.lr_scheduler_configs:
-            before = config.scheduler.lr_lambdas[0]
+        t_peak = int((self.end + self.warm) * int(trainer.estimated_stepping_batches))
 
-            def factor(step: int, before: Any = before) -> float:
-                if step < t_end:
-                    return before(step)
-                if step < t_peak:
-                    start = before(t_end)
-                    return start + (1.0 - start) * (step - t_end) / max(1, t_peak - t_end)
-                return rewound_lr(1.0, 1.0, step, t_peak, total)
+        def after(step: int, t_end: int, total: int, before: Any) -> float:
+            if step < t_peak:
+                start = before(t_end)
+                return start + (1.0 - start) * (step - t_end) / max(1, t_peak - t_end)
+            return rewound_lr(1.0, 1.0, step, t_peak, total)
 
-            config.scheduler.lr_lambdas[0] = factor
+        _replace_rate(trainer, self.end, after)
 
 
 #: Prototypes: the restart with a warm-up (``_WarmRestart``): variant -> (the variant it starts from, None: the

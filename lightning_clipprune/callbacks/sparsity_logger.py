@@ -192,10 +192,12 @@ class SparsityLogger(Callback):
                 rank_zero_info("SparsityLogger: inference latency not measured: the model is sharded (DTensors).")
             return
         self._print_table(pl_module)
+        if not self.measure_latency or self._example is None or pl_module.device.type != "cpu":
+            return  # no tensor input seen, or a GPU model (the CPU measurement would not be its latency)
         elapsed = time.perf_counter() - self._fit_started
         if self.measure_latency == "auto" and elapsed < AUTO_LATENCY_MIN_FIT_S:
-            self._print_skipped(pl_module, elapsed)
-        elif self.measure_latency:
+            self._print_skipped(elapsed)
+        else:
             self._print_latency(pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,9 +237,7 @@ class SparsityLogger(Callback):
         _print(self._report(pl_module).to_table())
 
     @rank_zero_only
-    def _print_skipped(self, pl_module: pl.LightningModule, elapsed: float) -> None:
-        if self._example is None or pl_module.device.type != "cpu":
-            return  # the same cases the measurement itself skips
+    def _print_skipped(self, elapsed: float) -> None:
         _print(
             f"Inference latency (CPU): not measured after a fit of {elapsed:.1f} s (inference_latency='auto' "
             f"measures after fits of {AUTO_LATENCY_MIN_FIT_S:g} s or more); SparsityLogger(inference_latency=True) "
@@ -250,8 +250,6 @@ class SparsityLogger(Callback):
         from lightning_clipprune.export._timing import call_timer
         from lightning_clipprune.export.latency import format_latency, measure_inference
 
-        if self._example is None or pl_module.device.type != "cpu":
-            return  # no tensor input seen, or a GPU model (the CPU measurement would not be its latency)
         batch_size = self.latency_batch_size or self._train_batch_size
         try:
             self.inference_latency = measure_inference(
