@@ -13,7 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_clipprune._validation import bad_value, check_choice, check_int, check_position, check_real
+from lightning_clipprune._validation import (
+    bad_value,
+    check_bool,
+    check_choice,
+    check_int,
+    check_position,
+    check_real,
+)
 
 __all__ = [
     "BUDGET_RANKINGS",
@@ -34,6 +41,7 @@ __all__ = [
     "SEARCH_METHODS",
     "UNCAPPED_CLIP_ALGORITHMS",
     "check_regrow_fields",
+    "check_sparsity_logger_fields",
     "parse_pattern",
     "resolve_max_layer_sparsity",
     "uses_budgets",
@@ -163,3 +171,33 @@ def check_regrow_fields(values: Mapping[str, Any]) -> None:
         check_position(owner, "end", values["end"])
     if "seed" in values:
         check_int(owner, "seed", values["seed"], low=0)
+
+
+def check_sparsity_logger_fields(values: Mapping[str, Any]) -> None:
+    """The checks of ``SparsityLogger.__init__``'s arguments, on those present in ``values``.
+
+    Raises:
+        ValueError: naming the argument, the allowed values and the value received.
+
+    Example::
+
+        >>> check_sparsity_logger_fields({"inference_latency": "auto", "latency_batch_size": 64})
+        >>> check_sparsity_logger_fields({"inference_latency": "yes"})
+        Traceback (most recent call last):
+        ...
+        ValueError: `SparsityLogger(inference_latency=...)` must be True, False or 'auto', got 'yes'.
+    """
+    owner = "SparsityLogger"
+    if "per_layer" in values:
+        check_bool(owner, "per_layer", values["per_layer"], allow_none=True)
+    if "max_layers_per_layer_logging" in values:
+        check_int(owner, "max_layers_per_layer_logging", values["max_layers_per_layer_logging"], low=0)
+    if "log_every_n_steps" in values:  # 0 is meaningful: log at epoch ends only
+        check_int(owner, "log_every_n_steps", values["log_every_n_steps"], low=0, allow_none=True)
+    if "print_table" in values:
+        check_bool(owner, "print_table", values["print_table"])
+    latency = values.get("inference_latency", "auto")
+    if latency != "auto" and not isinstance(latency, bool):
+        raise bad_value(owner, "inference_latency", "True, False or 'auto'", latency)
+    if "latency_batch_size" in values:
+        check_int(owner, "latency_batch_size", values["latency_batch_size"], low=1, allow_none=True)

@@ -50,6 +50,11 @@ EARLY: list[tuple[tuple[str, ...], bool]] = [
     (("data.val_fraction=1.5",), False),
     (("trainer.precision=17",), False),
     (("+experiment=fashion_mnist", "data.root=/nonexistent/folder"), False),
+    (("callbacks.sparsity.inference_latency=maybe",), True),
+    (("callbacks.sparsity.print_table=3",), True),
+    (("callbacks.sparsity.per_layer=maybe",), True),
+    (("+callbacks.sparsity.latency_batch_size=0",), True),
+    (("callbacks.sparsity.log_every_n_steps=-1",), True),
 ]
 
 # Valid settings the early check must let through.
@@ -67,6 +72,27 @@ ACCEPTED: list[tuple[str, ...]] = [
     ("prune.ranking=raw", "prune.max_layer_sparsity=0.95"),
     ("prune.criterion=taylor",),
     ("model.lr_schedule=constant",),
+    ("callbacks.sparsity.inference_latency=true",),
+    ("callbacks.sparsity.inference_latency=false",),
+    ("+callbacks.sparsity.latency_batch_size=256",),
+    ("~callbacks.sparsity",),
+    ("callbacks.checkpoint.save_top_k=3", "+callbacks.checkpoint.mode=max", "callbacks.checkpoint.monitor=val/acc"),
+    ("callbacks.checkpoint.save_last=link", "+callbacks.checkpoint.every_n_epochs=2"),
+    ("~callbacks.checkpoint",),
+]
+
+# Lightning's ModelCheckpoint under `callbacks`: refused early in the app's words (Lightning's own message for a
+# string count was "'<' not supported between instances of 'str' and 'int'", after its import).
+CHECKPOINT: list[str] = [
+    "callbacks.checkpoint.save_top_k=abc",
+    "callbacks.checkpoint.save_top_k=-5",
+    "callbacks.checkpoint.save_top_k=true",
+    "+callbacks.checkpoint.every_n_epochs=-3",
+    "+callbacks.checkpoint.every_n_train_steps=1.5",
+    "+callbacks.checkpoint.mode=foo",
+    "callbacks.checkpoint.monitor=3",
+    "callbacks.checkpoint.save_last=maybe",
+    "+callbacks.checkpoint.save_weights_only=maybe",
 ]
 
 
@@ -98,6 +124,13 @@ def test_refused_before_the_heavy_imports_in_the_components_words(
     else:
         assert any(v in str(info.value) for v in values), info.value
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("override", CHECKPOINT)
+def test_a_bad_checkpoint_value_is_refused_early_naming_it(tmp_path: Path, override: str) -> None:
+    early = _early(_compose(tmp_path, (override,)))
+    key, value = override.lstrip("+").split("=", 1)
+    assert "\n" not in early and early.startswith(f"{key}=") and value in early, early
 
 
 @pytest.mark.parametrize("overrides", ACCEPTED, ids=[" ".join(o) for o in ACCEPTED])

@@ -56,6 +56,7 @@ def test_auto_measures_after_long_fits_only(tmp_path, capsys, monkeypatch) -> No
     out = capsys.readouterr().out
     assert short.inference_latency is None
     assert "not measured after a fit of" in out and "inference_latency=True" in out
+    assert "callbacks.sparsity.inference_latency=true" in out  # the app's override, no `+` (conf/config.yaml)
     monkeypatch.setattr(module, "AUTO_LATENCY_MIN_FIT_S", 0.0)  # every fit is long enough now
     long = SparsityLogger()
     _fit(tmp_path, long)

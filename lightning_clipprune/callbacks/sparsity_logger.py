@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_clipprune._choices import check_sparsity_logger_fields
 from lightning_clipprune._sharded import any_sharded
-from lightning_clipprune._validation import bad_value, check_bool, check_int
 from lightning_clipprune.callbacks._strategy import check_strategy
 from lightning_clipprune.callbacks.contract import PruneState, find_callbacks
 from lightning_clipprune.sparsity import (
@@ -100,18 +100,18 @@ class SparsityLogger(Callback):
         inference_latency: bool | Literal["auto"] = "auto",
         latency_batch_size: int | None = None,
     ) -> None:
-        owner = "SparsityLogger"
-        self.per_layer = check_bool(owner, "per_layer", per_layer, allow_none=True)
-        self.max_layers_per_layer_logging = check_int(
-            owner, "max_layers_per_layer_logging", max_layers_per_layer_logging, low=0
-        )
-        # 0 is meaningful: log at epoch ends only (see Args).
-        self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, low=0, allow_none=True)
-        self.print_table = check_bool(owner, "print_table", print_table)
-        if inference_latency != "auto" and not isinstance(inference_latency, bool):
-            raise bad_value(owner, "inference_latency", "True, False or 'auto'", inference_latency)
+        # the app checks its config with the same code before torch loads
+        check_sparsity_logger_fields({
+            "per_layer": per_layer, "max_layers_per_layer_logging": max_layers_per_layer_logging,
+            "log_every_n_steps": log_every_n_steps, "print_table": print_table,
+            "inference_latency": inference_latency, "latency_batch_size": latency_batch_size,
+        })
+        self.per_layer = per_layer
+        self.max_layers_per_layer_logging = max_layers_per_layer_logging
+        self.log_every_n_steps = log_every_n_steps
+        self.print_table = print_table
         self.measure_latency: bool | str = inference_latency
-        self.latency_batch_size = check_int(owner, "latency_batch_size", latency_batch_size, low=1, allow_none=True)
+        self.latency_batch_size = latency_batch_size
         #: The end-of-fit inference measurement (:func:`~lightning_clipprune.export.latency.measure_inference`).
         self.inference_latency: dict[str, Any] | None = None
         self._example: torch.Tensor | None = None
@@ -241,7 +241,7 @@ class SparsityLogger(Callback):
         _print(
             f"Inference latency (CPU): not measured after a fit of {elapsed:.1f} s (inference_latency='auto' "
             f"measures after fits of {AUTO_LATENCY_MIN_FIT_S:g} s or more); SparsityLogger(inference_latency=True) "
-            "measures it after every fit.",
+            "measures it after every fit (in the app: callbacks.sparsity.inference_latency=true).",
             highlight=False,
         )
 
