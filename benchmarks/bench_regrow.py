@@ -517,6 +517,7 @@ def run(arm: str, seed: int, sparsity: float | None, args: argparse.Namespace, v
     r["regrown_total"] = regrowth.regrown_total if regrowth is not None else 0
     r["regrow_share"] = r["regrow_s"] / r["fit_s"]
     r["settings"] = bvl.VARIANTS.get(variant, {}) if arm == "ours" else {}
+    r["overrides"] = list(args.override)  # Hydra overrides of every arm (the twelfth round's label smoothing)
     return r
 
 
