@@ -4,11 +4,11 @@ Everything here runs before torch and Lightning are imported (about a second, wh
 several), except the optimizer's check, which comes last: what only the app knows about (the Trainer's
 length, logging and precision, the batch sizes, the seed, thread counts, NaN anywhere, settings that
 contradict each other) and the scalar arguments of the prune and clip groups, the Classifier, the app's
-data modules and the ``SparsityLogger`` and ``ModelCheckpoint`` entries under ``callbacks``, in the words
-those components use when they are built (they still check them then; ``ModelCheckpoint``'s in the app's
-words). Once the model is built, :func:`check_against_model` checks that the data set's classes and
-the parameter-name patterns fit the model. Every failure is one :class:`ConfigError` line naming the config
-key, the value and the fix.
+data modules and the ``SparsityLogger`` under ``callbacks``, in the words those components use when they are
+built (they still check them then); the values handed to Lightning, torch and the app's networks are
+:mod:`~lightning_clipprune.app.component_checks`'. Once the model is built, :func:`check_against_model`
+checks that the data set's classes and the parameter-name patterns fit the model. Every failure is one
+:class:`ConfigError` line naming the config key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from lightning_clipprune._choices import (
     uses_budgets,
 )
 from lightning_clipprune._validation import _is_real
+from lightning_clipprune.app.component_checks import check_components
+from lightning_clipprune.app.component_checks import shown as _shown
 
 if TYPE_CHECKING:  # omegaconf only when a config is checked: the data modules import this file without Hydra
     from omegaconf import DictConfig
@@ -74,13 +76,6 @@ def _int_or_none(
     )
     if not ok:
         raise ConfigError(f"{key}={_shown(value)}: must be {what}")
-
-
-def _shown(value: Any) -> str:
-    """A value as the user typed it on the command line (YAML's true/false/null), else as Python prints it."""
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return repr(value)
 
 
 #: numpy's and torch's seeds are 32-bit: a larger one fails inside seed_everything
@@ -174,41 +169,6 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model: {one_line(err)}") from None
 
 
-#: Where Lightning's ``ModelCheckpoint`` is imported from in a ``_target_``.
-_CHECKPOINT_TARGETS = (
-    "lightning.pytorch.callbacks.ModelCheckpoint",
-    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
-    "pytorch_lightning.callbacks.ModelCheckpoint",
-)
-
-
-def _check_checkpoints(cfg: DictConfig) -> None:
-    """The scalar arguments of a ``ModelCheckpoint`` under ``callbacks``: a string count failed inside Lightning
-    (``'<' not supported between instances of 'str' and 'int'``) after the heavy imports."""
-    callbacks = cfg.get("callbacks")
-    for name, node in (callbacks.items() if hasattr(callbacks, "items") else ()):
-        if node is None or not hasattr(node, "get") or node.get("_target_") not in _CHECKPOINT_TARGETS:
-            continue
-        key = f"callbacks.{name}"
-        if "save_top_k" in node:
-            _int_or_none(cfg, f"{key}.save_top_k", node.get("save_top_k"), low=-1, allow_none=False,
-                         what="an integer >= -1 (-1: keep every checkpoint, 0: none, k: the k best by `monitor`)")
-        for count in ("every_n_epochs", "every_n_train_steps"):
-            if count in node:
-                _int_or_none(cfg, f"{key}.{count}", node.get(count), low=0, allow_none=True,
-                             what="an integer >= 0 or null (0: never by this count)")
-        if "mode" in node and node.get("mode") not in ("min", "max"):
-            raise ConfigError(f"{key}.mode={_shown(node.get('mode'))}: must be min or max (whether a lower or a higher `monitor` is better)")
-        for flag in ("verbose", "save_weights_only", "auto_insert_metric_name"):
-            if flag in node and not isinstance(node.get(flag), bool):
-                raise ConfigError(f"{key}.{flag}={_shown(node.get(flag))}: must be true or false")
-        if "save_last" in node and not (node.get("save_last") in (None, "link") or isinstance(node.get("save_last"), bool)):
-            raise ConfigError(f"{key}.save_last={_shown(node.get('save_last'))}: must be true, false, link or null")
-        for text in ("monitor", "filename", "dirpath"):
-            if node.get(text) is not None and not isinstance(node.get(text), str):
-                raise ConfigError(f"{key}.{text}={_shown(node.get(text))}: must be a string or null")
-
-
 def _check_not_nan(cfg: DictConfig) -> None:
     """NaN is never a meaningful setting (and passes every ``x < low`` check): refuse it anywhere."""
     from omegaconf import OmegaConf
@@ -279,7 +239,10 @@ def check_config(cfg: DictConfig, optimizer: bool = True) -> None:
             "for a sparsity target, leave prune.threshold out"
         )
     _check_not_nan(cfg)
-    _check_checkpoints(cfg)
+    try:
+        check_components(cfg)  # Lightning's, torch's and the networks' values, in the app's words
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_group_values(cfg)
     if optimizer:
         _check_optimizer(cfg)  # the only check that imports torch: last, so every other bad value answers in a second
