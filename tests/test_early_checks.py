@@ -215,6 +215,16 @@ runpy.run_module("lightning_clipprune.search", run_name="__main__")
         (["."], 1, "error: no checkpoints/final.ckpt or checkpoints/last.ckpt in ."),
         ([".", "--method", "prune"], 1, "error: --method 'prune' is not one of magnitude, sparsegpt, obs"),
         ([".", "--tolerance", "abc"], 2, "argument --tolerance: invalid float value: 'abc'"),
+        # numbers out of range: answered in the command's words, not after the imports in the library's
+        ([".", "--tolerance", "-1"], 1, "error: --tolerance must be a number >= 0"),
+        ([".", "--grid", "0.5,1.5"], 1, "error: --grid must be sparsities in (0, 1)"),
+        ([".", "--resolution", "0"], 1, "error: --resolution must be a sparsity width in (0, 1)"),
+        ([".", "--sensitivity", "--layer-grid", "0,0.5"], 1, "error: --layer-grid must be sparsities in (0, 1)"),
+        ([".", "--sensitivity", "--target", "1.2"], 1, "error: --target must be a global sparsity in (0, 1), got 1.2"),
+        ([".", "--finetune-epochs", "-1"], 1, "error: --finetune-epochs must be >= 0"),
+        ([".", "--finetune-lr", "0"], 1, "error: --finetune-lr must be a number > 0"),
+        # a setting that could never take effect: --target only sets the --sensitivity allocation (it was ignored)
+        ([".", "--target", "0.8"], 1, "error: --target sets the sparsity of the per-layer allocation, which only --sensitivity"),
     ],
 )
 def test_the_search_command_answers_before_torch_is_imported(

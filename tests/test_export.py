@@ -277,6 +277,30 @@ def test_cli_bad_path_is_one_line_and_exit_1(tmp_path, capsys):
     assert not (tmp_path / "out.lcps").exists()
 
 
+def test_cli_never_replaces_the_checkpoint_or_a_file_of_another_format(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    before = ckpt.read_bytes()
+    other = tmp_path / "last.ckpt"
+    other.write_bytes(b"another checkpoint")
+    same = tmp_path / "sub" / ".." / ckpt.name  # the same file by another path
+    (tmp_path / "sub").mkdir()
+    for out, words in ((ckpt, "it is the checkpoint being read"), (same, "it is the checkpoint being read"),
+                       (other, "not a file of this sparse format")):
+        assert main([str(ckpt), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and str(out) in err
+    assert ckpt.read_bytes() == before and other.read_bytes() == b"another checkpoint"
+    sparse = tmp_path / "model.lcps"
+    assert main([str(ckpt), str(sparse)]) == 0 and main([str(ckpt), str(sparse)]) == 0  # an earlier export is replaced
+
+
+def test_the_clis_magic_is_the_formats():
+    from lightning_clipprune.export import __main__ as cli
+    from lightning_clipprune.export import format as fmt
+
+    assert cli._SPARSE_MAGIC == fmt._MAGIC
+
+
 def test_cli_as_a_module(tmp_path):
     missing = tmp_path / "nope.ckpt"
     proc = subprocess.run(

@@ -8,6 +8,7 @@ where importing them takes several). The search itself is :mod:`lightning_clippr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -75,6 +76,38 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--criterion {args.criterion} ranks the magnitude search; drop it with --method sparsegpt")
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+    _check_numbers(args)
+
+
+def _in_unit(x: float) -> bool:
+    return math.isfinite(x) and 0.0 < x < 1.0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options, in the words of the command line (the library's functions name their own arguments)."""
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ValueError(f"--tolerance must be a number >= 0 (points of validation accuracy), got {args.tolerance:g}")
+    for option, grid in (("--grid", args.grid), ("--layer-grid", args.layer_grid)):
+        if not grid or not all(_in_unit(x) for x in grid):
+            raise ValueError(f"{option} must be sparsities in (0, 1), comma-separated, such as 0.5,0.9; got "
+                             f"{','.join(f'{x:g}' for x in grid) or 'nothing'}")
+    if not _in_unit(args.resolution):
+        raise ValueError(f"--resolution must be a sparsity width in (0, 1), such as 0.001; got {args.resolution:g}")
+    if args.target is not None and not _in_unit(args.target):
+        raise ValueError(f"--target must be a global sparsity in (0, 1), got {args.target:g}")
+    if args.target is not None and not args.sensitivity:
+        raise ValueError("--target sets the sparsity of the per-layer allocation, which only --sensitivity computes: "
+                         "add --sensitivity, or drop --target")
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0 (0: no fine-tune), got {args.finetune_epochs}")
+    if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
+        raise ValueError(f"--finetune-lr must be a number > 0, got {args.finetune_lr:g}")
+    if args.taylor_batches < 1:
+        raise ValueError(f"--taylor-batches must be >= 1, got {args.taylor_batches}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if not (math.isfinite(args.max_hessian_mib) and args.max_hessian_mib > 0):
+        raise ValueError(f"--max-hessian-mib must be a number > 0, got {args.max_hessian_mib:g}")
 
 
 def run_dir_of(path: Path) -> tuple[Path, Path]:

@@ -61,6 +61,28 @@ def _inference_recipe(state: dict[str, Tensor], batch_size: int) -> dict[str, ob
     return recipe
 
 
+#: The first bytes of a file in the sparse format (``export.format``'s magic, read here without torch).
+_SPARSE_MAGIC = b"LCPSPARS"
+
+
+def _refused_destination(checkpoint: str, out: str) -> str | None:
+    """Why ``out`` must not be written, or None: it is the checkpoint itself, or an existing file in another
+    format (a checkpoint given as OUT by mistake would be lost; an earlier sparse file is replaced)."""
+    if not os.path.isfile(out):
+        return None  # absent, or a folder (the writer refuses that in its own words)
+    if os.path.exists(checkpoint) and os.path.samefile(checkpoint, out):
+        return "it is the checkpoint being read: choose another file name, such as model.lcps"
+    try:
+        with open(out, "rb") as f:
+            head = f.read(len(_SPARSE_MAGIC))
+    except OSError:
+        return None  # the writer reports what it cannot do
+    if head != _SPARSE_MAGIC:
+        return (f"it exists and is not a file of this sparse format ({os.path.getsize(out):,} bytes): refusing to "
+                "replace it; remove it first or choose another file name")
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_clipprune.export",
@@ -111,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not os.path.lexists(args.checkpoint):  # the reader's own words for it, without importing torch first
         sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: no such file\n")
+        return 1
+    refused = _refused_destination(args.checkpoint, args.out)
+    if refused is not None:
+        sys.stderr.write(f"error: cannot write {args.out}: {refused}\n")
         return 1
 
     import torch
