@@ -77,7 +77,7 @@ def _refused_destination(checkpoint: str, out: str) -> str | None:
             head = f.read(len(_SPARSE_MAGIC))
     except OSError:
         return None  # the writer reports what it cannot do
-    if head != _SPARSE_MAGIC:
+    if head and head != _SPARSE_MAGIC:  # (an empty file holds nothing to lose)
         return (f"it exists and is not a file of this sparse format ({os.path.getsize(out):,} bytes): refusing to "
                 "replace it; remove it first or choose another file name")
     return None
