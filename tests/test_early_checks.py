@@ -81,6 +81,7 @@ ACCEPTED: list[tuple[str, ...]] = [
     ("~callbacks.checkpoint",),
     ("trainer.devices=auto", "trainer.accelerator=cpu", "trainer.deterministic=warn"),
     ("trainer.devices=-1",),
+    ("+trainer.fast_dev_run=true", "+trainer.gradient_clip_algorithm=norm"),
     ("trainer.devices=[0,1]", "trainer.accelerator=gpu"),
     ("trainer.devices='0,1'",),
     ("+model.optimizer.betas=[0.9,0.999]", "model.optimizer.nesterov=true"),
@@ -104,6 +105,8 @@ COMPONENTS: list[str] = [
     "callbacks.checkpoint.save_last=maybe",
     "+callbacks.checkpoint.save_weights_only=maybe",
     "trainer.deterministic=maybe",
+    "+trainer.foo=1",
+    "+trainer.max_epoch=3",
     "trainer.accelerator=tpux",
     "trainer.devices=abc",
     "trainer.devices=0",
@@ -154,6 +157,20 @@ def test_a_bad_value_for_lightning_torch_or_a_network_is_refused_early_naming_it
     early = _early(_compose(tmp_path, (override,)))
     key, value = override.lstrip("+").split("=", 1)
     assert "\n" not in early and early.startswith(f"{key}=") and value in early.replace(", ", ","), early
+
+
+def test_the_trainers_arguments_are_read_from_lightnings_source_without_importing_it() -> None:
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from lightning_clipprune.app.component_checks import trainer_arguments
+
+    assert trainer_arguments() == frozenset(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
+def test_a_misspelled_trainer_argument_names_the_nearest_one(tmp_path: Path) -> None:
+    assert "did you mean trainer.max_epochs?" in _early(_compose(tmp_path, ("+trainer.max_epoch=3",)))
 
 
 @pytest.mark.parametrize("overrides", ACCEPTED, ids=[" ".join(o) for o in ACCEPTED])
