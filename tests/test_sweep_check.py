@@ -31,6 +31,16 @@ def test_every_swept_value_is_checked_before_the_first_job(argv: list[str], text
     assert not HydraConfig.initialized()  # nothing of the check stays behind for the jobs
 
 
+def test_a_bad_job_other_than_the_first_names_its_swept_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_sweep_values(["-m", "prune.sparsity=0.5,0.9,1.5"], config_dir())
+    assert str(info.value).startswith("in the sweep's job with prune.sparsity=1.5: prune: ")
+    # a fixed value fails every job: the first job's line, blaming no swept value
+    with pytest.raises(ConfigError) as info:
+        check_sweep_values(["-m", "prune.sparsity=0.5,0.9", "model.optimizer.nesterov=maybe"], config_dir())
+    assert str(info.value).startswith("model.optimizer.nesterov='maybe'")
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -3,7 +3,8 @@
 ``python -m lightning_clipprune.run -m prune.sparsity=0.9,1.5`` would otherwise train the 0.9 job and only
 then report that 1.5 is not a sparsity. Each value of each comma-separated sweep is composed once (the other
 sweeps at their first value) and checked with :func:`~lightning_clipprune.app.checks.check_config`, the same
-check each job runs before torch loads; the first bad one is the usual one line.
+check each job runs before torch loads; the first bad one is the usual one line, naming the swept value of its
+job when it is not the first job (``in the sweep's job with prune.sparsity=1.5: ...``).
 """
 
 from __future__ import annotations
@@ -55,14 +56,22 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
     if not sweeps or not all(values.values()):  # an empty range: Hydra says so
         return
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    jobs = [
-        [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps if o is not sweep), f"{_key(sweep)}={value}"]
-        for sweep in sweeps for value in values[id(sweep)]
+    first = [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps)]
+    # every other job differs from the first in one swept value: a failure there is that value's, and says so
+    jobs = [("", first)] + [
+        (f"{_key(sweep)}={value}", [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps if o is not sweep),
+                                    f"{_key(sweep)}={value}"])
+        for sweep in sweeps for value in values[id(sweep)][1:]
     ]
-    configs = [cfg for cfg in (_compose(config_dir, config_name, job) for job in jobs) if cfg is not None]
+    configs = [(label, cfg) for label, job in jobs if (cfg := _compose(config_dir, config_name, job)) is not None]
     for optimizer in (False, True):  # every value's quick checks first; the optimizer's (torch) after
-        for cfg in configs:
-            _check(cfg, optimizer)
+        for label, cfg in configs:
+            try:
+                _check(cfg, optimizer)
+            except ConfigError as err:
+                if not label:
+                    raise
+                raise ConfigError(f"in the sweep's job with {label}: {err}") from None
 
 
 def _values(override: Any) -> list[str]:
