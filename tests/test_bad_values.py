@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from lightning_clipprune.run import ConfigError, config_dir, train
@@ -131,6 +132,14 @@ def test_a_wrong_value_is_one_line_naming_it(tmp_path: Path, overrides: tuple[st
     assert "\n" not in message and "Traceback" not in message
     assert value in message, message
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_gpu_preset_without_a_gpu_says_what_to_use(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={tmp_path}", "debug=smoke", "trainer=gpu"])
+    with pytest.raises(ConfigError, match=r"torch sees no GPU on this machine; use trainer=cpu"):
+        train(cfg, ["trainer=gpu"])
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -48,6 +48,9 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
             raise root from None
         # an InstantiationException without a cause (a _target_ that does not import): its first line
         text = str(root).splitlines()[0] if isinstance(root, InstantiationException) else one_line(root)
+        if key == "trainer" and "No supported gpu backend found" in text:  # Lightning's words, without a fix
+            text += (f" (trainer.accelerator={node.get('accelerator')!r}: torch sees no GPU on this machine; "
+                     "use trainer=cpu, or trainer=default to pick the device)")
         raise ConfigError(f"{key}: {text}") from err
 
 
