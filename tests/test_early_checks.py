@@ -2,7 +2,8 @@
 
 ``app.checks.check_config(cfg, optimizer=False)`` imports neither; every case here must be refused by it,
 with the words the component itself uses when it is built (the two are compared with the early check
-switched off), and the torch-free names it checks against must be the library's.
+switched off; the values handed to Lightning, torch and the app's networks, ``COMPONENTS``, in the app's words
+naming the key), and the torch-free names it checks against must be the library's (and Lightning's).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ several), except the optimizer's check, which comes last: what only the app know
 length, logging and precision, the batch sizes, the seed, thread counts, NaN anywhere, settings that
 contradict each other) and the scalar arguments of the prune and clip groups, the Classifier, the app's
 data modules and the ``SparsityLogger`` under ``callbacks``, in the words those components use when they are
-built (they still check them then); the values handed to Lightning, torch and the app's networks are
-:mod:`~lightning_clipprune.app.component_checks`'. Once the model is built, :func:`check_against_model`
+built (they still check them then); :mod:`~lightning_clipprune.app.component_checks` checks the values handed
+to Lightning, torch and the app's networks. Once the model is built, :func:`check_against_model`
 checks that the data set's classes and the parameter-name patterns fit the model. Every failure is one
 :class:`ConfigError` line naming the config key, the value and the fix.
 """
