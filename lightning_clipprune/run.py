@@ -77,10 +77,8 @@ def _resume_checkpoint(cfg: DictConfig) -> Any:
         return None
     from lightning_clipprune.app.resume import outline_checkpoint
 
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
-    return outline_checkpoint(path, str(ckpt_path))
+    # (check_config, which train() runs first, has refused a path that is not a file)
+    return outline_checkpoint(Path(str(ckpt_path)).expanduser(), str(ckpt_path))
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from lightning_clipprune._validation import _is_int, _is_real
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -54,11 +56,11 @@ def shown(value: Any) -> str:
 
 
 def _is_count(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return _is_int(value) and value >= low
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_real(value) and math.isfinite(value)
 
 
 def check_components(cfg: DictConfig) -> None:

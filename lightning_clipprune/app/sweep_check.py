@@ -56,11 +56,10 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
     if not sweeps or not all(values.values()):  # an empty range: Hydra says so
         return
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    first = [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps)]
+    firsts = {id(o): f"{_key(o)}={values[id(o)][0]}" for o in sweeps}
     # every other job differs from the first in one swept value: a failure there is that value's, and says so
-    jobs = [("", first)] + [
-        (f"{_key(sweep)}={value}", [*fixed, *(f"{_key(o)}={values[id(o)][0]}" for o in sweeps if o is not sweep),
-                                    f"{_key(sweep)}={value}"])
+    jobs = [("", [*fixed, *firsts.values()])] + [
+        (f"{_key(sweep)}={value}", [*fixed, *(firsts[id(o)] for o in sweeps if o is not sweep), f"{_key(sweep)}={value}"])
         for sweep in sweeps for value in values[id(sweep)][1:]
     ]
     configs = [(label, cfg) for label, job in jobs if (cfg := _compose(config_dir, config_name, job)) is not None]
