@@ -130,6 +130,21 @@ def _batch_of(example_input: Tensor, batch_size: int | None) -> Tensor:
     return example_input.repeat(reps, *([1] * (example_input.dim() - 1)))[:batch_size]
 
 
+def _check_runs(model: nn.Module, x: Tensor, example_input: Tensor) -> None:
+    """One forward on ``x`` before any work: an input the model refuses is named in one line."""
+    try:
+        with torch.inference_mode():
+            model(x)
+    except Exception as e:  # whatever the model raises: torch's shape errors, a user's own checks
+        shape = tuple(example_input.shape)
+        repeated = "" if tuple(x.shape) == shape else f" (repeated to {tuple(x.shape)})"
+        raise ValueError(
+            f"to_inference: the model does not run on `example_input` of shape {shape}{repeated}:"
+            f" {type(e).__name__}: {e}. Pass one real input batch, first dimension the batch, e.g."
+            " example_input=x[:1]"
+        ) from e
+
+
 #: Parents whose fused kernels read their layers' weights directly (encoder fast path, attention): kept dense.
 _FUSED_PARENTS = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
 
@@ -290,6 +305,7 @@ def to_inference(
         raise ValueError(f"to_inference: `progress` must be True or False, got {progress!r}")
     x = _batch_of(example_input, batch_size)
     out = inference_copy(model)
+    _check_runs(out, x, example_input)
     if str(device).startswith("cuda"):
         return _to_cuda(out, str(device), x.shape[0])
     out, compacted = maybe_compact(out, x, compact)

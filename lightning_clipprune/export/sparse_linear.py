@@ -306,13 +306,17 @@ class SparseConv2d(_CsrModule):
         return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
     def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == 3  # a (channels, height, width) input, as nn.Conv2d takes
+        if unbatched:
+            x = x.unsqueeze(0)
         n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         # (N, C*k*k, L) -> (C*k*k, N*L): one copy, then one sparse product for the whole batch.
         xt = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
         out = sparse_product(self.weight, self.bias, xt, self.kernel)
         out = out.reshape(self.out_channels, n, -1).permute(1, 0, 2)
-        return out.reshape(n, self.out_channels, self._out_size(h, 0), self._out_size(w, 1))
+        out = out.reshape(n, self.out_channels, self._out_size(h, 0), self._out_size(w, 1))
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()

@@ -28,12 +28,13 @@ from lightning_clipprune.pruning import (
     check_layer_sparsity,
     compute_masks,
     erk_counts,
+    layer_cap,
     matrix_shape,
     resolve_layer_sparsity,
 )
-from lightning_clipprune.pruning.ranking import round_to_total
+from lightning_clipprune.pruning.ranking import DEFAULT_MAX_LAYER_SPARSITY, round_to_total
 
-__all__ = ["ALLOCATIONS", "layer_counts", "spread"]
+__all__ = ["ALLOCATIONS", "layer_counts", "most_prunable", "spread"]
 
 #: The named allocations (a dict is also accepted).
 ALLOCATIONS: tuple[str, ...] = ("global_magnitude", "er", "uniform")
@@ -57,10 +58,10 @@ def _from_dict(
     weights: Mapping[str, Tensor], sparsity: float | None, mapping: Mapping[str, Any]
 ) -> dict[str, int]:
     owner = "reconstruct_prune"
-    checked = check_layer_sparsity(owner, mapping) or {}
+    checked = check_layer_sparsity(owner, mapping, "allocation") or {}
     names = list(weights)
     named = {n for n in names if n in checked or any(fnmatch.fnmatchcase(n, k) for k in checked)}
-    fixed_rates = resolve_layer_sparsity(names, checked, 0.0)
+    fixed_rates = resolve_layer_sparsity(names, checked, 0.0, "allocation")
     fixed = {n: int(round(fixed_rates[n] * weights[n].numel())) for n in named}
     rest = {n: weights[n].numel() for n in names if n not in named}
     if sparsity is None:
@@ -131,5 +132,37 @@ def layer_counts(
     if allocation == "er":
         shapes = {n: matrix_shape(w.shape, layouts.get(n, STANDARD_LAYOUT)) for n, w in weights.items()}
         return erk_counts(shapes, k)
+    most = most_prunable(weights, allocation, layouts)
+    if k > most:
+        total = sum(w.numel() for w in weights.values())
+        raise ValueError(
+            f"`reconstruct_prune`: sparsity {sparsity} cannot be met with allocation='global_magnitude' (each"
+            f" layer keeps at least {1 - DEFAULT_MAX_LAYER_SPARSITY:.0%} of its weights and the largest weight of"
+            f" every output row): at most {most / total:.4f} of these weights can be pruned. Lower the sparsity,"
+            " or pass allocation='er', 'uniform' or a dict of per-layer sparsities."
+        )
     masks = compute_masks(dict(weights), sparsity=sparsity, ranking="raw", layouts=layouts)
     return {n: m.numel() - int(m.count_nonzero()) for n, m in masks.items()}
+
+
+def most_prunable(
+    weights: Mapping[str, Tensor], allocation: str | Mapping[str, Any], layouts: Mapping[str, Layout] | None = None
+) -> int:
+    """The most entries of ``weights`` that ``allocation`` can prune.
+
+    Under "global_magnitude" each layer keeps at least 1 % of its weights and the largest weight of every
+    output row (:func:`~lightning_clipprune.pruning.layer_cap`); the other allocations can prune every entry.
+
+    Example::
+
+        >>> import torch
+        >>> w = {"a": torch.zeros(10, 10)}
+        >>> most_prunable(w, "global_magnitude"), most_prunable(w, "er")
+        (90, 100)
+    """
+    if allocation != "global_magnitude":
+        return sum(w.numel() for w in weights.values())
+    layouts = layouts or {}
+    return sum(
+        layer_cap(w.shape, DEFAULT_MAX_LAYER_SPARSITY, layouts.get(n, STANDARD_LAYOUT)) for n, w in weights.items()
+    )

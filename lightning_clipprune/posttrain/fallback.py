@@ -61,7 +61,9 @@ def warn_fallback(fallback: Mapping[str, str]) -> None:
 def magnitude_layer_(
     name: str, weight: Tensor, n_prune: int | None, nm: tuple[int, int] | None, layout: Layout | None
 ) -> tuple[int, float]:
-    """Zero the ``n_prune`` smallest ``|w|`` of ``weight`` (or keep its N largest of every M); ``(pruned, s)``.
+    """Zero the ``n_prune`` smallest ``|w|`` of ``weight`` (or keep its N largest of every M); ``(zeros, s)``.
+
+    ``zeros`` counts every zero of the weight afterwards, those it had before included.
 
     Example::
 
@@ -75,8 +77,7 @@ def magnitude_layer_(
         keep = compute_masks({name: weight}, sparsity=1 - nm[0] / nm[1], pattern=f"{nm[0]}:{nm[1]}", scope="local",
                              layouts=layouts)[name]
         weight.mul_(keep)
-        return int((~keep).sum()), time.perf_counter() - start
-    order = torch.sort(weight.detach().abs().flatten(), stable=True).indices[:n_prune]
-    flat = weight.detach().view(-1)
-    flat[order] = 0
-    return int(n_prune), time.perf_counter() - start
+    else:
+        order = torch.sort(weight.detach().abs().flatten(), stable=True).indices[:n_prune]
+        weight.detach().view(-1)[order] = 0
+    return int((weight == 0).sum()), time.perf_counter() - start

@@ -216,7 +216,9 @@ def refit_rows_(weight: Tensor, target: Tensor, hessian: Tensor, keep: Tensor, d
 
     SparseGPT's updates flow only to the columns right of each pruned one, so the kept weights are not
     the best ones for the final mask; this solves, for each row with kept columns ``K``, the damped
-    normal equations of ``min ||X (t - w)||^2`` over ``w`` supported on ``K`` (``t``: the target row).
+    normal equations of ``min ||X (t - w)||^2`` over ``w`` supported on ``K`` (``t``: the target row),
+    written as ``w_K = t_K + H_KK^-1 H_KP t_P`` (``P``: the pruned columns) with the damping on the
+    correction only, as in :func:`refit_to_reference`: a row with nothing pruned keeps ``t`` exactly.
     Pruned entries stay exactly 0.
 
     Example::
@@ -232,7 +234,8 @@ def refit_rows_(weight: Tensor, target: Tensor, hessian: Tensor, keep: Tensor, d
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
-    rhs = target @ hessian  # (H t)^T for every row (H symmetric)
+    # (H_{., P} t_P)^T for every row: H symmetric, and a dead column's row of H is 0
+    pull = (target * ~keep) @ hessian
     for r in range(weight.shape[0]):
         # a dead column (input always 0) has no say in the fit: its kept weight stays as it is, not 0
         cols = (keep[r] & ~dead).nonzero().squeeze(1)
@@ -242,4 +245,5 @@ def refit_rows_(weight: Tensor, target: Tensor, hessian: Tensor, keep: Tensor, d
         chol, info = torch.linalg.cholesky_ex(sub)
         if int(info) != 0:
             continue  # keep SparseGPT's weights for this row
-        weight[r, cols] = torch.cholesky_solve(rhs[r, cols].unsqueeze(1), chol).squeeze(1)
+        correction = torch.cholesky_solve(pull[r, cols].unsqueeze(1), chol).squeeze(1)
+        weight[r, cols] = target[r, cols] + correction

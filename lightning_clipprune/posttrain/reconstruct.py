@@ -37,6 +37,7 @@ from lightning_clipprune.posttrain.calibration import (
 from lightning_clipprune.posttrain.fallback import magnitude_layer_, split_layers, warn_fallback
 from lightning_clipprune.posttrain.obs import reconstruct_matrix_, refit_rows_, refit_to_reference
 from lightning_clipprune.pruning import (
+    check_not_torch_pruned,
     check_pattern_fits,
     parse_pattern,
     select_prunable_parameters,
@@ -281,7 +282,7 @@ def _prune_layer(
             )
     del hessian, cross
     _write_back(module, grouped, bias)
-    pruned = int((module.weight == 0).sum()) if nm is not None else n_prune
+    pruned = int((module.weight == 0).sum())  # zeros the model had before count too: the report tells the truth
     return LayerReport(
         name, tuple(module.weight.shape), pruned, module.weight.numel(), error, time.perf_counter() - start
     )
@@ -360,9 +361,11 @@ def reconstruct_prune(
 
     Args:
         model: the trained network; its prunable weights (``select_prunable_parameters``, with ``include``
-            and ``exclude``) of ``Linear``, ``Conv1d`` and ``Conv2d`` layers are reconstructed (``groups``
-            respected); any other (attention projections, ``Conv3d``, ``ConvTranspose``, registered types)
-            is pruned to its share by magnitude, with one warning (:mod:`~lightning_clipprune.posttrain.fallback`).
+            and ``exclude``; frozen ones too: ``requires_grad`` is not consulted after training) of
+            ``Linear``, ``Conv1d`` and ``Conv2d`` layers are reconstructed (``groups`` respected); any other
+            (attention projections, ``Conv3d``, ``ConvTranspose``, registered types) is pruned to its share
+            by magnitude, with one warning (:mod:`~lightning_clipprune.posttrain.fallback`). A model carrying
+            ``torch.nn.utils.prune`` reparametrisations is refused (``prune.remove`` first).
         calibration_loader: yields batches (a tensor, or a tuple whose first element is the input).
         sparsity: fraction of the selected weights pruned, exactly ``round(sparsity * n)`` entries; None
             with an "N:M" pattern or a dict naming every layer.
@@ -407,7 +410,8 @@ def reconstruct_prune(
     )
     nm = _check_args(sparsity, pattern, options)
     start = time.perf_counter()
-    params = select_prunable_parameters(model, include=include, exclude=list(exclude))
+    check_not_torch_pruned(model, OWNER)
+    params = select_prunable_parameters(model, include=include, exclude=list(exclude), include_frozen=True)
     if not params:
         raise ValueError(f"`{OWNER}` found no prunable weight in the model (check `include`/`exclude`).")
     modules, fallback = split_layers(model, params)

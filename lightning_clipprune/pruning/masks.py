@@ -101,8 +101,8 @@ def check_pattern_fits(weights: Mapping[str, Tensor], pattern: str, layouts: Map
         )
 
 
-def check_layer_sparsity(owner: str, value: Any) -> dict[str, float] | None:
-    """A ``{parameter name or fnmatch pattern: sparsity in [0, 1)}`` mapping, or None.
+def check_layer_sparsity(owner: str, value: Any, what: str = "layer_sparsity") -> dict[str, float] | None:
+    """A ``{parameter name or fnmatch pattern: sparsity in [0, 1)}`` mapping, or None (``what``: its argument's name).
 
     Example::
 
@@ -112,14 +112,16 @@ def check_layer_sparsity(owner: str, value: Any) -> dict[str, float] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise bad_value(owner, "layer_sparsity", "a {parameter name or fnmatch pattern: sparsity} mapping or None", value)
-    return {
-        k: check_real(owner, f"layer_sparsity[{k!r}]", v, low=0.0, high=1.0, high_open=True) for k, v in value.items()
-    }
+        raise bad_value(owner, what, "a {parameter name or fnmatch pattern: sparsity} mapping or None", value)
+    return {k: check_real(owner, f"{what}[{k!r}]", v, low=0.0, high=1.0, high_open=True) for k, v in value.items()}
 
 
-def resolve_layer_sparsity(names: Iterable[str], mapping: Mapping[str, float], default: float) -> dict[str, float]:
+def resolve_layer_sparsity(
+    names: Iterable[str], mapping: Mapping[str, float], default: float, what: str = "layer_sparsity"
+) -> dict[str, float]:
     """``{name: sparsity}`` for every name: an exact key first, else the first matching ``fnmatch`` key, else ``default``.
+
+    ``what``: the argument's name in the error.
 
     Raises:
         ValueError: a key that matches no name (a typo would otherwise leave a layer silently at ``default``).
@@ -132,7 +134,7 @@ def resolve_layer_sparsity(names: Iterable[str], mapping: Mapping[str, float], d
     names = list(names)
     unused = [k for k in mapping if k not in names and not any(fnmatch.fnmatchcase(n, k) for n in names)]
     if unused:
-        raise ValueError(f"`layer_sparsity` keys {unused} match no prunable parameter; the prunable ones are {names}")
+        raise ValueError(f"`{what}` keys {unused} match no prunable parameter; the prunable ones are {names}")
     out = {}
     for n in names:
         key = n if n in mapping else next((k for k in mapping if fnmatch.fnmatchcase(n, k)), None)

@@ -36,6 +36,7 @@ __all__ = [
     "STANDARD_LAYOUT",
     "TRANSPOSED_TYPES",
     "Layout",
+    "check_not_torch_pruned",
     "frozen_names",
     "layout_of",
     "matrix_shape",
@@ -351,3 +352,39 @@ def matrix_shape(shape: Sequence[int], layout: Layout = STANDARD_LAYOUT) -> tupl
         return (n,)
     out = shape[1] * layout.groups if layout.transposed else shape[0]
     return (out, n // out)
+
+
+def check_not_torch_pruned(module: nn.Module, owner: str) -> None:
+    """Refuse a model with weights reparametrised by ``torch.nn.utils.prune`` (``weight_orig * weight_mask``).
+
+    Such a ``weight`` is a plain attribute recomputed before each forward, not a parameter: it would be left
+    out of the selection, and a value written to it would be overwritten by the next forward.
+
+    Raises:
+        ValueError: naming the weights and the fix (``torch.nn.utils.prune.remove``, which keeps the zeros).
+
+    Example::
+
+        >>> import torch.nn.utils.prune as tp
+        >>> net = nn.Sequential(nn.Linear(4, 4)); _ = tp.l1_unstructured(net[0], "weight", amount=0.5)
+        >>> check_not_torch_pruned(net, "f")
+        Traceback (most recent call last):
+        ...
+        ValueError: `f`: 0.weight is reparametrised by torch.nn.utils.prune (weight_orig * weight_mask); ...
+    """
+    from torch.nn.utils import prune
+
+    found = [
+        (f"{name}.{hook._tensor_name}".lstrip("."), hook._tensor_name)
+        for name, mod in module.named_modules()
+        for hook in mod._forward_pre_hooks.values()
+        if isinstance(hook, prune.BasePruningMethod)
+    ]
+    if found:
+        names = ", ".join(n for n, _ in found)
+        verb = "is" if len(found) == 1 else "are"
+        raise ValueError(
+            f"`{owner}`: {names} {verb} reparametrised by torch.nn.utils.prune ({found[0][1]}_orig *"
+            f" {found[0][1]}_mask); make the pruning permanent first: `torch.nn.utils.prune.remove("
+            f'model.get_submodule(name), "{found[0][1]}")` for each (its zeros are kept)'
+        )

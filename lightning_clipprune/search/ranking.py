@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_clipprune.clipping import clip_grad_norm, clip_grad_value
-from lightning_clipprune.pruning import select_prunable_parameters
+from lightning_clipprune.pruning import check_not_torch_pruned, select_prunable_parameters
 
 __all__ = ["Loader", "Ranking", "evaluate", "loader_batches", "prunable_parameters", "taylor_gradients"]
 
@@ -63,15 +63,26 @@ def evaluate(model: nn.Module, loader: Loader) -> tuple[float, float]:
 def prunable_parameters(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` of the weights the search prunes: ``names``, or every Linear/Conv weight.
 
+    Frozen weights (``requires_grad=False``) count: after training a model is often frozen as a whole.
+
     Raises:
-        ValueError: a name in ``names`` is not a parameter of the model.
+        ValueError: a name in ``names`` is not a parameter of the model, or there is no weight to prune.
     """
+    check_not_torch_pruned(model, "lightning_clipprune.search")
     if names is None:
-        return select_prunable_parameters(model)
+        selected = select_prunable_parameters(model, include_frozen=True)
+        if not selected:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no prunable weight (of a Linear, Conv or attention layer):"
+                " pass `names`, the parameter names to prune"
+            )
+        return selected
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"`names` must be parameter names of the model, got unknown {missing}")
+    if not names:
+        raise ValueError("`names` is empty: give the parameter names to prune, or None for every Linear/Conv weight")
     return {n: params[n] for n in names}
 
 
@@ -148,8 +159,6 @@ class Ranking:
         self, model: nn.Module, names: Sequence[str] | None = None, scores: Mapping[str, Tensor] | None = None
     ) -> None:
         self.params = prunable_parameters(model, names)
-        if not self.params:
-            raise ValueError("the model has no prunable parameters (Linear/Conv weights, or `names`)")
         self.names = list(self.params)
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
         flat = torch.cat(

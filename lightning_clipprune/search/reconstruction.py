@@ -10,7 +10,8 @@ The test split is read once, at the chosen point, after the search.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from lightning_clipprune._choices import SEARCH_METHODS
 from lightning_clipprune.posttrain import ReconstructionOptions, collect_calibration, reconstruct_prune
+from lightning_clipprune.posttrain.allocation import most_prunable
+from lightning_clipprune.pruning import weight_layouts
 from lightning_clipprune.search.ranking import Loader, evaluate, prunable_parameters
 from lightning_clipprune.search.threshold import (
     DEFAULT_GRID,
@@ -44,14 +47,26 @@ class _Points:
         self.model, self.val_loader, self.calibration, self.names, self.options = (
             model, val_loader, calibration, names, options
         )
-        self.numel = sum(p.numel() for p in prunable_parameters(model, names).values())
+        params = prunable_parameters(model, names)
+        self.numel = sum(p.numel() for p in params.values())
+        self.most = (
+            self.numel
+            if isinstance(options.allocation, Mapping)
+            else most_prunable(params, options.allocation, weight_layouts(model, params))
+        )
+        self.capped: list[float] = []
         self.dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.limit = tolerance / 100.0
         self.points: list[SearchPoint] = []
         self.dense_acc: float | None = None
 
     def count(self, sparsity: float) -> int:
-        return min(self.numel, max(0, round(sparsity * self.numel)))
+        """The pruned count at ``sparsity``, at most what the allocation can prune (noted in ``capped``)."""
+        k = min(self.numel, max(0, round(sparsity * self.numel)))
+        if k > self.most:
+            self.capped.append(sparsity)
+            return self.most
+        return k
 
     def prune(self, k: int) -> None:
         """The dense weights back, then (``k > 0``) the reconstruction pruning exactly ``k`` weights."""
@@ -114,9 +129,17 @@ def search_reconstruction(
     calibration = collect_calibration(calibration_loader, options.num_samples, options.seed)
     names = None if names is None else list(names)
     points = _Points(model, val_loader, calibration, names, options, tolerance)
+    grid = sorted({points.count(s) / points.numel for s in grid})
+    if points.capped:
+        warnings.warn(
+            f"{_OWNER}: allocation={options.allocation!r} can prune at most {points.most / points.numel:.4f} of"
+            f" these weights (each layer keeps 1 % and every output row's largest weight): the grid's"
+            f" {', '.join(map(str, sorted(set(points.capped))))} searched at {points.most / points.numel:.4f}",
+            stacklevel=2,
+        )
     chosen: SearchPoint | None = None
     try:
-        chosen = grid_then_bisect(points.at, points.count, points.numel, sorted(set(grid)), resolution,
+        chosen = grid_then_bisect(points.at, points.count, points.numel, grid, resolution,
                                   max_bisections, progress, "reconstruction search (val)")
         result = SearchResult(points.points, chosen, points.points[0].val_acc, tolerance, "sparsegpt",
                               list(prunable_parameters(model, names)))
