@@ -494,7 +494,7 @@ def test_nm_runs_along_the_input_dim_of_in_proj_and_convtranspose() -> None:
     assert (masks["ct"].reshape(2, 4, 3, 2, 2).sum(1) == 2).all()
     with pytest.raises(ValueError, match=r"multiple of 4: `ct` \(6, 4, 2, 2\): 3 input channels per group.*exclude=\['ct'\]"):
         compute_masks({"ct": torch.randn(6, 4, 2, 2)}, sparsity=0.5, pattern="2:4", layouts=layout)
-    with pytest.raises(ValueError, match=r"1 input channels per group \(depthwise.*exclude=\['dw'\]"):
+    with pytest.raises(ValueError, match=r"1 input channels per group \(a one-channel input, or a depthwise.*exclude=\['dw'\]"):
         check_pattern_fits({"dw": torch.randn(8, 1, 3, 3)}, "2:4")
 
 

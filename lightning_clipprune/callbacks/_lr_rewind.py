@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_clipprune._validation import check_real
-from lightning_clipprune.callbacks._prune_plan import OWNER
+from lightning_clipprune.callbacks._prune_plan import OWNER, run_length, step_clock
 
 __all__ = ["LrRewind", "make_rewind", "rewound_lr"]
 
@@ -87,10 +87,11 @@ class LrRewind:
             self.first = None
         self._restored = False
         _, end, _ = cb._positions
-        if cb.unit == "step" and end >= self._total and self.first is None:
+        last = self._total if cb.unit == "step" else run_length("epoch", trainer)
+        if last is not None and end >= last and self.first is None:
             rank_zero_warn(
-                f"{OWNER}: `lr_rewind` has no effect: the pruning ramp ends at step {end}, at or after the last"
-                f" step ({self._total}), so no step trains after it."
+                f"{OWNER}: `lr_rewind` has no effect: the pruning ramp ends at {cb.unit} {end}, at or after the"
+                f" last {cb.unit} ({last:g}), so no {cb.unit} trains after it."
             )
 
     def apply(self, cb: Any, trainer: pl.Trainer, t: int) -> None:
@@ -103,11 +104,12 @@ class LrRewind:
         _, end, _ = cb._positions
         if t < end or self.base is None or self._total is None:
             return
+        now = step_clock(trainer)
         if self.first is None:
-            self.first = trainer.global_step
+            self.first = now
         for optimizer, bases in zip(trainer.optimizers, self.base, strict=False):
             for group, base in zip(optimizer.param_groups, bases, strict=False):
-                group["lr"] = rewound_lr(base, self.factor, trainer.global_step, self.first, self._total)
+                group["lr"] = rewound_lr(base, self.factor, now, self.first, self._total)
 
     def state_dict(self) -> dict[str, Any]:
         """The base rates and the first rewound step (plain numbers): all a resumed run needs."""

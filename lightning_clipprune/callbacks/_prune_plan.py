@@ -18,7 +18,9 @@ from torch import Tensor
 from lightning_clipprune._validation import bad_value, unmatched_patterns
 from lightning_clipprune.pruning import (
     CEILING,
+    STANDARD_LAYOUT,
     Layout,
+    layer_cap,
     nonfinite_names,
     saturated_layers,
     select_prunable_parameters,
@@ -75,6 +77,42 @@ def check_combination(cb: Any, kind: str, n: int, m: int) -> None:
         raise bad_value(OWNER, "layer_sparsity", allowed, cb.layer_sparsity)
 
 
+def step_clock(trainer: pl.Trainer) -> int:
+    """The step the pruning schedule reads: ``trainer.global_step`` (optimizer steps) under automatic optimization.
+
+    Under manual optimization one batch may step several optimizers, or none (accumulation by hand), so
+    ``global_step`` has no length known in advance; there the clock is the training batches done, which is what
+    ``trainer.estimated_stepping_batches`` counts, so a fraction such as ``end=0.5`` is half of the run. The
+    count is part of the loop's state that a checkpoint restores.
+    """
+    module = trainer.lightning_module
+    if module is None or module.automatic_optimization:
+        return trainer.global_step
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def check_reachable(cb: Any, params: dict[str, Tensor], layouts: dict[str, Layout]) -> None:
+    """Refuse, before training, a global unstructured target that the per-layer ceiling makes impossible.
+
+    Each layer keeps at least ``1 - ceiling`` of its weights and one weight of every output row
+    (:func:`~lightning_clipprune.pruning.layer_cap`); on a small network that can be less than the target.
+
+    Raises:
+        ValueError: naming the target, the most that can be pruned and the ways out.
+    """
+    ceiling = cb.effective_max_layer_sparsity
+    if ceiling is None or cb.sparsity is None or cb.scope != "global" or cb.pattern != "unstructured":
+        return
+    total = sum(p.numel() for p in params.values())
+    most = sum(layer_cap(p.shape, ceiling, layouts.get(n, STANDARD_LAYOUT)) for n, p in params.items())
+    if total and round(cb.sparsity * total) > most:
+        raise ValueError(
+            f"{OWNER}: sparsity={cb.sparsity} cannot be reached on these {total} weights with"
+            f" max_layer_sparsity={ceiling} and one weight kept in every output row: at most {most / total:.4f}."
+            " Lower `sparsity`, raise `max_layer_sparsity` or pass max_layer_sparsity=None (no ceiling)."
+        )
+
+
 def run_length(unit: str, trainer: pl.Trainer) -> float | None:
     """The whole training in ``unit``s ("step" or "epoch"), None when unknown or infinite."""
     if unit == "step":
@@ -82,6 +120,16 @@ def run_length(unit: str, trainer: pl.Trainer) -> float | None:
     else:
         total = float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else math.inf
     return total if math.isfinite(total) and total >= 0 else None
+
+
+#: The position of an event after training in a run of unknown length (``schedule="oneshot"``, ``start=1.0``).
+AT_END = 2**62
+
+
+def _why_unknown(unit: str, trainer: pl.Trainer) -> str:
+    if unit == "epoch" or trainer.max_epochs in (None, -1):
+        return "max_epochs=-1 and no max_steps" if trainer.max_steps in (None, -1) else "max_epochs=-1"
+    return "the training dataloader has no length, an IterableDataset for example"
 
 
 def resolve_positions(cb: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int, int]:
@@ -92,6 +140,16 @@ def resolve_positions(cb: Any, trainer: pl.Trainer, pl_module: pl.LightningModul
     """
     total = run_length(cb.unit, trainer)
     unit = f"{cb.unit}s"
+    if total is None and cb.schedule == "oneshot" and isinstance(cb.start, float) and cb.start == 1.0:
+        return AT_END, AT_END, 1  # after training, whenever it ends: on_train_end prunes
+    fractions = [f"{k}={v!r}" for k, v in (("start", cb.start), ("end", cb.end)) if isinstance(v, float)]
+    if total is None and fractions and not (cb.schedule == "oneshot" and isinstance(cb.start, int)):
+        limit = "max_steps" if cb.unit == "step" else "max_epochs"
+        raise ValueError(
+            f"{OWNER}: {' and '.join(fractions)} {'is a fraction' if len(fractions) == 1 else 'are fractions'} of"
+            f" the whole training, whose length in {unit} is unknown here ({_why_unknown(cb.unit, trainer)}):"
+            f" give them as ints ({unit}), or set the Trainer's `{limit}`."
+        )
     start = resolve_position(cb.start, total, "start")
     end = start if cb.schedule == "oneshot" else resolve_position(cb.end, total, "end")
     length = f"a run of {total:g} {unit}" if total is not None else f"a run of unknown length ({unit})"
@@ -100,8 +158,7 @@ def resolve_positions(cb: Any, trainer: pl.Trainer, pl_module: pl.LightningModul
             f"{OWNER}: `start` must be <= `end`, got start={cb.start!r} -> {unit[:-1]} {start},"
             f" end={cb.end!r} -> {unit[:-1]} {end}, in {length}."
         )
-    # Only a known, fixed length can be checked (manual optimization may step several times a batch).
-    if total is not None and pl_module.automatic_optimization and end > total:
+    if total is not None and end > total:
         which = f"start={cb.start!r}" if cb.schedule == "oneshot" else f"start={cb.start!r}, end={cb.end!r}"
         raise ValueError(
             f"{OWNER}: the prune window ({which}: {unit} {start} to {end}) is never reached"

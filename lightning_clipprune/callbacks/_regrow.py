@@ -31,7 +31,7 @@ from torch import Tensor
 from lightning_clipprune._choices import check_regrow_fields
 from lightning_clipprune._validation import bad_value, check_choice
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
-from lightning_clipprune.callbacks._prune_plan import OWNER, run_length
+from lightning_clipprune.callbacks._prune_plan import OWNER, run_length, step_clock
 from lightning_clipprune.pruning import apply_masks_, mask_optimizer_state_
 from lightning_clipprune.pruning.regrow import (
     REGROW_METHODS,
@@ -149,7 +149,7 @@ class Regrowth:
         if self._window is None:
             self._window = self._resolve(cb, trainer)
         self._raw = None
-        self.armed = cb._active and regrow_due(trainer.global_step, *self._window, self.config.interval)
+        self.armed = cb._active and regrow_due(step_clock(trainer), *self._window, self.config.interval)
 
     def before_mask(self, hot: MaskHotPath) -> None:
         """At an armed step, copy the dense gradients of the layers with pruned entries before they are masked."""
@@ -193,7 +193,7 @@ class Regrowth:
 
     def _event(self, cb: Any, trainer: pl.Trainer, raw: dict[str, Tensor]) -> None:
         """Drop and regrow in every layer of ``raw``; zero the weights and optimizer state that changed."""
-        t, config = trainer.global_step, self.config
+        t, config = step_clock(trainer), self.config
         fraction = cosine_fraction(t, *self._window, config.fraction)
         masks = {n: cb.masks[n] for n in raw}
         if config.method == "rigl":

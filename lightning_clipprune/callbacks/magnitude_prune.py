@@ -32,15 +32,18 @@ from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take
 from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
+    AT_END,
     OWNER,
     check_combination,
     check_finite,
+    check_reachable,
     check_single,
     cpu_copy,
     event_layouts,
     parameter_changes,
     resolve_positions,
     select_parameters,
+    step_clock,
 )
 from lightning_clipprune.callbacks._prune_report import (
     after_validation,
@@ -124,7 +127,8 @@ class MagnitudePruneCallback(Callback):
             None: ``0.0``, but ``1.0`` for "oneshot" (never pruning at initialisation by magnitude by default).
         end: where the target is reached, as ``start``; default half-way, so the second half of training
             fine-tunes the sparse network (``benchmarks/bench_vs_lightning.md``). Ignored by "oneshot".
-        unit: "step" (optimizer steps, ``trainer.global_step``) or "epoch".
+        unit: "step" (optimizer steps, ``trainer.global_step``; under manual optimization training batches,
+            since a batch may step several optimizers or none) or "epoch".
         frequency: steps (or epochs) between two events. None (default): 100 steps as in Zhu & Gupta,
             lowered to ``(end - start) // 10`` (at least 1) for a window shorter than 1,000 steps; 1 with
             ``unit="epoch"``. The event at ``end`` always happens.
@@ -361,7 +365,9 @@ class MagnitudePruneCallback(Callback):
         params, self._followers = with_followers(self, pl_module, select_parameters(self, pl_module, stage == "fit"))
         if stage == "fit" and list(params) != self.parameter_names:
             announce_coverage(self, pl_module, list(params))
-        check_pattern_fits(params, self.pattern, weight_layouts(pl_module, params))
+        layouts = weight_layouts(pl_module, params)
+        check_pattern_fits(params, self.pattern, layouts)
+        check_reachable(self, params, layouts)
         change = parameter_changes(self._params, params, self.parameter_names)
         if change is not None:
             # this instance pruned other parameters before: start afresh (a checkpoint restored after setup
@@ -454,6 +460,8 @@ class MagnitudePruneCallback(Callback):
         # An event scheduled at or after the last step (post-training pruning) runs here, without
         # retraining; an early-stopped run that has not reached `end` is left as it is.
         t = self._position(trainer)
+        if self._positions[1] == AT_END:  # post-training in a run whose length was not known: its end is now
+            self._positions = (t, t, 1)
         start, end, _ = self._positions
         if t >= end and (self._last_event is None or self._last_event < end):
             self.metrics_before_pruning = before_post_training(self, trainer)
@@ -517,7 +525,7 @@ class MagnitudePruneCallback(Callback):
     # ------------------------------------------------------------------ internals
 
     def _position(self, trainer: pl.Trainer) -> int:
-        return trainer.global_step if self.unit == "step" else trainer.current_epoch
+        return step_clock(trainer) if self.unit == "step" else trainer.current_epoch
 
     def _update(self, trainer: pl.Trainer, t: int) -> None:
         """A pruning event at position ``t``: new masks from the scheduled target, applied everywhere."""

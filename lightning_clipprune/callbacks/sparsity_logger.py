@@ -181,6 +181,8 @@ class SparsityLogger(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every on_train_end: what post-training pruning (schedule="oneshot", end=1.0) left is logged too.
+        self._log(trainer, pl_module, if_changed=True)
         if not self.print_table:
             return
         if _sharded(pl_module):
@@ -200,7 +202,7 @@ class SparsityLogger(Callback):
         else:
             self._print_latency(pl_module)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, if_changed: bool = False) -> None:
         # Sharded parameters are counted by every rank (one all_reduce); replicated ones by rank zero alone.
         if not trainer.loggers or not (trainer.is_global_zero or _sharded(pl_module)):
             return
@@ -216,13 +218,15 @@ class SparsityLogger(Callback):
         # The logging step's only host synchronisation: one transfer for the counts, one for the fractions.
         counts = [k for k, v in metrics.items() if not v.is_floating_point()]
         fractions = [k for k, v in metrics.items() if v.is_floating_point()]
-        self.last_metrics = {}
+        previous, self.last_metrics = self.last_metrics, {}
         for keys in (fractions, counts):
             if keys:
                 values = torch.stack([metrics[k] for k in keys]).tolist()
                 self.last_metrics.update(zip(keys, values, strict=True))
         if target is not None:
             self.last_metrics["sparsity/target"] = float(target)
+        if if_changed and self.last_metrics == previous:
+            return
         # The step Lightning logs its own metrics at (what LearningRateMonitor uses too).
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:

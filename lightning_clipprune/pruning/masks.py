@@ -91,7 +91,7 @@ def check_pattern_fits(weights: Mapping[str, Tensor], pattern: str, layouts: Map
         layout = layouts.get(name, STANDARD_LAYOUT)
         width = w.shape[0] // layout.groups if layout.transposed else (w.shape[1] if w.dim() >= 2 else w.shape[0])
         if width % m:
-            note = " (depthwise: one input channel per group)" if width == 1 and w.dim() > 2 else ""
+            note = " (a one-channel input, or a depthwise convolution)" if width == 1 and w.dim() > 2 else ""
             bad.append(f"`{name}` {tuple(w.shape)}: {width} input channels per group{note}")
     if bad:
         raise ValueError(
