@@ -57,8 +57,10 @@ from lightning_clipprune.app.rundir import (
 
 __all__ = ["ConfigError", "config_dir", "main", "train"]
 
-# `${run_id:}` in conf/config.yaml: two runs started in the same second get different folders.
-OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+# `${run_id:}` in conf/config.yaml: two runs started in the same second get different folders. Cached, as
+# Hydra's `now` is: a launcher that runs jobs in other processes (joblib) resolves `hydra.sweep.dir` again in
+# each, from the sweep's config and its resolver cache, so every job lands in the one sweep folder.
+OmegaConf.register_new_resolver("run_id", run_id, replace=True, use_cache=True)
 
 #: Exit status of a run stopped by SIGINT / SIGTERM (the shell's 128 + signal number).
 _INTERRUPTED_STATUS = {"SIGINT": 130, "SIGTERM": 143}

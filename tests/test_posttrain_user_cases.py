@@ -156,3 +156,43 @@ def test_sparse_conv2d_takes_an_unbatched_input_as_conv2d_does():
 def test_to_inference_names_an_example_input_the_model_refuses():
     with pytest.raises(ValueError, match=r"does not run on `example_input` of shape \(1, 31\).*example_input=x\[:1\]"):
         to_inference(_mlp().eval(), example_input=torch.randn(1, 31), batch_size=8)
+
+
+def _pruned_already(fraction: float = 0.9) -> nn.Sequential:
+    net = _mlp()
+    weights = [net[0].weight, net[2].weight]
+    cut = torch.cat([w.detach().abs().flatten() for w in weights]).kthvalue(int(fraction * 2688)).values
+    with torch.no_grad():
+        for w in weights:
+            w[w.abs() <= cut] = 0
+    return net
+
+
+def test_a_search_on_a_model_pruned_already_starts_at_its_sparsity():
+    net = _pruned_already()
+    zeros, total = _zeros(net)
+    result = search_threshold(net, _val(), grid=(0.5, 0.95), tolerance=100.0, apply=True)
+    start = result.sorted_points()[0]
+    assert start.sparsity == pytest.approx(zeros / total) and start.stage == "dense"
+    assert sorted(round(p.sparsity, 2) for p in result.points if p.stage != "bisect") == [0.9, 0.95]  # 0.5: not below
+    assert _zeros(net)[0] == round(result.chosen.sparsity * total)  # the weights hold what the point says
+
+
+def test_the_reconstruction_search_on_a_model_pruned_already_starts_from_it_as_given():
+    from lightning_clipprune.search import evaluate
+
+    net = _pruned_already()
+    as_given = evaluate(net, _val())[0]
+    options = ReconstructionOptions(num_samples=256, progress=False, allocation="er")
+    result = search_reconstruction(net, _val(), _calibration(), grid=(0.5, 0.95), tolerance=100.0, options=options)
+    start = result.sorted_points()[0]
+    assert start.sparsity == pytest.approx(0.9, abs=1e-3) and start.val_acc == as_given
+    assert all(p.sparsity >= start.sparsity for p in result.points)
+
+
+def test_no_threshold_command_for_a_point_with_threshold_zero():
+    from lightning_clipprune.search import SearchPoint, SearchResult
+
+    point = SearchPoint(0.9, 0.0, 0.9, 0.3, "dense", True)
+    result = SearchResult([point], point, 0.9, 0.5, "magnitude", ["0.weight"])
+    assert result.overrides() == ["prune.sparsity=0.9000 prune.threshold=null"]

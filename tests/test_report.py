@@ -139,6 +139,30 @@ def test_launcher_presets_compose(launcher: str, target: str) -> None:
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 120
 
 
+def test_the_sweep_folder_resolves_the_same_in_a_job_process() -> None:
+    """The joblib launcher resolves ``hydra.sweep.dir`` again in each job's process, from the pickled sweep
+    config: ``${now:}`` and ``${run_id:}`` must come from its cache, not from the job process's own clock and
+    token, or every job lands in a folder of its own and the sweep report finds none."""
+    import pickle
+
+    from hydra.core.utils import setup_globals  # registers `now`, as every launcher does
+
+    setup_globals()
+    cfg = compose_hydra([])
+    first = str(cfg.hydra.sweep.dir)  # resolved in the launching process: cached
+    code = (
+        "import pickle, sys; from hydra.core.utils import setup_globals; setup_globals();"
+        " import lightning_clipprune.run; from lightning_clipprune.app import rundir;"
+        " cfg = pickle.loads(sys.stdin.buffer.read()); print(rundir.run_id(), cfg.hydra.sweep.dir)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(cfg), capture_output=True, env=env,
+                          timeout=300, check=True)
+    token, resolved = proc.stdout.decode().split()
+    assert token not in first  # the job process has a token of its own ...
+    assert resolved == first  # ... and still resolves the sweep's folder
+
+
 def test_pareto_search_preset_composes() -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the plugin (dev extra), not a project import
     cfg = compose_hydra(["+search=pareto"])

@@ -319,6 +319,10 @@ def _main(args: argparse.Namespace) -> int:
     datamodule.prepare_data()
     datamodule.setup("fit")
     result = _search(args, cfg, model, datamodule)
+    start = result.sorted_points()[0].sparsity
+    if start > 0:
+        console.print(f"the run's model is {100 * start:.2f} % sparse already: the search starts there (row"
+                      " 'start'), and no sparsity below it is searched", highlight=False)
     console.print(result.to_table())  # its caption holds the test accuracy, read once
     result.plot(out / "search.png")
     written = [result.write_csv(out / "search.csv"), out / "search.png"]

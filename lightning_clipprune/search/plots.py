@@ -74,6 +74,11 @@ def progress_bar(enabled: bool) -> Any:
     )
 
 
+def _stage(point: Any) -> str:
+    """The stage column: "dense", or "start" for a model that was sparse already when the search began."""
+    return "start" if point.stage == "dense" and point.sparsity > 0 else point.stage
+
+
 def search_table(result: SearchResult, title: str | None = None) -> Any:
     """A ``rich.table.Table`` of every evaluated point, by sparsity, the chosen one highlighted."""
     from rich.table import Table  # lazy: start-up time, as in progress_bar
@@ -86,7 +91,7 @@ def search_table(result: SearchResult, title: str | None = None) -> Any:
         mark = "chosen" if p is result.chosen else ("" if p.within_tolerance else "over")
         table.add_row(
             f"{100 * p.sparsity:.2f}", "-" if math.isnan(p.threshold) else f"{p.threshold:.4g}", f"{100 * p.val_acc:.2f}", f"{p.val_loss:.4f}",
-            f"{100 * (result.dense_val_acc - p.val_acc):+.2f}", p.stage, mark,
+            f"{100 * (result.dense_val_acc - p.val_acc):+.2f}", _stage(p), mark,
             style="bold green" if p is result.chosen else None,
         )
     chosen = result.chosen
@@ -94,7 +99,8 @@ def search_table(result: SearchResult, title: str | None = None) -> Any:
     if result.test_acc is not None:
         caption += f"; test acc at the chosen point (evaluated once, after the search): {100 * result.test_acc:.2f} %"
         if result.dense_test_acc is not None:
-            caption += f" (dense {100 * result.dense_test_acc:.2f} %)"
+            start = _stage(result.sorted_points()[0])
+            caption += f" ({start} {100 * result.dense_test_acc:.2f} %)"
     table.caption = caption
     return table
 
@@ -105,7 +111,7 @@ def search_plot(result: SearchResult, path: str | os.PathLike | None = None, ax:
     pts, chosen = result.sorted_points(), result.chosen
     ax.plot([100 * p.sparsity for p in pts], [100 * p.val_acc for p in pts], "o-", ms=4, label="val accuracy, no retraining")
     band = 100 * (result.dense_val_acc - result.tolerance / 100)
-    ax.axhline(band, color="grey", ls="--", lw=1, label=f"dense - {result.tolerance:g} points")
+    ax.axhline(band, color="grey", ls="--", lw=1, label=f"{_stage(pts[0])} - {result.tolerance:g} points")
     ax.plot([100 * chosen.sparsity], [100 * chosen.val_acc], "r*", ms=14, label=f"chosen: {100 * chosen.sparsity:.1f} %")
     ax.set_xlabel("global sparsity (%)")
     ax.set_ylabel("validation accuracy (%)")

@@ -164,17 +164,21 @@ class Ranking:
         flat = torch.cat(
             [(scores[n] if scores is not None else p.detach().abs()).flatten().float() for n, p in self.params.items()]
         )
+        zero = torch.cat([p.flatten() == 0 for p in self.original.values()])
+        flat[zero] = -1.0  # weights that are zero already rank first, whatever the scores say
         self.sorted_scores, self.order = torch.sort(flat, stable=True)  # the only sort
         self.sizes = [p.numel() for p in self.params.values()]
         self.numel = int(flat.numel())
+        #: weights that are zero before any pruning (a model pruned already): no point prunes fewer
+        self.already = int(zero.sum())
 
     def count(self, sparsity: float) -> int:
-        """The number of weights pruned at ``sparsity``."""
-        return min(self.numel, max(0, round(sparsity * self.numel)))
+        """The number of weights pruned at ``sparsity``, never fewer than the zeros the model has already."""
+        return min(self.numel, max(self.already, round(sparsity * self.numel)))
 
     def threshold(self, k: int) -> float:
         """The score of the k-th smallest weight: pruning ``score <= threshold`` prunes (at least) these k."""
-        return 0.0 if k == 0 else float(self.sorted_scores[k - 1])
+        return 0.0 if k == 0 else max(0.0, float(self.sorted_scores[k - 1]))
 
     def masks(self, k: int) -> dict[str, Tensor]:
         """``{name: keep mask}`` pruning the ``k`` lowest-ranked weights."""

@@ -55,23 +55,26 @@ class _Points:
             else most_prunable(params, options.allocation, weight_layouts(model, params))
         )
         self.capped: list[float] = []
+        self.already = min(self.most, sum(int((p == 0).sum()) for p in params.values()))  # a model pruned already
         self.dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.limit = tolerance / 100.0
         self.points: list[SearchPoint] = []
         self.dense_acc: float | None = None
 
     def count(self, sparsity: float) -> int:
-        """The pruned count at ``sparsity``, at most what the allocation can prune (noted in ``capped``)."""
-        k = min(self.numel, max(0, round(sparsity * self.numel)))
+        """The pruned count at ``sparsity``: at least the zeros the model has, at most what the allocation can
+        prune (noted in ``capped``)."""
+        k = min(self.numel, max(self.already, round(sparsity * self.numel)))
         if k > self.most:
             self.capped.append(sparsity)
             return self.most
         return k
 
     def prune(self, k: int) -> None:
-        """The dense weights back, then (``k > 0``) the reconstruction pruning exactly ``k`` weights."""
+        """The weights as given back, then (``k`` above the zeros they have) the reconstruction pruning exactly
+        ``k`` weights."""
         self.model.load_state_dict(self.dense)
-        if k > 0:
+        if k > self.already:
             reconstruct_prune(
                 self.model, self.calibration, k / self.numel, include=self.names,
                 **{**self.options.as_kwargs(), "progress": False},

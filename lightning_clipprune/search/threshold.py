@@ -73,7 +73,8 @@ class SearchResult:
         if self.criterion == "sparsegpt":  # post-training reconstruction: the "obs" criterion, after the last step
             return [f"prune=oneshot prune.start=1.0 {out[0]} prune.criterion=obs"]
         if self.criterion == "magnitude":
-            out.insert(0, f"prune=threshold prune.threshold={self.chosen.threshold:.6g}")
+            if self.chosen.threshold > 0:  # threshold 0 (a model pruned already, searched at its start) prunes nothing
+                out.insert(0, f"prune=threshold prune.threshold={self.chosen.threshold:.6g}")
         else:
             out[0] += f" prune.criterion={self.criterion}"
         return out
@@ -215,21 +216,24 @@ def grid_then_bisect(
     at: Callable[[int, str], SearchPoint], count: Callable[[float], int], numel: int, grid: list[float],
     resolution: float, max_bisections: int, progress: bool, label: str,
 ) -> SearchPoint:
-    """The search shared by every method: ``at(0, "dense")``, ``at(count(s), "grid")`` for each grid
-    sparsity, then the bisection on the pruned count above the last grid point within tolerance."""
+    """The search shared by every method: ``at(count(0), "dense")`` (the model as given: dense, or as sparse as
+    it is already), ``at(count(s), "grid")`` for each grid sparsity above it (each pruned count once), then the
+    bisection on the pruned count above the last grid point within tolerance."""
+    first = count(0.0)
+    counts = sorted({count(s) for s in grid} - {first})
     with plots.progress_bar(progress) as bar:
-        task = bar.add_task(label, total=len(grid) + 1)
-        dense = at(0, "dense")
+        task = bar.add_task(label, total=len(counts) + 1)
+        dense = at(first, "dense")
         bar.advance(task)
         grid_points = []
-        for s in grid:
-            grid_points.append(at(count(s), "grid"))
+        for k in counts:
+            grid_points.append(at(k, "grid"))
             bar.advance(task)
         good = [p for p in grid_points if p.within_tolerance]
         lo = good[-1] if good else dense
         above = [p for p in grid_points if p.sparsity > lo.sparsity]
         if above:
-            bar.update(task, total=len(grid) + 1 + max_bisections)
+            bar.update(task, total=len(counts) + 1 + max_bisections)
             lo = _bisect(lo, above[0], lambda k: at(k, "bisect"), numel,
                          resolution, max_bisections, lambda: bar.advance(task))
     return lo
