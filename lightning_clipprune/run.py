@@ -196,12 +196,51 @@ def _fit(parts: Any, ckpt: Path | None, test: bool) -> Any:
     except (ValueError, MisconfigurationException) as err:
         if parts.trainer.global_step > 0 or isinstance(err, ConfigError):
             raise
+        _forget_fresh_start(parts, ckpt)
         raise ConfigError(one_line(err)) from err
+    except RuntimeError as err:  # a network that does not take the data's inputs fails in its first forward
+        if parts.trainer.global_step > 0 or not any(s in str(err) for s in _SHAPE_ERRORS):
+            raise
+        _forget_fresh_start(parts, ckpt)
+        raise ConfigError(
+            f"the model does not take the data's inputs ({one_line(err)}): model={_choice(parts, 'model')} and"
+            f" data={_choice(parts, 'data')} do not fit together; pick a model for this data set (or set the"
+            " network's input size, such as model.net.in_features)"
+        ) from err
     except (KeyboardInterrupt, SystemExit) as err:
         which = _interrupt_signal(err, parts.trainer)
         if which is None:
             raise
         return Outcome(status="interrupted", val_acc=scalar(parts.trainer.callback_metrics.get("val/acc")), signal=which)
+
+
+def _forget_fresh_start(parts: Any, ckpt: Path | None) -> None:
+    """A new run refused before its first step: remove its loggers' folders (``csv/``, ``tensorboard/``: the
+    hyperparameters only), so the same ``hydra.run.dir`` is free for the corrected command. A resumed run
+    keeps them: they hold its earlier metrics."""
+    import shutil
+
+    if ckpt is not None or not parts.trainer.is_global_zero:
+        return
+    for logger in parts.trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir and Path(log_dir).name in ("csv", "tensorboard") and Path(log_dir).is_dir():
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+#: torch's words for inputs of the wrong size or number of channels.
+_SHAPE_ERRORS = ("shapes cannot be multiplied", "expected input", "channels, but got", "size mismatch")
+
+
+def _choice(parts: Any, group: str) -> str:
+    """The config group's choice (``lenet300``), else the class name of what was built."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # not under Hydra (a test calling train() directly)
+        choice = None
+    return str(choice) if choice else type(getattr(parts, "model" if group == "model" else "datamodule")).__name__
 
 
 def _check_finite(model: Any) -> None:

@@ -61,6 +61,25 @@ def test_tensor_batches_cover_every_sample_once_per_epoch_in_a_new_order() -> No
         assert torch.equal(xb.view(-1).long(), yb)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_skipped_batches_leave_the_rest_of_the_epoch_as_it_was(augment: bool) -> None:
+    """A mid-epoch resume: the epoch restarts at batch 3 with the batches (and their augmentation) it had."""
+
+    def noisy(xb: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        return xb + torch.rand(xb.shape, generator=g)
+
+    x, y = torch.arange(100.0).view(100, 1), torch.arange(100)
+    loader = TensorBatches(x, y, batch_size=16, sampler=ShuffleSampler(100, shuffle=True, seed=3),
+                           transform=noisy if augment else None)
+    loader.sampler.set_epoch(2)
+    whole = list(loader)
+    loader.skip_batches(3)
+    rest = list(loader)
+    assert len(rest) == len(whole) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, whole[3:], strict=True))
+    assert len(list(loader)) == len(whole)  # once: the next epoch is whole again
+
+
 def test_tensor_batches_follow_the_samplers_order_exactly() -> None:
     # the batches are gathered one by one: they must be the slices of the epoch's whole gather (same runs as before)
     x = torch.randint(0, 255, (103, 1, 4, 4), dtype=torch.uint8)

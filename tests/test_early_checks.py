@@ -121,6 +121,13 @@ COMPONENTS: list[str] = [
     "model.net.in_features=abc",
     "model.net.dropout=1",
     "ckpt_path=/nonexistent/last.ckpt",
+    # the app's data modules: a flag such as `maybe` was read as true; a seed `abc` failed in torch's words
+    "data.on_device=maybe",
+    "+data.augment=maybe",
+    "data.split_seed=abc",
+    "data.seed=abc",
+    "data.test_fraction=2",
+    "name=[a,b]",  # trained, then results.json could not be written
 ]
 
 def _compose(tmp_path: Path, overrides: tuple[str, ...]) -> typing.Any:
@@ -298,3 +305,13 @@ def test_the_export_commands_early_missing_file_line_is_the_readers(
     monkeypatch.setattr("os.path.lexists", lambda path: True)  # past the early check: the checkpoint reader says it
     assert main([missing, str(tmp_path / "o.lcps")]) == 1
     assert capsys.readouterr().err == early
+
+
+def test_a_model_that_does_not_take_the_datas_inputs_is_one_line_and_frees_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"the model does not take the data's inputs \(mat1 and mat2 shapes.*\)"
+                       r".*pick a model for this data set") as info:
+        train(_compose(tmp_path, ("model=lenet300",)), ["model=lenet300"])  # 784 inputs, digits has 64
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "csv").exists()  # nothing trained: the same folder takes the corrected command
+    results = train(_compose(tmp_path, ()), [])
+    assert results["status"] == "completed"

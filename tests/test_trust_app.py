@@ -307,3 +307,22 @@ def test_sigterm_while_writing_the_results_finishes_them_first(tmp_path: Path) -
     ]
     assert len(proc.stderr.strip().splitlines()) == 1
     assert _results(tmp_path / "r")["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_interrupt_resumes_bit_identical_on_a_longer_epoch(tmp_path: Path) -> None:
+    """21 batches an epoch (debug=smoke has 2): SIGTERM after batch 10, resume, the final weights are the
+    uninterrupted run's to the bit (the loader skips the batches the epoch trained on before the interrupt)."""
+    import torch
+
+    common = ("trainer.max_epochs=2", "callbacks.sparsity.inference_latency=false")
+    assert _cli(tmp_path, *common, f"hydra.run.dir={tmp_path / 'u'}").returncode == 0
+    proc = _cli(tmp_path, *common, f"hydra.run.dir={tmp_path / 'k'}", KILL, "+callbacks.kill.hook=on_train_batch_end",
+                "+callbacks.kill.step=10")
+    assert proc.returncode == 143, proc.stderr
+    resume = [a for a in _results(tmp_path / "k")["resume_command"].split()[3:] if "callbacks.kill" not in a]
+    done = _cli(tmp_path, *resume)
+    assert done.returncode == 0, done.stderr
+    assert "not resumable" not in done.stderr  # Lightning's warning no longer applies
+    want, got = (torch.load(tmp_path / r / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"] for r in "uk")
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -145,6 +145,12 @@ class TensorBatches:
         self.batch_sampler = None
         self.drop_last = drop_last
         self.transform = transform
+        self._skip = 0
+
+    def skip_batches(self, n: int) -> None:
+        """Start the next epoch's iteration at batch ``n``: its first ``n`` batches were trained on before a
+        mid-epoch checkpoint. The order and the augmentation of the batches after them stay as they were."""
+        self._skip = max(0, int(n))
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -160,15 +166,19 @@ class TensorBatches:
             generator = torch.Generator(device=x.device)
             s = self.sampler
             generator.manual_seed((s.seed * 1_000_003 + s.epoch * 1009 + s.rank) % (2**63))
+        skip, self._skip = self._skip, 0
         for i in range(len(self)):
+            if i < skip and self.transform is None:
+                continue
             rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if idx is None:
                 xb, yb = x[rows], y[rows]
             else:  # batch by batch: the first batch at once, an epoch of 54k images 7x cheaper
                 xb, yb = x.index_select(0, idx[rows]), y.index_select(0, idx[rows])
             if self.transform is not None:
-                xb = self.transform(xb, generator)
-            yield xb, yb
+                xb = self.transform(xb, generator)  # on skipped batches too: the generator moves on as it did
+            if i >= skip:
+                yield xb, yb
 
 
 def _validate_common(name: str, batch_size: int, val_fraction: float) -> None:
