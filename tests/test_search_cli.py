@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_clipprune.app.data import DigitsDataModule
 
@@ -141,6 +142,12 @@ def test_written_line_names_every_output_and_the_finetune_is_quiet(run: Path, ca
                  "sensitivity.png", "finetuned/"):
         assert name in written
     assert (run / "search" / "finetuned" / "pruned.ckpt").is_file()
+    # the fine-tune keeps the search's mask entry for entry: no pruned weight revived, no kept one zeroed
+    searched, tuned = (torch.load(run / "search" / sub / "pruned.ckpt", weights_only=False)["state_dict"]
+                       for sub in (".", "finetuned"))
+    for key, weight in searched.items():
+        if key.endswith("weight") and weight.dim() > 1:
+            assert torch.equal(weight == 0, tuned[key] == 0), key
     # Lightning's info lines are silenced during the fine-tune
     text += "\n".join(records.messages)
     for line in ("GPU available", "TPU available", "`Trainer.fit` stopped"):

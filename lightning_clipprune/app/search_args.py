@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("run", help="a run folder of `python -m lightning_clipprune.run` or a checkpoint inside it")
-    add("overrides", nargs="*", help="extra Hydra overrides (such as data.root=...) after the run's own")
+    # a default: argparse would otherwise call it required when `run` is missing
+    add("overrides", nargs="*", default=[], metavar="OVERRIDE",
+        help="extra Hydra overrides (such as data.root=...) after the run's own")
     add("--tolerance", type=float, default=0.5, help="allowed val accuracy drop, percentage points (0.5)")
     add("--grid", type=parse_floats, default=list(DEFAULT_GRID), help="coarse sparsity grid, comma-separated")
     add("--resolution", type=float, default=0.001, help="bisection stops at this sparsity width (0.001)")
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--criterion", choices=("magnitude", "taylor"), default="magnitude", help="ranking of --method magnitude")
     add("--taylor-batches", type=int, default=20, help="training batches averaged for the taylor gradient")
     add("--sensitivity", action="store_true", help="also the per-layer sensitivity and an allocation")
-    add("--layer-grid", type=parse_floats, default=list(DEFAULT_LAYER_GRID))
+    add("--layer-grid", type=parse_floats, default=list(DEFAULT_LAYER_GRID),
+        help="--sensitivity: the sparsities each layer is pruned to alone, comma-separated "
+        f"({','.join(f'{x:g}' for x in DEFAULT_LAYER_GRID)})")
     add("--target", type=float, default=None, help="global sparsity of the per-layer allocation (default: the one found)")
     add("--finetune-epochs", type=int, default=0, help="fine-tune at the sparsity found for N epochs")
     add("--finetune-lr", type=float, default=None, help="peak learning rate of the fine-tune (default: run's / 10)")

@@ -185,10 +185,9 @@ def finetune(cfg: Any, model: nn.Module, datamodule: Any, sparsity: float, epoch
             model_cfg.optimizer.lr = lr
     tuned = hydra.utils.instantiate(model_cfg, _convert_="all")
     tuned.load_state_dict(model.state_dict())
-    # ranking="raw": the global magnitude ranking the search measured, so the pruned entries stay the same
-    callbacks: list[Any] = [
-        MagnitudePruneCallback(sparsity=sparsity, schedule="oneshot", start=0.0, ranking="raw", verbose=False)
-    ]
+    # threshold=0: the zeros the search left are the mask, entry for entry (a sparsity target would rank again,
+    # and its per-row ceiling keeps one weight of a row the search emptied)
+    callbacks: list[Any] = [MagnitudePruneCallback(threshold=0.0, schedule="oneshot", start=0.0, verbose=False)]
     if cfg.get("clip") is not None:
         callbacks.insert(0, hydra.utils.instantiate(cfg.clip))
     with _quiet_lightning():
