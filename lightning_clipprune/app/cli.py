@@ -111,8 +111,9 @@ def fast_help(argv: Sequence[str]) -> Iterator[None]:
     Hydra 1.3's help screen asks ``ConfigLoaderImpl.get_group_options`` for every group, and each call deep-copies
     the whole repository (the search path and every config registered in the ConfigStore): about 1 s of this
     app's 1.4-2.0 s ``--help`` (``benchmarks/startup.md``). Listing does not change the repository, so one copy
-    per (config name, overrides) serves all; the listing and the screen are the same. Anything else, or a Hydra
-    without that method, runs untouched.
+    per (config name, overrides) serves all; the screen is Hydra's, less the ``_base``-style building blocks of
+    the presets (``clip: _base``), which are not choices. Anything else, or a Hydra without that method, runs
+    untouched.
     """
     if not any(arg in _HELP_FLAGS for arg in argv):
         yield
@@ -136,7 +137,8 @@ def fast_help(argv: Sequence[str]) -> Iterator[None]:
         key = (id(self), config_name, tuple(overrides or ()))
         if key not in repos:  # what the original does on every call: parse the overrides, copy the repository
             repos[key] = self._parse_overrides_and_create_caching_repo(config_name, list(overrides or ()))[1]
-        return repos[key].get_group_options(group_name, results_filter)
+        # `_base`-style files are building blocks of the presets, not choices (as in the missing-option line)
+        return [o for o in repos[key].get_group_options(group_name, results_filter) if not o.startswith("_")]
 
     ConfigLoaderImpl.get_group_options = get_group_options
     try:
