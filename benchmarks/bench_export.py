@@ -147,4 +147,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # no options: the parser answers --help (it used to run the whole benchmark) and refuses unknown arguments
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python benchmarks/bench_export.py").parse_args()
     sys.exit(main())

@@ -584,3 +584,33 @@ def test_threshold_clip_does_the_clipping_for_a_subclass():
     before = [p.grad.clone() for p in params]
     assert float(clipper.clip(params)[1]) == 1.0
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+
+def _autoclip_state(history_size: int | None, per_parameter: bool = False, steps: int = 7) -> dict:
+    clipper = AutoClip(history_size=history_size, per_parameter=per_parameter)
+    w = torch.zeros(3, requires_grad=True)
+    for i in range(steps):
+        w.grad = torch.full((3,), float(i + 1))
+        clipper.clip([w])
+    return clipper.state_dict()
+
+
+@pytest.mark.parametrize(("saved", "now"), [(5, None), (None, 5), (5, 50)])
+def test_autoclip_refuses_a_history_of_another_size_in_one_line(saved, now) -> None:
+    with pytest.raises(ValueError, match=rf"recorded with history_size={saved} .* this run has history_size={now}"):
+        AutoClip(history_size=now).load_state_dict(_autoclip_state(saved))
+
+
+def test_autoclip_reads_the_history_size_of_an_older_checkpoint_from_its_ring() -> None:
+    state = _autoclip_state(5)  # 7 norms in a ring of 5: position 2, count 5
+    del state["history_size"], state["per_parameter"]
+    with pytest.raises(ValueError, match="history_size=5"):
+        AutoClip().load_state_dict(state)
+    AutoClip(history_size=5).load_state_dict(state)  # the same setting: fine
+
+
+def test_autoclip_warns_and_starts_afresh_when_global_becomes_per_parameter() -> None:
+    clipper = AutoClip(per_parameter=True)
+    with pytest.warns(UserWarning, match="history is global, this run clips per parameter: starting a fresh"):
+        clipper.load_state_dict(_autoclip_state(None))
+    assert clipper.history is None and clipper.count == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -141,15 +142,39 @@ class AutoClip(ThresholdClip):
             "history": None if history is None else history.detach().cpu().clone(),
             "position": self.position,
             "count": self.count,
+            "history_size": self.history_size,
+            "per_parameter": self.per_parameter,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the history moves to the gradients' device on the next step."""
+        """Restore :meth:`state_dict`; the history moves to the gradients' device on the next step.
+
+        Raises:
+            ValueError: the history was recorded with another ``history_size`` (a ring buffer read as the
+                whole history, or the other way round, would index past its end or mix the two orders).
+        """
         history = state_dict["history"]
-        if history is not None and self.history_size is not None and history.shape[0] != self.history_size:
+        # checkpoints written before the setting was saved: a ring buffer shows as a position behind the count
+        ring = history is not None and int(state_dict["position"]) != int(state_dict["count"])
+        if "history_size" in state_dict:
+            saved = state_dict["history_size"]
+        elif history is not None and (ring or history.shape[0] == self.history_size):
+            saved = history.shape[0]  # a bounded buffer is saved whole, an unbounded one up to its count
+        else:
+            saved = None
+        if history is not None and saved != self.history_size:
             raise ValueError(
-                f"AutoClip history has {history.shape[0]} entries, expected history_size={self.history_size}"
+                f"AutoClip history was recorded with history_size={saved} ({history.shape[0]} entries), this run"
+                f" has history_size={self.history_size}: resume with the same history_size, or start a new run"
             )
+        if history is not None and (history.dim() > 1) != self.per_parameter:
+            warnings.warn(
+                f"AutoClip: the checkpoint's history is {'per parameter' if history.dim() > 1 else 'global'}, this"
+                f" run clips {'per parameter' if self.per_parameter else 'globally'}: starting a fresh history.",
+                stacklevel=2,
+            )
+            history = None
+            state_dict = {**state_dict, "position": 0, "count": 0}
         self.history = None if history is None else history.clone()
         self.position = int(state_dict["position"])
         self.count = int(state_dict["count"])
