@@ -301,6 +301,16 @@ def _fail(err: BaseException, sweeping: bool) -> None:
     sys.exit(1)
 
 
+def _refresh_sweep_report(hydra_cfg: Any) -> None:
+    """An interrupted job ends its sweep (Hydra calls no ``on_job_end``): its SweepReport is refreshed here, so
+    the sweep's summary lists the interrupted job too."""
+    from lightning_clipprune.app.hydra_callbacks import SweepReport
+
+    callbacks = hydra_cfg.get("callbacks") or {}
+    if any(str(node.get("_target_", "")).endswith(".SweepReport") for node in callbacks.values() if node is not None):
+        SweepReport(console=False)._write(Path(str(hydra_cfg.sweep.dir)), console=False)
+
+
 def _interrupted_at_start(which: str) -> None:
     """A signal outside the training loop: during start-up, or (Ctrl-C) while the results were written."""
     from lightning_clipprune.app.interrupts import training_over
@@ -356,6 +366,8 @@ def _run(cfg: DictConfig) -> float | None:
             raise
         _interrupted_at_start("SIGTERM")
     if results.get("status") == "interrupted":  # the summary printed the line that says how to resume
+        if job is not None:
+            _refresh_sweep_report(HydraConfig.get())
         sys.exit(_INTERRUPTED_STATUS.get(results.get("signal") or "", 1))
     which = deferred_signal()
     if which is not None:

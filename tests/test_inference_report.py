@@ -245,3 +245,17 @@ def test_call_timer_refuses_a_non_positive_duration() -> None:
 
     with pytest.raises(ValueError, match="min_seconds"):
         call_timer(0.0)
+
+
+def test_printing_the_inference_report_gives_one_line_per_layer() -> None:
+    from torch import nn
+
+    from lightning_clipprune import to_inference
+
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        net[0].weight[torch.rand(32, 16, generator=torch.Generator().manual_seed(0)) < 0.9] = 0
+    text = str(inference_report(to_inference(net, example_input=torch.randn(2, 16), compact=False, rounds=1)))
+    lines = text.splitlines()
+    assert lines[1].split()[:2] == ["layer", "sparsity"] and len(lines) == 4
+    assert lines[2].startswith("0 ") and lines[3].startswith("2 ") and "min_sparsity" in lines[3]

@@ -206,3 +206,32 @@ def test_optuna_pareto_preset_runs_two_trials_on_digits(tmp_path: Path) -> None:
     assert front.name == "optuna" and 1 <= len(front.solutions) <= 2
     assert all(len(s["values"]) == 2 for s in front.solutions)
     assert "## Optuna Pareto front" in (sweep_dir / "summary.md").read_text()
+
+
+def test_an_interrupted_job_is_marked_so_and_kept_off_the_front(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    make_job(root, "0", ["trainer.max_epochs=2"], result(0.90, 0.8))
+    make_job(root, "1", ["trainer.max_epochs=300"], {**result(0.95, 0.81), "status": "interrupted"})
+    jobs = collect(root)
+    assert [(j.status, j.pareto) for j in jobs] == [("ok", True), ("interrupted", False)]
+    write_report(root, console=False)
+    assert "2 jobs, 0 failed, 1 interrupted" in (root / "summary.md").read_text()
+
+
+def test_the_report_command_writes_nothing_when_no_job_is_usable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "sweep"
+    make_job(root, "0", ["prune.sparsity=0.5"], None)  # failed
+    assert main([str(root)]) == 1
+    assert "no job of" in capsys.readouterr().err
+    assert not any((root / name).exists() for name in ("summary.csv", "summary.md", "accuracy_vs_sparsity.png"))
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_ctrl_c_lists_the_interrupted_job(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    proc = run_app(["trainer.max_epochs=1,2", f"hydra.sweep.dir={sweep_dir}", "callbacks.sparsity.inference_latency=false",
+                    "+callbacks.kill._target_=tests.signal_hooks.SignalAt", "+callbacks.kill.hook=on_train_batch_end",
+                    "+callbacks.kill.step=25", "+callbacks.kill.signum=SIGINT"], tmp_path)  # in job 1 (21 steps/epoch)
+    assert proc.returncode == 130, proc.stderr
+    with (sweep_dir / "summary.csv").open() as f:
+        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "ok"), ("1", "interrupted")]

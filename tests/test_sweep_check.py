@@ -67,3 +67,14 @@ def test_the_command_line_refuses_a_swept_value_before_any_job(tmp_path: Path) -
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "got 1.5" in lines[0], proc.stderr
     assert "Launching" not in proc.stdout and not (tmp_path / "multirun").exists()  # no job started
+
+
+def test_an_unseeded_sampler_under_ddp_is_refused_before_any_job() -> None:
+    """Lightning relaunches the command, -m included, per extra DDP process: each would draw its own trials."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the dev extra; not a project import
+    argv = ["-m", "+search=pareto", "hydra.sweeper.sampler.seed=null", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2"]
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler.seed=null with trainer.strategy='ddp'"):
+        check_sweep_values(argv, config_dir())
+    check_sweep_values([a for a in argv if "seed" not in a], config_dir())  # the preset's seed: fine
+    check_sweep_values([*argv[:5], "trainer.devices=1"], config_dir())  # one process: fine

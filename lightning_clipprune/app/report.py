@@ -68,7 +68,11 @@ class Job:
 
     @property
     def status(self) -> str:
-        return "ok" if self.results is not None else ("unreadable" if self.unreadable else "failed")
+        """"ok", "interrupted" (stopped by Ctrl-C or SIGTERM: its numbers are of a shorter run), "failed" or
+        "unreadable"."""
+        if self.results is None:
+            return "unreadable" if self.unreadable else "failed"
+        return "interrupted" if self.results.get("status") == "interrupted" else "ok"
 
     def metric(self, key: str) -> Any:
         if self.results is None:
@@ -168,7 +172,9 @@ def collect(sweep_dir: str | os.PathLike, *, warn: Warn | None = None) -> list[J
         raise FileNotFoundError(f"sweep folder not found: {root}")
     warn = warn or log.warning
     jobs = [_read_job(d, warn) for d in _job_dirs(root, warn)]
-    for j, on in zip(jobs, pareto_front([(j.metric("val_acc"), j.metric("sparsity")) for j in jobs]), strict=True):
+    # only completed jobs compete: an interrupted one's accuracy is of a shorter run
+    points = [(j.metric("val_acc"), j.metric("sparsity")) if j.status == "ok" else (None, None) for j in jobs]
+    for j, on in zip(jobs, pareto_front(points), strict=True):
         j.pareto = on
     return jobs
 
@@ -240,8 +246,10 @@ def to_markdown(jobs: Sequence[Job], title: str = "Sweep summary", front: Sequen
     cols = list(table[0])
     lines = [f"# {title}", "", "| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(c, r[c]).replace("|", "\\|") for c in cols) + " |" for r in table]
-    failed = sum(j.status != "ok" for j in jobs)
-    lines += ["", f"{len(jobs)} jobs, {failed} failed. front: on the val accuracy / sparsity Pareto front."]
+    failed = sum(j.status in ("failed", "unreadable") for j in jobs)
+    stopped = sum(j.status == "interrupted" for j in jobs)
+    counts = f"{len(jobs)} jobs, {failed} failed" + (f", {stopped} interrupted" if stopped else "")
+    lines += ["", f"{counts}. front: on the val accuracy / sparsity Pareto front (completed jobs only)."]
     if front:
         lines += ["", "## Optuna Pareto front", "", "| params | values |", "|---|---|"]
         lines += [f"| {_cell(json.dumps(s.get('params')))} | {_cell(str(s.get('values')))} |" for s in front]
@@ -321,13 +329,16 @@ def _optuna_front(sweep_dir: Path, warn: Warn) -> list[dict[str, Any]] | None:
     return list(solutions or []) or None
 
 
-def write_report(sweep_dir: str | os.PathLike, *, console: bool = True, warn: Warn | None = None) -> list[Job]:
+def write_report(
+    sweep_dir: str | os.PathLike, *, console: bool = True, warn: Warn | None = None, jobs: list[Job] | None = None
+) -> list[Job]:
     """Write ``summary.csv``, ``summary.md`` and ``accuracy_vs_sparsity.png`` into ``sweep_dir``; return the jobs.
 
     Args:
         sweep_dir: the sweep folder.
         console: also print the table.
         warn: called with one line for each file of the sweep that is refused (default: a logging warning).
+        jobs: the sweep's jobs when :func:`collect` read them already.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` is not a folder.
@@ -335,7 +346,7 @@ def write_report(sweep_dir: str | os.PathLike, *, console: bool = True, warn: Wa
     """
     root = Path(sweep_dir)
     warn = warn or log.warning
-    jobs = collect(root, warn=warn)
+    jobs = collect(root, warn=warn) if jobs is None else jobs
     table = rows(jobs)
     buf = io.StringIO()
     if table:
@@ -361,7 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings: list[str] = []  # printed once it is known whether the report is usable at all
     try:
-        jobs = write_report(args.sweep_dir, console=not args.quiet, warn=warnings.append)
+        jobs = collect(args.sweep_dir, warn=warnings.append)
+        if jobs and any(j.results is not None for j in jobs):  # else: one line below, and nothing written
+            write_report(args.sweep_dir, console=not args.quiet, warn=warnings.append, jobs=jobs)
     except (OSError, ValueError) as err:
         text = " ".join(str(err).split())
         if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:

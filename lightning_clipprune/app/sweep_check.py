@@ -52,6 +52,7 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
         if o.is_sweep_override() and (o.is_choice_sweep() or o.is_range_sweep())
         and not o.key_or_group.startswith("hydra.")
     ]
+    _check_ranks_draw_alike(config_dir, config_name, [o.input_line for o in parsed if not o.is_sweep_override()])
     values = {id(o): _values(o) for o in sweeps}
     if not sweeps or not all(values.values()):  # an empty range: Hydra says so
         return
@@ -71,6 +72,32 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
                 if not label:
                     raise
                 raise ConfigError(f"in the sweep's job with {label}: {err}") from None
+
+
+def _check_ranks_draw_alike(config_dir: Path, config_name: str, overrides: list[str]) -> None:
+    """Refuse a sweeper that draws trials at random, unseeded, under a multi-process DDP Trainer.
+
+    Lightning relaunches the whole command, ``-m`` included, once per extra process, so every process runs the
+    sweep itself: with an unseeded sampler each draws other trials, and one DDP job would train two different
+    models (their metrics averaged, rank zero's checkpoint saved).
+    """
+    cfg = _compose(config_dir, config_name, overrides)
+    if cfg is None:
+        return
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices")
+    if "ddp" not in str(trainer.get("strategy", "")) or devices in (1, "1", [0]):
+        return
+    sweeper = cfg.hydra.get("sweeper") or {}
+    target = str(sweeper.get("_target_", ""))
+    sampler = sweeper.get("sampler")
+    if "BasicSweeper" in target or not hasattr(sampler, "get") or sampler.get("seed") is not None:
+        return
+    raise ConfigError(
+        f"hydra.sweeper.sampler.seed=null with trainer.strategy={trainer.get('strategy')!r}: Lightning starts every"
+        " extra DDP process with the same command, -m included, so each process runs the sweep and an unseeded"
+        " sampler draws other trials in each; set hydra.sweeper.sampler.seed=<an integer>"
+    )
 
 
 def _values(override: Any) -> list[str]:

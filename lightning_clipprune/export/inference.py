@@ -100,6 +100,19 @@ class InferenceReport:
     compacted: dict[str, tuple[int, int]]
     end_to_end: tuple[float, float] | None = None
 
+    def __str__(self) -> str:
+        """One line per layer (sparsity, timings, format, why) and what compaction removed: what ``print`` shows."""
+        ms = lambda t: "-" if t is None else f"{1e3 * t:.3f}"  # noqa: E731
+        width = max([len("layer"), *(len(c.name) for c in self.layers)])
+        lines = [f"to_inference on {self.device}, batch {self.batch_size}",
+                 f"{'layer':<{width}}  {'sparsity':>8}  {'dense ms':>9}  {'sparse ms':>9}  format  why"]
+        lines += [f"{c.name:<{width}}  {100 * c.sparsity:>7.1f}%  {ms(c.dense_s):>9}  {ms(c.sparse_s):>9}  {c.format:<6}"
+                  f"  {c.reason}" for c in self.layers]
+        lines += [f"compacted {name}: {a} -> {b} channels" for name, (a, b) in self.compacted.items()]
+        if self.end_to_end is not None:
+            lines.append(f"whole model: {ms(self.end_to_end[0])} ms dense, {ms(self.end_to_end[1])} ms with CSR")
+        return "\n".join(lines)
+
     def sparse_names(self) -> list[str]:
         """The layers converted to a sparse format."""
         return [c.name for c in self.layers if c.format != "dense"]
