@@ -57,6 +57,9 @@ class SweepReport(Callback):
         self._write(Path(config.hydra.sweep.dir), console=self.console)
 
     def _write(self, sweep_dir: Path, console: bool) -> None:
+        # A DDP process Lightning started for a rank > 0 runs the same command, sweep included: rank zero reports
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+            return
         try:
             jobs = write_report(sweep_dir, console=console)
         except Exception as err:  # a report must not fail the sweep it summarises
