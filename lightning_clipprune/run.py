@@ -48,6 +48,7 @@ from lightning_clipprune.app.interrupts import (
 )
 from lightning_clipprune.app.rundir import (
     claim_output_dir,
+    launching_process,
     merge_metrics,
     release_output_dir,
     run_id,
@@ -110,7 +111,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), job: str | None = None
     ckpt = resume.file if resume is not None else None
     output_dir = Path(cfg.output_dir)
     # DDP re-launches this command for ranks > 0 into the same folder: only the launching process claims it
-    launcher = _launching_process()
+    launcher = launching_process()
     if launcher:
         claim_output_dir(output_dir, ckpt)
         write_run_record(output_dir, overrides)  # the search reads this, not .hydra/ (a refused run rewrites that)
@@ -150,7 +151,7 @@ def _train(cfg: DictConfig, overrides: list[str], output_dir: Path, resume: Any,
     if ckpt is not None:
         resumed_from = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         if resumed_from.resolve() == output_dir.resolve():  # one folder, one metrics.csv for the whole run
-            aside = set_aside_metrics(output_dir) if _launching_process() else None
+            aside = set_aside_metrics(output_dir) if launching_process() else None
             warnings.filterwarnings("ignore", message=r".*(Experiment logs|Checkpoint) directory .* exists and is not empty.*")
         else:
             rank_zero_info(f"resuming the run of {resumed_from}; its earlier metrics are in that folder")
@@ -177,11 +178,6 @@ def _train(cfg: DictConfig, overrides: list[str], output_dir: Path, resume: Any,
         print_summary(results, job)
         logging.getLogger(__name__).info("results: %s", path)
     return results
-
-
-def _launching_process() -> bool:
-    """Whether this process is the launching one (DDP re-launches the command for ranks > 0)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def _fit(parts: Any, ckpt: Path | None, test: bool) -> Any:
@@ -308,7 +304,7 @@ def _refresh_sweep_report(hydra_cfg: Any) -> None:
 
     callbacks = hydra_cfg.get("callbacks") or {}
     if any(str(node.get("_target_", "")).endswith(".SweepReport") for node in callbacks.values() if node is not None):
-        SweepReport(console=False)._write(Path(str(hydra_cfg.sweep.dir)), console=False)
+        SweepReport(console=False).write(Path(str(hydra_cfg.sweep.dir)), console=False)
 
 
 def _interrupted_at_start(which: str) -> None:

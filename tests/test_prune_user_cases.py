@@ -20,12 +20,16 @@ from lightning_clipprune import MagnitudePruneCallback, SparsityLogger
 from tests.helpers import TinyClassifier, random_loader, tiny_trainer
 
 
-class TwoOptimizers(TinyClassifier):
-    """Manual optimization: each layer has its own optimizer, both stepped every batch (global_step += 2)."""
+class _Manual(TinyClassifier):
+    """The tiny classifier under manual optimization."""
 
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
+
+
+class TwoOptimizers(_Manual):
+    """Each layer has its own optimizer, both stepped every batch (global_step += 2)."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -40,12 +44,8 @@ class TwoOptimizers(TinyClassifier):
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
 
 
-class EveryOtherBatch(TinyClassifier):
-    """Manual optimization with accumulation by hand: one optimizer step every second batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
+class EveryOtherBatch(_Manual):
+    """Accumulation by hand: one optimizer step every second batch."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch

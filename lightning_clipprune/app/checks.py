@@ -32,7 +32,7 @@ from lightning_clipprune._choices import (
     resolve_max_layer_sparsity,
     uses_budgets,
 )
-from lightning_clipprune._validation import _is_real
+from lightning_clipprune._validation import _is_int, _is_real
 from lightning_clipprune.app.component_checks import check_components
 from lightning_clipprune.app.component_checks import shown as _shown
 
@@ -106,9 +106,13 @@ def _check_trainer(cfg: DictConfig, trainer: Any) -> None:
         )
 
 
+#: Flags of the app's data modules.
+_DATA_FLAGS = ("on_device", "augment", "download", "drop_last")
+
+
 def _check_data(cfg: DictConfig) -> None:
     """The batch sizes (``true`` trained at batch size 1, 1.5 failed late), and for the app's data modules the
-    validation share and the ``root`` folder, which they check too, after the heavy imports."""
+    validation and test shares, the flags (``maybe`` was read as true), the seeds and the ``root`` folder."""
     data = cfg.get("data")
     if data is None or not hasattr(data, "get"):
         return
@@ -122,6 +126,17 @@ def _check_data(cfg: DictConfig) -> None:
     fraction = data.get("val_fraction")
     if "val_fraction" in data and not (_is_real(fraction) and 0.0 < fraction < 1.0):
         raise ConfigError(f"data.val_fraction={_shown(fraction)}: must be a number in (0, 1) (the share held out for validation)")
+    share = data.get("test_fraction")
+    if "test_fraction" in data and not (_is_real(share) and 0.0 < share < 1.0):
+        raise ConfigError(f"data.test_fraction={_shown(share)}: must be a number in (0, 1) (the share held out for testing)")
+    for key in _DATA_FLAGS:  # `maybe` used to be read as true
+        if key in data and data.get(key) not in (True, False):
+            raise ConfigError(f"data.{key}={_shown(data.get(key))}: must be true or false")
+    for key in ("seed", "split_seed", "crop_padding"):
+        value = data.get(key)
+        if key in data and not (value is None and key == "seed") and not (_is_int(value) and value >= 0):
+            what = {"seed": " or null", "crop_padding": " (pixels)"}.get(key, "")
+            raise ConfigError(f"data.{key}={_shown(value)}: must be a whole number >= 0{what}")
     root = data.get("root")
     if isinstance(root, str) and root and not os.path.isdir(os.path.expanduser(root)):
         raise DataNotFoundError(

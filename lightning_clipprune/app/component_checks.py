@@ -83,7 +83,6 @@ def check_components(cfg: DictConfig) -> None:
     if "name" in cfg and not isinstance(name, (str, int, float)):
         typed = "[" + ",".join(map(str, name)) + "]" if hasattr(name, "__len__") else shown(name)
         raise ValueError(f"name={typed}: must be one word or text (the run's name in its summary), not a list")
-    _check_app_data(cfg.get("data"))
     model = cfg.get("model")
     if model is not None and hasattr(model, "get"):
         _check_optimizer(model.get("optimizer"))
@@ -198,30 +197,6 @@ def _check_network(node: Any) -> None:
             raise ValueError(f"model.net.depth={shown(depth)}: must be 6n+2 (20, 32, 44, 56, 110)")
         if shortcut not in ("A", "B"):
             raise ValueError(f"model.net.shortcut={shown(shortcut)}: must be A or B")
-
-
-#: Flags of the app's data modules: a value such as `maybe` used to be read as true.
-_DATA_FLAGS = ("on_device", "augment", "download", "drop_last")
-
-
-def _check_app_data(node: Any) -> None:
-    """Flags, seeds and shares of the app's own data modules (``lightning_clipprune.app.data``)."""
-    if node is None or not hasattr(node, "get") or not str(node.get("_target_", "")).startswith(
-        "lightning_clipprune.app.data."
-    ):
-        return  # a data module of the user's: its own checks
-    for key in _DATA_FLAGS:
-        if key in node and node.get(key) not in (True, False):
-            raise ValueError(f"data.{key}={shown(node.get(key))}: must be true or false")
-    for key in ("seed", "split_seed"):
-        value = node.get(key)
-        if key in node and not (value is None and key == "seed") and not _is_count(value, 0):
-            raise ValueError(f"data.{key}={shown(value)}: must be a whole number >= 0" + (" or null" if key == "seed" else ""))
-    if "crop_padding" in node and not _is_count(node.get("crop_padding"), 0):
-        raise ValueError(f"data.crop_padding={shown(node.get('crop_padding'))}: must be a whole number >= 0 (pixels)")
-    share = node.get("test_fraction")
-    if "test_fraction" in node and not (_is_number(share) and 0 < share < 1):
-        raise ValueError(f"data.test_fraction={shown(share)}: must be a number in (0, 1) (the share held out for testing)")
 
 
 def _check_checkpoint(key: str, node: Any) -> None:

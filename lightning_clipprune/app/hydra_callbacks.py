@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from lightning_clipprune.app.checks import ConfigError
 from lightning_clipprune.app.report import write_report
-from lightning_clipprune.app.rundir import check_output_dir
+from lightning_clipprune.app.rundir import check_output_dir, launching_process
 from lightning_clipprune.app.untrusted import UntrustedFileError, read_json_object
 
 __all__ = ["ResultsObjective", "RunFolderGuard", "SweepReport"]
@@ -51,14 +51,15 @@ class SweepReport(Callback):
         # Hydra's basic sweeper raises at the end of a batch with a failed job, before on_multirun_end:
         # the report written after each job is then the one left, failed jobs included.
         if config.hydra.mode == RunMode.MULTIRUN:
-            self._write(Path(config.hydra.sweep.dir), console=False)
+            self.write(Path(config.hydra.sweep.dir), console=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._write(Path(config.hydra.sweep.dir), console=self.console)
+        self.write(Path(config.hydra.sweep.dir), console=self.console)
 
-    def _write(self, sweep_dir: Path, console: bool) -> None:
+    def write(self, sweep_dir: Path, console: bool) -> None:
+        """Write the report into ``sweep_dir`` (rank zero only; an error is logged, never raised)."""
         # A DDP process Lightning started for a rank > 0 runs the same command, sweep included: rank zero reports
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+        if not launching_process():
             return
         try:
             jobs = write_report(sweep_dir, console=console)

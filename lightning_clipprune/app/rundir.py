@@ -31,7 +31,7 @@ from lightning_clipprune.app.untrusted import (
     read_yaml,
 )
 
-__all__ = ["LOCK_NAME", "RUN_RECORD", "check_output_dir", "claim_output_dir", "read_run_overrides", "release_output_dir", "run_id",
+__all__ = ["LOCK_NAME", "RUN_RECORD", "check_output_dir", "claim_output_dir", "launching_process", "read_run_overrides", "release_output_dir", "run_id",
            "write_run_record"]
 
 LOCK_NAME = ".clipprune.lock"
@@ -44,6 +44,11 @@ _RUN_FILES = ("results.json", "checkpoints", "csv", "tensorboard")
 def run_id() -> str:
     """A short token that names this process's runs apart (six hex digits, fixed for the process)."""
     return _RUN_ID
+
+
+def launching_process() -> bool:
+    """Whether this process is the launching one (DDP re-launches the command for ranks > 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def _alive(pid: int) -> bool:

@@ -52,11 +52,11 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
         if o.is_sweep_override() and (o.is_choice_sweep() or o.is_range_sweep())
         and not o.key_or_group.startswith("hydra.")
     ]
-    _check_ranks_draw_alike(config_dir, config_name, [o.input_line for o in parsed if not o.is_sweep_override()])
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     values = {id(o): _values(o) for o in sweeps}
     if not sweeps or not all(values.values()):  # an empty range: Hydra says so
+        _check_ranks_draw_alike(_compose(config_dir, config_name, fixed))
         return
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     firsts = {id(o): f"{_key(o)}={values[id(o)][0]}" for o in sweeps}
     # every other job differs from the first in one swept value: a failure there is that value's, and says so
     jobs = [("", [*fixed, *firsts.values()])] + [
@@ -64,6 +64,7 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
         for sweep in sweeps for value in values[id(sweep)][1:]
     ]
     configs = [(label, cfg) for label, job in jobs if (cfg := _compose(config_dir, config_name, job)) is not None]
+    _check_ranks_draw_alike(configs[0][1] if configs and not configs[0][0] else None)  # the first job's config
     for optimizer in (False, True):  # every value's quick checks first; the optimizer's (torch) after
         for label, cfg in configs:
             try:
@@ -74,14 +75,13 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
                 raise ConfigError(f"in the sweep's job with {label}: {err}") from None
 
 
-def _check_ranks_draw_alike(config_dir: Path, config_name: str, overrides: list[str]) -> None:
+def _check_ranks_draw_alike(cfg: Any) -> None:
     """Refuse a sweeper that draws trials at random, unseeded, under a multi-process DDP Trainer.
 
     Lightning relaunches the whole command, ``-m`` included, once per extra process, so every process runs the
     sweep itself: with an unseeded sampler each draws other trials, and one DDP job would train two different
-    models (their metrics averaged, rank zero's checkpoint saved).
+    models (their metrics averaged, rank zero's checkpoint saved). ``cfg``: a job's config (None: not composed).
     """
-    cfg = _compose(config_dir, config_name, overrides)
     if cfg is None:
         return
     trainer = cfg.get("trainer") or {}

@@ -18,9 +18,8 @@ from torch import Tensor
 from lightning_clipprune._validation import bad_value, unmatched_patterns
 from lightning_clipprune.pruning import (
     CEILING,
-    STANDARD_LAYOUT,
     Layout,
-    layer_cap,
+    most_under_ceiling,
     nonfinite_names,
     saturated_layers,
     select_prunable_parameters,
@@ -104,7 +103,7 @@ def check_reachable(cb: Any, params: dict[str, Tensor], layouts: dict[str, Layou
     if ceiling is None or cb.sparsity is None or cb.scope != "global" or cb.pattern != "unstructured":
         return
     total = sum(p.numel() for p in params.values())
-    most = sum(layer_cap(p.shape, ceiling, layouts.get(n, STANDARD_LAYOUT)) for n, p in params.items())
+    most = most_under_ceiling(params, ceiling, layouts)
     if total and round(cb.sparsity * total) > most:
         raise ValueError(
             f"{OWNER}: sparsity={cb.sparsity} cannot be reached on these {total} weights with"
@@ -126,13 +125,24 @@ def run_length(unit: str, trainer: pl.Trainer) -> float | None:
 AT_END = 2**62
 
 
+def position(cb: Any, trainer: pl.Trainer) -> int:
+    """Where the run is in ``cb.unit``: the step clock (:func:`step_clock`) or the epoch."""
+    return step_clock(trainer) if cb.unit == "step" else trainer.current_epoch
+
+
+def settle_at_end(positions: tuple[int, int, int], t: int) -> tuple[int, int, int]:
+    """``positions``, with a post-training event of a run whose length was not known (:data:`AT_END`) placed at
+    ``t``, the run's end, now that it is known."""
+    return (t, t, 1) if positions[1] == AT_END else positions
+
+
 def _why_unknown(unit: str, trainer: pl.Trainer) -> str:
     if unit == "epoch" or trainer.max_epochs in (None, -1):
         return "max_epochs=-1 and no max_steps" if trainer.max_steps in (None, -1) else "max_epochs=-1"
     return "the training dataloader has no length, an IterableDataset for example"
 
 
-def resolve_positions(cb: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int, int]:
+def resolve_positions(cb: Any, trainer: pl.Trainer) -> tuple[int, int, int]:
     """``(start, end, frequency)`` of ``cb`` in ``cb.unit``s for this run.
 
     Raises:

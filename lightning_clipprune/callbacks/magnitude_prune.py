@@ -32,7 +32,6 @@ from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take
 from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
-    AT_END,
     OWNER,
     check_combination,
     check_finite,
@@ -41,9 +40,10 @@ from lightning_clipprune.callbacks._prune_plan import (
     cpu_copy,
     event_layouts,
     parameter_changes,
+    position,
     resolve_positions,
     select_parameters,
-    step_clock,
+    settle_at_end,
 )
 from lightning_clipprune.callbacks._prune_report import (
     after_validation,
@@ -127,8 +127,7 @@ class MagnitudePruneCallback(Callback):
             None: ``0.0``, but ``1.0`` for "oneshot" (never pruning at initialisation by magnitude by default).
         end: where the target is reached, as ``start``; default half-way, so the second half of training
             fine-tunes the sparse network (``benchmarks/bench_vs_lightning.md``). Ignored by "oneshot".
-        unit: "step" (optimizer steps, ``trainer.global_step``; under manual optimization training batches,
-            since a batch may step several optimizers or none) or "epoch".
+        unit: "step" (``trainer.global_step``; under manual optimization, training batches) or "epoch".
         frequency: steps (or epochs) between two events. None (default): 100 steps as in Zhu & Gupta,
             lowered to ``(end - start) // 10`` (at least 1) for a window shorter than 1,000 steps; 1 with
             ``unit="epoch"``. The event at ``end`` always happens.
@@ -403,7 +402,7 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._positions = resolve_positions(self, trainer, pl_module)
+        self._positions = resolve_positions(self, trainer)
         self._example, self._outputs_checked = None, False  # "channel": from this fit's first batch
         if self._restored_counts is not None:  # a sharded run's state: its masks are the zeros of the weights
             self.masks = masks_from_zeros(self, self._restored_counts, self._sharding)
@@ -429,7 +428,7 @@ class MagnitudePruneCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # Before the forward pass, so the whole step trains the pruned network; once per position
         # (gradient accumulation calls this for each micro-batch).
-        t = self._position(trainer)
+        t = position(self, trainer)
         start, end, frequency = self._positions
         take_example(self, pl_module, batch)  # the input the coupled channels are traced on
         if event_due(t, self._last_event, start, end, frequency):
@@ -442,7 +441,7 @@ class MagnitudePruneCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         if self._rewind is not None:  # again after the scheduler's step: what a LearningRateMonitor reads next
-            self._rewind.apply(self, trainer, self._position(trainer))
+            self._rewind.apply(self, trainer, position(self, trainer))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -459,9 +458,8 @@ class MagnitudePruneCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # An event scheduled at or after the last step (post-training pruning) runs here, without
         # retraining; an early-stopped run that has not reached `end` is left as it is.
-        t = self._position(trainer)
-        if self._positions[1] == AT_END:  # post-training in a run whose length was not known: its end is now
-            self._positions = (t, t, 1)
+        t = position(self, trainer)
+        self._positions = settle_at_end(self._positions, t)
         start, end, _ = self._positions
         if t >= end and (self._last_event is None or self._last_event < end):
             self.metrics_before_pruning = before_post_training(self, trainer)
@@ -523,9 +521,6 @@ class MagnitudePruneCallback(Callback):
         self._drop_cache()  # rebuilt from these masks at train start
 
     # ------------------------------------------------------------------ internals
-
-    def _position(self, trainer: pl.Trainer) -> int:
-        return step_clock(trainer) if self.unit == "step" else trainer.current_epoch
 
     def _update(self, trainer: pl.Trainer, t: int) -> None:
         """A pruning event at position ``t``: new masks from the scheduled target, applied everywhere."""

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from lightning_clipprune.pruning.selection import torch_prune_hooks
+
 __all__ = ["fold_pruning_masks", "inference_copy"]
 
 
@@ -43,10 +45,8 @@ def inference_copy(model: nn.Module) -> nn.Module:
             vars(m)[k] = v
     from torch.nn.utils import prune
 
-    for m in out.modules():
-        for hook in list(m._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(m, hook._tensor_name)
+    for _, m, hook in torch_prune_hooks(out):
+        prune.remove(m, hook._tensor_name)
     return out.eval()
 
 

@@ -28,8 +28,8 @@ from lightning_clipprune.pruning import (
     check_layer_sparsity,
     compute_masks,
     erk_counts,
-    layer_cap,
     matrix_shape,
+    most_under_ceiling,
     resolve_layer_sparsity,
 )
 from lightning_clipprune.pruning.ranking import DEFAULT_MAX_LAYER_SPARSITY, round_to_total
@@ -162,7 +162,4 @@ def most_prunable(
     """
     if allocation != "global_magnitude":
         return sum(w.numel() for w in weights.values())
-    layouts = layouts or {}
-    return sum(
-        layer_cap(w.shape, DEFAULT_MAX_LAYER_SPARSITY, layouts.get(n, STANDARD_LAYOUT)) for n, w in weights.items()
-    )
+    return most_under_ceiling(weights, DEFAULT_MAX_LAYER_SPARSITY, layouts)

@@ -45,6 +45,7 @@ __all__ = [
     "keep_mask_by_count",
     "kth_smallest",
     "layer_cap",
+    "most_under_ceiling",
     "resolve_max_layer_sparsity",
     "saturated_layers",
 ]
@@ -243,6 +244,20 @@ def layer_cap(shape: Sequence[int], max_layer_sparsity: float, layout: Layout = 
         rows = shape[1] * layout.groups if layout.transposed else shape[0]
         cap = min(cap, n - rows)
     return cap
+
+
+def most_under_ceiling(
+    weights: Mapping[str, Tensor], max_layer_sparsity: float, layouts: Mapping[str, Layout] | None = None
+) -> int:
+    """The most entries of ``weights`` global ranking may prune under the ceiling: the sum of :func:`layer_cap`.
+
+    Example::
+
+        >>> most_under_ceiling({"a": torch.zeros(10, 10), "b": torch.zeros(100, 32)}, 0.99)
+        3190
+    """
+    layouts = layouts or {}
+    return sum(layer_cap(w.shape, max_layer_sparsity, layouts.get(n, STANDARD_LAYOUT)) for n, w in weights.items())
 
 
 def saturated_layers(

@@ -45,6 +45,7 @@ __all__ = [
     "rows_to_mask",
     "select_prunable_parameters",
     "tied_names",
+    "torch_prune_hooks",
     "uninitialized_names",
     "weight_layouts",
 ]
@@ -372,13 +373,8 @@ def check_not_torch_pruned(module: nn.Module, owner: str) -> None:
         ...
         ValueError: `f`: 0.weight is reparametrised by torch.nn.utils.prune (weight_orig * weight_mask); ...
     """
-    from torch.nn.utils import prune
-
     found = [
-        (f"{name}.{hook._tensor_name}".lstrip("."), hook._tensor_name)
-        for name, mod in module.named_modules()
-        for hook in mod._forward_pre_hooks.values()
-        if isinstance(hook, prune.BasePruningMethod)
+        (f"{name}.{hook._tensor_name}".lstrip("."), hook._tensor_name) for name, _, hook in torch_prune_hooks(module)
     ]
     if found:
         names = ", ".join(n for n, _ in found)
@@ -388,3 +384,23 @@ def check_not_torch_pruned(module: nn.Module, owner: str) -> None:
             f" {found[0][1]}_mask); make the pruning permanent first: `torch.nn.utils.prune.remove("
             f'model.get_submodule(name), "{found[0][1]}")` for each (its zeros are kept)'
         )
+
+
+def torch_prune_hooks(module: nn.Module) -> list[tuple[str, nn.Module, object]]:
+    """``(module name, module, hook)`` of every ``torch.nn.utils.prune`` reparametrisation in ``module``.
+
+    Example::
+
+        >>> import torch.nn.utils.prune as tp
+        >>> net = nn.Sequential(nn.Linear(4, 4)); _ = tp.l1_unstructured(net[0], "weight", amount=0.5)
+        >>> [(name, hook._tensor_name) for name, _, hook in torch_prune_hooks(net)]
+        [('0', 'weight')]
+    """
+    from torch.nn.utils import prune
+
+    return [
+        (name, mod, hook)
+        for name, mod in module.named_modules()
+        for hook in list(mod._forward_pre_hooks.values())
+        if isinstance(hook, prune.BasePruningMethod)
+    ]

@@ -54,7 +54,6 @@ class _Points:
             if isinstance(options.allocation, Mapping)
             else most_prunable(params, options.allocation, weight_layouts(model, params))
         )
-        self.capped: list[float] = []
         self.already = min(self.most, sum(int((p == 0).sum()) for p in params.values()))  # a model pruned already
         self.dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.limit = tolerance / 100.0
@@ -63,12 +62,8 @@ class _Points:
 
     def count(self, sparsity: float) -> int:
         """The pruned count at ``sparsity``: at least the zeros the model has, at most what the allocation can
-        prune (noted in ``capped``)."""
-        k = min(self.numel, max(self.already, round(sparsity * self.numel)))
-        if k > self.most:
-            self.capped.append(sparsity)
-            return self.most
-        return k
+        prune."""
+        return min(self.most, max(self.already, round(sparsity * self.numel)))
 
     def prune(self, k: int) -> None:
         """The weights as given back, then (``k`` above the zeros they have) the reconstruction pruning exactly
@@ -132,17 +127,17 @@ def search_reconstruction(
     calibration = collect_calibration(calibration_loader, options.num_samples, options.seed)
     names = None if names is None else list(names)
     points = _Points(model, val_loader, calibration, names, options, tolerance)
-    grid = sorted({points.count(s) / points.numel for s in grid})
-    if points.capped:
+    capped = sorted(s for s in set(grid) if round(s * points.numel) > points.most)
+    if capped:
         warnings.warn(
             f"{_OWNER}: allocation={options.allocation!r} can prune at most {points.most / points.numel:.4f} of"
             f" these weights (each layer keeps 1 % and every output row's largest weight): the grid's"
-            f" {', '.join(map(str, sorted(set(points.capped))))} searched at {points.most / points.numel:.4f}",
+            f" {', '.join(map(str, capped))} searched at {points.most / points.numel:.4f}",
             stacklevel=2,
         )
     chosen: SearchPoint | None = None
     try:
-        chosen = grid_then_bisect(points.at, points.count, points.numel, grid, resolution,
+        chosen = grid_then_bisect(points.at, points.count, points.numel, sorted(set(grid)), resolution,
                                   max_bisections, progress, "reconstruction search (val)")
         result = SearchResult(points.points, chosen, points.points[0].val_acc, tolerance, "sparsegpt",
                               list(prunable_parameters(model, names)))
