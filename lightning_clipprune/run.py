@@ -225,7 +225,10 @@ def _forget_fresh_start(parts: Any, ckpt: Path | None) -> None:
 
 
 #: torch's words for inputs of the wrong size or number of channels.
-_SHAPE_ERRORS = ("shapes cannot be multiplied", "expected input", "channels, but got", "size mismatch")
+_SHAPE_ERRORS = (
+    "shapes cannot be multiplied", "expected input", "channels, but got", "size mismatch",
+    "can't be greater than actual input size",  # a convolution's kernel larger than the (padded) image
+)
 
 
 def _choice(parts: Any, group: str) -> str:

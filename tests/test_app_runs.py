@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,13 @@ def test_a_folder_is_never_shared(tmp_path: Path) -> None:
     release_output_dir(folder)
     assert not (folder / ".clipprune.lock").exists()
     (folder / "results.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"already holds a run \(results.json\).*ckpt_path="):
+    # no checkpoint in it (a run interrupted before its first): nothing to resume, so no ckpt_path is offered
+    with pytest.raises(ConfigError, match=r"already holds a run \(results.json\); choose another folder, or remove it"):
         claim_output_dir(folder)
     (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"already holds a run \(results.json, checkpoints\).*ckpt_path=.*last.ckpt"):
+        claim_output_dir(folder)
     claim_output_dir(folder, resume_from=folder / "checkpoints" / "last.ckpt")  # resuming in place is fine
 
 
@@ -125,3 +130,11 @@ def test_the_console_shows_only_the_tables_and_the_summary(tmp_path: Path) -> No
     loud = subprocess.run([sys.executable, "-m", "lightning_clipprune.run", "debug=smoke", "verbose=true", f"hydra.run.dir={tmp_path / 'v'}"],
                           capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=300)
     assert loud.returncode == 0 and "GPU available" in loud.stderr
+
+
+def test_the_searchs_commands_train_in_a_folder_of_their_own() -> None:
+    from lightning_clipprune.app.search_cli import _commands
+
+    result = types.SimpleNamespace(overrides=lambda: ["prune=threshold prune.threshold=0.1"])
+    overrides = ["output_dir=/runs/a", "hydra.run.dir=/runs/a", "debug=smoke", "prune=cubic", "ckpt_path=x.ckpt"]
+    assert _commands(overrides, result) == ["python -m lightning_clipprune.run debug=smoke prune=threshold prune.threshold=0.1"]

@@ -224,7 +224,7 @@ def test_a_model_that_would_not_run_compacted_is_refused_in_one_line() -> None:
 
 def test_a_tracer_failure_is_a_warning_under_compact_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     # Whatever Torch-Pruning raises while tracing, to_inference's default keeps the channels and says so in
-    # one line; compact=True lets it through.
+    # one line; compact=True raises it as one line too.
     import torch_pruning
 
     def broken(*args: object, **kwargs: object) -> None:
@@ -234,9 +234,10 @@ def test_a_tracer_failure_is_a_warning_under_compact_auto(monkeypatch: pytest.Mo
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     _zero_rows_(net[0], [0, 1])
     x = torch.randn(3, 4)
-    with pytest.warns(UserWarning, match=r"kept: RuntimeError: an op the tracer does not know \(compact=True") as got:
+    said = r"cannot trace this model's channels \(RuntimeError: an op the tracer does not know\); pass compact=False"
+    with pytest.warns(UserWarning, match=rf"kept: compact: {said} \(compact=True") as got:
         fast = to_inference(net, example_input=x, min_sparsity=1.0)
     assert all("\n" not in str(w.message) for w in got)
     _assert_equal(fast, net, x)
-    with pytest.raises(RuntimeError, match="an op the tracer"):
+    with pytest.raises(ValueError, match=said):
         to_inference(net, example_input=x, compact=True)

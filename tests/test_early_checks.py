@@ -307,10 +307,16 @@ def test_the_export_commands_early_missing_file_line_is_the_readers(
     assert capsys.readouterr().err == early
 
 
-def test_a_model_that_does_not_take_the_datas_inputs_is_one_line_and_frees_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"the model does not take the data's inputs \(mat1 and mat2 shapes.*\)"
+@pytest.mark.parametrize(("model", "said"), [
+    ("lenet300", "mat1 and mat2 shapes"),  # 784 inputs, digits has 64
+    ("lenet5", "Kernel size can't be greater than actual input size"),  # 5x5 kernels after pooling 8x8 images
+])
+def test_a_model_that_does_not_take_the_datas_inputs_is_one_line_and_frees_the_folder(
+    tmp_path: Path, model: str, said: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"the model does not take the data's inputs \(.*{said}.*\)"
                        r".*pick a model for this data set") as info:
-        train(_compose(tmp_path, ("model=lenet300",)), ["model=lenet300"])  # 784 inputs, digits has 64
+        train(_compose(tmp_path, (f"model={model}",)), [f"model={model}"])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "csv").exists()  # nothing trained: the same folder takes the corrected command
     results = train(_compose(tmp_path, ()), [])

@@ -277,6 +277,18 @@ def test_cli_bad_path_is_one_line_and_exit_1(tmp_path, capsys):
     assert not (tmp_path / "out.lcps").exists()
 
 
+def test_cli_a_distributed_checkpoint_folder_says_how_to_consolidate_it(tmp_path, capsys):
+    """ModelParallelStrategy saves a folder of shards (torch.distributed.checkpoint, indexed by `.metadata`)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
+    assert main([str(folder), str(tmp_path / "out.lcps")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a distributed checkpoint folder" in err
+    assert f"python -m lightning.fabric.utilities.consolidate_checkpoint {folder}` and export {folder}.consolidated" in err
+
+
 def test_cli_never_replaces_the_checkpoint_or_a_file_of_another_format(checkpoint, tmp_path, capsys):
     ckpt, _ = checkpoint
     before = ckpt.read_bytes()

@@ -293,7 +293,7 @@ def test_sigterm_before_lightning_took_over_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 143 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "interrupted by SIGTERM before the first checkpoint (none before the first epoch ended); nothing to resume: "
-        "run the command again"
+        "run the command again (given a fixed hydra.run.dir or output_dir, remove that folder first)"
     ]
     results = _results(tmp_path / "r")
     assert results["status"] == "interrupted" and results["steps"] == 0 and results["resume_command"] is None

@@ -97,11 +97,15 @@ def claim_output_dir(output_dir: Path, resume_from: Path | None = None) -> Path:
     used = [name for name in _RUN_FILES if (output_dir / name).exists()]
     if used and not resuming_here:
         lock.unlink(missing_ok=True)
-        raise ConfigError(
-            f"hydra.run.dir={str(output_dir)!r} already holds a run ({', '.join(used)}); choose another folder, or "
-            f"resume that run with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}"
-        )
+        raise ConfigError(_holds_a_run(output_dir, used))
     return lock
+
+
+def _holds_a_run(output_dir: Path, used: list[str]) -> str:
+    """The refusal of a folder holding a run: resume it where it has a checkpoint, else another folder."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    then = f"resume that run with ckpt_path={last}" if last.is_file() else "remove it (it holds no checkpoint to resume)"
+    return f"hydra.run.dir={str(output_dir)!r} already holds a run ({', '.join(used)}); choose another folder, or {then}"
 
 
 def check_output_dir(output_dir: Path, resume_from: Path | None = None, log_name: str = "run.log") -> None:
@@ -141,10 +145,7 @@ def check_output_dir(output_dir: Path, resume_from: Path | None = None, log_name
     resuming_here = resume_from is not None and output_dir.resolve() in resume_from.resolve().parents
     used = [name for name in _RUN_FILES if os.path.lexists(output_dir / name)]
     if used and not resuming_here:
-        raise ConfigError(
-            f"hydra.run.dir={str(output_dir)!r} already holds a run ({', '.join(used)}); choose another folder, or "
-            f"resume that run with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}"
-        )
+        raise ConfigError(_holds_a_run(output_dir, used))
 
 
 def release_output_dir(output_dir: Path) -> None:

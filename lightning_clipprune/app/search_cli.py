@@ -262,8 +262,12 @@ def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: An
 
 def _commands(overrides: Sequence[str], result: SearchResult) -> list[str]:
     """The ``python -m lightning_clipprune.run`` commands that train at the point found."""
-    # the run's own prune choice is replaced by the one found; a fresh run resumes nothing
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] not in ("prune", "ckpt_path")]
+    # the run's own prune choice is replaced by the one found; a fresh run resumes nothing, in a folder of its own
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    kept = [
+        o for o, key in zip(overrides, keys, strict=True)
+        if key.split(".")[0] not in ("prune", "ckpt_path", "output_dir") and not key.startswith(("hydra.run.", "hydra.sweep."))
+    ]
     base = " ".join(shlex.quote(o) for o in kept)  # overrides read from a file: pasted into a shell, quoted
     return [f"python -m lightning_clipprune.run {base} {o}".replace("  ", " ") for o in result.overrides()]
 

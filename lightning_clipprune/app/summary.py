@@ -165,6 +165,6 @@ def print_summary(results: dict[str, Any], job: str | None = None) -> None:
         Console(stderr=True).print(
             f"interrupted by {which}; resume with: {command}" if command else
             f"interrupted by {which} before the first checkpoint (none before the first epoch ended); nothing to "
-            "resume: run the command again",
+            "resume: run the command again (given a fixed hydra.run.dir or output_dir, remove that folder first)",
             soft_wrap=True, highlight=False, markup=False,
         )

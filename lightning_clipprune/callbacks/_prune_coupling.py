@@ -19,7 +19,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_clipprune._validation import bad_value
 from lightning_clipprune.callbacks._prune_plan import OWNER
-from lightning_clipprune.pruning import COUPLE_INSTALL, channel_groups, torch_pruning_available
+from lightning_clipprune.pruning import (
+    COUPLE_INSTALL,
+    TraceError,
+    channel_groups,
+    check_channel_groups,
+    torch_pruning_available,
+)
 from lightning_clipprune.pruning.coupling import as_it_was, forward_example
 from lightning_clipprune.pruning.selection import matches_any
 
@@ -167,9 +173,17 @@ def trace_groups(cb: Any, pl_module: pl.LightningModule, layouts: dict[str, Any]
             " on the LightningModule."
         )
     outputs: list[str] = []
-    groups, unmapped = channel_groups(
-        pl_module, x, cb._params, layouts, owner=OWNER, followers=cb._followers, outputs=outputs
-    )
+    try:
+        groups, unmapped = channel_groups(
+            pl_module, x, cb._params, layouts, owner=OWNER, followers=cb._followers, outputs=outputs
+        )
+    except TraceError as err:
+        rank_zero_warn(
+            f"{OWNER}(couple_channels=...): the model's coupled channels cannot be traced ({err}): every layer is"
+            " pruned on its own, and channels shared through a residual stream will not compact."
+            " couple_channels=False says so without tracing."
+        )
+        return check_channel_groups([], cb._params, layouts)
     warn_outputs(outputs)
     unmapped = [n for n in unmapped if n not in cb._followers]  # a follower alone is simply kept
     if unmapped:

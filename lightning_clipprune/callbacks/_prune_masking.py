@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from lightning_clipprune.callbacks._prune_sharded import is_dtensor, local
-from lightning_clipprune.pruning import apply_masks_, mask_factors, mask_optimizer_state_
+from lightning_clipprune.pruning import (
+    apply_masks_,
+    keeps_pruned_weights_zero,
+    mask_factors,
+    mask_optimizer_state_,
+)
 from lightning_clipprune.pruning.ranking import count_kept
 
 
@@ -115,14 +120,33 @@ class MaskHotPath:
         for optimizer in optimizers:
             mask_optimizer_state_(optimizer, self.live or [], self.factors)
 
+    def register(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        params: Mapping[str, torch.nn.Parameter],
+        observe: Callable[[dict[str, Tensor]], None] | None,
+    ) -> list[Any]:
+        """Put :meth:`post_hook` on every optimizer; returns the handles.
+
+        Each hook reads which of ``params`` its optimizer steps again when the optimizer's parameter list
+        changes (``add_param_group`` mid-fit, as Lightning's ``BackboneFinetuning`` does), so parameters added
+        later are re-masked too; an optimizer with none of them gets a hook that does nothing until it has.
+        """
+        return [
+            optimizer.register_step_post_hook(
+                self.post_hook(params, StepNames(optimizer, params), keeps_pruned_weights_zero(optimizer), observe)
+            )
+            for optimizer in optimizers
+        ]
+
     def post_hook(
         self,
         params: Mapping[str, torch.nn.Parameter],
-        names: list[str],
+        names: Callable[[], list[str]],
         zero_keeping: bool,
         observe: Callable[[dict[str, Tensor]], None] | None,
     ) -> Any:
-        """An ``optimizer.register_step_post_hook`` hook for the parameters ``names`` (of ``params``) of one optimizer.
+        """An ``optimizer.register_step_post_hook`` hook for the parameters ``names()`` (of ``params``) of one optimizer.
 
         ``zero_keeping`` (:func:`~lightning_clipprune.pruning.keeps_pruned_weights_zero`): with the gradients
         masked before the step and the state zeroed at the event, this optimizer's step provably leaves
@@ -131,18 +155,51 @@ class MaskHotPath:
         """
 
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            stepped = names()
+            if not stepped:
+                return
             if observe is not None:
                 # after optimizer.step: `.grad` is what the step used (masked, clipped, AMP-unscaled). A step
                 # *pre*-hook would be too early: Lightning passes the closure that runs backward to step().
-                grads = {n: params[n].grad for n in names}
+                grads = {n: params[n].grad for n in stepped}
                 observe({n: g for n, g in grads.items() if g is not None})
             if self.live:
                 if not self.grads_masked:  # stepped without mask_gradients(): the state may have moved too
-                    live = [n for n in names if n in self.factor_of]
+                    live = [n for n in stepped if n in self.factor_of]
                     self.apply_weights(live)
                     mask_optimizer_state_(optimizer, [self.params[n] for n in live], [self.factor_of[n] for n in live])
                 elif not zero_keeping:
-                    self.apply_weights(names)
+                    self.apply_weights(stepped)
             self.grads_masked = False
 
         return hook
+
+
+class StepNames:
+    """The names of ``params`` that ``optimizer`` steps, read again when its parameter count changes.
+
+    Example::
+
+        >>> a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([a], lr=0.1)
+        >>> names = StepNames(opt, {"a": a, "b": b})
+        >>> names()
+        ['a']
+        >>> opt.add_param_group({"params": [b]}); names()
+        ['a', 'b']
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]) -> None:
+        self.optimizer = optimizer
+        self._ids = {id(p): n for n, p in params.items()}
+        self._count = -1
+        self._names: list[str] = []
+
+    def __call__(self) -> list[str]:
+        count = sum(len(group["params"]) for group in self.optimizer.param_groups)
+        if count != self._count:
+            self._count = count
+            self._names = [
+                self._ids[id(p)] for group in self.optimizer.param_groups for p in group["params"] if id(p) in self._ids
+            ]
+        return self._names

@@ -19,6 +19,7 @@ from lightning_clipprune._validation import bad_value, unmatched_patterns
 from lightning_clipprune.pruning import (
     CEILING,
     Layout,
+    check_prunable_kinds,
     most_under_ceiling,
     nonfinite_names,
     saturated_layers,
@@ -233,6 +234,7 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
             f" exclude={cb.exclude}, frozen left out: {frozen}): it prunes the weights of Linear, Conv,"
             " ConvTranspose and attention (Q/K/V, output) layers; name other parameters with `include`"
         )
+    check_prunable_kinds(pl_module, params, OWNER)
     lazy = uninitialized_names(params)
     if lazy:
         raise ValueError(
@@ -250,7 +252,7 @@ def warn_saturated(cb: Any, new: dict[str, Tensor], layouts: dict[str, Any], nam
         return set()
     # under per-layer budgets the largest layer is the sparsest by design: only an emptied layer is named
     ceiling, budgets = cb.effective_max_layer_sparsity, cb._budgets
-    saturated = saturated_layers(new, ceiling, layouts, level=1.0 if budgets else CEILING)
+    saturated = saturated_layers(new, ceiling, layouts, level=1.0 if budgets else CEILING, channels=cb.pattern == "channel")
     if not set(saturated) - named:
         return set()
     limit = "its ceiling" if ceiling is not None else "100 %" if budgets else "99 % or more (no ceiling)"

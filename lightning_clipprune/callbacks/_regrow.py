@@ -31,8 +31,8 @@ from torch import Tensor
 from lightning_clipprune._choices import check_regrow_fields
 from lightning_clipprune._validation import bad_value, check_choice
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
-from lightning_clipprune.callbacks._prune_plan import OWNER, run_length, step_clock
-from lightning_clipprune.pruning import apply_masks_, mask_optimizer_state_
+from lightning_clipprune.callbacks._prune_plan import OWNER, event_layouts, run_length, step_clock
+from lightning_clipprune.pruning import STANDARD_LAYOUT, apply_masks_, mask_optimizer_state_
 from lightning_clipprune.pruning.regrow import (
     REGROW_METHODS,
     clipped_pruned_scores,
@@ -196,12 +196,16 @@ class Regrowth:
         t, config = step_clock(trainer), self.config
         fraction = cosine_fraction(t, *self._window, config.fraction)
         masks = {n: cb.masks[n] for n in raw}
+        layouts = event_layouts(cb, trainer.lightning_module)  # output channels of ConvTranspose / HF Conv1D
         if config.method == "rigl":
-            scores = {n: clipped_pruned_scores(g, cb._params[n].grad, masks[n]) for n, g in raw.items()}
+            scores = {
+                n: clipped_pruned_scores(g, cb._params[n].grad, masks[n], layouts.get(n, STANDARD_LAYOUT))
+                for n, g in raw.items()
+            }
         else:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
             scores = {n: random_scores(masks[n], generator) for n in raw}
-        new, grown = regrow_masks({n: cb._params[n].detach() for n in raw}, masks, scores, fraction)
+        new, grown = regrow_masks({n: cb._params[n].detach() for n in raw}, masks, scores, fraction, layouts)
         if trainer.world_size > 1:  # float sums of gradients may differ in the last bit between ranks
             new, grown = trainer.strategy.broadcast((new, grown), src=0)
         new = {n: m.to(masks[n].device) for n, m in new.items()}

@@ -48,7 +48,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ROLES", "Role", "check_strategy", "strategy_refusal"]
+__all__ = ["ROLES", "Role", "check_model_sharded", "check_strategy", "strategy_refusal"]
 
 Role = Literal["clip", "prune", "log"]
 #: The callback roles :func:`check_strategy` knows: GradientClipCallback, MagnitudePruneCallback, SparsityLogger.
@@ -253,3 +253,26 @@ def check_strategy(trainer: pl.Trainer, callback_name: str, role: Role) -> None:
     message = strategy_refusal(strategy, callback_name, role)
     if message is not None:
         raise MisconfigurationException(message)
+
+
+def check_model_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, callback_name: str) -> None:
+    """Raise when ``ModelParallelStrategy`` runs several processes on a model none of whose parameters is sharded.
+
+    Under that strategy nothing but ``fully_shard`` (or a tensor-parallel plan) in ``configure_model`` ties the
+    ranks together: without it every rank trains its own copy, so masks, norms and counts would differ between
+    ranks. Call it in ``on_fit_start``, once the strategy has run ``configure_model``.
+
+    Raises:
+        MisconfigurationException: naming the strategy and the fix.
+    """
+    from lightning_clipprune._sharded import any_sharded
+
+    if trainer.world_size <= 1 or not _is(getattr(trainer, "strategy", None), "ModelParallelStrategy"):
+        return
+    if not any_sharded(pl_module.parameters()):
+        raise MisconfigurationException(
+            f"{callback_name}: ModelParallelStrategy runs {trainer.world_size} processes but no parameter of the"
+            " model is sharded (a DTensor), so nothing synchronises them: each trains its own copy, and masks,"
+            " norms and counts would differ between ranks. Shard the model in `configure_model` (FSDP2:"
+            " `fully_shard(layer)` for each block, then `fully_shard(self)`), or train with strategy='ddp'."
+        )

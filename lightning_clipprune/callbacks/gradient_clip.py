@@ -36,7 +36,7 @@ from lightning_clipprune.callbacks._clip_algorithm import (
     Unset,
     resolve_clipper,
 )
-from lightning_clipprune.callbacks._strategy import check_strategy
+from lightning_clipprune.callbacks._strategy import check_model_sharded, check_strategy
 from lightning_clipprune.callbacks.contract import GradientMasker, find_callbacks
 from lightning_clipprune.clipping import Clipper, clipper_name, total_norm
 from lightning_clipprune.pruning import weight_layouts
@@ -198,6 +198,10 @@ class GradientClipCallback(Callback):
         self._has_scaler = False  # a GradScaler (16-bit AMP) skips non-finite steps itself
         self._warned_nonfinite = False
         self._layouts: dict[int, Any] = {}  # id(parameter) -> Layout, for weights not stored (out, in, *k)
+        # id(optimizer) -> steps taken: a hook call with no step since the last is a closure's re-evaluation (LBFGS)
+        self._stepped: dict[int, int] = {}
+        self._seen: dict[int, int] = {}  # id(optimizer) -> self._stepped at its last hook call
+        self._step_hooks: list[Any] = []
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -223,6 +227,7 @@ class GradientClipCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After strategy setup: the optimizers exist and the parameters are the ones that will be stepped.
+        check_model_sharded(trainer, pl_module, type(self).__name__)
         named = list(pl_module.named_parameters())
         self._names = {id(p): n for n, p in named}
         self._plans.clear()
@@ -238,6 +243,7 @@ class GradientClipCallback(Callback):
         for clipper in self._clippers.values():
             _bind_layouts(clipper, self._layouts)
         self._has_scaler = _scaler(trainer) is not None
+        self._count_steps([] if self._has_scaler else trainer.optimizers)  # a GradScaler may skip `step()`
         if self._has_scaler:
             for opt in trainer.optimizers:
                 if getattr(opt, "_step_supports_amp_scaling", False):
@@ -258,6 +264,11 @@ class GradientClipCallback(Callback):
         others = [p.grad for p in plan.others if p.grad is not None]
         if not others and all(p.grad is None for p in plan.clipped):
             return
+        stepped = self._stepped.get(id(optimizer))
+        if stepped is not None and self._seen.get(id(optimizer)) == stepped:
+            self._reclip(trainer, optimizer, plan, others)
+            return
+        self._seen[id(optimizer)] = stepped if stepped is not None else -1
         # the clippers skip parameters without a gradient
         norm, coef = self._clipper(plan.index).clip(plan.clipped, self.norm_type)
         # Every stepped gradient is checked for inf/NaN, the excluded ones too: a norm sum is non-finite iff one is.
@@ -270,6 +281,40 @@ class GradientClipCallback(Callback):
         if not self._has_scaler and not math.isfinite(checked.item()):
             self._on_nonfinite(trainer, optimizer, plan.index, checked)
         self._log(trainer, plan.index, norm, coef)
+
+    def _reclip(self, trainer: pl.Trainer, optimizer: Optimizer, plan: _Plan, others: list[Tensor]) -> None:
+        """Clip a closure's re-evaluation within one optimizer step (LBFGS evaluates it up to ``max_iter`` times).
+
+        Each evaluation's gradient is clipped and checked; the statistics, the log and an adaptive clipper's
+        history count the step once (its first evaluation), as Lightning counts the step once.
+        """
+        clipper = self._clipper(plan.index)
+        state = clipper.state_dict()
+        norm, _ = clipper.clip(plan.clipped, self.norm_type)
+        if state:
+            clipper.load_state_dict(state)
+        checked = norm if not others else norm + total_norm(others, self.norm_type).to(norm.device)
+        if not self._has_scaler and not math.isfinite(checked.item()):
+            self._on_nonfinite(trainer, optimizer, plan.index, checked)
+
+    def _count_steps(self, optimizers: Sequence[Optimizer]) -> None:
+        """Count each optimizer's steps with a step post-hook (replacing the previous fit's hooks)."""
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks, self._stepped, self._seen = [], {}, {}
+        for optimizer in optimizers:
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            self._stepped[id(optimizer)] = 0
+
+            def bump(opt: Optimizer, args: Any, kwargs: Any) -> None:
+                self._stepped[id(opt)] += 1
+
+            self._step_hooks.append(optimizer.register_step_post_hook(bump))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._count_steps([])
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -364,6 +409,13 @@ class GradientClipCallback(Callback):
             for p in group["params"]:
                 name = self._names.get(id(p), "")
                 (others if any(fnmatchcase(name, pat) for pat in self.exclude) else clipped).append(p)
+        sparse = [self._names.get(id(p), "?") for p in clipped + others if p.grad is not None and p.grad.is_sparse]
+        if sparse:
+            raise ValueError(
+                f"{OWNER}: the gradient of {', '.join(f'`{n}`' for n in sparse)} is sparse (a layer built with"
+                " `sparse=True`, such as `nn.Embedding(sparse=True)`), and sparse gradients cannot be clipped"
+                " (torch's `clip_grad_norm_` cannot either): build the layer with `sparse=False`."
+            )
         plan = self._plans[id(optimizer)] = _Plan(index, n_params, clipped, others)
         return plan
 

@@ -60,14 +60,13 @@ from lightning_clipprune.callbacks._prune_sharded import (
     sharding_of,
 )
 from lightning_clipprune.callbacks._regrow import make_regrow
-from lightning_clipprune.callbacks._strategy import check_strategy
+from lightning_clipprune.callbacks._strategy import check_model_sharded, check_strategy
 from lightning_clipprune.pruning import (
     DEFAULT_RANKING,
     RANKINGS,
     SCOPES,
     check_layer_sparsity,
     check_pattern_fits,
-    keeps_pruned_weights_zero,
     make_criterion,
     parse_pattern,
     resolve_max_layer_sparsity,
@@ -385,18 +384,13 @@ class MagnitudePruneCallback(Callback):
         # Optimizers exist from here on; hooks on them see every step, whoever calls optimizer.step.
         self._remove_hooks()
         if is_model_parallel(trainer):  # the sharded (DTensor) parameters exist from here on
+            check_model_sharded(trainer, pl_module, OWNER)
             self._select(pl_module, "fit")
             self._sharding = sharding_of(self._params)
             if self._sharding is not None:
                 check_supported(self, event_layouts(self, pl_module))
-        ids = {id(p): n for n, p in self._params.items()}
-        for optimizer in trainer.optimizers:
-            names = [ids[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in ids]
-            if not names:
-                continue
-            observe = self._criterion.observe if self._criterion.needs == "gradients" else None
-            hook = self._hot.post_hook(self._params, names, keeps_pruned_weights_zero(optimizer), observe)
-            self._handles.append(optimizer.register_step_post_hook(hook))
+        observe = self._criterion.observe if self._criterion.needs == "gradients" else None
+        self._handles.extend(self._hot.register(trainer.optimizers, self._params, observe))
         if self._regrow is not None:
             self._regrow.on_fit_start(self, trainer)
 

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_clipprune._choices import check_sparsity_logger_fields
 from lightning_clipprune._sharded import any_sharded
-from lightning_clipprune.callbacks._strategy import check_strategy
+from lightning_clipprune.callbacks._strategy import check_model_sharded, check_strategy
 from lightning_clipprune.callbacks.contract import PruneState, find_callbacks
 from lightning_clipprune.sparsity import (
     SparsityReport,
@@ -145,6 +145,7 @@ class SparsityLogger(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_model_sharded(trainer, pl_module, type(self).__name__)
         self._fit_started = time.perf_counter()
 
     @override

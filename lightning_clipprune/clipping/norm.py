@@ -80,10 +80,18 @@ def clip_grad_value(
         ``(total_norm, clip_coef)``: the p-norm before clipping and ``||g_after||_p / ||g_before||_p``
         (1 when nothing changed or the norm is 0). Value clipping is not a scaling; this ratio says how
         much of the gradient's norm survived.
+
+    Raises:
+        ValueError: a gradient is complex (entries have no order to clamp to).
     """
     grads = _grads(parameters)
     if not grads:
         return _nothing()
+    if any(g.is_complex() for g in grads):
+        raise ValueError(
+            "value clipping clamps real numbers and cannot clamp a complex gradient: clip complex parameters by"
+            " norm (algorithm 'norm'), or leave them out of clipping (GradientClipCallback's `exclude`)."
+        )
     clip_value = float(clip_value)
     pre = total_norm(grads, norm_type)
     # elementwise: each rank clamps its own shard of a sharded gradient; the two norms are global

@@ -134,6 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.lexists(args.checkpoint):  # the reader's own words for it, without importing torch first
         sys.stderr.write(f"error: cannot read checkpoint {args.checkpoint}: no such file\n")
         return 1
+    if os.path.isfile(os.path.join(args.checkpoint, ".metadata")):  # torch.distributed.checkpoint's index
+        sys.stderr.write(
+            f"error: cannot read checkpoint {args.checkpoint}: a distributed checkpoint folder (one shard per rank,"
+            " as ModelParallelStrategy saves); consolidate it into one file first with `python -m"
+            f" lightning.fabric.utilities.consolidate_checkpoint {args.checkpoint}` and export"
+            f" {args.checkpoint}.consolidated\n"
+        )
+        return 1
     refused = _refused_destination(args.checkpoint, args.out)
     if refused is not None:
         sys.stderr.write(f"error: cannot write {args.out}: {refused}\n")

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from lightning_clipprune._hooks import forward_pre_hooks
 from lightning_clipprune.export._reparam import inference_copy
+from lightning_clipprune.pruning.coupling import TraceError, all_groups
+from lightning_clipprune.pruning.wrappers import is_hf_conv1d
 
 __all__ = ["compact_channels", "has_zero_channels", "maybe_compact", "output_tensors", "torch_pruning_missing"]
 
@@ -178,13 +180,24 @@ def compact_channels(
     names = {m: n for n, m in out.named_modules()}
     with torch.no_grad():
         reference = out(example_input)
+    if not isinstance(reference, Tensor):
+        raise ValueError(
+            f"compact: the model returns a {type(reference).__name__}, not a tensor, and compaction traces and checks"
+            " one output tensor: compact a module whose forward returns the logits (a LightningModule's forward"
+            " usually does), or pass compact=False"
+        )
     _check_traceable(out, example_input)
     live = _consumer_inputs(out, example_input)
     before = _widths(out)
-    graph = tp.DependencyGraph().build_dependency(out, example_inputs=example_input[:1], verbose=False)
+    try:
+        graph = tp.DependencyGraph().build_dependency(out, example_inputs=example_input[:1], verbose=False)
+        groups = all_groups(graph, _LAYERS)
+    except Exception as err:  # a TraceError says why in one line; anything else is Torch-Pruning's
+        said = str(err) if isinstance(err, TraceError) else f"{type(err).__name__}: {_first_line(err)}"
+        raise ValueError(f"compact: cannot trace this model's channels ({said}); pass compact=False") from None
     plans = []
     carrying: dict[str, int] = {}  # zero-weight channels kept because they carry a constant, per root layer
-    for group in graph.get_all_groups(root_module_types=_LAYERS):
+    for group in groups:
         dead, kept = _dead_channels(group, live, graph.is_out_channel_pruning_fn)
         root_module = group.items[0].dep.target.module
         if kept and _more_than_chance(root_module, kept):
@@ -280,6 +293,8 @@ def maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.
     (unstructured pruning leaves zero rows by chance in narrow layers: the CSR conversion then goes on);
     ``False`` does nothing.
     """
+    if compact is not False:
+        _say_conv1d_kept(model, compact)
     if compact is False or not has_zero_channels(model):
         return model, {}
     if compact == "auto" and torch_pruning_missing():
@@ -297,6 +312,27 @@ def maybe_compact(model: nn.Module, x: Tensor, compact: bool | str) -> tuple[nn.
         said = _first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {_first_line(err)}"
         warnings.warn(f"to_inference: the zero output channels are kept: {said} (compact=True makes this an error)", stacklevel=3)
         return model, {}
+
+
+def _say_conv1d_kept(model: nn.Module, compact: bool | str) -> None:
+    """Hugging Face ``Conv1D`` layers (GPT-2) are not compacted: say so when one has a zero output column.
+
+    Raises:
+        ValueError: with ``compact=True``.
+    """
+    layers = [
+        n for n, m in model.named_modules() if is_hf_conv1d(m) and bool((m.weight.detach() == 0).all(dim=0).any())
+    ]
+    if not layers:
+        return
+    named = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    said = (
+        f"the zero output channels of Hugging Face Conv1D layers ({named}) are kept: compaction removes channels of"
+        " nn.Linear and nn.Conv layers only"
+    )
+    if compact is True:
+        raise ValueError(f"compact: {said}; pass compact='auto' to keep them and go on, or compact=False")
+    warnings.warn(f"to_inference: {said} (the CSR step still converts them)", stacklevel=4)
 
 
 def _first_line(err: BaseException) -> str:

@@ -121,11 +121,17 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
         _keep_layout(out, name, candidates[name], _layer_inputs(out, [name], x).get(name), x)
     # A 2-D weight the command line timed as a Linear may be another layer (an Embedding): it stays as it is.
     choices += [
-        LayerChoice(n, type(every[n]).__name__, 0.0, None, None, "dense", "not a Linear or Conv2d (groups=1)")
+        LayerChoice(n, type(every[n]).__name__, _weight_sparsity(every[n]), None, None, "dense", "not a Linear or Conv2d (groups=1)")
         for n in names if n not in candidates
     ]
     setattr(out, _REPORT_ATTR, InferenceReport(str(recipe.get("device", "cpu")), batch_size, choices, compacted))
     return out
+
+
+def _weight_sparsity(module: nn.Module) -> float:
+    """The fraction of zeros of ``module``'s ``weight`` (0.0 when it has none)."""
+    weight = getattr(module, "weight", None)
+    return _sparsity(weight) if isinstance(weight, Tensor) else 0.0
 
 
 def recipe_for_state_dict(

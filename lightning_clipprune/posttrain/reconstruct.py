@@ -39,6 +39,7 @@ from lightning_clipprune.posttrain.obs import reconstruct_matrix_, refit_rows_, 
 from lightning_clipprune.pruning import (
     check_not_torch_pruned,
     check_pattern_fits,
+    check_prunable_kinds,
     parse_pattern,
     select_prunable_parameters,
     weight_layouts,
@@ -414,6 +415,7 @@ def reconstruct_prune(
     params = select_prunable_parameters(model, include=include, exclude=list(exclude), include_frozen=True)
     if not params:
         raise ValueError(f"`{OWNER}` found no prunable weight in the model (check `include`/`exclude`).")
+    check_prunable_kinds(model, params, f"`{OWNER}`")
     modules, fallback = split_layers(model, params)
     layouts = weight_layouts(model, params)
     if nm is not None:

@@ -28,13 +28,72 @@ from torch import Tensor, nn
 
 from lightning_clipprune.pruning.selection import STANDARD_LAYOUT, Layout, output_rows
 
-__all__ = ["COUPLE_INSTALL", "ChannelGroup", "channel_groups", "check_channel_groups", "torch_pruning_available"]
+__all__ = [
+    "COUPLE_INSTALL",
+    "ChannelGroup",
+    "TraceError",
+    "all_groups",
+    "channel_groups",
+    "check_channel_groups",
+    "torch_pruning_available",
+]
 
 #: ``{weight name: LongTensor}``: position ``i`` of the group is output channel ``tensor[i]`` of every member.
 ChannelGroup = dict[str, Tensor]
 #: The command that installs the optional tracer.
 COUPLE_INSTALL = "pip install 'lightning-clipprune[compact]'"
 _ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class TraceError(ValueError):
+    """Torch-Pruning could not trace a model's channel dependencies; the message is one line saying why."""
+
+
+class _WalkTooLong(Exception):
+    pass
+
+
+def all_groups(graph: Any, roots: tuple[type, ...]) -> list[Any]:
+    """Every pruning group of Torch-Pruning's dependency ``graph`` rooted at a layer of the types ``roots``.
+
+    Torch-Pruning's walk of one group can loop without end on some graphs (Llama's attention: its index mapping
+    keeps producing new index lists); a group that grows past 16 items per traced node (ResNets and BERT stay
+    under 2) stops it.
+
+    Raises:
+        TraceError: Torch-Pruning raised (its message's first line), or a walk did not end.
+    """
+    limit = 16 * len(getattr(graph, "module2node", ())) + 256
+    try:
+        group_class = importlib.import_module("torch_pruning.dependency.group").Group
+        original = group_class.add_dep
+    except (ImportError, AttributeError):  # pragma: no cover (another Torch-Pruning layout: unbounded)
+        group_class = original = None
+
+    def add_dep(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if len(getattr(self, "_group", ())) > limit:
+            raise _WalkTooLong
+        return out
+
+    try:
+        if group_class is not None:
+            group_class.add_dep = add_dep
+        return list(graph.get_all_groups(root_module_types=roots))
+    except _WalkTooLong:
+        raise TraceError(
+            f"Torch-Pruning's dependency walk does not end on this model (a group grew past {limit} items)"
+        ) from None
+    except Exception as err:
+        raise TraceError(f"Torch-Pruning failed: {type(err).__name__}: {_first_line(err)}") from None
+    finally:
+        if group_class is not None:
+            group_class.add_dep = original
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def torch_pruning_available() -> bool:
@@ -71,9 +130,12 @@ def _trace(module: nn.Module, example_input: Any, tp: Any) -> Any:
     leaves the model in ``eval()``), so tracing never changes what a training run computes.
     """
     with as_it_was(module), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            module, example_inputs=example_input, forward_fn=forward_example, verbose=False
-        )
+        try:
+            return tp.DependencyGraph().build_dependency(
+                module, example_inputs=example_input, forward_fn=forward_example, verbose=False
+            )
+        except Exception as err:
+            raise TraceError(f"Torch-Pruning could not trace it: {type(err).__name__}: {_first_line(err)}") from None
 
 
 @contextlib.contextmanager
@@ -123,6 +185,7 @@ def channel_groups(
 
     Raises:
         ImportError: Torch-Pruning is not installed (one line with the pip command).
+        TraceError: Torch-Pruning cannot trace the model (one line: why).
 
     Example::
 
@@ -136,7 +199,7 @@ def channel_groups(
     graph = _trace(module, example_input, tp)
     found: list[dict[str, list[int]]] = []
     unmapped: set[str] = set()
-    for group in graph.get_all_groups(root_module_types=_ROOTS):
+    for group in all_groups(graph, _ROOTS):
         members: dict[str, list[int]] = {}
         exact = True
         size = len(group.items[0].root_idxs) if group.items else 0

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_clipprune._choices import REGROW_METHODS
+from lightning_clipprune.pruning.selection import STANDARD_LAYOUT, Layout, output_rows
 
 __all__ = [
     "REGROW_METHODS",
@@ -62,7 +63,25 @@ def regrow_due(t: int, start: int, end: int, interval: int) -> bool:
     return start < t < end and (t - start) % interval == 0
 
 
-def clipped_pruned_scores(raw: Tensor, clipped: Tensor | None, mask: Tensor) -> Tensor:
+def _rows(t: Tensor, layout: Layout) -> Tensor:
+    """``t`` as ``(output channels, weights of each)``: a view for weights stored ``(out, in, *k)``, a copy for
+    the others (:func:`~.selection.output_rows`); a 1-D tensor is one row."""
+    return output_rows(t, layout) if t.dim() > 1 else t.reshape(1, -1)
+
+
+def _unrows(rows: Tensor, shape: torch.Size, layout: Layout) -> Tensor:
+    """The inverse of :func:`_rows`: ``rows`` back in the weight's ``shape``."""
+    if len(shape) < 2 or not layout.transposed:
+        return rows.reshape(shape)
+    index = output_rows(torch.arange(math.prod(shape), device=rows.device).reshape(shape), layout)
+    out = torch.empty(math.prod(shape), dtype=rows.dtype, device=rows.device)
+    out[index.reshape(-1)] = rows.reshape(-1)
+    return out.reshape(shape)
+
+
+def clipped_pruned_scores(
+    raw: Tensor, clipped: Tensor | None, mask: Tensor, layout: Layout = STANDARD_LAYOUT
+) -> Tensor:
     """RigL's growth score of a layer: the magnitude of the clipped gradient at its pruned positions.
 
     The clip runs on the live gradients only (pruned ones are zeroed before its norm, whatever the
@@ -71,7 +90,8 @@ def clipped_pruned_scores(raw: Tensor, clipped: Tensor | None, mask: Tensor) -> 
     on an output row is the ratio of the row's live-gradient norms after and before it; that is exactly the
     clip coefficient of the clippers that scale ("norm", "autoclip", "zclip": one factor for all; "agc": one
     per output row), and an approximation for "value" (element by element). A row without a live gradient
-    scores 0, and so do non-finite raw entries: neither is regrown.
+    scores 0, and so do non-finite raw entries: neither is regrown. ``layout`` says where the output channels
+    of a weight not stored ``(out, in, *k)`` lie (a ``ConvTranspose``, a Hugging Face ``Conv1D``).
 
     Returns:
         ``|raw| * row ratio`` on the pruned positions, 0 on the live ones (float32, ``raw``'s shape).
@@ -83,14 +103,13 @@ def clipped_pruned_scores(raw: Tensor, clipped: Tensor | None, mask: Tensor) -> 
         tensor([[0., 0., 1.]])
     """
     zero = torch.zeros((), device=raw.device)
-    rows = torch.where(torch.isfinite(raw), raw.float(), zero)
-    rows = rows.reshape(raw.shape[0], -1) if raw.dim() > 1 else rows.reshape(1, -1)
-    keep = mask.reshape(rows.shape)
-    after = torch.zeros_like(rows) if clipped is None else clipped.detach().float().reshape(rows.shape) * keep
+    rows = _rows(torch.where(torch.isfinite(raw), raw.float(), zero), layout)
+    keep = _rows(mask, layout)
+    after = torch.zeros_like(rows) if clipped is None else _rows(clipped.detach().float(), layout) * keep
     after = torch.where(torch.isfinite(after), after, zero)
     num, den = after.square().sum(1, keepdim=True), (rows * keep).square().sum(1, keepdim=True)
     ratio = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), zero).sqrt()
-    return (rows.abs() * ratio * ~keep).reshape(raw.shape)
+    return _unrows(rows.abs() * ratio * ~keep, raw.shape, layout)
 
 
 def random_scores(mask: Tensor, generator: torch.Generator) -> Tensor:
@@ -108,14 +127,14 @@ def random_scores(mask: Tensor, generator: torch.Generator) -> Tensor:
     return (u.to(mask.device) * ~mask).float()
 
 
-def _protected(weight: Tensor, mask: Tensor) -> Tensor:
-    """The largest live ``|w|`` of each output row: never dropped, so no row loses its last weight."""
+def _protected(weight: Tensor, mask: Tensor, layout: Layout = STANDARD_LAYOUT) -> Tensor:
+    """The largest live ``|w|`` of each output row (``layout``'s): never dropped, so no row loses its last weight."""
     if weight.dim() < 2:
         return torch.zeros_like(mask)
-    rows = (weight.detach().abs().float() * mask).reshape(weight.shape[0], -1)
+    rows = _rows(weight.detach().abs().float() * mask, layout)
     best = torch.zeros_like(rows, dtype=torch.bool)
     best.scatter_(1, rows.argmax(1, keepdim=True), True)
-    return (best & mask.reshape(rows.shape)).reshape(mask.shape)
+    return _unrows(best, mask.shape, layout) & mask
 
 
 def _top_k_by_index(values: Tensor, k: int) -> Tensor:
@@ -126,7 +145,9 @@ def _top_k_by_index(values: Tensor, k: int) -> Tensor:
     return torch.cat([above, tied])
 
 
-def drop_and_grow(weight: Tensor, mask: Tensor, score: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+def drop_and_grow(
+    weight: Tensor, mask: Tensor, score: Tensor, fraction: float, layout: Layout = STANDARD_LAYOUT
+) -> tuple[Tensor, Tensor]:
     """One layer's regrowth: drop the ``k`` live weights of smallest ``|w|``, grow ``k`` pruned positions of largest score.
 
     ``k = round(fraction * live)``, lowered to the number of pruned positions with a positive score (no
@@ -138,6 +159,7 @@ def drop_and_grow(weight: Tensor, mask: Tensor, score: Tensor, fraction: float) 
         mask: bool, True = kept.
         score: the growth score of every position (only pruned positions with a score > 0 can grow).
         fraction: the drop fraction of the live weights, in [0, 1].
+        layout: where the weight's output channels lie, when it is not stored ``(out, in, *k)``.
 
     Returns:
         ``(new_mask, grown)``: the mask after the event and the bool positions regrown (pruned before,
@@ -154,7 +176,7 @@ def drop_and_grow(weight: Tensor, mask: Tensor, score: Tensor, fraction: float) 
     flat_mask, flat_score = mask.reshape(-1), score.reshape(-1).float()
     live = int(flat_mask.sum())
     growable = ~flat_mask & (flat_score > 0)
-    droppable = flat_mask & ~_protected(weight, mask).reshape(-1)
+    droppable = flat_mask & ~_protected(weight, mask, layout).reshape(-1)
     k = min(round(fraction * live), int(growable.sum()), int(droppable.sum()))
     if k <= 0:
         return mask.clone(), torch.zeros_like(mask)
@@ -171,9 +193,15 @@ def drop_and_grow(weight: Tensor, mask: Tensor, score: Tensor, fraction: float) 
 
 
 def regrow_masks(
-    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], fraction: float
+    weights: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    scores: Mapping[str, Tensor],
+    fraction: float,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """:func:`drop_and_grow` over every layer of ``scores``: ``(new masks, grown positions)`` of those layers.
+
+    ``layouts`` gives the layout of each weight not stored ``(out, in, *k)`` (:func:`~.selection.weight_layouts`).
 
     Example::
 
@@ -184,5 +212,6 @@ def regrow_masks(
     """
     new, grown = {}, {}
     for name, score in scores.items():
-        new[name], grown[name] = drop_and_grow(weights[name], masks[name], score, fraction)
+        layout = (layouts or {}).get(name, STANDARD_LAYOUT)
+        new[name], grown[name] = drop_and_grow(weights[name], masks[name], score, fraction, layout)
     return new, grown

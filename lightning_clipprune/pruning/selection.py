@@ -37,6 +37,7 @@ __all__ = [
     "TRANSPOSED_TYPES",
     "Layout",
     "check_not_torch_pruned",
+    "check_prunable_kinds",
     "frozen_names",
     "layout_of",
     "matrix_shape",
@@ -169,13 +170,13 @@ def select_prunable_parameters(
     the Q/K/V projections of ``nn.MultiheadAttention`` (:data:`ATTENTION_WEIGHTS`); biases only when
     ``prune_bias``. Embedding, normalisation and recurrent (``LSTM``, ``GRU``) layers are never selected
     unless named in ``include``: to add an embedding to the default set, name both, for example
-    ``include=["*weight"], exclude=["*norm*"]``. Hugging Face ``Conv1D``, weight-norm parametrisations and
-    LoRA wrappers are seen through (:mod:`~lightning_clipprune.pruning.wrappers`). A tensor reached through
-    two modules (tied weights) appears once, under its first selected name; when one of its names would be
-    left dense (an output head tied to an input embedding), the tensor is left dense unless
-    ``include_tied`` or one of its names matches ``include`` (:func:`tied_names` lists them). Frozen
-    parameters (``requires_grad=False``) are left out unless ``include_frozen`` (pruning would change
-    values the user froze; :func:`frozen_names` lists them).
+    ``include=["*weight"], exclude=["*norm*", "*LayerNorm*", "*ln_*"]`` (GPT-2 names its norms ``ln_1``, BERT
+    ``LayerNorm``). Hugging Face ``Conv1D``, weight-norm parametrisations and LoRA wrappers are seen through
+    (:mod:`~lightning_clipprune.pruning.wrappers`). A tensor reached through two modules (tied weights) appears
+    once, under its first selected name; when one of its names would be left dense (an output head tied to an
+    input embedding), the tensor is left dense unless ``include_tied`` or one of its names matches ``include``
+    (:func:`tied_names` lists them). Frozen parameters (``requires_grad=False``) are left out unless
+    ``include_frozen`` (pruning would change values the user froze; :func:`frozen_names` lists them).
 
     Args:
         module: the network.
@@ -384,6 +385,39 @@ def check_not_torch_pruned(module: nn.Module, owner: str) -> None:
             f" {found[0][1]}_mask); make the pruning permanent first: `torch.nn.utils.prune.remove("
             f'model.get_submodule(name), "{found[0][1]}")` for each (its zeros are kept)'
         )
+
+
+def check_prunable_kinds(module: nn.Module, names: Iterable[str], owner: str, leave: str = "exclude={}") -> None:
+    """Refuse selected parameters that masks cannot keep right: complex ones, and sparse-gradient embeddings.
+
+    A complex weight has no order to rank by (``|w|`` would be taken of its real part) and its optimizer
+    state is not masked; a layer built with ``sparse=True`` (``nn.Embedding``, ``nn.EmbeddingBag``) gets sparse
+    gradients, which cannot be masked in place. ``leave`` is the fix's wording, ``{}`` the names' list.
+
+    Raises:
+        ValueError: naming the parameters and the fix.
+
+    Example::
+
+        >>> check_prunable_kinds(nn.Sequential(nn.Embedding(4, 2, sparse=True)), ["0.weight"], "f")
+        Traceback (most recent call last):
+        ...
+        ValueError: f cannot prune `0.weight`: its layer is built with `sparse=True` (sparse gradients ...
+    """
+    names = set(names)
+    complex_ = [n for n, p in module.named_parameters(remove_duplicate=False) if n in names and p.is_complex()]
+    if complex_:
+        raise ValueError(
+            f"{owner} cannot prune {', '.join(f'`{n}`' for n in complex_)}: complex weights are not supported (it"
+            f" ranks, masks and checks real weights); leave them dense with {leave.format(complex_)}."
+        )
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse and name in names:
+            raise ValueError(
+                f"{owner} cannot prune `{name}`: its layer is built with `sparse=True` (sparse gradients cannot"
+                f" be masked); build it with `sparse=False`, or leave it dense with {leave.format([name])}."
+            )
 
 
 def torch_prune_hooks(module: nn.Module) -> list[tuple[str, nn.Module, object]]:

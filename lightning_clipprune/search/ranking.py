@@ -14,9 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_clipprune.clipping import clip_grad_norm, clip_grad_value
-from lightning_clipprune.pruning import check_not_torch_pruned, select_prunable_parameters
+from lightning_clipprune.pruning import (
+    check_not_torch_pruned,
+    check_prunable_kinds,
+    select_prunable_parameters,
+)
 
 __all__ = ["Loader", "Ranking", "evaluate", "loader_batches", "prunable_parameters", "taylor_gradients"]
+
+_SEARCH = "lightning_clipprune.search"
 
 Loader = Iterable[tuple[Tensor, Tensor]]
 
@@ -26,12 +32,37 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _logits(out: object, y: Tensor) -> Tensor:
+    """The logits of a model's output for labels ``y``, checked to fit them.
+
+    Raises:
+        ValueError: naming the shapes and the fix.
+    """
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor):
+        raise ValueError(
+            f"the model returned a {type(out).__name__}, not logits: evaluate a module whose forward returns the"
+            " class scores (a tensor, or an output with a `logits` field)"
+        )
+    if logits.dim() != y.dim() + 1 or logits.shape[0] != y.shape[0] or logits.shape[2:] != y.shape[1:]:
+        raise ValueError(
+            f"the model's logits {tuple(logits.shape)} do not fit the labels {tuple(y.shape)}: logits must be (N, C)"
+            " for labels (N,), or (N, C, d1, ...) for labels (N, d1, ...) (sequence models returning (N, T, C)"
+            " logits: `.transpose(1, 2)` them in the forward you evaluate)"
+        )
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy loss)`` of ``model`` over ``loader`` (batches of ``(x, y)``), in eval mode.
 
+    The model returns logits ``(N, C)`` for labels ``(N,)``, or ``(N, C, d1, ...)`` for labels ``(N, d1, ...)`` (per
+    token or pixel, the layout of ``F.cross_entropy``: then every label counts once); an output with a ``logits``
+    field (a Hugging Face ``ModelOutput``) is read there.
+
     Raises:
-        ValueError: the loader gave no samples.
+        ValueError: the loader gave no samples, or the logits do not fit the labels (one line: the shapes).
 
     Example::
 
@@ -49,10 +80,10 @@ def evaluate(model: nn.Module, loader: Loader) -> tuple[float, float]:
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            logits = _logits(model(x), y)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
-            n += len(y)
+            n += y.numel()
     finally:
         model.train(was_training)
     if n == 0:
@@ -68,7 +99,7 @@ def prunable_parameters(model: nn.Module, names: Sequence[str] | None = None) ->
     Raises:
         ValueError: a name in ``names`` is not a parameter of the model, or there is no weight to prune.
     """
-    check_not_torch_pruned(model, "lightning_clipprune.search")
+    check_not_torch_pruned(model, _SEARCH)
     if names is None:
         selected = select_prunable_parameters(model, include_frozen=True)
         if not selected:
@@ -76,14 +107,19 @@ def prunable_parameters(model: nn.Module, names: Sequence[str] | None = None) ->
                 f"the model ({type(model).__name__}) has no prunable weight (of a Linear, Conv or attention layer):"
                 " pass `names`, the parameter names to prune"
             )
+        check_prunable_kinds(model, selected, f"`{_SEARCH}`", "`names` that leave out {}")
         return selected
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied tensor by any of its names
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"`names` must be parameter names of the model, got unknown {missing}")
     if not names:
         raise ValueError("`names` is empty: give the parameter names to prune, or None for every Linear/Conv weight")
-    return {n: params[n] for n in names}
+    check_prunable_kinds(model, names, f"`{_SEARCH}`", "`names` that leave out {}")
+    chosen: dict[int, str] = {}
+    for n in names:  # two names of one tied tensor: it is pruned (and counted) once
+        chosen.setdefault(id(params[n]), n)
+    return {n: params[n] for n in chosen.values()}
 
 
 def loader_batches(loader: Loader, n: int) -> Iterable[tuple[Tensor, Tensor]]:
