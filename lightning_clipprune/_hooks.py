@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["forward_pre_hooks"]
+__all__ = ["evaluating", "forward_pre_hooks"]
 
 
 @contextmanager
@@ -32,3 +32,28 @@ def forward_pre_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in ``eval()`` mode for the ``with`` block; every submodule's own ``training`` flag is put back.
+
+    ``module.train(was_training)`` would set every submodule alike and unfreeze a BatchNorm the user had left
+    in ``eval()`` inside a model in ``train()`` (fine-tuning): its running statistics would move again.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)); _ = net[1].eval()
+        >>> with evaluating(net):
+        ...     net[0].training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -178,7 +178,50 @@ def resolve_positions(cb: Any, trainer: pl.Trainer) -> tuple[int, int, int]:
     frequency = cb.frequency
     if frequency is None:
         frequency = 1 if cb.unit == "epoch" else max(1, min(100, (end - start) // 10))
+    catch_up(cb, end)
     return start, end, frequency
+
+
+#: The arguments a checkpoint's masks and schedule position depend on beyond the target: checked on resume.
+RESUME_FIELDS = ("unit", "scope", "ranking")
+
+
+def resume_fields(cb: Any) -> dict[str, Any]:
+    """``{field: value}`` of :data:`RESUME_FIELDS`, saved in the callback's state."""
+    return {f: getattr(cb, f) for f in RESUME_FIELDS}
+
+
+def check_resumable(cb: Any, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint state ``cb`` cannot continue: other parameters, another unit, scope or ranking.
+
+    Raises:
+        ValueError: one line naming what differs and the fix.
+    """
+    names = list(state.get("parameter_names", []))
+    if cb._params and names and names != cb.parameter_names:
+        raise ValueError(
+            f"{OWNER}: the checkpoint pruned {names}, this callback selects {cb.parameter_names} (another model, or"
+            " another `include`/`exclude`): resume with those of the run that wrote it, or start afresh without ckpt_path"
+        )
+    changed = [f"{f}={state[f]!r} there, {getattr(cb, f)!r} here" for f in RESUME_FIELDS if f in state and state[f] != getattr(cb, f)]
+    if changed:
+        raise ValueError(
+            f"{OWNER}: the checkpoint's pruning ran with {'; '.join(changed)}: its masks and schedule position"
+            " cannot carry over (masks only grow); resume with the same values, or start afresh without ckpt_path"
+        )
+
+
+def catch_up(cb: Any, end: int) -> None:
+    """A restored run whose last event lies at or past this run's ``end`` (``end`` moved earlier, a shorter
+    run) before its target was reached: one event at the next position reaches the target (with a warning)."""
+    last, target, reached = cb._last_event, cb.sparsity, cb.current_target
+    if last is None or last < end or end >= AT_END or target is None or reached is None or reached >= target - 1e-9:
+        return
+    cb._last_event = end - 1  # event_due: the next position is at or past `end`, so one event runs there
+    rank_zero_warn(
+        f"{OWNER}: the checkpoint's last pruning event ({cb.unit} {last}) lies at or past this run's end"
+        f" ({cb.unit} {end}) with the target {target} not reached ({reached:.4f}): the next {cb.unit} prunes to it."
+    )
 
 
 def parameter_changes(old: dict[str, Any], new: dict[str, Any], old_names: list[str]) -> str | None:

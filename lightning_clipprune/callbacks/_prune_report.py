@@ -54,6 +54,7 @@ def announce_coverage(cb: Any, module: nn.Module, selected: list[str]) -> None:
 def before_post_training(cb: Any, trainer: pl.Trainer) -> dict[str, float]:
     """The scalar ``callback_metrics`` just before a post-training event, also kept as ``<name>_before_pruning``."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
+    cb._after_reported = False  # the next validate reports after -> before, once
     for k, v in metrics.items():
         if not k.endswith("_before_pruning"):
             trainer.callback_metrics[f"{k}_before_pruning"] = torch.tensor(v)
@@ -73,8 +74,9 @@ def post_training_line(before: dict[str, float]) -> str:
 def after_validation(cb: Any, trainer: pl.Trainer) -> None:
     """After a ``trainer.validate`` that follows post-training pruning: print each metric after beside its before."""
     before = cb.metrics_before_pruning
-    if not before or trainer.sanity_checking:
-        return
+    if not before or trainer.sanity_checking or getattr(cb, "_after_reported", False):
+        return  # (a later validate, of a checkpoint perhaps written before the event, is not compared)
+    cb._after_reported = True
     pairs = []
     for k, v in trainer.callback_metrics.items():
         if k in before and isinstance(v, Tensor) and v.numel() == 1:

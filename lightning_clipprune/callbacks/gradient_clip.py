@@ -460,7 +460,7 @@ class GradientClipCallback(Callback):
 
     def _log(self, trainer: pl.Trainer, idx: int, norm: Tensor, coef: Tensor) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if not trainer.loggers or self._steps[idx] % every != 0:
+        if not trainer.loggers or not every or self._steps[idx] % every != 0:  # the Trainer's 0: no step logging
             return
         self._fold()
         nonfinite = self._acc[3] if self._acc is not None else torch.zeros((), device=norm.device)

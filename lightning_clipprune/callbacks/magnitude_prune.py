@@ -36,12 +36,14 @@ from lightning_clipprune.callbacks._prune_plan import (
     check_combination,
     check_finite,
     check_reachable,
+    check_resumable,
     check_single,
     cpu_copy,
     event_layouts,
     parameter_changes,
     position,
     resolve_positions,
+    resume_fields,
     select_parameters,
     settle_at_end,
 )
@@ -489,6 +491,7 @@ class MagnitudePruneCallback(Callback):
             "active": self._active,
             "last_event": self._last_event,
             "current_target": self.current_target,
+            **resume_fields(self),
             "criterion": cpu_copy(self._criterion.state_dict()),  # its tensors are updated in place
             **({"regrow": self._regrow.state_dict()} if self._regrow is not None else {}),
             **({"lr_rewind": self._rewind.state_dict()} if self._rewind is not None else {}),
@@ -496,10 +499,8 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        names = list(state_dict.get("parameter_names", []))
-        if self._params and names and names != self.parameter_names:
-            raise ValueError(f"the checkpoint's pruned parameters {names} differ from this module's {self.parameter_names}")
-        self.parameter_names = names or self.parameter_names
+        check_resumable(self, state_dict)
+        self.parameter_names = list(state_dict.get("parameter_names", [])) or self.parameter_names
         self.masks = dict(state_dict["masks"])
         counts = state_dict.get("pruned_counts")
         self._restored_counts = {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None

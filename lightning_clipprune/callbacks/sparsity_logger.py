@@ -39,7 +39,8 @@ class SparsityLogger(Callback):
     r"""Log the sparsity, parameter counts and compressed size of the model through the Trainer's loggers.
 
     Logged every ``log_every_n_steps`` optimizer steps and at the end of each training epoch, with the
-    step the Trainer uses for its own metrics:
+    step the Trainer uses for its own metrics (at an epoch's end, the epoch's last step, as Lightning's epoch
+    metrics):
 
     - ``sparsity/global``: the fraction of zeros over the prunable weights: those of the first callback
       in the Trainer that implements :class:`~lightning_clipprune.callbacks.contract.PruneState` (a
@@ -178,12 +179,12 @@ class SparsityLogger(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module)
+        self._log(trainer, pl_module, epoch_end=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every on_train_end: what post-training pruning (schedule="oneshot", end=1.0) left is logged too.
-        self._log(trainer, pl_module, if_changed=True)
+        self._log(trainer, pl_module, if_changed=True, epoch_end=True)
         if not self.print_table:
             return
         if _sharded(pl_module):
@@ -195,6 +196,12 @@ class SparsityLogger(Callback):
                 rank_zero_info("SparsityLogger: inference latency not measured: the model is sharded (DTensors).")
             return
         self._print_table(pl_module)
+        if self.measure_latency and self._example is None and pl_module.device.type == "cpu":
+            rank_zero_info(
+                "SparsityLogger: inference latency not measured: no training batch held a tensor input (a batch"
+                " of (x, ...) or a tensor; a dict is not read). `lightning_clipprune.to_inference(model,"
+                " example_input=x)` measures it on an input you give."
+            )
         if not self.measure_latency or self._example is None or pl_module.device.type != "cpu":
             return  # no tensor input seen, or a GPU model (the CPU measurement would not be its latency)
         elapsed = time.perf_counter() - self._fit_started
@@ -203,7 +210,9 @@ class SparsityLogger(Callback):
         else:
             self._print_latency(pl_module)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, if_changed: bool = False) -> None:
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, if_changed: bool = False, epoch_end: bool = False
+    ) -> None:
         # Sharded parameters are counted by every rank (one all_reduce); replicated ones by rank zero alone.
         if not trainer.loggers or not (trainer.is_global_zero or _sharded(pl_module)):
             return
@@ -228,8 +237,10 @@ class SparsityLogger(Callback):
             self.last_metrics["sparsity/target"] = float(target)
         if if_changed and self.last_metrics == previous:
             return
-        # The step Lightning logs its own metrics at (what LearningRateMonitor uses too).
+        # The step Lightning logs its own metrics at (what LearningRateMonitor uses too); its epoch-end metrics
+        # go one step back (fit_loop's update_train_epoch_metrics), to the epoch's last step.
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        step = max(step - 1, 0) if epoch_end else step
         for logger in trainer.loggers:
             logger.log_metrics(self.last_metrics, step=step)
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_clipprune._hooks import forward_pre_hooks
+from lightning_clipprune._hooks import evaluating, forward_pre_hooks
 from lightning_clipprune.export._reparam import inference_copy
 from lightning_clipprune.export._timing import Timer, compare_latencies, compare_latency, compare_swapped
 from lightning_clipprune.export.compact import maybe_compact, output_tensors
@@ -467,16 +467,12 @@ def _verify(model: nn.Module, out: nn.Module, x: Tensor, originals: dict[str, nn
     fused attention fast path or a tied weight), put the dense layers back and warn."""
     if not originals:
         return
-    was_training = model.training
-    try:
-        with torch.inference_mode():
-            ref = model.eval()(x)
-            try:
-                got = out(x)
-            except Exception:  # a CSR weight where a dense one is read directly: put the dense layers back
-                got = None
-    finally:
-        model.train(was_training)
+    with torch.inference_mode(), evaluating(model):
+        ref = model(x)
+        try:
+            got = out(x)
+        except Exception:  # a CSR weight where a dense one is read directly: put the dense layers back
+            got = None
     if got is not None and _same_outputs(ref, got):
         return
     count = len(originals)

@@ -61,9 +61,13 @@ def batch_input(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    what = type(batch).__name__
+    if isinstance(batch, (tuple, list)) and batch:
+        what = f"a {what} whose first element is a {type(batch[0]).__name__}"
     raise ValueError(
-        f"a calibration batch must be a tensor or an (inputs, ...) tuple, got {type(batch).__name__}: "
-        "pass `forward=lambda model, batch: ...` and `inputs=...` for other batch shapes."
+        f"a calibration batch must be a tensor or an (inputs, ...) tuple of tensors, got {what}: give"
+        " `reconstruct_prune` `inputs=` (batch -> the input tensor, e.g. `lambda b: b[0]['x']`) and `forward=`"
+        " (model, that tensor -> output, e.g. `lambda m, x: m({'x': x})`), or a loader of (tensor, label) pairs"
     )
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clipprune._choices import DEFAULT_MAX_HESSIAN_BYTES, DEFAULT_NUM_SAMPLES
-from lightning_clipprune._hooks import forward_pre_hooks
+from lightning_clipprune._hooks import evaluating, forward_pre_hooks
 from lightning_clipprune._validation import bad_value, check_bool, check_choice, check_int, check_real
 from lightning_clipprune.posttrain.allocation import ALLOCATIONS, layer_counts, spread
 from lightning_clipprune.posttrain.calibration import (
@@ -424,28 +424,25 @@ def reconstruct_prune(
     counts = None if nm is not None else layer_counts(params, sparsity, allocation, layouts)
     forward = forward or (lambda net, x: net(x))
     batches = collect_calibration(calibration_loader, num_samples, seed, inputs)
-    was_training = model.training
-    model.eval()
-    ref = copy.deepcopy(model) if reference == "dense" else None
-    opts = _Options(block_size, damp, steps, refit, update_bias, ref, progress)
-    names = [f"{x.rpartition('.')[0]}.{k}".lstrip(".") for x, m in modules.items() for k, _ in m.named_parameters()]
-    saved = {n: t.detach().clone() for n, t in model.named_parameters() if n in set(names) | set(fallback)}
-    try:
-        order = _forward_order(model, modules, batches[0], forward)
-        fallback.update({n: "never called as a module in the forward pass" for n in modules if n not in order})
-        warn_fallback(fallback)
-        layers = [_magnitude_report(n, params[n], counts, nm, layouts.get(n)) for n in fallback]
-        layers += [
-            _prune_layer(
-                model, n, modules[n], batches, forward, None if counts is None else counts[n], nm, opts
-            )
-            for n in order
-        ]
-    except BaseException:
-        _restore(model, saved)  # a failure half-way (a Hessian that cannot be factorised) leaves no half-pruned model
-        raise
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        ref = copy.deepcopy(model) if reference == "dense" else None
+        opts = _Options(block_size, damp, steps, refit, update_bias, ref, progress)
+        names = [f"{x.rpartition('.')[0]}.{k}".lstrip(".") for x, m in modules.items() for k, _ in m.named_parameters()]
+        saved = {n: t.detach().clone() for n, t in model.named_parameters() if n in set(names) | set(fallback)}
+        try:
+            order = _forward_order(model, modules, batches[0], forward)
+            fallback.update({n: "never called as a module in the forward pass" for n in modules if n not in order})
+            warn_fallback(fallback)
+            layers = [_magnitude_report(n, params[n], counts, nm, layouts.get(n)) for n in fallback]
+            layers += [
+                _prune_layer(
+                    model, n, modules[n], batches, forward, None if counts is None else counts[n], nm, opts
+                )
+                for n in order
+            ]
+        except BaseException:
+            _restore(model, saved)  # a failure half-way (a Hessian that cannot be factorised): no half-pruned model
+            raise
     pruned, total = sum(r.pruned for r in layers), sum(r.numel for r in layers)
     target = sparsity if sparsity is not None else pruned / total
     name = allocation if isinstance(allocation, str) else "dict"

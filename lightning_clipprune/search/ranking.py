@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_clipprune._hooks import evaluating
 from lightning_clipprune.clipping import clip_grad_norm, clip_grad_value
 from lightning_clipprune.pruning import (
     check_not_torch_pruned,
@@ -30,6 +31,23 @@ Loader = Iterable[tuple[Tensor, Tensor]]
 def _device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _pair(batch: object) -> tuple[Tensor, Tensor]:
+    """A batch as ``(inputs, labels)``.
+
+    Raises:
+        ValueError: the batch is not a pair of tensors (a dict, a triple): what it is and what is expected.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+        return batch[0], batch[1]
+    kind = f"a dict with keys {list(batch)}" if isinstance(batch, dict) else (
+        f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    )
+    raise ValueError(
+        f"the loader gave {kind}; the search evaluates batches of (inputs, labels) tensors: wrap the loader, e.g."
+        " `[(b['x'], b['y']) for b in loader]` or `[(x, y) for x, y, *_ in loader]`"
+    )
 
 
 def _logits(out: object, y: Tensor) -> Tensor:
@@ -71,21 +89,18 @@ def evaluate(model: nn.Module, loader: Loader) -> tuple[float, float]:
         >>> 0.0 <= acc <= 1.0
         True
     """
-    was_training = model.training
-    model.eval()
     device = _device(model)
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
-    try:
-        for x, y in loader:
+    with evaluating(model):
+        for batch in loader:
+            x, y = _pair(batch)
             x, y = x.to(device), y.to(device)
             logits = _logits(model(x), y)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             n += y.numel()
-    finally:
-        model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the loader gave no samples")
     return correct.item() / n, loss_sum.item() / n
@@ -155,23 +170,21 @@ def taylor_gradients(
     everything = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [None if p.grad is None else p.grad.clone() for p in everything]
     sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    was_training = model.training
-    model.eval()  # no dropout or batch-norm statistics update: the gradient of the model as evaluated
     device, seen = _device(model), 0
     try:
-        for x, y in loader_batches(train_loader, batches):
-            for p in everything:
-                p.grad = None
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-            if clip_val is not None:
-                grads = [p for p in everything if p.grad is not None]
-                (clip_grad_norm if clip_algorithm == "norm" else clip_grad_value)(grads, clip_val)
-            for n, p in params.items():
-                if p.grad is not None:
-                    sums[n] += p.grad
-            seen += 1
+        with evaluating(model):  # no dropout or batch-norm statistics update: the gradient of the model as evaluated
+            for x, y in loader_batches(train_loader, batches):
+                for p in everything:
+                    p.grad = None
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                if clip_val is not None:
+                    grads = [p for p in everything if p.grad is not None]
+                    (clip_grad_norm if clip_algorithm == "norm" else clip_grad_value)(grads, clip_val)
+                for n, p in params.items():
+                    if p.grad is not None:
+                        sums[n] += p.grad
+                seen += 1
     finally:
-        model.train(was_training)
         for p, g in zip(everything, saved_grads, strict=True):
             p.grad = g
     if seen == 0:
