@@ -271,16 +271,23 @@ class GradientClipCallback(Callback):
         self._seen[id(optimizer)] = stepped if stepped is not None else -1
         # the clippers skip parameters without a gradient
         norm, coef = self._clipper(plan.index).clip(plan.clipped, self.norm_type)
-        # Every stepped gradient is checked for inf/NaN, the excluded ones too: a norm sum is non-finite iff one is.
-        checked = norm if not others else norm + total_norm(others, self.norm_type).to(norm.device)
+        checked = self._checked(norm, others)
         self._pending.append((norm, coef, checked))
         if len(self._pending) >= _FOLD_EVERY:
             self._fold()
         self._steps[plan.index] = self._steps.get(plan.index, 0) + 1
+        self._skip_if_nonfinite(trainer, optimizer, plan.index, checked)
+        self._log(trainer, plan.index, norm, coef)
+
+    def _checked(self, norm: Tensor, others: list[Tensor]) -> Tensor:
+        """The norm that says whether any stepped gradient is inf/NaN, the excluded ones (``others``) too: a norm
+        sum is non-finite iff one of its terms is."""
+        return norm if not others else norm + total_norm(others, self.norm_type).to(norm.device)
+
+    def _skip_if_nonfinite(self, trainer: pl.Trainer, optimizer: Optimizer, idx: int, checked: Tensor) -> None:
         # Without a GradScaler, skipping needs this one host read per step (see the class docstring).
         if not self._has_scaler and not math.isfinite(checked.item()):
-            self._on_nonfinite(trainer, optimizer, plan.index, checked)
-        self._log(trainer, plan.index, norm, coef)
+            self._on_nonfinite(trainer, optimizer, idx, checked)
 
     def _reclip(self, trainer: pl.Trainer, optimizer: Optimizer, plan: _Plan, others: list[Tensor]) -> None:
         """Clip a closure's re-evaluation within one optimizer step (LBFGS evaluates it up to ``max_iter`` times).
@@ -293,9 +300,7 @@ class GradientClipCallback(Callback):
         norm, _ = clipper.clip(plan.clipped, self.norm_type)
         if state:
             clipper.load_state_dict(state)
-        checked = norm if not others else norm + total_norm(others, self.norm_type).to(norm.device)
-        if not self._has_scaler and not math.isfinite(checked.item()):
-            self._on_nonfinite(trainer, optimizer, plan.index, checked)
+        self._skip_if_nonfinite(trainer, optimizer, plan.index, self._checked(norm, others))
 
     def _count_steps(self, optimizers: Sequence[Optimizer]) -> None:
         """Count each optimizer's steps with a step post-hook (replacing the previous fit's hooks)."""

@@ -72,9 +72,9 @@ from lightning_clipprune.pruning.ranking import (
     layer_cap,
     most_under_ceiling,
     resolve_max_layer_sparsity,
-    saturated_layers,
     uses_budgets,
 )
+from lightning_clipprune.pruning.saturation import saturated_layers
 from lightning_clipprune.pruning.selection import (
     ATTENTION_WEIGHTS,
     PRUNABLE_TYPES,
