@@ -148,6 +148,25 @@ def resolve_max_layer_sparsity(value: Any, budgets: bool, owner: str = "compute_
         raise bad_value(owner, "max_layer_sparsity", "'auto', a number in (0, 1] or None", value) from None
 
 
+def check_threshold_ceiling(owner: str, threshold: float | None, max_layer_sparsity: Any) -> None:
+    """Refuse a ``max_layer_sparsity`` given with a ``threshold``: a threshold prunes every ``|w| <= threshold``,
+    whatever the layer, so the ceiling would never be applied.
+
+    Raises:
+        ValueError: naming both values and the ways out.
+
+    Example::
+
+        >>> check_threshold_ceiling("prune", 0.01, "auto")
+    """
+    if threshold is not None and not (max_layer_sparsity is None or max_layer_sparsity == "auto"):
+        raise ValueError(
+            f"`{owner}(threshold={threshold!r}, max_layer_sparsity={max_layer_sparsity!r})`: a threshold prunes every"
+            " weight with |w| <= threshold, whatever the layer, so no ceiling applies. Leave `max_layer_sparsity`"
+            " out, or prune by `sparsity=` (its ceiling keeps part of every layer)."
+        )
+
+
 def check_regrow_fields(values: Mapping[str, Any]) -> None:
     """The checks of :class:`~lightning_clipprune.RegrowConfig`'s fields, on those present in ``values``.
 

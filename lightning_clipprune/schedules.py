@@ -142,6 +142,8 @@ def resolve_position(value: int | float, total: float | None, name: str) -> int:
     """
     if isinstance(value, int):
         return value
+    if value == 0.0:  # the first position of any run, of known length or not
+        return 0
     if total is None or not math.isfinite(total) or total < 0:
         raise ValueError(
             f"`{name}={value}` is a fraction of the whole training, but its length is unknown ({total!r}):"

@@ -34,6 +34,7 @@ EARLY: list[tuple[tuple[str, ...], bool]] = [
     (("prune.pattern=3:2",), True),
     (("prune.pattern=2:5",), True),
     (("prune.pattern=2:4", "prune.threshold=0.1", "prune.sparsity=null"), True),
+    (("prune=threshold", "prune.max_layer_sparsity=0.9"), True),  # a ceiling a threshold never applies
     (("prune.criterion=random",), False),  # the build lists every registered criterion, tests register more
     (("prune.max_layer_sparsity=off",), True),
     (("prune.max_layer_sparsity=2",), True),

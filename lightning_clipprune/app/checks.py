@@ -28,6 +28,7 @@ from lightning_clipprune._choices import (
     UNCAPPED_CLIP_ALGORITHMS,
     check_regrow_fields,
     check_sparsity_logger_fields,
+    check_threshold_ceiling,
     parse_pattern,
     resolve_max_layer_sparsity,
     uses_budgets,
@@ -391,9 +392,10 @@ def _check_prune_combination(v: Any, owner: str, args: dict[str, Any]) -> None:
     ceiling = resolve_max_layer_sparsity(get("max_layer_sparsity", "auto"), budgets, owner=owner)  # (its own check)
     if threshold is not None and kind != "unstructured":
         raise ValueError(f"`{owner}(threshold=...)` works with pattern 'unstructured' only, got pattern={get('pattern')!r}.")
+    check_threshold_ceiling(owner, threshold, get("max_layer_sparsity", "auto"))
     if kind == "nm" and sparsity is not None and not math.isclose(sparsity, 1.0 - n / m, abs_tol=1e-9):
         raise ValueError(
-            f"`{owner}(pattern={get('pattern')!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
+            f"`{owner}(pattern={get('pattern')!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m:.6g}"
             f" (or left out), got sparsity={sparsity!r}."
         )
     if "sparsity" in args and "threshold" in args and sparsity is None and threshold is None and kind != "nm":

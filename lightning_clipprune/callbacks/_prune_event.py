@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lightning_clipprune")
 
 
-def check_event_finite(cb: Any, t: int) -> None:
+def check_event_finite(cb: Any, t: int, trainer: Any = None) -> None:
     """Raise before an event at position ``t`` when a pruned weight (or the criterion's state) holds NaN or inf.
 
     Raises:
@@ -43,7 +43,18 @@ def check_event_finite(cb: Any, t: int) -> None:
     scored = {n: p.detach() for n, p in cb._params.items()}
     if cb._criterion.ready():
         scored.update({f"{n} (criterion state)": v for n, v in state_tensors(cb._criterion.state_dict())})
-    check_finite(scored, f"at {cb.unit} {t}", ", so the pruning event cannot rank them", sharding=cb._sharding)
+    check_finite(scored, f"at {cb.unit} {t}", ", so the pruning event cannot rank them", sharding=cb._sharding, trainer=trainer)
+
+
+def check_first_batch(cb: Any, batch: Any) -> None:
+    """At the fit's first training batch: a criterion that will calibrate on these batches at the end of
+    training (``check_batch``, the "obs" criterion) says now, not after the whole fit, if it cannot read them."""
+    if cb._batch_checked:
+        return
+    cb._batch_checked = True
+    check = getattr(cb._criterion, "check_batch", None)
+    if callable(check):
+        check(batch)
 
 
 def event_masks(cb: Any, trainer: pl.Trainer, t: int) -> tuple[dict[str, Tensor], float | None]:
@@ -54,7 +65,7 @@ def event_masks(cb: Any, trainer: pl.Trainer, t: int) -> tuple[dict[str, Tensor]
     weights; with a criterion that reads gradients, every rank takes rank 0's masks.
     """
     start, end, _ = cb._positions
-    check_event_finite(cb, t)
+    check_event_finite(cb, t, trainer)
     criterion = cb._criterion
     if not criterion.ready():
         rank_zero_warn(f"{OWNER}: criterion {criterion!r} has no {criterion.needs} yet, this event ranks by magnitude")

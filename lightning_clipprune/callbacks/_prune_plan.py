@@ -15,6 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_clipprune._choices import DEFAULT_RANKING, check_threshold_ceiling
 from lightning_clipprune._validation import bad_value, unmatched_patterns
 from lightning_clipprune.pruning import (
     CEILING,
@@ -64,9 +65,11 @@ def check_combination(cb: Any, kind: str, n: int, m: int) -> None:
         raise ValueError(f"`{OWNER}(threshold=...)` works with pattern 'unstructured' only, got pattern={cb.pattern!r}.")
     if kind == "nm" and not math.isclose(cb.sparsity, 1.0 - n / m, abs_tol=1e-9):
         raise ValueError(
-            f"`{OWNER}(pattern={cb.pattern!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m}"
+            f"`{OWNER}(pattern={cb.pattern!r})` keeps {n} of every {m} weights, so `sparsity` must be {1.0 - n / m:.6g}"
             f" (or left out), got sparsity={cb.sparsity!r}."
         )
+    if cb.threshold is not None:
+        check_threshold_mode(cb)
     if cb.schedule != "oneshot" and type(cb.start) is type(cb.end) and cb.start > cb.end:
         raise ValueError(f"`{OWNER}`: `start` must be <= `end`, got start={cb.start!r}, end={cb.end!r}.")
     ceiling = cb.effective_max_layer_sparsity
@@ -75,6 +78,25 @@ def check_combination(cb: Any, kind: str, n: int, m: int) -> None:
     if cb.layer_sparsity and (cb.scope != "local" or cb.sparsity is None or kind == "nm"):
         allowed = "None unless scope='local' with a `sparsity` (not N:M)"
         raise bad_value(OWNER, "layer_sparsity", allowed, cb.layer_sparsity)
+
+
+def check_threshold_mode(cb: Any) -> None:
+    """Refuse a ceiling with ``threshold`` (never applied: a threshold prunes every ``|w| <= threshold``) and warn
+    about the ramp's arguments, which shape a sparsity target that threshold mode does not have.
+
+    Raises:
+        ValueError: for a ``max_layer_sparsity`` other than "auto" or None (:func:`~lightning_clipprune._choices.check_threshold_ceiling`).
+    """
+    check_threshold_ceiling(OWNER, cb.threshold, cb.max_layer_sparsity)
+    defaults = (("schedule", cb.schedule, "oneshot" if cb.schedule == "oneshot" else "cubic"), ("power", cb.power, 3.0),
+                ("scope", cb.scope, "global"), ("ranking", cb.ranking, DEFAULT_RANKING))
+    unused = [f"{k}={v!r}" for k, v, default in defaults if v != default]
+    if unused:
+        rank_zero_warn(
+            f"{OWNER}: with `threshold`, {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect: every"
+            " event prunes |w| <= threshold in every layer (there is no target to ramp or to share out)."
+            " schedule='oneshot' prunes once, at `start`."
+        )
 
 
 def step_clock(trainer: pl.Trainer) -> int:
@@ -89,6 +111,44 @@ def step_clock(trainer: pl.Trainer) -> int:
     if module is None or module.automatic_optimization:
         return trainer.global_step
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def check_manual_clock(cb: Any, trainer: pl.Trainer) -> None:
+    """Warn once per fit when, under manual optimization, ``max_steps`` bounds the run and a batch stepped other
+    than one optimizer: ``max_steps`` counts optimizer steps, the schedule's clock batches (:func:`step_clock`),
+    so the fractions of the run (``start``, ``end``, the regrowth's, ``lr_rewind``'s last step) were placed as if
+    every batch stepped once. Called after each training batch until the first batch that tells."""
+    if cb._clock_checked or cb.unit != "step":
+        return
+    module, batches = trainer.lightning_module, step_clock(trainer) + 1  # (the loop counts this batch after the hook)
+    if module is None or module.automatic_optimization or trainer.global_step == batches:
+        cb._clock_checked = module is None or module.automatic_optimization
+        return
+    cb._clock_checked = True
+    regrow = cb._regrow.config if cb._regrow is not None else None
+    given = [("start", cb.start), ("end", cb.end), ("regrow start", getattr(regrow, "start", None)), ("regrow end", getattr(regrow, "end", None))]
+    fractions = [f"{k}={v!r}" for k, v in given if isinstance(v, float) and v > 0.0]  # (0.0 is batch 0 in any run)
+    fractions += ["lr_rewind (to the last step)"] if cb.lr_rewind is not None else []
+    bound = trainer.max_steps not in (None, -1) and float(trainer.estimated_stepping_batches) == trainer.max_steps
+    if fractions and bound:
+        rank_zero_warn(
+            f"{OWNER}: under manual optimization the schedule counts training batches, but max_steps={trainer.max_steps}"
+            f" counts optimizer steps ({trainer.global_step} in the first {batches} batch(es)): {', '.join(fractions)}"
+            f" {'was' if len(fractions) == 1 else 'were'} placed as if the run had {trainer.max_steps} batches, so they fall elsewhere in this run. Give them"
+            " as batch numbers (ints), or bound the run with max_epochs instead of max_steps."
+        )
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """How far :func:`step_clock` moves in one epoch: the optimizer steps of an epoch (accumulation counted), or
+    its training batches under manual optimization; None when the training dataloader has no length."""
+    batches = float(trainer.num_training_batches)
+    if not math.isfinite(batches):
+        return None
+    module = trainer.lightning_module
+    if module is not None and not module.automatic_optimization:
+        return int(batches)
+    return math.ceil(batches / max(1, trainer.accumulate_grad_batches))
 
 
 def check_reachable(cb: Any, params: dict[str, Tensor], layouts: dict[str, Layout]) -> None:
@@ -153,13 +213,13 @@ def resolve_positions(cb: Any, trainer: pl.Trainer) -> tuple[int, int, int]:
     unit = f"{cb.unit}s"
     if total is None and cb.schedule == "oneshot" and isinstance(cb.start, float) and cb.start == 1.0:
         return AT_END, AT_END, 1  # after training, whenever it ends: on_train_end prunes
-    fractions = [f"{k}={v!r}" for k, v in (("start", cb.start), ("end", cb.end)) if isinstance(v, float)]
+    fractions = [f"{k}={v!r}" for k, v in (("start", cb.start), ("end", cb.end)) if isinstance(v, float) and v != 0.0]
     if total is None and fractions and not (cb.schedule == "oneshot" and isinstance(cb.start, int)):
         limit = "max_steps" if cb.unit == "step" else "max_epochs"
         raise ValueError(
             f"{OWNER}: {' and '.join(fractions)} {'is a fraction' if len(fractions) == 1 else 'are fractions'} of"
             f" the whole training, whose length in {unit} is unknown here ({_why_unknown(cb.unit, trainer)}):"
-            f" give them as ints ({unit}), or set the Trainer's `{limit}`."
+            f" give {'it as an int' if len(fractions) == 1 else 'them as ints'} ({unit}), or set the Trainer's `{limit}`."
         )
     start = resolve_position(cb.start, total, "start")
     end = start if cb.schedule == "oneshot" else resolve_position(cb.end, total, "end")
@@ -291,6 +351,8 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
 def warn_saturated(cb: Any, new: dict[str, Tensor], layouts: dict[str, Any], named: set[str]) -> set[str]:
     """Warn once per layer (``named``: those already warned about) that global ranking pruned to its ceiling
     (or, with none, to 99 % / 100 %); returns the layers named now."""
+    if cb.threshold is not None:
+        return _warn_emptied(cb, new, named)
     if cb.scope != "global":
         return set()
     # under per-layer budgets the largest layer is the sparsest by design: only an emptied layer is named
@@ -305,6 +367,18 @@ def warn_saturated(cb: Any, new: dict[str, Tensor], layouts: dict[str, Any], nam
         + ". If accuracy suffers, try ranking='layer_normalized' or scope='local'."
     )
     return set(saturated)
+
+
+def _warn_emptied(cb: Any, new: dict[str, Tensor], named: set[str]) -> set[str]:
+    """Threshold mode: warn once per layer that the threshold pruned every one of its weights."""
+    emptied = {n for n, m in new.items() if m.numel() and not bool(m.any())} - named
+    if emptied:
+        rank_zero_warn(
+            f"{OWNER}: threshold {cb.threshold:g} pruned every weight of {len(emptied)} layer(s): "
+            + ", ".join(sorted(emptied))
+            + ". Their outputs no longer depend on their inputs: lower `threshold`, or prune by `sparsity=`."
+        )
+    return emptied
 
 
 def cpu_copy(state: Any) -> Any:
@@ -329,7 +403,7 @@ def state_tensors(state: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
     return []
 
 
-def check_finite(tensors: dict[str, Tensor], when: str, why: str = "", sharding: Any = None) -> None:
+def check_finite(tensors: dict[str, Tensor], when: str, why: str = "", sharding: Any = None, trainer: Any = None) -> None:
     """Raise one line naming the tensors that hold NaN or inf (one host sync), the first one first.
 
     With a ``sharding`` (:class:`._prune_sharded.Sharding`) the tensors are DTensors: each rank checks its
@@ -346,10 +420,20 @@ def check_finite(tensors: dict[str, Tensor], when: str, why: str = "", sharding:
         bad = nonfinite_names(tensors)
     if bad:
         named = ", ".join(f"`{n}`" for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise FloatingPointError(
-            f"{OWNER}: {when} {named} hold NaN or inf{why}. Training diverged: lower the learning rate, or add a"
-            " GradientClipCallback, which skips non-finite steps."
-        )
+        raise FloatingPointError(f"{OWNER}: {when} {named} hold NaN or inf{why}. {_divergence_advice(trainer)}")
+
+
+def _divergence_advice(trainer: Any) -> str:
+    """What to try after weights went NaN or inf: a clip callback already skips non-finite gradients."""
+    callbacks = getattr(trainer, "callbacks", None) or []
+    if not any(type(c).__name__ == "GradientClipCallback" for c in callbacks):
+        return "Training diverged: lower the learning rate, or add a GradientClipCallback, which skips non-finite steps."
+    fp16 = " In float16, Adam's default eps (1e-8) is 0: set eps=1e-4, or train in bf16 or float32." if str(
+        getattr(trainer, "precision", "")).startswith("16") else ""
+    return (
+        "Training diverged in steps whose gradients were finite (the GradientClipCallback skips the others):"
+        f" lower the learning rate or the clip value.{fp16}"
+    )
 
 
 def event_layouts(cb: Any, module: torch.nn.Module) -> dict[str, Layout]:

@@ -31,7 +31,13 @@ from torch import Tensor
 from lightning_clipprune._choices import check_regrow_fields
 from lightning_clipprune._validation import bad_value, check_choice
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
-from lightning_clipprune.callbacks._prune_plan import OWNER, event_layouts, run_length, step_clock
+from lightning_clipprune.callbacks._prune_plan import (
+    OWNER,
+    event_layouts,
+    run_length,
+    step_clock,
+    steps_per_epoch,
+)
 from lightning_clipprune.pruning import STANDARD_LAYOUT, apply_masks_, mask_optimizer_state_
 from lightning_clipprune.pruning.regrow import (
     REGROW_METHODS,
@@ -155,6 +161,7 @@ class Regrowth:
         """At an armed step, copy the dense gradients of the layers with pruned entries before they are masked."""
         if self.armed and not hot.grads_masked and hot.live:
             self._raw = {n: hot.params[n].grad.detach().clone() for n in hot.factor_of if hot.params[n].grad is not None}
+            self.armed = False  # once per step: a second optimizer stepped in the same batch masks by the new masks
 
     def state_dict(self) -> dict[str, int]:
         return {"events": self.events, "regrown_total": self.regrown_total, "last_regrown": self.last_regrown}
@@ -174,7 +181,14 @@ class Regrowth:
         elif prune_end is not None:
             start = prune_end
         else:  # an epoch schedule: its end in steps
-            start = round(cb._positions[1] * (total or 0.0) / max(trainer.max_epochs or 1, 1))
+            per_epoch = steps_per_epoch(trainer)
+            if per_epoch is None:
+                raise ValueError(
+                    f"`{OWNER}(unit='epoch', regrow=...)`: the training dataloader has no length, so the end of the"
+                    " pruning schedule cannot be placed in steps: give the regrowth a `start` (a step, or a fraction"
+                    " of a run of known length)."
+                )
+            start = cb._positions[1] * per_epoch
         end = resolve_position(self.config.end, total, "regrow end")
         if end - start <= self.config.interval:
             rank_zero_warn(

@@ -272,6 +272,8 @@ class GradientClipCallback(Callback):
         # the clippers skip parameters without a gradient
         norm, coef = self._clipper(plan.index).clip(plan.clipped, self.norm_type)
         checked = self._checked(norm, others)
+        if self._has_scaler:  # the scaler saw the gradients before any pruning mask: it decides the skip
+            checked = _with_scaler_skip(trainer, optimizer, checked)
         self._pending.append((norm, coef, checked))
         if len(self._pending) >= _FOLD_EVERY:
             self._fold()
@@ -495,3 +497,14 @@ def _bind_layouts(clipper: Clipper, layouts: dict[int, Any]) -> None:
 
 def _scaler(trainer: pl.Trainer) -> Any:
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _with_scaler_skip(trainer: pl.Trainer, optimizer: Optimizer, checked: Tensor) -> Tensor:
+    """``checked``, NaN when the GradScaler found an inf or NaN in ``optimizer``'s gradients at its ``unscale_``
+    (so it skips the step): also one only in a pruned entry's gradient, which the mask then zeroed. No host read."""
+    state = getattr(_scaler(trainer), "_per_optimizer_states", {}).get(id(optimizer))
+    found = list((state or {}).get("found_inf_per_device", {}).values())
+    if not found:
+        return checked
+    any_inf = torch.stack([f.to(checked.device, torch.float32).reshape(()) for f in found]).sum() > 0
+    return torch.where(any_inf, torch.full_like(checked, math.nan), checked)

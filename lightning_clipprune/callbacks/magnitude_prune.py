@@ -29,12 +29,13 @@ from lightning_clipprune._validation import (
 )
 from lightning_clipprune.callbacks._lr_rewind import make_rewind
 from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take_example, with_followers
-from lightning_clipprune.callbacks._prune_event import apply_event, event_masks, log
+from lightning_clipprune.callbacks._prune_event import apply_event, check_first_batch, event_masks, log
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
     check_combination,
     check_finite,
+    check_manual_clock,
     check_reachable,
     check_resumable,
     check_single,
@@ -398,8 +399,8 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._positions = resolve_positions(self, trainer)
-        self._example, self._outputs_checked = None, False  # "channel": from this fit's first batch
+        self._positions, self._clock_checked = resolve_positions(self, trainer), False
+        self._example, self._outputs_checked, self._batch_checked = None, False, False  # from this fit's first batch
         if self._restored_counts is not None:  # a sharded run's state: its masks are the zeros of the weights
             self.masks = masks_from_zeros(self, self._restored_counts, self._sharding)
             self._pruned_counts, self._restored_counts = dict(self._restored_counts), None
@@ -427,6 +428,7 @@ class MagnitudePruneCallback(Callback):
         t = position(self, trainer)
         start, end, frequency = self._positions
         take_example(self, pl_module, batch)  # the input the coupled channels are traced on
+        check_first_batch(self, batch)  # a calibrating criterion reads these batches at the end
         if event_due(t, self._last_event, start, end, frequency):
             self._update(trainer, t)
         if self._regrow is not None:
@@ -436,6 +438,7 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        check_manual_clock(self, trainer)  # once: does max_steps count this run's batches?
         if self._rewind is not None:  # again after the scheduler's step: what a LearningRateMonitor reads next
             self._rewind.apply(self, trainer, position(self, trainer))
 
@@ -463,7 +466,7 @@ class MagnitudePruneCallback(Callback):
             rank_zero_info(post_training_line(self.metrics_before_pruning))
         # One host sync per fit: a run whose weights went NaN or inf must not end as if it had succeeded.
         params = self._params if self._sharding is not None else dict(pl_module.named_parameters())
-        check_finite(params, "training ended with weights that are not finite:", sharding=self._sharding)
+        check_finite(params, "training ended with weights that are not finite:", sharding=self._sharding, trainer=trainer)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,12 +8,13 @@ prunes the callback's parameters in place and updates their kept weights. The ma
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_clipprune.posttrain.calibration import batch_input
 from lightning_clipprune.posttrain.reconstruct import ReconstructionOptions, reconstruct_prune
 from lightning_clipprune.pruning.criteria import Criterion, register_criterion
 
@@ -26,6 +27,10 @@ class Reconstruction(Criterion):
     Args:
         options: the settings (:class:`~lightning_clipprune.posttrain.ReconstructionOptions`; default: its
             defaults, the ones of :func:`~lightning_clipprune.posttrain.reconstruct_prune`).
+        inputs: batch -> the model's input tensor, for batches other than a tensor or an ``(inputs, ...)``
+            tuple (a dict: ``lambda b: b["x"]``), as in ``reconstruct_prune``.
+        forward: (model, that tensor) -> output, when the model does not take the tensor alone
+            (``lambda m, x: m({"x": x})``), as in ``reconstruct_prune``.
         **overrides: single fields of ``options`` by name (``num_samples=512``, ``progress=False``, ...).
 
     Raises:
@@ -47,9 +52,36 @@ class Reconstruction(Criterion):
     name = "obs"
     needs = "calibration"
 
-    def __init__(self, options: ReconstructionOptions | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        options: ReconstructionOptions | None = None,
+        *,
+        inputs: Callable[[Any], Tensor] = batch_input,
+        forward: Callable[[nn.Module, Tensor], Any] | None = None,
+        **overrides: Any,
+    ) -> None:
         self.options = replace(options or ReconstructionOptions(), **overrides)
+        self.inputs, self.forward = inputs, forward
         self.report: Any = None
+
+    def check_batch(self, batch: Any) -> None:
+        """Raise at the first training batch, not after the whole fit, when the calibration cannot read it.
+
+        Raises:
+            ValueError: naming the batch's type and ``Reconstruction(inputs=..., forward=...)``.
+        """
+        try:
+            x = self.inputs(batch)
+        except Exception as err:  # a user's `inputs` may raise anything: say which batch it could not read
+            why = "" if self.inputs is batch_input else f" (`inputs` raised {type(err).__name__}: {err})"
+            raise ValueError(
+                f"criterion {self!r} calibrates at the end of training on the training loader's batches, and cannot"
+                f" read this loader's {type(batch).__name__} batches{why}. Give the criterion"
+                " `Reconstruction(inputs=..., forward=...)`: inputs maps a batch to the input tensor (a dict:"
+                " `lambda b: b['x']`), forward runs the model on it (`lambda m, x: m({'x': x})`)."
+            ) from None
+        if not isinstance(x, Tensor):
+            raise ValueError(f"criterion {self!r}: `inputs` must return the input tensor, got a {type(x).__name__}.")
 
     def score(self, name: str, weight: Tensor) -> Tensor:
         w = weight.detach()
@@ -65,7 +97,8 @@ class Reconstruction(Criterion):
     ) -> dict[str, Tensor]:
         """Prune ``params`` (``{name in module: parameter}``) in place on batches of ``loader``; return the keep-masks."""
         _, self.report = reconstruct_prune(
-            module, loader, sparsity, pattern=pattern, include=list(params), **self.options.as_kwargs()
+            module, loader, sparsity, pattern=pattern, include=list(params), inputs=self.inputs, forward=self.forward,
+            **self.options.as_kwargs(),
         )
         return {n: p.detach() != 0 for n, p in params.items()}
 

@@ -155,8 +155,8 @@ def keeps_pruned_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a step of ``optimizer`` provably keeps pruned weights at zero once their gradients are zeroed
     before the step and their optimizer state was zeroed at the pruning event.
 
-    True only for the exact classes in :data:`ZERO_KEEPING_OPTIMIZERS` with ``eps > 0`` (Adam's
-    ``0 / (sqrt(0) + eps)``), and neither ``fused`` (a separate kernel, not verified here) nor
+    True only for the exact classes in :data:`ZERO_KEEPING_OPTIMIZERS` with ``eps > 0`` in every parameter's
+    dtype (Adam's ``0 / (sqrt(0) + eps)``; its default 1e-8 is 0 in float16), and neither ``fused`` (a separate kernel, not verified here) nor
     ``differentiable``. ``maximize``, ``amsgrad``, momentum, Nesterov, weight decay (L2 or decoupled) and
     ``foreach`` keep zeros. Anything else (a subclass, another optimizer) is not trusted: the caller
     re-masks the weights after every step. (Adamax is left out: its weights stay zero but its ``exp_inf``
@@ -176,5 +176,9 @@ def keeps_pruned_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
             return False
         eps = group.get("eps", 1.0)
         if not (isinstance(eps, (int, float)) and eps > 0):
+            return False
+        # the step adds eps in the parameter's dtype: Adam's 1e-8 is 0 in float16, and 0 / 0 is NaN
+        dtypes = {p.dtype for p in group["params"] if p.is_floating_point()}
+        if any(torch.tensor(eps, dtype=dtype).item() == 0 for dtype in dtypes):
             return False
     return True
