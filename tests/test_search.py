@@ -266,3 +266,12 @@ def test_reconstruction_search_goes_at_least_as_far_and_calibrates_on_train_only
         f"prune=oneshot prune.start=1.0 prune.sparsity={chosen.sparsity:.4f} prune.threshold=null prune.criterion=obs"
     ]
     assert "-" in [c for c in result.to_table().columns[1].cells]  # no magnitude threshold for reconstructed weights
+
+
+def test_the_threshold_command_is_offered_for_a_dense_start_only() -> None:
+    net = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        net[0].weight[:, :5] = 0.0  # a run pruned a quarter of the weights: a threshold read off it cuts only the rest
+    data = [(torch.randn(16, 10), torch.randint(0, 10, (16,)))]
+    result = search_threshold(net, data, tolerance=100.0, grid=(0.5,))
+    assert [o.split()[0] for o in result.overrides()] == ["prune.sparsity=0.5000"]

@@ -502,7 +502,7 @@ def _check_fits(module: nn.Module, state: Mapping[str, Tensor], path: str, stric
     if strict and missing:
         raise SparseFormatError(
             path, f"does not fit {model}: the model's {missing[0]!r} is not in the file ({len(missing)} missing keys; "
-            "another model, or strict=False to load only what is there?)"
+            "another model, or `strict=False` (of load_sparse_into / load_inference) to load only what is there?)"
         )
 
 

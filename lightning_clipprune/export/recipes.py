@@ -7,6 +7,7 @@ was compacted): replaying it times nothing and unpickles nothing.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,8 +60,42 @@ def save_inference(
     return save_sparse(pruned, path, metadata={**dict(metadata or {}), _RECIPE_KEY: recipe})
 
 
+def _to_inference_keywords() -> tuple[str, ...]:
+    """The keywords :func:`to_inference` takes beyond the model and ``example_input``."""
+    params = inspect.signature(to_inference).parameters
+    return tuple(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "example_input")
+
+
+def _check_keywords(kwargs: Mapping[str, Any], recipe: Any, path: str) -> None:
+    """Refuse a keyword :func:`to_inference` does not take, and (with a recipe) one the recipe would ignore.
+
+    Raises:
+        TypeError: an unknown keyword (a typo): the accepted ones.
+        ValueError: the file's recipe decides what the keyword asks (a batch size or device other than the
+            recorded one, ``compact``, ...): how to decide afresh instead.
+    """
+    accepted = _to_inference_keywords()
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"load_inference() got unknown keyword(s) {unknown}: it takes prefix=, strict= and, for a file without a"
+            f" recipe, to_inference's {list(accepted)}"
+        )
+    if not isinstance(recipe, dict):
+        return
+    recorded = {"batch_size": recipe.get("batch_size"), "device": recipe.get("device", "cpu")}
+    ignored = sorted(k for k, v in kwargs.items() if k != "progress" and not (k in recorded and v == recorded[k]))
+    if ignored:
+        raise ValueError(
+            f"{path}: the file holds an inference recipe (batch size {recorded['batch_size']}, device"
+            f" {recorded['device']!r}) that decides every layer, so {ignored} would be ignored: drop them, or decide"
+            " afresh with `load_sparse_into(module, path)` then `to_inference(module, example_input=..., ...)`"
+        )
+
+
 def load_inference(
-    module: nn.Module, path: str, *, example_input: Tensor, prefix: str = "", **to_inference_kwargs: Any
+    module: nn.Module, path: str, *, example_input: Tensor, prefix: str = "", strict: bool = True,
+    **to_inference_kwargs: Any,
 ) -> nn.Module:
     """Load a ``.lcps`` file into ``module`` and return its inference model.
 
@@ -74,14 +109,24 @@ def load_inference(
         example_input: one real input batch (needed to trace compaction and check outputs).
         prefix: only the file's keys (and recipe names) under this prefix, with it removed: ``prefix="net."``
             loads a LightningModule's checkpoint into its bare network.
-        **to_inference_kwargs: passed to :func:`to_inference` when the file holds no recipe.
+        strict: as :func:`~lightning_clipprune.export.load_sparse_into`: ``False`` loads only the keys both the
+            file and ``module`` have (the others keep ``module``'s values).
+        **to_inference_kwargs: passed to :func:`to_inference` when the file holds no recipe. With a recipe,
+            only ``progress`` and the recorded ``batch_size``/``device`` are accepted (the recipe decides).
 
     Raises:
         SparseFormatError: the file is not a sparse export or does not fit ``module``.
-        ValueError: the recipe names a layer that is not a ``Linear``/``Conv2d`` of ``module``.
+        TypeError: a keyword :func:`to_inference` does not take.
+        ValueError: the recipe names a layer that is not a ``Linear``/``Conv2d`` of ``module``, or a keyword
+            the recipe would ignore; nothing is loaded into ``module`` then.
+
+    Example::
+
+        fast = load_inference(Net(), "net.lcps", example_input=x[:1])
     """
-    load_sparse_into(module, path, prefix=prefix)
     recipe = read_sparse_metadata(path).get("user", {}).get(_RECIPE_KEY)
+    _check_keywords(to_inference_kwargs, recipe, path)
+    load_sparse_into(module, path, prefix=prefix, strict=strict)
     if not isinstance(recipe, dict):
         return to_inference(module, example_input=example_input, **to_inference_kwargs)
     if prefix and isinstance(recipe.get("csr"), list):

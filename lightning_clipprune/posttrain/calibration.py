@@ -61,14 +61,38 @@ def batch_input(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
-    what = type(batch).__name__
+    what, get = type(batch).__name__, "b"
     if isinstance(batch, (tuple, list)) and batch:
-        what = f"a {what} whose first element is a {type(batch[0]).__name__}"
+        what, get = f"a {what} whose first element is a {type(batch[0]).__name__}", "b[0]"
+    inner = batch if get == "b" else batch[0]
+    if isinstance(inner, dict):  # the example names a real key of this batch, reached the way this batch nests it
+        key = next(iter(inner), "x")
+        example = (
+            f"e.g. `lambda b: {get}[{key!r}]`) and `forward=` (model, that tensor -> output, e.g."
+            f" `lambda m, x: m({{{key!r}: x}})`)"
+        )
+    else:
+        example = (
+            f"e.g. `lambda b: {get}.input`) and, if the model does not take that tensor alone, `forward=`"
+            " (model, that tensor -> output)"
+        )
     raise ValueError(
         f"a calibration batch must be a tensor or an (inputs, ...) tuple of tensors, got {what}: give"
-        " `reconstruct_prune` `inputs=` (batch -> the input tensor, e.g. `lambda b: b[0]['x']`) and `forward=`"
-        " (model, that tensor -> output, e.g. `lambda m, x: m({'x': x})`), or a loader of (tensor, label) pairs"
+        f" `reconstruct_prune` `inputs=` (batch -> the input tensor, {example}, or a loader of (tensor, label) pairs"
     )
+
+
+def _check_finite(x: Tensor, where: str) -> None:
+    """Refuse NaN or inf in calibration data (one host read): they would poison every Hessian after them.
+
+    Raises:
+        ValueError: naming ``where`` and the fix.
+    """
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{where} holds NaN or inf values: clean the calibration data (drop those samples, or"
+            " `torch.nan_to_num`), the layer-wise reconstruction needs finite inputs"
+        )
 
 
 def collect_calibration(
@@ -81,7 +105,7 @@ def collect_calibration(
     last batch is cut to reach ``num_samples`` exactly.
 
     Raises:
-        ValueError: when the loader yields no sample.
+        ValueError: when the loader yields no sample, or a sample holds NaN or inf (which batch).
 
     Example::
 
@@ -96,6 +120,7 @@ def collect_calibration(
         for batch in loader:
             x = inputs(batch).detach()
             take = min(x.shape[0], num_samples - taken)
+            _check_finite(x[:take], f"calibration batch {len(out)} (samples {taken} .. {taken + take - 1})")
             out.append(x[:take])
             taken += take
             if taken >= num_samples:
@@ -244,7 +269,8 @@ def layer_hessian(
             ``G = 2 X_ref^T X / n``, the reference inputs against these ones (None: ``G`` is None).
 
     Raises:
-        ValueError: when the layer received no input (it is not on the forward path).
+        ValueError: when the layer received no input (it is not on the forward path), or its inputs hold NaN
+            or inf (made by the layers before it: the calibration data was checked when collected).
     """
     stats = _Statistics(module, bias, reference is not None)
     device = module.weight.device
@@ -257,6 +283,12 @@ def layer_hessian(
     if stats.rows == 0:
         raise ValueError(
             f"`{name}` received no input on the calibration batches: leave it dense with `exclude=[{name!r}]`."
+        )
+    if not bool(torch.isfinite(stats.hessian).all()):  # one host read per layer
+        raise ValueError(
+            f"the inputs of `{name}` on the calibration batches hold NaN or inf (made by the layers before it, or"
+            " overflowing float32; `reconstruct_prune` checked the data itself): check those layers' weights and"
+            f" outputs, or leave `{name}` dense with `exclude=[{name!r}]`"
         )
     scale = 2.0 / stats.rows
     return stats.hessian.mul_(scale), None if stats.cross is None else stats.cross.mul_(scale)

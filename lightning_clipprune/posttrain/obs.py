@@ -43,6 +43,27 @@ def block_counts(n_prune: int, cols: int, block_size: int, prunable: int | None 
     return [b - a for a, b in zip(cum[:-1], cum[1:], strict=True)]
 
 
+def floor_counts(counts: list[int], floors: list[int]) -> list[int]:
+    """``counts`` (per block) raised to ``floors`` (the entries each block pruned before), what that adds taken
+    back from the blocks with the most room above their floors: the same total. ``counts`` as given when their
+    total is under the floors' (fewer pruned than were zero before: not every earlier zero can stay).
+
+    Example::
+
+        >>> floor_counts([4, 4, 2], [6, 0, 0])
+        [6, 2, 2]
+    """
+    if sum(floors) > sum(counts):
+        return counts
+    out = [max(c, f) for c, f in zip(counts, floors, strict=True)]
+    excess = sum(out) - sum(counts)
+    for b in sorted(range(len(out)), key=lambda b: out[b] - floors[b], reverse=True):
+        take = min(excess, out[b] - floors[b])
+        out[b] -= take
+        excess -= take
+    return out
+
+
 def refit_to_reference(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
     """The weight whose outputs on the current inputs ``X`` best match ``W``'s on the reference inputs ``X_ref``.
 
@@ -172,6 +193,9 @@ def reconstruct_matrix_(
     rows, cols = weight.shape
     u, dead = damped_inverse_cholesky(hessian, damp, name)
     counts = block_counts(n_prune or 0, cols, block_size, cols - frozen) if nm is None else None
+    if counts is not None and prior is not None:  # a block holding more earlier zeros than its share keeps them all
+        edges = list(range(0, cols, block_size))
+        counts = floor_counts(counts, [int(prior[:, i : max(i, min(i + block_size, cols - frozen))].sum()) for i in edges])
     if frozen:
         dead = dead.clone()
         dead[cols - frozen :] = False

@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from lightning_clipprune._choices import DEFAULT_MAX_HESSIAN_BYTES, DEFAULT_NUM_SAMPLES
 from lightning_clipprune._hooks import evaluating, forward_pre_hooks
-from lightning_clipprune._validation import bad_value, check_bool, check_choice, check_int, check_real
+from lightning_clipprune._validation import (
+    bad_value,
+    check_bool,
+    check_choice,
+    check_int,
+    check_patterns,
+    check_real,
+    unmatched_patterns,
+)
 from lightning_clipprune.posttrain.allocation import ALLOCATIONS, layer_counts, spread
 from lightning_clipprune.posttrain.calibration import (
     batch_input,
@@ -223,6 +231,11 @@ def _reconstruct_group(
     on_block: Callable[[], None],
 ) -> float:
     """Prune one group's matrix ``w`` in place (``opts.steps`` rounds, each refit); return its output error."""
+    # the zeros the model has (pruned by its run) are pruned first and stay zero: no update may revive them
+    earlier = None
+    if nm is None:
+        earlier = w == 0
+        earlier[:, w.shape[1] - frozen :] = False  # a bias column is never pruned
     if cross is not None:
         w.copy_(refit_to_reference(w, hessian, cross, opts.damp))
     target = w.clone()
@@ -239,7 +252,7 @@ def _reconstruct_group(
             name=f"`{name}`",
             on_block=on_block,
             frozen=frozen,
-            prior=None if keep is None else ~keep,
+            prior=earlier if keep is None else ~keep,
         )
         if opts.refit:
             refit_rows_(w, target, hessian, keep, opts.damp)
@@ -324,6 +337,30 @@ def _check_args(sparsity: Any, pattern: str, options: ReconstructionOptions) -> 
     return nm
 
 
+def _select(model: nn.Module, include: Any, exclude: Any) -> dict[str, nn.Parameter]:
+    """The weights to prune; a pattern of ``include`` or ``exclude`` that matches no parameter name is refused
+    (a typo would otherwise prune the layer meant to stay dense, and pruning cannot be undone).
+
+    Raises:
+        ValueError: a pattern matching nothing (it and some real names), or no prunable weight selected.
+    """
+    include = check_patterns(OWNER, "include", include, allow_none=True)
+    exclude = check_patterns(OWNER, "exclude", exclude)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for key, patterns in (("include", include or ()), ("exclude", exclude)):
+        unmatched = unmatched_patterns(patterns, names)
+        if unmatched:
+            raise ValueError(
+                f"`{OWNER}`: {key} pattern(s) {unmatched} match no parameter name of the model (names look like"
+                f" {names[:4]}): fix the pattern (fnmatch over these names) or drop it"
+            )
+    params = select_prunable_parameters(model, include=include, exclude=list(exclude), include_frozen=True)
+    if not params:
+        raise ValueError(f"`{OWNER}` found no prunable weight in the model (check `include`/`exclude`).")
+    check_prunable_kinds(model, params, f"`{OWNER}`")
+    return params
+
+
 def _progress_bar() -> Callable[..., Any]:
     from tqdm.auto import tqdm  # a Lightning dependency
 
@@ -395,8 +432,9 @@ def reconstruct_prune(
         ``(model, report)``: the same model object, pruned, and a :class:`PostTrainReport`.
 
     Raises:
-        ValueError: for bad arguments, a Hessian over ``max_hessian_bytes``, or an empty loader; nothing has
-            changed in the model then.
+        ValueError: for bad arguments (an ``include``/``exclude`` pattern that matches no parameter name
+            too), a Hessian over ``max_hessian_bytes``, an empty loader, or calibration inputs (or a layer's
+            inputs) holding NaN or inf; nothing has changed in the model then.
 
     Example::
 
@@ -412,10 +450,7 @@ def reconstruct_prune(
     nm = _check_args(sparsity, pattern, options)
     start = time.perf_counter()
     check_not_torch_pruned(model, OWNER)
-    params = select_prunable_parameters(model, include=include, exclude=list(exclude), include_frozen=True)
-    if not params:
-        raise ValueError(f"`{OWNER}` found no prunable weight in the model (check `include`/`exclude`).")
-    check_prunable_kinds(model, params, f"`{OWNER}`")
+    params = _select(model, include, exclude)
     modules, fallback = split_layers(model, params)
     layouts = weight_layouts(model, params)
     if nm is not None:

@@ -7,7 +7,8 @@ zeroing the ``round(s * n)`` lowest-ranked weights of the original model, and pu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,15 @@ from lightning_clipprune.pruning import (
     select_prunable_parameters,
 )
 
-__all__ = ["Loader", "Ranking", "evaluate", "loader_batches", "prunable_parameters", "taylor_gradients"]
+__all__ = [
+    "Loader",
+    "Ranking",
+    "check_reiterable",
+    "evaluate",
+    "loader_batches",
+    "prunable_parameters",
+    "taylor_gradients",
+]
 
 _SEARCH = "lightning_clipprune.search"
 
@@ -71,16 +80,60 @@ def _logits(out: object, y: Tensor) -> Tensor:
     return logits
 
 
+#: The label ``F.cross_entropy`` ignores by default (Hugging Face's padding tokens): counted neither right nor wrong.
+IGNORE_INDEX = -100
+
+
+def _check_labels(y: Tensor, classes: int) -> None:
+    """Labels are class indices in ``[0, classes)``: one host read per batch (its smallest and largest label).
+
+    Raises:
+        ValueError: float labels, or a label out of range: the dtype or the value, and the number of classes.
+    """
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(
+            f"the labels are {y.dtype}; the evaluation needs integer class indices in [0, {classes}) (the model"
+            f" gives {classes} logits columns): pass `y.long()`, or class indices rather than one-hot/soft labels"
+        )
+    if y.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(y)).tolist()
+    if low == IGNORE_INDEX:  # cross-entropy's ignored label (padding tokens): the smallest of the others decides
+        kept = y[y != IGNORE_INDEX]
+        low = int(kept.min()) if kept.numel() else 0
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"a label is {bad}, outside [0, {classes}): the model gives {classes} logits columns, so labels must be"
+            f" class indices 0 .. {classes - 1}: check the labels, or the model's number of classes"
+        )
+
+
+def check_reiterable(loader: object, name: str = "the loader") -> None:
+    """Refuse a one-shot iterator (a generator): the searches read the loader once per evaluated point.
+
+    Raises:
+        ValueError: ``loader`` is an iterator (``iter(loader) is loader``).
+    """
+    if isinstance(loader, Iterator):  # not `iter(loader)`: that would start a DataLoader's workers
+        raise ValueError(
+            f"{name} is a one-shot iterator ({type(loader).__name__}), read once per evaluated point: the loader"
+            " must be re-iterable (a DataLoader or a list of batches), e.g. `list(batches)`"
+        )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy loss)`` of ``model`` over ``loader`` (batches of ``(x, y)``), in eval mode.
 
     The model returns logits ``(N, C)`` for labels ``(N,)``, or ``(N, C, d1, ...)`` for labels ``(N, d1, ...)`` (per
-    token or pixel, the layout of ``F.cross_entropy``: then every label counts once); an output with a ``logits``
-    field (a Hugging Face ``ModelOutput``) is read there.
+    token or pixel, the layout of ``F.cross_entropy``: then every label counts once, and a label of -100, the
+    padding ``F.cross_entropy`` ignores, not at all); an output with a ``logits`` field (a Hugging Face
+    ``ModelOutput``) is read there.
 
     Raises:
-        ValueError: the loader gave no samples, or the logits do not fit the labels (one line: the shapes).
+        ValueError: the loader gave no samples, the logits do not fit the labels (one line: the shapes), or a
+            label is not a class index in ``[0, C)`` (float labels, a label out of range).
 
     Example::
 
@@ -90,20 +143,21 @@ def evaluate(model: nn.Module, loader: Loader) -> tuple[float, float]:
         True
     """
     device = _device(model)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    correct, n = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
     with evaluating(model):
         for batch in loader:
             x, y = _pair(batch)
             x, y = x.to(device), y.to(device)
             logits = _logits(model(x), y)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-            n += y.numel()
-    if n == 0:
-        raise ValueError("evaluate: the loader gave no samples")
-    return correct.item() / n, loss_sum.item() / n
+            _check_labels(y, logits.shape[1])
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=IGNORE_INDEX).double()
+            counted = y != IGNORE_INDEX
+            correct += ((logits.argmax(1) == y) & counted).sum()
+            n += counted.sum()
+    if int(n) == 0:
+        raise ValueError("evaluate: the loader gave no samples (or only labels of -100, which count for nothing)")
+    return correct.item() / int(n), loss_sum.item() / int(n)
 
 
 def prunable_parameters(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
@@ -145,6 +199,43 @@ def loader_batches(loader: Loader, n: int) -> Iterable[tuple[Tensor, Tensor]]:
         yield batch
 
 
+@contextmanager
+def _gradients_on(params: Iterable[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
+    """Turn ``requires_grad`` on for the frozen ones of ``params`` (yielded), and back off after, also on error."""
+    woken = [p for p in params if not p.requires_grad]
+    try:
+        for p in woken:
+            p.requires_grad_(True)
+        yield woken
+    finally:
+        for p in woken:
+            p.requires_grad_(False)
+
+
+def _clip(trained: list[nn.Parameter], woken: list[nn.Parameter], clip_val: float, algorithm: str) -> None:
+    """Clip one batch's gradient as the run did: the norm of the parameters it trained (all of them for a model
+    frozen as a whole after training); the frozen weights' gradients get the same factor, or the same clamp."""
+    if algorithm == "value":
+        clip_grad_value([p for p in trained + woken if p.grad is not None], clip_val)
+        return
+    counted, rest = [p for p in trained if p.grad is not None], [p for p in woken if p.grad is not None]
+    if not counted:
+        counted, rest = rest, []
+    _, coef = clip_grad_norm(counted, clip_val)
+    for p in rest:
+        p.grad.mul_(coef)
+
+
+def _backward(model: nn.Module, batch: object, device: torch.device, params: list[nn.Parameter]) -> None:
+    """The gradient of one batch's cross-entropy in the ``.grad`` of ``params`` (cleared first)."""
+    x, y = (t.to(device) for t in _pair(batch))
+    for p in params:
+        p.grad = None
+    logits = _logits(model(x), y)
+    _check_labels(y, logits.shape[1])
+    F.cross_entropy(logits, y).backward()
+
+
 def taylor_gradients(
     model: nn.Module,
     train_loader: Loader,
@@ -157,36 +248,46 @@ def taylor_gradients(
 
     Each batch's gradient is clipped as the run clipped it (``clip_algorithm`` "norm": total norm at most
     ``clip_val``; "value": entries clamped to ``[-clip_val, clip_val]``; ``clip_val=None``: unclipped) before
-    it joins the average. The model's weights and ``.grad`` are left as they were.
+    it joins the average. Frozen weights (``requires_grad=False``) count, as everywhere in the search: their
+    ``requires_grad`` is turned on for the gradient pass and back off after (a norm clip scales them by the
+    factor of the parameters that train, or of the whole model when it is frozen as a whole). The model's
+    weights, ``.grad`` and ``requires_grad`` flags are left as they were.
 
     Raises:
-        ValueError: for ``batches`` < 1 or a ``clip_algorithm`` other than "norm" and "value".
+        ValueError: for ``batches`` < 1, a ``clip_algorithm`` other than "norm" and "value", batches that are
+            not ``(inputs, labels)`` pairs or labels that are not class indices, or an empty loader.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).requires_grad_(False)
+        >>> grads = taylor_gradients(net, [(torch.randn(16, 4), torch.randint(0, 3, (16,)))], batches=1)
+        >>> sorted(grads), bool(grads["0.weight"].any()), net[0].weight.requires_grad
+        (['0.weight', '2.weight'], True, False)
     """
     if batches < 1:
         raise ValueError(f"`batches` must be >= 1, got {batches!r}")
     if clip_algorithm not in ("norm", "value"):
         raise ValueError(f"`clip_algorithm` must be one of ('norm', 'value'), got {clip_algorithm!r}")
     params = prunable_parameters(model, names)
-    everything = [p for p in model.parameters() if p.requires_grad]
-    saved_grads = [None if p.grad is None else p.grad.clone() for p in everything]
-    sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    device, seen = _device(model), 0
-    try:
-        with evaluating(model):  # no dropout or batch-norm statistics update: the gradient of the model as evaluated
-            for x, y in loader_batches(train_loader, batches):
-                for p in everything:
-                    p.grad = None
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-                if clip_val is not None:
-                    grads = [p for p in everything if p.grad is not None]
-                    (clip_grad_norm if clip_algorithm == "norm" else clip_grad_value)(grads, clip_val)
-                for n, p in params.items():
-                    if p.grad is not None:
-                        sums[n] += p.grad
-                seen += 1
-    finally:
-        for p, g in zip(everything, saved_grads, strict=True):
-            p.grad = g
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with _gradients_on(params.values()) as woken:
+        everything = trained + woken
+        saved_grads = [None if p.grad is None else p.grad.clone() for p in everything]
+        sums = {n: torch.zeros_like(p) for n, p in params.items()}
+        device, seen = _device(model), 0
+        try:
+            with evaluating(model):  # no dropout or batch-norm statistics update: the gradient of the model as evaluated
+                for batch in loader_batches(train_loader, batches):
+                    _backward(model, batch, device, everything)
+                    if clip_val is not None:
+                        _clip(trained, woken, clip_val, clip_algorithm)
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            sums[n] += p.grad
+                    seen += 1
+        finally:
+            for p, g in zip(everything, saved_grads, strict=True):
+                p.grad = g
     if seen == 0:
         raise ValueError("taylor_gradients: the training loader gave no batches")
     return {n: s / seen for n, s in sums.items()}

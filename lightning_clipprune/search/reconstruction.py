@@ -21,7 +21,7 @@ from lightning_clipprune._choices import SEARCH_METHODS
 from lightning_clipprune.posttrain import ReconstructionOptions, collect_calibration, reconstruct_prune
 from lightning_clipprune.posttrain.allocation import most_prunable
 from lightning_clipprune.pruning import weight_layouts
-from lightning_clipprune.search.ranking import Loader, evaluate, prunable_parameters
+from lightning_clipprune.search.ranking import Loader, check_reiterable, evaluate, prunable_parameters
 from lightning_clipprune.search.threshold import (
     DEFAULT_GRID,
     SearchPoint,
@@ -110,7 +110,8 @@ def search_reconstruction(
         ``threshold`` is NaN (the kept weights are changed, so no magnitude threshold reproduces them).
 
     Raises:
-        ValueError: for a bad ``tolerance``, ``grid`` or ``resolution``, an empty calibration loader, or what
+        ValueError: for a bad ``tolerance``, ``grid`` or ``resolution``, a one-shot iterator as ``val_loader``
+            or ``test_loader`` (read once per point), an empty calibration loader, or what
             :func:`reconstruct_prune` refuses (a layer it cannot reconstruct, a Hessian over the memory allowed).
 
     Example::
@@ -123,6 +124,7 @@ def search_reconstruction(
         ('sparsegpt', True)
     """
     check_grid_args(_OWNER, tolerance, grid, resolution)
+    check_reiterable(val_loader, "`val_loader`")
     options = options or ReconstructionOptions()
     calibration = collect_calibration(calibration_loader, options.num_samples, options.seed)
     names = None if names is None else list(names)
@@ -144,6 +146,7 @@ def search_reconstruction(
         result.extra["calibration_samples"] = sum(b.shape[0] for b in calibration)
         if test_loader is not None:
             loader = test_loader() if callable(test_loader) else test_loader
+            check_reiterable(loader, "`test_loader`")
             points.prune(0)
             result.dense_test_acc = evaluate(model, loader)[0]
             points.prune(points.count(chosen.sparsity))

@@ -10,6 +10,7 @@ ranking at the same budget.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,13 @@ from torch import nn
 
 from lightning_clipprune._choices import DEFAULT_LAYER_GRID
 from lightning_clipprune.search import plots
-from lightning_clipprune.search.ranking import Loader, Ranking, evaluate, prunable_parameters
+from lightning_clipprune.search.ranking import (
+    Loader,
+    Ranking,
+    check_reiterable,
+    evaluate,
+    prunable_parameters,
+)
 
 __all__ = [
     "DEFAULT_LAYER_GRID",
@@ -74,7 +81,8 @@ def layer_sensitivity(
     The model's weights are put back at the end.
 
     Raises:
-        ValueError: for a sparsity outside (0, 1).
+        ValueError: for a sparsity outside (0, 1), or a one-shot iterator as ``val_loader`` (it is read once per
+            layer and sparsity: give a list of batches or a DataLoader).
 
     Example::
 
@@ -87,6 +95,7 @@ def layer_sensitivity(
     if not sparsities or any(not 0.0 < s < 1.0 for s in sparsities):
         raise ValueError(f"`sparsities` must be a non-empty sequence of values in (0, 1), got {sparsities!r}")
     sparsities = sorted(set(sparsities))
+    check_reiterable(val_loader, "`val_loader`")
     params = prunable_parameters(model, names)
     dense_acc = evaluate(model, val_loader)[0]
     accuracy: dict[str, list[float]] = {}
@@ -125,22 +134,46 @@ def _max_sparsity_within(sens: SensitivityResult, name: str, drop: float) -> flo
     return best
 
 
-def suggest_layer_sparsity(sens: SensitivityResult, target: float) -> dict[str, float]:
+def suggest_layer_sparsity(sens: SensitivityResult, target: float, *, clamp: bool = False) -> dict[str, float]:
     """Per-layer sparsities that reach the global ``target`` with the most tolerant layers pruned most.
 
     Every layer gets the largest sparsity whose own accuracy drop (from :func:`layer_sensitivity`, linearly
     interpolated, made monotone) stays below one common level; that level is bisected until the weighted
     mean sparsity equals ``target``.
 
+    Args:
+        sens: the result of :func:`layer_sensitivity`.
+        target: the global sparsity, in [0, 1).
+        clamp: a ``target`` above the grid's largest sparsity (nothing is measured there) is lowered to it,
+            with one warning, instead of refused (a target that came from a search, not from the user).
+
     Raises:
-        ValueError: ``target`` is outside [0, 1) or above what the grid's largest sparsity allows.
+        ValueError: ``target`` is outside [0, 1), or (without ``clamp``) above the grid's largest sparsity.
+
+    Example::
+
+        >>> sens = SensitivityResult([0.5, 0.9], 0.9, {"a": [0.9, 0.9], "b": [0.9, 0.1]}, {"a": 100, "b": 100})
+        >>> alloc = suggest_layer_sparsity(sens, 0.6)  # "a" lost nothing at 0.9: it is pruned most
+        >>> alloc["a"] > alloc["b"], round((alloc["a"] + alloc["b"]) / 2, 4)
+        (True, 0.6)
     """
     if not 0.0 <= target < 1.0:
         raise ValueError(f"`target` must be in [0, 1), got {target!r}")
     total = sum(sens.numel.values())
     cap = max(sens.sparsities)
     if target > cap + 1e-9:
-        raise ValueError(f"`target` {target!r} is above the largest sparsity of the sensitivity grid ({cap!r})")
+        if not clamp:
+            raise ValueError(
+                f"`target` {target!r} is above the largest sparsity of the sensitivity grid ({cap!r}): nothing is"
+                f" measured there; add a grid sparsity >= {target:.4g} to `layer_sensitivity(sparsities=...)`, or"
+                " lower `target`"
+            )
+        warnings.warn(
+            f"the global sparsity {target:.4g} is above the largest sparsity of the sensitivity grid ({cap:g}):"
+            f" the per-layer allocation is for {cap:g} (add a larger grid sparsity to reach {target:.4g})",
+            stacklevel=2,
+        )
+        target = cap
 
     def alloc(level: float) -> dict[str, float]:
         return {n: _max_sparsity_within(sens, n, level) for n in sens.accuracy}
@@ -168,7 +201,11 @@ def compare_allocation(model: nn.Module, val_loader: Loader, allocation: Mapping
 
     Returns:
         ``{"sparsity": global sparsity reached, "layerwise_val_acc": ..., "global_val_acc": ...}``.
+
+    Raises:
+        ValueError: a one-shot iterator as ``val_loader`` (it is read twice), or a name that is no parameter.
     """
+    check_reiterable(val_loader, "`val_loader`")
     names = list(allocation)
     params = prunable_parameters(model, names)
     rankings = [Ranking(model, [n]) for n in names]

@@ -10,6 +10,7 @@ the next grid point. The test split is evaluated once, at the chosen point, afte
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +23,36 @@ from lightning_clipprune._choices import DEFAULT_GRID
 from lightning_clipprune._validation import bad_value, check_choice, check_real
 from lightning_clipprune.pruning import importance
 from lightning_clipprune.search import plots
-from lightning_clipprune.search.ranking import Loader, Ranking, evaluate, prunable_parameters
+from lightning_clipprune.search.ranking import (
+    Loader,
+    Ranking,
+    check_reiterable,
+    evaluate,
+    prunable_parameters,
+)
 
 _OWNER = "search_threshold"
 
 __all__ = ["DEFAULT_GRID", "SearchPoint", "SearchResult", "search_threshold"]
 
+
+#: Below this starting sparsity a model counts as dense (a few exact zeros), and the search offers its threshold.
+DENSE_START = 0.01
+
+
+def sparsity_text(sparsity: float) -> str:
+    """``sparsity`` with 4 decimals, or as many more as keep a sparsity below 1 below 1 (the app refuses 1.0).
+
+    Example::
+
+        >>> sparsity_text(0.5), sparsity_text(0.99999)
+        ('0.5000', '0.99999')
+    """
+    for digits in range(4, 17):
+        text = f"{sparsity:.{digits}f}"
+        if sparsity >= 1.0 or float(text) < 1.0:
+            return text.rstrip("0") if digits > 4 else text
+    return repr(sparsity)
 
 
 @dataclass
@@ -66,14 +91,16 @@ class SearchResult:
         return above[0] if above else None
 
     def overrides(self) -> list[str]:
-        """The app's overrides that prune to the chosen point: threshold rule (magnitude only) and sparsity;
-        for "sparsegpt", the post-training "obs" criterion at that sparsity."""
+        """The app's overrides that prune to the chosen point: threshold rule (magnitude, from a start under
+        :data:`DENSE_START`) and sparsity; for "sparsegpt", the post-training "obs" criterion at that sparsity."""
         # prune.threshold=null: a run whose prune config is the threshold rule would refuse both set
-        out = [f"prune.sparsity={self.chosen.sparsity:.4f} prune.threshold=null"]
+        out = [f"prune.sparsity={sparsity_text(self.chosen.sparsity)} prune.threshold=null"]
         if self.criterion == "sparsegpt":  # post-training reconstruction: the "obs" criterion, after the last step
             return [f"prune=oneshot prune.start=1.0 {out[0]} prune.criterion=obs"]
         if self.criterion == "magnitude":
-            if self.chosen.threshold > 0:  # threshold 0 (a model pruned already, searched at its start) prunes nothing
+            # a threshold read off a model pruned already cuts only what its run left: a fresh run with it lands far
+            # from the chosen sparsity (90 % chosen, 35 % trained), so it is offered for a (nearly) dense start only
+            if self.chosen.threshold > 0 and self.sorted_points()[0].sparsity < DENSE_START:
                 out.insert(0, f"prune=threshold prune.threshold={self.chosen.threshold:.6g}")
         else:
             out[0] += f" prune.criterion={self.criterion}"
@@ -173,7 +200,11 @@ def search_threshold(
         A :class:`SearchResult`.
 
     Raises:
-        ValueError: for a bad ``tolerance``, ``grid``, ``resolution`` or ``criterion``, or taylor without ``grads``.
+        ValueError: for a bad ``tolerance``, ``grid``, ``resolution`` or ``criterion``, taylor without ``grads``,
+            a one-shot iterator as a loader (it is read once per point), or labels that are not class indices.
+
+    A grid point that rounds to every weight (``0.9999`` of 640 weights) is searched one weight short of
+    that, with a warning: an all-zero network is no answer.
 
     Example::
 
@@ -184,6 +215,7 @@ def search_threshold(
         True
     """
     _check_search_args(tolerance, grid, resolution, criterion)
+    check_reiterable(val_loader, "`val_loader`")
     ranking = Ranking(model, names, _scores(model, names, criterion, grads))
     points = _Points(model, val_loader, ranking, criterion, tolerance)
     chosen: SearchPoint | None = None
@@ -192,6 +224,7 @@ def search_threshold(
         result = SearchResult(points.points, chosen, points.points[0].val_acc, tolerance, criterion, ranking.names)
         if test_loader is not None:
             loader = test_loader() if callable(test_loader) else test_loader
+            check_reiterable(loader, "`test_loader`")
             ranking.restore()
             result.dense_test_acc = evaluate(model, loader)[0]
             ranking.apply(round(chosen.sparsity * ranking.numel))
@@ -220,7 +253,15 @@ def grid_then_bisect(
     it is already), ``at(count(s), "grid")`` for each grid sparsity above it (each pruned count once), then the
     bisection on the pruned count above the last grid point within tolerance."""
     first = count(0.0)
-    counts = sorted({count(s) for s in grid} - {first})
+    every = sorted(s for s in grid if count(s) >= numel)
+    if every and numel > 1:
+        warnings.warn(
+            f"the grid's {', '.join(map(str, every))} would prune every one of the {numel} weights (an all-zero"
+            f" network): searched at {numel - 1} pruned ({sparsity_text((numel - 1) / numel)}) instead; give a"
+            " smaller grid point",
+            stacklevel=3,
+        )
+    counts = sorted({min(count(s), max(first, numel - 1)) for s in grid} - {first})
     with plots.progress_bar(progress) as bar:
         task = bar.add_task(label, total=len(counts) + 1)
         dense = at(first, "dense")
