@@ -201,13 +201,26 @@ def _fit(parts: Any, ckpt: Path | None, test: bool) -> Any:
         raise ConfigError(
             f"the model does not take the data's inputs ({one_line(err)}): model={_choice(parts, 'model')} and"
             f" data={_choice(parts, 'data')} do not fit together; pick a model for this data set (or set the"
-            " network's input size, such as model.net.in_features)"
+            f" network's input size: {_input_keys(parts)})"
         ) from err
     except (KeyboardInterrupt, SystemExit) as err:
         which = _interrupt_signal(err, parts.trainer)
         if which is None:
             raise
         return Outcome(status="interrupted", val_acc=scalar(parts.trainer.callback_metrics.get("val/acc")), signal=which)
+
+
+def _input_keys(parts: Any) -> str:
+    """The network's input-size arguments as overrides (``model.net.in_channels``, ``model.net.image_size``)."""
+    import inspect
+
+    net = getattr(parts.model, "net", None)
+    try:
+        names = inspect.signature(type(net).__init__).parameters if net is not None else {}
+    except (TypeError, ValueError):
+        names = {}
+    keys = [f"model.net.{k}" for k in ("in_features", "in_channels", "image_size") if k in names]
+    return " and ".join(keys) if keys else "its first layer's input size"
 
 
 def _forget_fresh_start(parts: Any, ckpt: Path | None) -> None:

@@ -213,6 +213,18 @@ def read_run_overrides(run_dir: Path) -> tuple[list[str], Path | None]:
     return check_overrides(kept, source=str(source)), source
 
 
+def run_status(run_dir: Path) -> str | None:
+    """``results.json``'s ``status`` ("ok", "interrupted", ...), read bounded; None without one (or unreadable)."""
+    results = run_dir / "results.json"
+    if not os.path.lexists(results):
+        return None
+    try:
+        status = read_json_object(results).get("status")
+    except (OSError, ValueError):  # the overrides' reader names a bad results.json; the status is advice only
+        return None
+    return status if isinstance(status, str) else None
+
+
 _ASIDE = "metrics.before-resume.csv"
 
 

@@ -102,6 +102,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.target is not None and not args.sensitivity:
         raise ValueError("--target sets the sparsity of the per-layer allocation, which only --sensitivity computes: "
                          "add --sensitivity, or drop --target")
+    if args.target is not None and args.target > max(args.layer_grid) + 1e-9:
+        raise ValueError(f"--target {args.target:g} is above the largest --layer-grid sparsity "
+                         f"({max(args.layer_grid):g}): nothing is measured there; add a --layer-grid point >= "
+                         f"{args.target:g}, or lower --target")
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0 (0: no fine-tune), got {args.finetune_epochs}")
     if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):

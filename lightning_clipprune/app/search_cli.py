@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from lightning_clipprune._io import atomic_path, atomic_write_text
 from lightning_clipprune.app.build import instantiate
 from lightning_clipprune.app.checks import ConfigError, one_line
-from lightning_clipprune.app.rundir import read_run_overrides
+from lightning_clipprune.app.rundir import read_run_overrides, run_status
 from lightning_clipprune.app.search_args import build_parser, check_args, error_line, run_dir_of
 from lightning_clipprune.app.targets import check_targets
 from lightning_clipprune.app.untrusted import make_output_dir
@@ -316,6 +316,10 @@ def _main(args: argparse.Namespace) -> int:
     overrides = [*run_overrides(run_dir), *args.overrides]
     cfg = compose_run_config(overrides, out)
     prepare_output_dir(out, args.overwrite)
+    if checkpoint.parent.parent == run_dir and run_status(run_dir) == "interrupted":
+        console.print("warning: this run was interrupted (results.json: status 'interrupted'): its checkpoint is from"
+                      " mid-training, before the end of its pruning schedule; resume it first (its resume_command in"
+                      " results.json) to search the trained model", highlight=False)
     model = instantiate(cfg.model, "model")
     load_weights(model, checkpoint)
     datamodule = instantiate(cfg.data, "data")
@@ -370,6 +374,12 @@ def _sensitivity_step(
     sens.write_csv(out / "sensitivity.csv")
     sens.plot(out / "sensitivity.png")
     target = args.target if args.target is not None else result.chosen.sparsity
+    top = max(args.layer_grid)
+    if target > top:  # the sparsity found, not a --target (refused before any work): allocate at the grid's top
+        console.print(f"warning: the sparsity found ({100 * target:.2f} %) is above the largest --layer-grid point "
+                      f"({top:g}): the per-layer allocation is for {100 * top:.2f} % (add a larger --layer-grid point)",
+                      highlight=False)
+        target = top
     allocation = suggest_layer_sparsity(sens, target)
     comparison = compare_allocation(model_dense, datamodule.val_dataloader(), allocation)
     python, hydra_overrides = layer_sparsity_snippets(allocation)

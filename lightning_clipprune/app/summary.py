@@ -68,7 +68,7 @@ def collect_results(
     prunable_total, prunable_nonzero = parameter_counts(model, prunable)
     summary = getattr(parts.clip, "summary", None)
     results: dict[str, Any] = {
-        "experiment": cfg.get("name") or "run",
+        "experiment": experiment_name(cfg),
         "status": outcome.status,
         "val_acc": outcome.val_acc,
         "val_acc_before_prune": outcome.val_acc_before_prune,
@@ -100,6 +100,22 @@ def collect_results(
     if latency:
         results["inference_latency"] = dict(latency)
     return results
+
+
+def experiment_name(cfg: Any) -> str:
+    """``cfg.name``; the default experiment's name ("digits") only while its model and data are chosen, else
+    "MODEL on DATA" from Hydra's choices (``model=lenet5 data=fashion_mnist`` is no "digits" run)."""
+    name = cfg.get("name") or "run"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):  # not under Hydra's runtime (a config composed by hand)
+        return name
+    model, data = choices.get("model"), choices.get("data")
+    if name == "digits" and choices.get("experiment") is None and (model, data) != ("mlp", "digits"):
+        return f"{model} on {data}"
+    return name
 
 
 def write_results(output_dir: Path, results: dict[str, Any]) -> Path:

@@ -1,0 +1,62 @@
+"""The app as users met it: a run folder moved before its resume, a model and data chosen without an
+experiment, the channel preset's compaction, a search of an interrupted run. Real command lines, digits data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_clipprune.app.rundir import run_status
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+_QUICK = ("debug=smoke", "trainer.max_steps=-1", "trainer.limit_train_batches=2")
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_clipprune.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_moved_run_folder_resumes_into_its_last_checkpoint_and_names_its_choices(tmp_path: Path) -> None:
+    first = tmp_path / "a"
+    done = _run(tmp_path, f"hydra.run.dir={first}", "model=lenet300", "model.net.in_features=64", *_QUICK)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((first / "results.json").read_text())["experiment"] == "lenet300 on digits"
+    moved = tmp_path / "b"
+    shutil.move(first, moved)
+    (moved / "results.json").unlink()  # a folder that holds a run is resumed in place, as the resume command does
+    resumed = _run(tmp_path, f"hydra.run.dir={moved}", "model=lenet300", "model.net.in_features=64", *_QUICK,
+                   "trainer.max_epochs=2", f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in (moved / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
+def test_the_channel_preset_couples_channels_when_torch_pruning_is_there(tmp_path: Path) -> None:
+    pytest.importorskip("torch_pruning")
+    from hydra import compose, initialize_config_dir
+
+    from lightning_clipprune.run import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        assert compose("config", overrides=["prune=channel"]).prune.couple_channels == "auto"
+        assert compose("config", overrides=["prune.couple_channels=true"]).prune.couple_channels is True
+
+
+def test_the_run_status_says_interrupted(tmp_path: Path) -> None:
+    assert run_status(tmp_path) is None
+    (tmp_path / "results.json").write_text(json.dumps({"status": "interrupted"}))
+    assert run_status(tmp_path) == "interrupted"
+    (tmp_path / "results.json").write_text("not json")
+    assert run_status(tmp_path) is None
