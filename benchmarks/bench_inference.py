@@ -18,6 +18,10 @@ in the "trained" row).
 
     python benchmarks/bench_inference.py --out benchmarks/results/bench_inference.json
     python benchmarks/bench_inference.py --smoke            # seconds: one small row, for the tests
+    python benchmarks/bench_inference.py --only ResNet --threads 1 2   # the rows whose model name holds "ResNet"
+
+``--smoke`` runs one thread and 3 rounds unless ``--threads``/``--rounds`` are given; an ``--only`` that
+matches no model is refused with the names it accepts (``--smoke`` has only the LeNet-300-100 row).
 """
 
 from __future__ import annotations
@@ -238,28 +242,64 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+Case = tuple[str, Callable[[], nn.Module], Callable[[int], torch.Tensor]]
+
+
+def select(all_cases: list[Case], only: str, mode: str = "") -> list[Case]:
+    """The cases whose name contains ``only`` (all for ""); ``ValueError`` (one line, the names) when none does.
+
+    ``mode`` names the flag that chose ``all_cases`` (``--smoke``, ``--gpt2-wide``) in the message.
+    """
+    chosen = [c for c in all_cases if only in c[0]]
+    if not chosen:
+        names = ", ".join(repr(c[0]) for c in all_cases)
+        where = f" under {mode}" if mode else ""
+        raise ValueError(f"--only {only!r} matches no model name{where} (case-sensitive); give part of one of: {names}")
+    return chosen
+
+
+def plan(args: argparse.Namespace) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(rounds, batch sizes, thread counts) of a run; ``--smoke`` keeps the ``--threads`` and ``--rounds`` given
+    (its defaults: 1 thread, 3 rounds)."""
+    if args.threads is not None and any(t < 1 for t in args.threads):
+        raise ValueError(f"--threads must be positive integers, got {' '.join(map(str, args.threads))}")
+    if args.rounds is not None and args.rounds < 1:
+        raise ValueError(f"--rounds must be a positive integer, got {args.rounds}")
+    rounds = args.rounds if args.rounds is not None else 3 if args.smoke else 15
+    batches = (1, 32) if args.smoke else (1, 256)
+    if args.gpt2_wide:
+        batches = (4,)
+    thread_counts = tuple(args.threads) if args.threads is not None else ((1,) if args.smoke else (1, 2))
+    return rounds, batches, thread_counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the rows and the machine as JSON here")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved end-to-end rounds per row (medians)")
-    parser.add_argument("--smoke", action="store_true", help="one small row, few rounds (for the tests)")
-    parser.add_argument("--only", default="", help="run only the models whose name contains this text")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved end-to-end rounds per row (medians; default 15, with --smoke 3)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one small row (LeNet-300-100 95 %%), batches 1 and 32 (for the tests)")
+    parser.add_argument("--only", default="",
+                        help="run only the models whose name contains this text (case-sensitive; none: an error)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch.set_num_threads values (default: 1 2; with --smoke: 1)")
     parser.add_argument("--gpt2-wide", action="store_true",
                         help="only GPT-2 of 4 blocks of width 768 at 4 sequences of 128 tokens (minutes)")
     parser.add_argument("--torch-layout-copy", action="store_true",
                         help="CSR layers lay their input out with torch's copy, not numpy's (the library before it)")
     args = parser.parse_args(argv)
+    try:  # every refusal before the first row
+        rounds, batches, thread_counts = plan(args)
+        mode = "--gpt2-wide" if args.gpt2_wide else "--smoke" if args.smoke else ""
+        chosen = select(wide_gpt2_cases() if args.gpt2_wide else cases(args.smoke), args.only, mode)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.torch_layout_copy:
         sparse_linear._transposed_copy = _torch_transposed_copy
-    rounds = 3 if args.smoke else args.rounds
-    batches, thread_counts = ((1, 32), (1,)) if args.smoke else ((1, 256), tuple(args.threads))
-    if args.gpt2_wide:
-        batches = (4,)
     rows = []
-    for name, build, make_x in wide_gpt2_cases() if args.gpt2_wide else cases(args.smoke):
-        if args.only and args.only not in name:
-            continue
+    for name, build, make_x in chosen:
         dense = build()
         for threads in thread_counts:
             for batch in batches:

@@ -6,6 +6,7 @@ benchmark, Lightning's pair included, is ``benchmarks/bench_overhead.py``). Run 
     python benchmarks/bench_prune_step.py --model lenet --rounds 9          # Fashion-MNIST, 1 epoch per fit
     python benchmarks/bench_prune_step.py --model resnet20 --rounds 5 --steps 60
     python benchmarks/bench_prune_step.py --micro                           # the masking kernels alone
+    python benchmarks/bench_prune_step.py --micro --out /tmp/micro.json     # a trial: the recorded file untouched
 
 Arms (callback defaults, as a new user writes them):
 
@@ -20,7 +21,8 @@ Per round the arms run in a rotating order; each fit trains a fresh seeded model
 of each arm's ``trainer.fit`` wall time (and process CPU time, steadier on a shared machine) divided by
 the ``none`` arm's of the same round, min-max of that ratio, and the bytes the prune callback holds at the end of training (bool masks + float gradient masks)
 against the pruned weights' bytes (Lightning's ``ModelPruning`` holds ``weight_orig`` + ``weight_mask``:
-+200 %). Results are written to ``benchmarks/results/bench_prune_step_<model>.json``.
++200 %). Results are written to ``benchmarks/results/bench_prune_step_<model>.json`` (``_micro`` with
+``--micro``, ``_<tag>`` appended with ``--tag``): the recorded, tracked results; ``--out PATH`` writes elsewhere.
 """
 
 from __future__ import annotations
@@ -209,25 +211,44 @@ def _time(fn: Any, n: int = 1000, repeats: int = 5) -> float:
     return statistics.median(best)
 
 
-def main() -> None:
+def output_path(args: argparse.Namespace) -> Path:
+    """Where the results go: ``--out``, else the recorded file ``results/bench_prune_step_<model|micro>[_<tag>].json``."""
+    if args.out is not None:
+        if args.tag:
+            raise SystemExit(f"error: --tag {args.tag!r} only names the default results file; drop it or put it in "
+                             f"--out {str(args.out)!r}")
+        if args.out.is_dir():
+            raise SystemExit(f"error: --out {str(args.out)!r} is a folder; give a file, e.g. {args.out / 'micro.json'}")
+        return args.out
+    return RESULTS / f"bench_prune_step_{'micro' if args.micro else args.model}{'_' + args.tag if args.tag else ''}.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("lenet", "resnet20"), default="lenet")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=60, help="resnet20: optimizer steps per fit")
     parser.add_argument("--limit", type=int, default=None, help="optimizer steps per fit (default: the epoch)")
     parser.add_argument("--micro", action="store_true", help="only time the masking kernels")
-    parser.add_argument("--tag", default="", help="suffix of the results file (e.g. 'before')")
-    args = parser.parse_args()
+    parser.add_argument("--tag", default="", help="suffix of the default results file (e.g. 'before')")
+    parser.add_argument(
+        "--out", "--json", type=Path, default=None, metavar="PATH",
+        help="write the results JSON here (default: the recorded, tracked results file "
+        "benchmarks/results/bench_prune_step_<model|micro>[_<tag>].json, which a run overwrites)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    path = output_path(args)  # checked before the minutes of timing
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    RESULTS.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if args.micro:
         result: dict[str, Any] = {"micro_us": micro(), "threads": torch.get_num_threads()}
-        name = "micro"
     else:
         result = macro(args)
-        name = args.model
-    path = RESULTS / f"bench_prune_step_{name}{'_' + args.tag if args.tag else ''}.json"
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
     shown = {k: v for k, v in result.items() if k not in ("times", "cpu_times")}

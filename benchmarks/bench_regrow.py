@@ -621,19 +621,23 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`ModelPruning`.*")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shared machine: timings are indicative")
-    runs = bvl.load_runs([args.json])
-    done = {bvl.run_key(r) for r in runs}
+    try:
+        bvl.check_overrides(args.override)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    runs = bvl.load_runs([args.json], key=bvl.cache_key)
+    done = {bvl.cache_key(r) for r in runs}  # a run with other overrides is trained, not replayed
     for seed in args.seeds:
         todo = [("dense", None, "")] if "dense" in args.arms else []
         for s in args.sparsities:
             todo += [("ours", s, v) for v in args.variants if "ours" in args.arms]
             todo += [("lightning", s, "")] if "lightning" in args.arms else []
         for arm, s, variant in todo:
-            if (args.experiment, arm, variant, seed, s, args.epochs) in done:
+            if (args.experiment, arm, variant, seed, s, args.epochs, tuple(args.override)) in done:
                 continue
             r = run(arm, seed, s, args, variant)
             runs.append(r)
-            done.add(bvl.run_key(r))
+            done.add(bvl.cache_key(r))
             print(json.dumps({k: v for k, v in r.items() if k not in ("train_tensors", "settings")}), flush=True)
             bvl.write_json(args.json, runs)
     report(runs, pair, args.epochs, args.experiment)

@@ -7,6 +7,13 @@ config (``+experiment=fashion_mnist seed=N``). Run by hand (CPU, one process, ar
     python benchmarks/bench_vs_lightning.py                  # 5 seeds x {0.9, 0.95, 0.98, 0.99} x 2 arms + dense
     python benchmarks/bench_vs_lightning.py --quick          # 1 epoch, 1 seed, sparsity 0.9: smoke run
     python benchmarks/bench_vs_lightning.py --report benchmarks/results/bench_vs_lightning.json   # the tables
+    python benchmarks/bench_vs_lightning.py --quick data.batch_size=256 model.label_smoothing=0.1 --json /tmp/b.json
+
+Extra Hydra overrides may change only the ``data`` and ``model`` groups (the Trainer, the clip and the prune
+settings are the script's own: ``--epochs``, ``--seeds``, ``--experiment``, the arms and variants); any other is
+refused before training. The overrides are recorded with each run (``"overrides"``) and are part of the key
+that decides whether a run is already in the JSON file, so a run with other overrides is trained, not replayed;
+``--report`` prints one set of tables per experiment and set of overrides.
 
 Arms, each on the same seeded model, data order, optimizer and Trainer settings:
 
@@ -48,6 +55,8 @@ import hydra
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
@@ -58,6 +67,8 @@ from lightning_clipprune.run import config_dir
 # The variant the "ours" arm runs by default: the recommended defaults of issue 12 (see VARIANTS).
 RECOMMENDED = "end50_er_nocap"
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_vs_lightning.json")
+#: The config groups whose Hydra overrides reach a run (``build`` instantiates only ``cfg.data`` and ``cfg.model``).
+HONOURED_GROUPS = ("data", "model")
 
 # ---------------------------------------------------------------- what a user writes, arm by arm
 # The bodies between the markers are what each arm needs on the user's side; their lines are counted.
@@ -298,7 +309,32 @@ def variant_callbacks(sparsity: float, variant: str) -> list[Callback]:
 # ---------------------------------------------------------------- running
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Raise ``ValueError`` (one line) for a Hydra override this script would silently ignore.
+
+    Only ``cfg.data`` and ``cfg.model`` are instantiated (``HONOURED_GROUPS``); the Trainer, clipping and pruning
+    are built here from the command-line flags, and ``seed``/``+experiment`` are set per run. An override of any
+    other key, or one placing a group under another package (``data@x=...``), would change nothing that runs.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        first = str(err).splitlines()[0] if str(err) else repr(err)
+        raise ValueError(f"{first}; write overrides as KEY=VALUE, e.g. data.batch_size=256") from None
+    ignored = [
+        text for text, o in zip(overrides, parsed, strict=True)
+        if o.key_or_group.split(".")[0].split("/")[0] not in HONOURED_GROUPS or o.package not in (None, "")
+    ]
+    if ignored:
+        raise ValueError(
+            f"Hydra override(s) {' '.join(map(repr, ignored))} not honoured: this benchmark applies only "
+            f"{' and '.join(g + '.*' for g in HONOURED_GROUPS)} overrides (the Trainer, clip, prune and seed come from "
+            "its flags: --epochs, --seeds, --experiment, --arms, --variants); drop them"
+        )
+
+
 def build(seed: int, experiment: str, overrides: list[str]) -> tuple[Any, L.LightningModule, Any]:
+    check_overrides(overrides)  # before any training: an override that reaches nothing is an error
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={experiment}", f"seed={seed}", *overrides])
     L.seed_everything(seed, workers=True, verbose=False)
@@ -367,20 +403,33 @@ def run_arm(arm: str, seed: int, sparsity: float | None, args: argparse.Namespac
         "train_bytes": probe.bytes,
         "train_tensors": probe.names,
         "leftover_after_fit": leftover,
+        "overrides": list(args.override),
     }
 
 
 def run_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """(experiment, arm, variant, seed, target, epochs): the study's key, without the overrides (``cache_key``)."""
     return (r.get("experiment", "fashion_mnist"), r["arm"], r.get("variant", ""), r["seed"], r["target"], r["epochs"])
 
 
-def load_runs(paths: list[str]) -> list[dict[str, Any]]:
+def overrides_of(r: dict[str, Any]) -> tuple[str, ...]:
+    """The Hydra overrides a run was made with; a run recorded before they were kept had none."""
+    return tuple(r.get("overrides") or ())
+
+
+def cache_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """``run_key`` plus the run's overrides: a run is replayed from the JSON file only when all of them match."""
+    return (*run_key(r), overrides_of(r))
+
+
+def load_runs(paths: list[str], key: Callable[[dict[str, Any]], tuple[Any, ...]] = run_key) -> list[dict[str, Any]]:
+    """The runs of these JSON files, the last one of each ``key`` kept (pass ``cache_key`` to keep overrides apart)."""
     runs: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in paths:
         if os.path.exists(path):
             with open(path) as f:
                 for r in json.load(f):
-                    runs[run_key(r)] = r
+                    runs[key(r)] = r
     return list(runs.values())
 
 
@@ -423,11 +472,13 @@ def stats(d: list[float]) -> tuple[float, float, float]:
     return m, sd, sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
 
 
-def report(runs: list[dict[str, Any]], final: str, experiment: str) -> None:
-    runs = [r for r in runs if r.get("experiment", "fashion_mnist") == experiment]
+def report(runs: list[dict[str, Any]], final: str, experiment: str, overrides: tuple[str, ...] = ()) -> None:
+    """Print the tables of one experiment's runs made with exactly these Hydra overrides (default: none)."""
+    runs = [r for r in runs if r.get("experiment", "fashion_mnist") == experiment and overrides_of(r) == overrides]
     if not runs:
         return
-    print(f"\n## {experiment}: all runs\n")
+    label = f"{experiment} [{' '.join(overrides)}]" if overrides else experiment
+    print(f"\n## {label}: all runs\n")
     print("| arm | variant | target | seeds | test acc (mean, per seed) | val acc (mean) | sparsity | fit s (mean) |")
     print("|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["target"] or 0.0, r["arm"], r.get("variant", "")) for r in runs})
@@ -440,7 +491,7 @@ def report(runs: list[dict[str, Any]], final: str, experiment: str) -> None:
     targets = sorted({r["target"] for r in runs if r["target"] is not None})
     variants = sorted({r.get("variant", "") for r in runs if r["arm"] == "ours"}, key=lambda v: list(VARIANTS).index(v)
                       if v in VARIANTS else 99)
-    print(f"\n## {experiment}: trials, ours (variant) - lightning, paired test acc in points (seeds)\n")
+    print(f"\n## {label}: trials, ours (variant) - lightning, paired test acc in points (seeds)\n")
     print("| variant | settings | " + " | ".join(f"{t}" for t in targets) + " |")
     print("|---|---|" + "---|" * len(targets))
     for v in variants:
@@ -453,7 +504,7 @@ def report(runs: list[dict[str, Any]], final: str, experiment: str) -> None:
             else:
                 cells.append("")
         print(f"| {v} | {json.dumps(VARIANTS.get(v, {}))} | " + " | ".join(cells) + " |")
-    print(f"\n## {experiment}: final paired comparison, variant {final!r} vs lightning (test acc, points)\n")
+    print(f"\n## {label}: final paired comparison, variant {final!r} vs lightning (test acc, points)\n")
     print("| target | n | dense | lightning | ours | ours - lightning: mean | paired sd | paired se | ours wins "
           "| ours - dense | lightning - dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -497,15 +548,21 @@ def main() -> None:
                         help="only print the tables from these JSON files (merged)")
     parser.add_argument("--merge", action="store_true", help="with --report: also write the merged runs to --json")
     parser.add_argument("--final", default=RECOMMENDED, help="the variant of the final paired table")
-    parser.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. data.batch_size=256")
+    parser.add_argument("override", nargs="*",
+                        help="extra Hydra overrides of the data and model groups only, e.g. data.batch_size=256 "
+                        "(part of a run's key in --json; any other group is refused)")
     args = parser.parse_args()
     if args.report is not None:
-        runs = load_runs(args.report or [args.json])
+        runs = load_runs(args.report or [args.json], key=cache_key)
         if args.merge:
-            write_json(args.json, sorted(runs, key=lambda r: tuple(str(x) for x in run_key(r))))
-        for experiment in sorted({r.get("experiment", "fashion_mnist") for r in runs}):
-            report(runs, args.final, experiment)
+            write_json(args.json, sorted(runs, key=lambda r: tuple(str(x) for x in cache_key(r))))
+        for experiment, overrides in sorted({(r.get("experiment", "fashion_mnist"), overrides_of(r)) for r in runs}):
+            report(runs, args.final, experiment, overrides)
         return
+    try:
+        check_overrides(args.override)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     args.limit_train_batches = None
     if args.quick:
         args.seeds, args.sparsities, args.epochs = [0], [0.9], 1
@@ -516,16 +573,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"user lines: ours {user_lines(ours_callbacks)}, lightning {user_lines(lightning_callbacks)}")
-    runs = load_runs([args.json])
-    done = {run_key(r) for r in runs}
+    runs = load_runs([args.json], key=cache_key)
+    done = {cache_key(r) for r in runs}
     epochs = args.epochs or 10
+    overrides = tuple(args.override)
 
     def step(arm: str, seed: int, s: float | None, variant: str = "") -> None:
-        if (args.experiment, arm, variant, seed, s, epochs) in done:
+        if (args.experiment, arm, variant, seed, s, epochs, overrides) in done:
             return
         r = run_arm(arm, seed, s, args, variant)
         runs.append(r)
-        done.add(run_key(r))
+        done.add(cache_key(r))
         print(json.dumps({key: v for key, v in r.items() if key != "train_tensors"}), flush=True)
         write_json(args.json, runs)
 
@@ -536,7 +594,7 @@ def main() -> None:
             for arm in args.arms:
                 for variant in args.variants if arm == "ours" else [""]:
                     step(arm, seed, s, variant)
-    report(runs, args.final, args.experiment)
+    report(runs, args.final, args.experiment, overrides)
 
 
 if __name__ == "__main__":
