@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,29 @@ def test_the_run_status_says_interrupted(tmp_path: Path) -> None:
     assert run_status(tmp_path) == "interrupted"
     (tmp_path / "results.json").write_text("not json")
     assert run_status(tmp_path) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_stops_every_ddp_process_at_the_same_batch(tmp_path: Path, sig: signal.Signals) -> None:
+    run_dir = tmp_path / "r"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_clipprune.run", f"hydra.run.dir={run_dir}", "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.devices=2", "trainer.max_epochs=500", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal (or a scheduler) does: every process gets it
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the DDP run did not stop within 120 s of {sig.name}")
+    assert proc.returncode == 128 + int(sig), err
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["signal"] == sig.name
+    assert results["clip"]["steps"] == results["steps"] > 0

@@ -103,6 +103,7 @@ def test_a_signal_ends_the_run_with_results_and_a_resume_command(tmp_path: Path,
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "interrupted" and results["signal"] == sig.name
     assert 0 < results["steps"] < 500 * 21
+    assert results["clip"]["steps"] == results["steps"]  # stopped between two steps, never inside one
     command = results["resume_command"]
     assert f"resume with: {command}" in err and f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in command
     assert "(interrupted by" in out
@@ -113,6 +114,7 @@ def test_a_signal_ends_the_run_with_results_and_a_resume_command(tmp_path: Path,
     assert done.returncode == 0, done.stderr
     final = json.loads((run_dir / "results.json").read_text())
     assert final["status"] == "completed" and final["steps"] > results["steps"]
+    assert final["clip"]["steps"] == final["steps"]  # no step counted twice across the interrupt
     assert final["resumed_from"] == str(run_dir)
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     steps = sorted({int(r["step"]) for r in rows})

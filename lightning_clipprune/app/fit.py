@@ -51,8 +51,10 @@ def scalar(value: Any) -> float | None:
 def _interrupt_signal(err: BaseException, trainer: Any) -> str | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if isinstance(err, SIGTERMException):
-        return "SIGTERM"
+    if isinstance(err, SIGTERMException):  # also a Ctrl-C during training, stopped at the end of its batch
+        from lightning_clipprune.app.interrupts import stop_requested
+
+        return "SIGINT" if stop_requested() == "SIGINT" else "SIGTERM"
     if isinstance(err, KeyboardInterrupt):
         return "SIGINT"
     # Lightning turns Ctrl-C into sys.exit(1) after its own graceful shutdown, with the Trainer marked

@@ -1,7 +1,8 @@
 """Run-time guards of the app, as callbacks: a SIGTERM after the last training step, non-finite weights.
 
-- :class:`SigtermRelay`: once the last training step is taken, a SIGTERM no longer stops Lightning's
-  loops: the run finishes, then exits with 143 (:mod:`lightning_clipprune.app.interrupts` says why).
+- :class:`SigtermRelay`: during training a first Ctrl-C stops the run at the end of the batch, every process
+  at the same one; once the last training step is taken, a SIGTERM no longer stops Lightning's loops: the
+  run finishes, then exits with 143 (:mod:`lightning_clipprune.app.interrupts` says why).
 - :class:`FiniteWeights`: the weights are checked at every validation and epoch end, before that epoch's
   checkpoint is written; NaN or inf ends the run with one line naming the parameter
   (:func:`first_nonfinite_parameter` is the check itself).
@@ -14,13 +15,19 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_clipprune.app.interrupts import defer_signals, sigterm_installed
+from lightning_clipprune.app.interrupts import (
+    defer_signals,
+    sigterm_installed,
+    stop_at_batch_end,
+    stop_requested,
+)
 
 __all__ = ["FiniteWeights", "NonFiniteWeightsError", "SigtermRelay", "first_nonfinite_parameter", "nonfinite_message"]
 
 
 class SigtermRelay(L.Callback):
-    """Once the last training step is taken, a SIGTERM no longer stops the run (see the module docstring).
+    """A first Ctrl-C or a SIGTERM during training stops the run at the end of the batch, on every process at the
+    same one; once the last training step is taken, a SIGTERM no longer stops the run (the module docstring).
 
     Only active in a process where :func:`~lightning_clipprune.app.interrupts.install_sigterm_handler` ran
     (the app's entry point); elsewhere (library use, in-process tests) it does nothing.
@@ -36,10 +43,20 @@ class SigtermRelay(L.Callback):
         last_epoch = trainer.max_epochs not in (-1, None) and trainer.current_epoch + 1 >= trainer.max_epochs
         return bool(last_epoch and batch_idx + 1 >= trainer.num_training_batches) or trainer.should_stop
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active:
+            stop_at_batch_end()  # a Ctrl-C from here on stops at the end of a batch (on_train_batch_end)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.active and self._last_step_taken(trainer, batch_idx):
+        if not self.active:
+            return
+        if self._last_step_taken(trainer, batch_idx):
             self.deferring = True
             defer_signals(trainer)
+        elif _agreed_stop(trainer):
+            # Lightning's own end-of-batch stop (its SIGTERM path: the batch counted, then SIGTERMException), on
+            # every process at the same batch; the app reports the signal it was (a Ctrl-C: exit 130)
+            trainer._signal_connector.received_sigterm = True
 
     def _keep_deferring(self, trainer: L.Trainer) -> None:
         # each Trainer stage installs Lightning's handler again: take the signal back from it
@@ -62,6 +79,17 @@ class SigtermRelay(L.Callback):
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         self._keep_deferring(trainer)
+
+
+def _agreed_stop(trainer: L.Trainer) -> bool:
+    """Whether a Ctrl-C asked to stop, on any process: one all-reduce of a flag per batch under several
+    processes, so all stop at the same batch (each stopping on its own left one waiting in a collective)."""
+    stop = stop_requested() is not None
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if stop else 0.0], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
 
 
 class NonFiniteWeightsError(FloatingPointError):

@@ -6,8 +6,9 @@ A run has three phases, and SIGTERM (what cluster schedulers send) is handled in
   Lightning installs its own handler: the handler of :func:`install_sigterm_handler` raises at once
   (Lightning's ``SIGTERMException`` once Lightning is imported, else :class:`Terminated`); nothing was
   trained, there is nothing to resume.
-- **training**: Lightning's handler (which calls this one too) stops the run at the end of the current
-  batch; the app writes ``results.json`` marked interrupted and prints the command that resumes the run.
+- **training**: the signal (SIGTERM, or a first Ctrl-C) is only recorded (:func:`stop_at_batch_end`); at the end
+  of the batch every process agrees to stop there and Lightning stops the loop; the app writes
+  ``results.json`` marked interrupted and prints the command that resumes the run.
 - **after the last training step**: stopping there would leave a checkpoint whose training is over but
   whose end (the ``on_train_end`` hooks: post-training pruning, the final sparsity row) never ran, so no
   resume could finish it. From the last step on (:func:`defer_signals`, called by
@@ -33,11 +34,13 @@ __all__ = [
     "is_sigterm",
     "sigterm_installed",
     "sigterm_received",
+    "stop_at_batch_end",
+    "stop_requested",
     "training_over",
 ]
 
 _LIGHTNING_EXCEPTIONS = "lightning.pytorch.utilities.exceptions"
-_state = {"installed": False, "received": False, "defer": False, "sigint": False}
+_state = {"installed": False, "received": False, "defer": False, "sigint": False, "stop": False}
 
 
 class Terminated(SystemExit):
@@ -64,11 +67,43 @@ def _on_sigint_deferred(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops the run at once
 
 
+def _on_sigint_training(signum: int, frame: Any) -> None:
+    _state["stop"] = True  # the run stops at the end of this training batch (SigtermRelay), every process together
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops the run at once
+
+
+def _on_sigterm_training(signum: int, frame: Any) -> None:
+    _state["received"] = True  # as Ctrl-C, at the end of the batch; no collective from inside the handler
+
+
+def stop_at_batch_end() -> None:
+    """From now on (training) a first Ctrl-C or a SIGTERM is recorded and the run stops at the end of the current
+    batch, every process at the same one (:class:`~lightning_clipprune.app.guards.SigtermRelay`), where the step
+    is whole. A ``KeyboardInterrupt`` raised between a step's clip and its optimizer step left the interrupt
+    checkpoint half a step ahead; Lightning's SIGTERM handler broadcasts from inside the handler, and each
+    DDP process stopping on its own left one waiting in a collective. Lightning puts its handlers back at the
+    end of the stage.
+
+    Does nothing where :func:`install_sigterm_handler` did not run (library use, in-process tests).
+    """
+    if _state["installed"] and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_sigint_training)
+        signal.signal(signal.SIGTERM, _on_sigterm_training)
+
+
+def stop_requested() -> str | None:
+    """The signal that asked the run to stop at the end of the batch during training ("SIGINT", "SIGTERM"), or None."""
+    if _state["stop"]:
+        return "SIGINT"
+    return "SIGTERM" if _state["received"] and not _state["defer"] else None
+
+
 def install_sigterm_handler() -> None:
     """Handle SIGTERM from now on, as the module docstring says (the app's entry point calls it first)."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may install handlers (main() called from a thread: Python's default)
-    _state.update(installed=True, received=False, defer=False, sigint=False)
+    _state.update(installed=True, received=False, defer=False, sigint=False, stop=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
@@ -79,8 +114,8 @@ def begin_run() -> str | None:
         A signal deferred since the previous run ended ("SIGTERM", "SIGINT"), or None: the caller stops.
     """
     which = deferred_signal()
-    _state.update(received=False, defer=False, sigint=False)
-    if signal.getsignal(signal.SIGINT) is _on_sigint_deferred:
+    _state.update(received=False, defer=False, sigint=False, stop=False)
+    if signal.getsignal(signal.SIGINT) in (_on_sigint_deferred, _on_sigint_training):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if _state["installed"]:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -129,7 +164,9 @@ def defer_signals(trainer: Any = None) -> None:
         return
     _state["defer"] = True
     signal.signal(signal.SIGTERM, _on_sigterm)  # Lightning's own handler no longer hears it
-    if not _state["sigint"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if _state["stop"]:  # a Ctrl-C in the last batch: the run finishes, then exits 130
+        _state["sigint"] = True
+    if not _state["sigint"] and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_sigint_training):
         signal.signal(signal.SIGINT, _on_sigint_deferred)
     connector = getattr(trainer, "_signal_connector", None)
     if connector is not None and getattr(connector, "received_sigterm", False):
