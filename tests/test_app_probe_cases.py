@@ -88,3 +88,15 @@ def test_an_interrupt_stops_every_ddp_process_at_the_same_batch(tmp_path: Path, 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "interrupted" and results["signal"] == sig.name
     assert results["clip"]["steps"] == results["steps"] > 0
+
+
+def test_the_search_prunes_the_weights_the_run_prunes(tmp_path: Path) -> None:
+    from lightning_clipprune.app.build import instantiate
+    from lightning_clipprune.app.search_cli import compose_run_config, run_prunable
+
+    cfg = compose_run_config(["prune=channel", "model.net.hidden=[16,16]"], tmp_path)  # keep_first_and_last
+    model = instantiate(cfg.model, "model")
+    weights = [n for n, p in model.named_parameters() if n.endswith("weight")]
+    assert run_prunable(cfg, model) == weights[1:-1]  # the first and last layers stay dense, as in the run
+    assert run_prunable(compose_run_config([f"prune.exclude=[{weights[0]}]"], tmp_path), model) == weights[1:]
+    assert run_prunable(compose_run_config(["~prune"], tmp_path), model) is None  # a dense run: every weight

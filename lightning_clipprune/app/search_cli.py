@@ -233,9 +233,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run_prunable(cfg: Any, model: nn.Module) -> list[str] | None:
+    """The weights the run's prune config prunes (its ``include``/``exclude``/``keep_first_and_last``...), so the
+    search's sparsities are the run's and its ``prune.sparsity=`` command trains at the chosen point; None for
+    a dense run (``~prune``: every Linear/Conv weight)."""
+    from lightning_clipprune.pruning import select_prunable_parameters
+
+    prune = cfg.get("prune")
+    if prune is None or prune.get("_target_") is None:
+        return None
+    params = select_prunable_parameters(
+        model, include=prune.get("include"), exclude=list(prune.get("exclude") or ()),
+        prune_bias=bool(prune.get("prune_bias")), keep_first_and_last=bool(prune.get("keep_first_and_last")),
+        include_frozen=True, include_tied=bool(prune.get("include_tied")),
+    )
+    return [n for n, p in params.items() if p.dim() > 1] or None  # (biases: the search ranks weights)
+
+
 def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: Any) -> SearchResult:
-    """The search of the command line; the model is left pruned to the point found."""
+    """The search of the command line, over the weights the run prunes; the model is left pruned to the point found."""
     test = None if args.no_test or not datamodule.has_test else datamodule.test_dataloader
+    names = run_prunable(cfg, model)
     if args.method == "sparsegpt":
         options = ReconstructionOptions(num_samples=args.calibration_samples, seed=args.seed,
                                         max_hessian_bytes=max(1, int(args.max_hessian_mib * 2**20)))
@@ -243,6 +261,7 @@ def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: An
             return search_reconstruction(
                 model, datamodule.val_dataloader(), datamodule.train_dataloader(), tolerance=args.tolerance,
                 grid=args.grid, resolution=args.resolution, options=options, test_loader=test, apply=True, progress=True,
+                names=names,
             )
         except ValueError as err:
             if "max_hessian_bytes" not in str(err):
@@ -252,11 +271,12 @@ def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: An
     if args.criterion == "taylor":
         clip_val, algorithm = _clip_settings(cfg)
         grads = taylor_gradients(
-            model, datamodule.train_dataloader(), batches=args.taylor_batches, clip_val=clip_val, clip_algorithm=algorithm
+            model, datamodule.train_dataloader(), batches=args.taylor_batches, clip_val=clip_val, clip_algorithm=algorithm,
+            names=names,
         )
     return search_threshold(
         model, datamodule.val_dataloader(), tolerance=args.tolerance, grid=args.grid, resolution=args.resolution,
-        criterion=args.criterion, grads=grads, progress=True, test_loader=test, apply=True,
+        criterion=args.criterion, grads=grads, progress=True, test_loader=test, apply=True, names=names,
     )
 
 
