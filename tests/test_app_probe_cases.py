@@ -100,3 +100,21 @@ def test_the_search_prunes_the_weights_the_run_prunes(tmp_path: Path) -> None:
     assert run_prunable(cfg, model) == weights[1:-1]  # the first and last layers stay dense, as in the run
     assert run_prunable(compose_run_config([f"prune.exclude=[{weights[0]}]"], tmp_path), model) == weights[1:]
     assert run_prunable(compose_run_config(["~prune"], tmp_path), model) is None  # a dense run: every weight
+
+
+def test_the_searchs_commands_keep_the_runs_prunable_set(tmp_path: Path) -> None:
+    import types
+
+    from lightning_clipprune.app.search_cli import _commands, compose_run_config
+
+    result = types.SimpleNamespace(overrides=lambda: ["prune.sparsity=0.9 prune.threshold=null"])
+    overrides = ["prune=channel", "prune.exclude=[net.layers.5.*]"]
+    cfg = compose_run_config(overrides, tmp_path)
+    command = _commands(overrides, result, cfg.prune)[0]
+    assert command == (
+        """python -m lightning_clipprune.run prune.keep_first_and_last=true 'prune.exclude=["net.layers.5.*"]'"""
+        " prune.sparsity=0.9 prune.threshold=null"
+    )
+    # the command composes: the same selection, the found sparsity, the default (unstructured) prune group
+    pasted = compose_run_config(["prune.keep_first_and_last=true", 'prune.exclude=["net.layers.5.*"]', "prune.sparsity=0.9"], tmp_path)
+    assert pasted.prune.exclude == ["net.layers.5.*"] and pasted.prune.keep_first_and_last is True

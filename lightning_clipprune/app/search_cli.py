@@ -280,16 +280,32 @@ def _search(args: argparse.Namespace, cfg: Any, model: nn.Module, datamodule: An
     )
 
 
-def _commands(overrides: Sequence[str], result: SearchResult) -> list[str]:
-    """The ``python -m lightning_clipprune.run`` commands that train at the point found."""
-    # the run's own prune choice is replaced by the one found; a fresh run resumes nothing, in a folder of its own
+def _commands(overrides: Sequence[str], result: SearchResult, prune: Any = None) -> list[str]:
+    """The ``python -m lightning_clipprune.run`` commands that train at the point found.
+
+    The run's own prune choice is replaced by the one found, but its selection (``prune``: the run's composed
+    prune config) is kept, so the sparsity counts the weights the search measured (:func:`run_prunable`).
+    """
+    # a fresh run resumes nothing, in a folder of its own
     keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     kept = [
         o for o, key in zip(overrides, keys, strict=True)
         if key.split(".")[0] not in ("prune", "ckpt_path", "output_dir") and not key.startswith(("hydra.run.", "hydra.sweep."))
     ]
-    base = " ".join(shlex.quote(o) for o in kept)  # overrides read from a file: pasted into a shell, quoted
+    base = " ".join(shlex.quote(o) for o in [*kept, *_selection_overrides(prune)])  # pasted into a shell: quoted
     return [f"python -m lightning_clipprune.run {base} {o}".replace("  ", " ") for o in result.overrides()]
+
+
+def _selection_overrides(prune: Any) -> list[str]:
+    """The overrides that give a fresh run the run's prunable set: its include/exclude, first/last, biases, ties."""
+    if prune is None or prune.get("_target_") is None:
+        return []
+    out = [f"prune.{key}=true" for key in ("keep_first_and_last", "prune_bias", "include_tied") if prune.get(key)]
+    for key in ("include", "exclude"):
+        patterns = prune.get(key)
+        if patterns:
+            out.append(f"prune.{key}=[{','.join(json.dumps(str(p)) for p in patterns)}]")
+    return out
 
 
 def _summary(checkpoint: Path, result: SearchResult, commands: list[str]) -> dict[str, Any]:
@@ -353,7 +369,7 @@ def _main(args: argparse.Namespace) -> int:
     console.print(result.to_table())  # its caption holds the test accuracy, read once
     result.plot(out / "search.png")
     written = [result.write_csv(out / "search.csv"), out / "search.png"]
-    commands = _commands(overrides, result)
+    commands = _commands(overrides, result, cfg.get("prune"))
     summary = _summary(checkpoint, result, commands)
     ckpt, lcps = save_pruned(model, out, {"sparsity": result.chosen.sparsity, "threshold": summary["threshold"]})
     summary["pruned_checkpoint"], summary["pruned_lcps"] = str(ckpt), str(lcps)
