@@ -308,15 +308,16 @@ def test_the_export_commands_early_missing_file_line_is_the_readers(
     assert capsys.readouterr().err == early
 
 
-@pytest.mark.parametrize(("model", "said"), [
-    ("lenet300", "mat1 and mat2 shapes"),  # 784 inputs, digits has 64
-    ("lenet5", "Kernel size can't be greater than actual input size"),  # 5x5 kernels after pooling 8x8 images
+@pytest.mark.parametrize(("model", "said", "keys"), [
+    ("lenet300", "mat1 and mat2 shapes", "model.net.in_features"),  # 784 inputs, digits has 64
+    # 5x5 kernels after pooling 8x8 images: the network's own input arguments, not an `in_features` it lacks
+    ("lenet5", "Kernel size can't be greater than actual input size", "model.net.in_channels and model.net.image_size"),
 ])
 def test_a_model_that_does_not_take_the_datas_inputs_is_one_line_and_frees_the_folder(
-    tmp_path: Path, model: str, said: str
+    tmp_path: Path, model: str, said: str, keys: str
 ) -> None:
     with pytest.raises(ConfigError, match=rf"the model does not take the data's inputs \(.*{said}.*\)"
-                       r".*pick a model for this data set") as info:
+                       rf".*pick a model for this data set \(or set the network's input size: {keys}\)") as info:
         train(_compose(tmp_path, (f"model={model}",)), [f"model={model}"])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "csv").exists()  # nothing trained: the same folder takes the corrected command

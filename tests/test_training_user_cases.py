@@ -178,3 +178,8 @@ def test_a_calibrating_criterion_refuses_unreadable_batches_at_the_first_batch_a
     prune = MagnitudePruneCallback(sparsity=0.5, criterion=criterion, schedule="oneshot", start=1.0)
     tiny_trainer(tmp_path, max_epochs=1, callbacks=[prune]).fit(_DictBatches(), _dict_loader())
     assert sum(int((~m).sum()) for m in prune.masks.values()) == sum(m.numel() for m in prune.masks.values()) // 2
+
+
+def test_an_nm_pattern_names_its_sparsity_rounded():
+    with pytest.raises(ValueError, match=r"so `sparsity` must be 0.333333 \(or left out\)"):
+        MagnitudePruneCallback(sparsity=0.5, pattern="2:3")
