@@ -80,6 +80,12 @@ def test_max_steps_under_manual_optimization_warns_when_batches_step_other_than_
     assert prune._positions[1] == 8
 
 
+def test_the_manual_clock_warning_says_when_the_ramp_ends_after_the_run(tmp_path):
+    prune = MagnitudePruneCallback(sparsity=0.5, end=0.9)  # batch 14 of "16", where the run ends near batch 8
+    with pytest.warns(UserWarning, match=r"the run ends near batch 8, before the ramp's end \(batch 14\): the target will not"):
+        tiny_trainer(tmp_path, max_steps=16, callbacks=[prune]).fit(_TwoOptimizers(), random_loader())
+
+
 class _no_warning:
     def __init__(self, text: str) -> None:
         self.text = text

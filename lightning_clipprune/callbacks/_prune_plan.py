@@ -131,11 +131,19 @@ def check_manual_clock(cb: Any, trainer: pl.Trainer) -> None:
     fractions += ["lr_rewind (to the last step)"] if cb.lr_rewind is not None else []
     bound = trainer.max_steps not in (None, -1) and float(trainer.estimated_stepping_batches) == trainer.max_steps
     if fractions and bound:
+        # at this rate the run ends near batch max_steps * batches / global_step; a ramp ending after it falls short
+        last = trainer.max_steps * batches // trainer.global_step if trainer.global_step else None
+        short = (
+            f" At this rate the run ends near batch {last}, before the ramp's end (batch {cb._positions[1]}): the target"
+            " will not be reached."
+            if last is not None and cb.sparsity is not None and cb._positions[1] > last else ""
+        )
         rank_zero_warn(
             f"{OWNER}: under manual optimization the schedule counts training batches, but max_steps={trainer.max_steps}"
             f" counts optimizer steps ({trainer.global_step} in the first {batches} batch(es)): {', '.join(fractions)}"
-            f" {'was' if len(fractions) == 1 else 'were'} placed as if the run had {trainer.max_steps} batches, so they fall elsewhere in this run. Give them"
-            " as batch numbers (ints), or bound the run with max_epochs instead of max_steps."
+            f" {'was' if len(fractions) == 1 else 'were'} placed as if the run had {trainer.max_steps} batches, so they"
+            f" fall elsewhere in this run.{short} Give them as batch numbers (ints), or bound the run with max_epochs"
+            " instead of max_steps."
         )
 
 
