@@ -233,20 +233,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+#: The run's prune flags that decide, with ``include``/``exclude``, which weights it prunes.
+_SELECTION_FLAGS = ("keep_first_and_last", "prune_bias", "include_tied")
+
+
+def _selection(prune: Any) -> dict[str, Any] | None:
+    """``select_prunable_parameters``'s arguments from the run's composed prune config; None for a dense run."""
+    if prune is None or prune.get("_target_") is None:
+        return None
+    return {
+        "include": list(prune.get("include") or ()) or None,
+        "exclude": list(prune.get("exclude") or ()),
+        **{key: bool(prune.get(key)) for key in _SELECTION_FLAGS},
+    }
+
+
 def run_prunable(cfg: Any, model: nn.Module) -> list[str] | None:
     """The weights the run's prune config prunes (its ``include``/``exclude``/``keep_first_and_last``...), so the
     search's sparsities are the run's and its ``prune.sparsity=`` command trains at the chosen point; None for
     a dense run (``~prune``: every Linear/Conv weight)."""
     from lightning_clipprune.pruning import select_prunable_parameters
 
-    prune = cfg.get("prune")
-    if prune is None or prune.get("_target_") is None:
+    selection = _selection(cfg.get("prune"))
+    if selection is None:
         return None
-    params = select_prunable_parameters(
-        model, include=prune.get("include"), exclude=list(prune.get("exclude") or ()),
-        prune_bias=bool(prune.get("prune_bias")), keep_first_and_last=bool(prune.get("keep_first_and_last")),
-        include_frozen=True, include_tied=bool(prune.get("include_tied")),
-    )
+    params = select_prunable_parameters(model, **selection, include_frozen=True)
     return [n for n, p in params.items() if p.dim() > 1] or None  # (biases: the search ranks weights)
 
 
@@ -297,14 +308,14 @@ def _commands(overrides: Sequence[str], result: SearchResult, prune: Any = None)
 
 
 def _selection_overrides(prune: Any) -> list[str]:
-    """The overrides that give a fresh run the run's prunable set: its include/exclude, first/last, biases, ties."""
-    if prune is None or prune.get("_target_") is None:
+    """The overrides that give a fresh run the run's prunable set (:func:`_selection`)."""
+    selection = _selection(prune)
+    if selection is None:
         return []
-    out = [f"prune.{key}=true" for key in ("keep_first_and_last", "prune_bias", "include_tied") if prune.get(key)]
+    out = [f"prune.{key}=true" for key in _SELECTION_FLAGS if selection[key]]
     for key in ("include", "exclude"):
-        patterns = prune.get(key)
-        if patterns:
-            out.append(f"prune.{key}=[{','.join(json.dumps(str(p)) for p in patterns)}]")
+        if selection[key]:
+            out.append(f"prune.{key}=[{','.join(json.dumps(str(p)) for p in selection[key])}]")
     return out
 
 

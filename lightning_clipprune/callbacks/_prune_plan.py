@@ -88,9 +88,9 @@ def check_threshold_mode(cb: Any) -> None:
         ValueError: for a ``max_layer_sparsity`` other than "auto" or None (:func:`~lightning_clipprune._choices.check_threshold_ceiling`).
     """
     check_threshold_ceiling(OWNER, cb.threshold, cb.max_layer_sparsity)
-    defaults = (("schedule", cb.schedule, "oneshot" if cb.schedule == "oneshot" else "cubic"), ("power", cb.power, 3.0),
-                ("scope", cb.scope, "global"), ("ranking", cb.ranking, DEFAULT_RANKING))
-    unused = [f"{k}={v!r}" for k, v, default in defaults if v != default]
+    defaults = (("power", cb.power, 3.0), ("scope", cb.scope, "global"), ("ranking", cb.ranking, DEFAULT_RANKING))
+    unused = [f"schedule={cb.schedule!r}"] if cb.schedule == "linear" else []  # "cubic" is the default; "oneshot" prunes once
+    unused += [f"{k}={v!r}" for k, v, default in defaults if v != default]
     if unused:
         rank_zero_warn(
             f"{OWNER}: with `threshold`, {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect: every"
