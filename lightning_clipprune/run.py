@@ -313,14 +313,25 @@ def _fail(err: BaseException, sweeping: bool) -> None:
     sys.exit(1)
 
 
-def _refresh_sweep_report(hydra_cfg: Any) -> None:
-    """An interrupted job ends its sweep (Hydra calls no ``on_job_end``): its SweepReport is refreshed here, so
-    the sweep's summary lists the interrupted job too."""
+def _refresh_sweep_report(hydra_cfg: Any, sweep_dir: Path) -> None:
+    """An interrupted job ends its sweep (Hydra calls no ``on_job_end``), and a job run or resumed on its own
+    into a sweep's folder ends no sweep: the SweepReport is refreshed here, so the sweep's summary lists the
+    job as it is now, and the jobs the sweep has not run (one line on stderr)."""
     from lightning_clipprune.app.hydra_callbacks import SweepReport
 
     callbacks = hydra_cfg.get("callbacks") or {}
     if any(str(node.get("_target_", "")).endswith(".SweepReport") for node in callbacks.values() if node is not None):
-        SweepReport(console=False).write(Path(str(hydra_cfg.sweep.dir)), console=False)
+        jobs = SweepReport(console=False).write(sweep_dir, console=False) or []
+        waiting = sum(j.not_run for j in jobs)
+        if waiting:
+            print(f"the sweep has {waiting} of {len(jobs)} jobs not run: {sweep_dir / 'summary.md'} gives the "
+                  "command for each", file=sys.stderr)
+
+
+def _sweep_of(output_dir: Any) -> Path | None:
+    """The sweep folder a single run writes into (a run resumed, or a job not run, in its sweep's job folder)."""
+    parent = Path(str(output_dir)).parent
+    return parent if (parent / "multirun.yaml").is_file() else None
 
 
 def _interrupted_at_start(which: str) -> None:
@@ -377,9 +388,11 @@ def _run(cfg: DictConfig) -> float | None:
         if not is_sigterm(err):
             raise
         _interrupted_at_start("SIGTERM")
+    hydra_cfg = HydraConfig.get()
+    sweep = Path(str(hydra_cfg.sweep.dir)) if job is not None else _sweep_of(hydra_cfg.runtime.output_dir)
+    if sweep is not None and (job is None or results.get("status") == "interrupted"):
+        _refresh_sweep_report(hydra_cfg, sweep)
     if results.get("status") == "interrupted":  # the summary printed the line that says how to resume
-        if job is not None:
-            _refresh_sweep_report(HydraConfig.get())
         sys.exit(_INTERRUPTED_STATUS.get(results.get("signal") or "", 1))
     which = deferred_signal()
     if which is not None:

@@ -27,12 +27,17 @@ class SignalAt(L.Callback):
         epoch: the ``trainer.current_epoch`` at which to send it (None: any).
         step: the ``trainer.global_step`` at which to send it (None: any).
         signum: the signal, by name ("SIGTERM", "SIGINT").
+        once: a file path: the signal is sent only while no such file exists, and the file is created (one
+            signal across the jobs of a sweep and the runs after it).
     """
 
-    def __init__(self, hook: str, epoch: int | None = None, step: int | None = None, signum: str = "SIGTERM") -> None:
+    def __init__(
+        self, hook: str, epoch: int | None = None, step: int | None = None, signum: str = "SIGTERM", once: str | None = None
+    ) -> None:
         if hook not in _HOOKS:
             raise ValueError(f"SignalAt: hook must be one of {_HOOKS}, got {hook!r}")
         self.hook, self.epoch, self.step, self.signum = hook, epoch, step, getattr(signal, signum)
+        self.once = once  # a file: sent only while it does not exist (created when sent), across processes
         self.sent = False
 
     def _maybe_send(self, hook: str, trainer: L.Trainer) -> None:
@@ -40,6 +45,10 @@ class SignalAt(L.Callback):
             return
         if self.step is not None and trainer.global_step != self.step:
             return
+        if self.once is not None:
+            if os.path.exists(self.once):
+                return
+            open(self.once, "w").close()
         self.sent = True
         os.kill(os.getpid(), self.signum)
 

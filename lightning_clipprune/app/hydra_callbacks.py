@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lightning_clipprune.app.checks import ConfigError
-from lightning_clipprune.app.report import write_report
+from lightning_clipprune.app.report import Job, write_report
 from lightning_clipprune.app.rundir import check_output_dir, launching_process
 from lightning_clipprune.app.untrusted import UntrustedFileError, read_json_object
 
@@ -56,17 +56,19 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.write(Path(config.hydra.sweep.dir), console=self.console)
 
-    def write(self, sweep_dir: Path, console: bool) -> None:
-        """Write the report into ``sweep_dir`` (rank zero only; an error is logged, never raised)."""
+    def write(self, sweep_dir: Path, console: bool) -> list[Job] | None:
+        """Write the report into ``sweep_dir`` and return its jobs (rank zero only; an error is logged, never
+        raised, and gives None)."""
         # A DDP process Lightning started for a rank > 0 runs the same command, sweep included: rank zero reports
         if not launching_process():
-            return
+            return None
         try:
             jobs = write_report(sweep_dir, console=console)
         except Exception as err:  # a report must not fail the sweep it summarises
             log.warning(f"sweep report not written into {sweep_dir}: {type(err).__name__}: {err}")
-            return
+            return None
         log.info(f"sweep report: {sweep_dir / 'summary.md'} ({len(jobs)} jobs)")
+        return jobs
 
 
 class ResultsObjective(Callback):

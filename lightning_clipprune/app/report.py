@@ -9,7 +9,9 @@ val/test accuracy, sparsity, parameters kept, compressed size when the run recor
 whether the job is on the accuracy/sparsity Pareto front), ``summary.md`` (the same table, and the Optuna
 sweeper's Pareto front when there is one) and ``accuracy_vs_sparsity.png`` (one line per setting other than
 sparsity, the dense runs marked). A job folder without ``results.json`` is reported ``failed``; it never
-breaks the report. :class:`lightning_clipprune.app.hydra_callbacks.SweepReport` calls :func:`write_report` at the
+breaks the report. The jobs a basic sweeper planned but did not start (the sweep was stopped, or is still
+running) are rows marked ``not run``, and ``summary.md`` gives the command that runs each
+(:mod:`~lightning_clipprune.app.sweep_plan`). :class:`lightning_clipprune.app.hydra_callbacks.SweepReport` calls :func:`write_report` at the
 end of every multirun.
 
 The job folders are files from somewhere else: each file is read bounded, without following a symbolic link,
@@ -27,13 +29,16 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_clipprune._io import atomic_path, atomic_write_text
+from lightning_clipprune.app.sweep_plan import planned_jobs
 from lightning_clipprune.app.untrusted import (
     UntrustedFileError,
     read_json_object,
@@ -65,11 +70,14 @@ class Job:
     pareto: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     unreadable: bool = False  # its results.json was refused (see the warning)
+    not_run: bool = False  # planned by the sweep, no folder yet (the sweep was stopped, or is still running)
 
     @property
     def status(self) -> str:
-        """"ok", "interrupted" (stopped by Ctrl-C or SIGTERM: its numbers are of a shorter run), "failed" or
-        "unreadable"."""
+        """"ok", "interrupted" (stopped by Ctrl-C or SIGTERM: its numbers are of a shorter run), "failed",
+        "unreadable" or "not run"."""
+        if self.not_run:
+            return "not run"
         if self.results is None:
             return "unreadable" if self.unreadable else "failed"
         return "interrupted" if self.results.get("status") == "interrupted" else "ok"
@@ -154,7 +162,39 @@ def _read_job(d: Path, warn: Warn) -> Job:
             unreadable = True
         if results is not None and not overrides:
             overrides = read_string_list(results.get("overrides"), results_file)
-    return Job(d.name, d, _parse_overrides(overrides), results, unreadable=unreadable)
+    return Job(d.name, d, _without_own_resume(_parse_overrides(overrides), d), results, unreadable=unreadable)
+
+
+def _without_own_resume(overrides: dict[str, str], d: Path) -> dict[str, str]:
+    """``overrides`` less a ``ckpt_path`` into the job's own folder: the job was resumed there (its setting is
+    the sweep's, and the resumed run rewrote ``.hydra/overrides.yaml``)."""
+    ckpt = overrides.get("ckpt_path")
+    if ckpt is not None and os.path.abspath(ckpt).startswith(os.path.abspath(d) + os.sep):
+        return {k: v for k, v in overrides.items() if k != "ckpt_path"}
+    return overrides
+
+
+def _not_run(root: Path, jobs: Sequence[Job]) -> list[Job]:
+    """The jobs the sweep's ``multirun.yaml`` planned that no job folder holds (matched by their overrides)."""
+    planned = planned_jobs(root)
+    if planned is None:
+        return []
+    have = Counter(frozenset(j.overrides.items()) for j in jobs)
+    missing = []
+    for num, overrides in enumerate(planned):
+        key = frozenset(_parse_overrides(overrides).items())
+        if have[key]:
+            have[key] -= 1
+            continue
+        missing.append(Job(str(num), root / str(num), _parse_overrides(overrides), None, not_run=True,
+                           extra={"command": _run_command(overrides, root / str(num))}))
+    return missing
+
+
+def _run_command(overrides: Sequence[str], folder: Path) -> str:
+    """The command that runs one planned job on its own, into the folder the sweep would have given it."""
+    args = [*overrides, f"hydra.run.dir={folder}"]
+    return "python -m lightning_clipprune.run " + " ".join(shlex.quote(a) for a in args)
 
 
 def collect(sweep_dir: str | os.PathLike, *, warn: Warn | None = None) -> list[Job]:
@@ -172,6 +212,7 @@ def collect(sweep_dir: str | os.PathLike, *, warn: Warn | None = None) -> list[J
         raise FileNotFoundError(f"sweep folder not found: {root}")
     warn = warn or log.warning
     jobs = [_read_job(d, warn) for d in _job_dirs(root, warn)]
+    jobs += _not_run(root, jobs)
     # only completed jobs compete: an interrupted one's accuracy is of a shorter run
     points = [(j.metric("val_acc"), j.metric("sparsity")) if j.status == "ok" else (None, None) for j in jobs]
     for j, on in zip(jobs, pareto_front(points), strict=True):
@@ -246,18 +287,29 @@ def to_markdown(jobs: Sequence[Job], title: str = "Sweep summary", front: Sequen
     cols = list(table[0])
     lines = [f"# {title}", "", "| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(c, r[c]).replace("|", "\\|") for c in cols) + " |" for r in table]
-    failed = sum(j.status in ("failed", "unreadable") for j in jobs)
-    stopped = sum(j.status == "interrupted" for j in jobs)
-    counts = f"{len(jobs)} jobs, {failed} failed" + (f", {stopped} interrupted" if stopped else "")
-    lines += ["", f"{counts}. front: on the val accuracy / sparsity Pareto front (completed jobs only)."]
+    lines += ["", f"{_counts(jobs)}. front: on the val accuracy / sparsity Pareto front (completed jobs only)."]
+    waiting = [j for j in jobs if j.not_run]
+    if waiting:
+        lines += ["", "Jobs not run (the sweep was stopped before them, or is still running); each on its own, "
+                  "into the folder the sweep would have given it (this report is refreshed when it ends):", ""]
+        lines += [f"    {_cell(j.extra['command'], 2000)}" for j in waiting]
     if front:
         lines += ["", "## Optuna Pareto front", "", "| params | values |", "|---|---|"]
         lines += [f"| {_cell(json.dumps(s.get('params')))} | {_cell(str(s.get('values')))} |" for s in front]
     return "\n".join(lines) + "\n"
 
 
+def _counts(jobs: Sequence[Job]) -> str:
+    """``"5 jobs, 1 failed, 1 interrupted, 2 not run"`` (the last two only when there are some)."""
+    failed = sum(j.status in ("failed", "unreadable") for j in jobs)
+    stopped = sum(j.status == "interrupted" for j in jobs)
+    waiting = sum(j.not_run for j in jobs)
+    return (f"{len(jobs)} jobs, {failed} failed" + (f", {stopped} interrupted" if stopped else "")
+            + (f", {waiting} not run" if waiting else ""))
+
+
 def to_table(jobs: Sequence[Job], title: str = "Sweep summary") -> Any:
-    """The table as a ``rich.table.Table``; failed jobs in red."""
+    """The table as a ``rich.table.Table``; failed jobs in red, jobs not run dimmed."""
     from rich.table import Table  # lazy: rich costs start-up time that only printing needs
 
     table_rows = rows(jobs)
@@ -267,7 +319,10 @@ def to_table(jobs: Sequence[Job], title: str = "Sweep summary") -> Any:
     for c in table_rows[0]:
         table.add_column(_HEADERS.get(c, c), justify="right" if c in METRICS else "left")
     for r in table_rows:
-        table.add_row(*(_fmt(c, v) for c, v in r.items()), style="red" if r["status"] != "ok" else None)
+        style = None if r["status"] == "ok" else "dim" if r["status"] == "not run" else "red"
+        table.add_row(*(_fmt(c, v) for c, v in r.items()), style=style)
+    if any(j.not_run for j in jobs):
+        table.caption, table.caption_justify = f"{_counts(jobs)}: summary.md has the command for each", "left"
     return table
 
 
