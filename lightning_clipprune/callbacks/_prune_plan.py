@@ -28,6 +28,7 @@ from lightning_clipprune.pruning import (
     uninitialized_names,
     weight_layouts,
 )
+from lightning_clipprune.pruning.wrappers import parametrized_zeros_reason, weight_norm_dims
 from lightning_clipprune.schedules import resolve_position
 
 if TYPE_CHECKING:
@@ -323,13 +324,26 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
     params = select_prunable_parameters(
         pl_module, **how, keep_first_and_last=cb.keep_first_and_last, include_frozen=cb.prune_frozen
     )
+    normed = weight_norm_dims(pl_module, params) if cb.pattern == "channel" else {}
+    transposed = {n for n, layout in weight_layouts(pl_module, normed).items() if layout.transposed}
+    channels = [n for n, dim in normed.items() if dim == (1 if n in transposed else 0)]  # norm slices = channels
+    if channels:
+        name = channels[0]
+        raise ValueError(
+            f"{OWNER}: pattern='channel' cannot prune {name}: it is the `v` of a weight norm (w = g * v / ||v||), and"
+            " a removed channel's slice of v is 0/0 = NaN in the layer's weight. Leave it dense"
+            f" (exclude=[{name.rsplit('.parametrizations', 1)[0].removesuffix('.weight_v') + '.*'!r}]) or remove the"
+            " weight norm (torch.nn.utils.parametrize.remove_parametrizations) before pruning."
+        )
     if announce:
+        warn_parametrized(pl_module, params)
         names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
         for key, patterns in (("include", cb.include or ()), ("exclude", cb.exclude)):
             for pattern in unmatched_patterns(patterns, names):
+                hint = "" if pattern.startswith("*") else (
+                    f"; a LightningModule's own attribute comes first, e.g. {'*' + pattern!r}")
                 rank_zero_warn(
-                    f"{OWNER}: {key} pattern {pattern!r} matches no parameter name (names look like {names[:3]});"
-                    f" a LightningModule's own attribute comes first, e.g. {'*' + pattern!r}."
+                    f"{OWNER}: {key} pattern {pattern!r} matches no parameter name (names look like {names[:3]}){hint}."
                 )
     frozen = [] if cb.prune_frozen else [
         n for n, p in select_prunable_parameters(pl_module, **how, include_frozen=True).items() if not p.requires_grad
@@ -354,6 +368,26 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
             " `trainer.fit`, or give the layer its input size."
         )
     return params
+
+
+def warn_parametrized(module: torch.nn.Module, params: dict[str, Any]) -> None:
+    """One warning for each selected ``original`` of a parametrisation whose zeros are not zeros of the tensor the
+    layer uses (``include`` reaches them; the default selection leaves them dense): every report would call the
+    layer sparse while the layer computes with a dense weight."""
+    for name in params:
+        owner, sep, rest = name.rpartition("parametrizations.")
+        if not sep:
+            continue
+        try:
+            reason = parametrized_zeros_reason(module.get_submodule(owner.removesuffix(".")), sep + rest)
+        except AttributeError:
+            continue
+        if reason:
+            rank_zero_warn(
+                f"{OWNER}: {name} is pruned as `include` asks, but {reason}: the layer computes with a dense weight"
+                " while the reports count the zeros of original. Remove the parametrisation before pruning"
+                " (torch.nn.utils.parametrize.remove_parametrizations), or leave it out of `include`."
+            )
 
 
 def warn_saturated(cb: Any, new: dict[str, Tensor], layouts: dict[str, Any], named: set[str]) -> set[str]:

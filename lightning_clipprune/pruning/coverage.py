@@ -13,9 +13,15 @@ from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from lightning_clipprune.pruning.selection import PRUNABLE_TYPES, tied_names
-from lightning_clipprune.pruning.wrappers import adapter_prefixes, dense_wrapper_reason, is_hf_conv1d
+from lightning_clipprune.pruning.wrappers import (
+    SPECTRAL_REASON,
+    adapter_prefixes,
+    dense_wrapper_reason,
+    is_hf_conv1d,
+)
 
 __all__ = ["LOW_SHARE", "DenseModule", "dense_modules", "prunable_share"]
 
@@ -42,7 +48,7 @@ def prunable_share(module: nn.Module, selected: Collection[str]) -> float:
         >>> round(prunable_share(net, ["1.weight"]), 3)
         0.038
     """
-    params = dict(module.named_parameters())
+    params = {n: p for n, p in module.named_parameters() if not is_lazy(p)}  # a lazy layer's size is not known yet
     total = sum(p.numel() for p in params.values())
     ids = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if n in set(selected)}
     return sum(p.numel() for p in params.values() if id(p) in ids) / total if total else 1.0
@@ -53,6 +59,8 @@ def _reason(mod: nn.Module, names: list[str], tied: dict[str, str], how: dict) -
     for n in names:
         if n in tied:
             return f"tied to `{tied[n]}`, which is pruned only with include_tied=True (or by naming it in `include`)"
+    if type(mod).__name__ == "ParametrizationList" and [type(p).__name__ for p in mod] == ["_SpectralNorm"]:
+        return SPECTRAL_REASON
     if type(mod).__name__ == "ParametrizationList":
         return (
             "a parametrised weight (nn.utils.parametrize): a zero of `original` is not a zero of the weight;"
@@ -116,5 +124,7 @@ def dense_modules(
         seen.update(id(p) for _, p in own)
         if own:
             names = [n for n, _ in own]
-            out.append(DenseModule(mod_name or "(root)", sum(p.numel() for _, p in own), _reason(mod, names, tied, how)))
+            size = sum(0 if is_lazy(p) else p.numel() for _, p in own)
+            reason = "not materialised yet (a lazy layer)" if all(is_lazy(p) for _, p in own) else _reason(mod, names, tied, how)
+            out.append(DenseModule(mod_name or "(root)", size, reason))
     return sorted(out, key=lambda d: -d.numel)

@@ -20,7 +20,8 @@ What :func:`compute_masks` does, option by option (every default is shared with 
 - "channel": whole output rows, scored by the L2 norm of their scores. "local" prunes
   ``round(s * rows)`` rows of each tensor; "global" ranks all rows by RMS (the L2 norm over
   ``sqrt(row size)``, so layers of different fan-in compare fairly) and prunes the longest prefix
-  whose weight count does not exceed ``round(s * n)`` (with a ceiling: skipping rows of capped tensors).
+  whose weight count does not exceed ``round(s * n)`` (with a ceiling: skipping rows of capped tensors). A
+  1-D ``<layer>.bias`` whose layer's weight is in ``weights`` is pruned with its channel, never ranked.
 - ``channel_groups`` ("channel" only, :mod:`~.coupling`): output channels coupled across layers (the layers
   whose outputs a residual addition sums) are pruned together: each position of a group is scored by the RMS
   of all the weights it would remove (the coupled rows of every member: the square root of the sum of their
@@ -382,7 +383,10 @@ def _channel_masks(
     layouts: Mapping[str, Layout],
 ) -> dict[str, Tensor]:
     row_scores, row_sizes = {}, {}
+    biases = _channel_biases(weights, layouts)  # a bias goes with its layer's channels, never ranked on its own
     for name, w in weights.items():
+        if name in biases:
+            continue
         rows = output_rows(crit.score(name, w), layouts.get(name, STANDARD_LAYOUT))
         score = torch.linalg.vector_norm(rows, dim=1)
         if targets is None:
@@ -391,13 +395,32 @@ def _channel_masks(
             kept_rows = output_rows(masks[name].to(score.device), layouts.get(name, STANDARD_LAYOUT)).any(dim=1)
             score.masked_fill_(~kept_rows, PRUNED_SCORE)
         row_scores[name], row_sizes[name] = score, rows.shape[1]
+    for weight in biases.values():
+        row_sizes[weight] += 1  # each channel carries its bias entry
     if targets is not None:
         new_rows = {
             name: keep_mask_by_count(score, int(round(targets[name] * score.numel()))) for name, score in row_scores.items()
         }
     else:
         new_rows = _global_rows(row_scores, row_sizes, sparsity, max_layer_sparsity)
+    new_rows.update({bias: new_rows[weight] for bias, weight in biases.items()})
     return {name: rows_to_mask(new_rows[name], w.shape, layouts.get(name, STANDARD_LAYOUT)) for name, w in weights.items()}
+
+
+def _channel_biases(weights: Mapping[str, Tensor], layouts: Mapping[str, Layout]) -> dict[str, str]:
+    """``{bias name: weight name}`` for the 1-D ``<layer>.bias`` in ``weights`` whose layer's weight is in
+    ``weights`` too with one output channel per bias entry: the bias is pruned with its channel."""
+    out = {}
+    for name, b in weights.items():
+        if b.dim() != 1 or not name.endswith("bias"):
+            continue
+        layer = name[: -len("bias")]
+        for stored in ("weight", "parametrizations.weight.original1", "weight_v"):
+            w = weights.get(layer + stored)
+            if w is not None and w.dim() >= 2 and output_rows(w, layouts.get(layer + stored, STANDARD_LAYOUT)).shape[0] == b.numel():
+                out[name] = layer + stored
+                break
+    return out
 
 
 def _coupled_masks(

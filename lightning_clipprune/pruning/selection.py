@@ -182,7 +182,8 @@ def select_prunable_parameters(
         module: the network.
         include: ``fnmatch`` patterns over parameter names (``"features.*.weight"``). When given, the
             parameters matching it are selected whatever their layer type (replaces the default).
-        exclude: ``fnmatch`` patterns of parameter names to leave dense, applied after ``include``.
+        exclude: ``fnmatch`` patterns of parameter names to leave dense, applied after ``include``; a tensor
+            with several names (tied weights, a module registered twice) is left dense when any name matches.
         prune_bias: also select the ``bias`` of the default layer types (``in_proj_bias`` for attention).
         keep_first_and_last: leave the first and the last selected layer (in module order) dense.
         include_frozen: also select parameters with ``requires_grad=False``.
@@ -203,11 +204,13 @@ def select_prunable_parameters(
     selected: dict[str, nn.Parameter] = {}
     default_names = _default_names(module, prune_bias) if include is None else set()
     tied = set() if include is not None or include_tied else {id(p) for p in _tied(module, default_names).values()}
+    # a tensor with several names (tied, or a module registered twice) is left dense when any of them is excluded
+    excluded = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if exclude and matches_any(n, exclude)}
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) in seen or id(param) in tied or not (param.requires_grad or include_frozen):
             continue
         chosen = matches_any(name, include) if include is not None else name in default_names
-        if chosen and not matches_any(name, exclude):
+        if chosen and id(param) not in excluded:
             seen.add(id(param))
             selected[name] = param
     if keep_first_and_last and selected:

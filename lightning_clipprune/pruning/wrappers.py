@@ -12,7 +12,11 @@ Hugging Face ``Conv1D`` (GPT-2, weight      pruned; layout ``(in, out)`` (:func:
                                             are columns
 ``nn.utils.parametrizations.weight_norm``   pruned through ``parametrizations.weight.original1`` (``v``):
                                             ``w = g * v / ||v||`` keeps every zero of ``v``
-``nn.utils.weight_norm`` (deprecated hook)  pruned through ``weight_v``, for the same reason
+``nn.utils.weight_norm`` (deprecated hook)  pruned through ``weight_v``, for the same reason; a slice of ``v``
+                                            (along the norm's ``dim``) is never emptied: ``0 / 0`` is NaN
+                                            (:func:`keep_one_per_norm_slice_`)
+spectral norm (``parametrizations`` or      left dense by default, with the reason: ``w = original / sigma``
+hook form)                                  keeps the zeros, ``include`` prunes ``original`` / ``weight_orig``
 any other ``nn.utils.parametrize``          left dense, with the reason: a zero of ``original`` is not a
                                             zero of the weight the layer uses
 ``torch.ao`` QAT / fake-quant modules       pruned as their float class (``qat.Linear`` is a ``Linear``):
@@ -31,7 +35,9 @@ timm ``Linear``, ``Conv2dSame``,            pruned: subclasses of ``nn.Linear``/
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (the examples use it)
+from collections.abc import Iterable
+
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -39,7 +45,11 @@ __all__ = [
     "adapter_prefixes",
     "is_hf_conv1d",
     "is_standardized",
+    "keep_one_per_norm_slice_",
+    "parametrized_zeros_reason",
     "stored_weight_name",
+    "weight_norm_dim",
+    "weight_norm_dims",
 ]
 
 #: Class names (timm) whose ``forward`` standardises the weight: pruning the stored weight would not sparsify it.
@@ -126,9 +136,130 @@ def dense_wrapper_reason(module: nn.Module) -> str | None:
             f"{type(module).__name__} standardises its weight in forward, so a stored zero is not a zero in"
             " the convolution"
         )
+    if _spectral_chain(module):
+        return SPECTRAL_REASON
     if stored_weight_name(module) is None:
         return (
             "its weight is computed by a parametrisation (nn.utils.parametrize), so a zero of `original` is"
             " not a zero of the weight: remove the parametrisation before pruning"
         )
+    if any(type(h).__name__ == "SpectralNorm" for h in module._forward_pre_hooks.values()):
+        return (
+            "spectral norm (the hook form) stores the weight as `weight_orig` (w = weight_orig / sigma keeps its"
+            " zeros): name `*.weight_orig` in `include` to prune it"
+        )
     return None
+
+
+#: Why a layer under ``nn.utils.parametrizations.spectral_norm`` is left dense by default.
+SPECTRAL_REASON = (
+    "spectral norm (w = original / sigma) keeps the zeros of `original`, but it is left dense by default:"
+    " name `*.parametrizations.weight.original` in `include` to prune it"
+)
+
+
+def _spectral_chain(module: nn.Module) -> bool:
+    parametrizations = getattr(module, "parametrizations", None)
+    if not (isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations):
+        return False
+    return [type(p).__name__ for p in parametrizations["weight"]] == ["_SpectralNorm"]
+
+
+def parametrized_zeros_reason(module: nn.Module, name: str) -> str | None:
+    """Why the zeros of the parameter ``name`` (relative to ``module``, ``parametrizations.<tensor>.original[N]``)
+    are not zeros of the tensor the layer uses, or None when they are (weight norm's ``v``, spectral norm's
+    ``original``) or ``name`` is not a parametrisation's.
+
+    Example::
+
+        >>> net = nn.utils.parametrizations.orthogonal(nn.Linear(2, 2))
+        >>> parametrized_zeros_reason(net, "parametrizations.weight.original")
+        'the layer uses weight = _Orthogonal(original), whose zeros are not those of original'
+    """
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "parametrizations" or not parts[2].startswith("original"):
+        return None
+    parametrizations = getattr(module, "parametrizations", None)
+    if not isinstance(parametrizations, nn.ModuleDict) or parts[1] not in parametrizations:
+        return None
+    chain = parametrizations[parts[1]]
+    types = [type(p).__name__ for p in chain]
+    if (types == ["_WeightNorm"] and parts[2] == "original1") or (types == ["_SpectralNorm"] and parts[2] == "original"):
+        return None
+    applied = parts[2]
+    for t in reversed(types):
+        applied = f"{t}({applied})"
+    return f"the layer uses {parts[1]} = {applied}, whose zeros are not those of {parts[2]}"
+
+
+def weight_norm_dim(module: nn.Module) -> int | None:
+    """The ``dim`` of ``module``'s weight norm (``-1``: one norm over the whole tensor), or None without one.
+
+    ``w = g * v / ||v||``, the norm taken over every dimension but ``dim``: a slice of ``v`` along ``dim`` that
+    pruning empties is ``0 / 0`` (NaN) in the weight the layer uses.
+
+    Example::
+
+        >>> weight_norm_dim(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))), weight_norm_dim(nn.Linear(2, 2))
+        (0, None)
+    """
+    if stored_weight_name(module) == "parametrizations.weight.original1":
+        return int(module.parametrizations["weight"][0].dim)
+    if stored_weight_name(module) == "weight_v":
+        for hook in module._forward_pre_hooks.values():
+            if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == "weight":
+                return int(hook.dim)
+    return None
+
+
+def keep_one_per_norm_slice_(mask: Tensor, v: Tensor, dim: int) -> int:
+    """Keep, in place, the entry of largest ``|v|`` in each slice of ``v`` along ``dim`` that ``mask`` empties
+    (``-1``: the whole tensor is one slice); returns how many slices it kept an entry in.
+
+    Example::
+
+        >>> mask = torch.tensor([[True, False], [False, False]])
+        >>> keep_one_per_norm_slice_(mask, torch.tensor([[3.0, 1.0], [1.0, -2.0]]), 0), mask.tolist()
+        (1, [[True, False], [False, True]])
+    """
+    index = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape)
+    if dim == -1:
+        rows, index, scores = mask.reshape(1, -1), index.reshape(1, -1), v.detach().abs().reshape(1, -1)
+    else:
+        rows = mask.movedim(dim, 0).reshape(mask.shape[dim], -1)
+        index = index.movedim(dim, 0).reshape(mask.shape[dim], -1)
+        scores = v.detach().abs().movedim(dim, 0).reshape(mask.shape[dim], -1)
+    empty = ~rows.any(dim=1)
+    if not bool(empty.any()):
+        return 0
+    best = scores[empty].to(mask.device).argmax(dim=1, keepdim=True)
+    flat = mask.view(-1) if mask.is_contiguous() else None
+    chosen = index[empty].gather(1, best).reshape(-1)
+    if flat is not None:
+        flat[chosen] = True
+    else:
+        mask.copy_(mask.reshape(-1).index_fill(0, chosen, True).reshape(mask.shape))
+    return int(chosen.numel())
+
+
+def weight_norm_dims(module: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """``{name: dim}`` for the names among ``names`` that are the ``v`` of a weight-normed layer of ``module``
+    (:func:`weight_norm_dim`).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2)), nn.Linear(2, 2))
+        >>> weight_norm_dims(net, ["0.parametrizations.weight.original1", "1.weight"])
+        {'0.parametrizations.weight.original1': 0}
+    """
+    out = {}
+    for name in names:
+        for suffix in (".parametrizations.weight.original1", ".weight_v"):
+            if name.endswith(suffix):
+                try:
+                    dim = weight_norm_dim(module.get_submodule(name[: -len(suffix)]))
+                except AttributeError:
+                    dim = None
+                if dim is not None:
+                    out[name] = dim
+    return out
