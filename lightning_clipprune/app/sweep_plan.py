@@ -35,7 +35,7 @@ def planned_jobs(sweep_dir: str | os.PathLike) -> list[list[str]] | None:
 
         >>> import tempfile; d = Path(tempfile.mkdtemp())
         >>> _ = (d / "multirun.yaml").write_text(
-        ...     "hydra:\\n  sweeper: {_target_: " + _BASIC + "}\\n  overrides: {task: [a=1,2, b=x]}\\n")
+        ...     "hydra:\\n  sweeper: {_target_: " + _BASIC + "}\\n  overrides: {task: ['a=1,2', b=x]}\\n")
         >>> planned_jobs(d)
         [['a=1', 'b=x'], ['a=2', 'b=x']]
     """
