@@ -1,5 +1,5 @@
 """Models reparametrised by forward pre-hooks (``torch.nn.utils.prune``, the old ``weight_norm``): copied and
-stored as their effective weights.
+stored as their effective weights; ``torch.compile``'d modules copied as the modules they wrap.
 
 ``torch.nn.utils.prune`` replaces ``weight`` by ``weight_orig`` (a parameter) and ``weight_mask`` (a buffer)
 and recomputes ``weight = weight_orig * weight_mask`` as a plain attribute before each forward; Lightning's
@@ -10,6 +10,7 @@ and recomputes ``weight = weight_orig * weight_mask`` as a plain attribute befor
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -17,14 +18,16 @@ from torch import Tensor, nn
 
 from lightning_clipprune.pruning.selection import torch_prune_hooks
 
-__all__ = ["fold_pruning_masks", "inference_copy"]
+__all__ = ["fold_pruning_masks", "inference_copy", "uncompiled"]
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in eval mode, the original untouched; ``torch.nn.utils.prune`` made permanent in it.
 
     Tensors that forward pre-hooks compute and keep as plain attributes (not graph leaves, which
-    ``copy.deepcopy`` refuses) are copied detached.
+    ``copy.deepcopy`` refuses) are copied detached. A ``torch.compile``'d module (``model`` itself or a
+    submodule) is replaced in the copy by the module it wraps (``_orig_mod``): the layers' forward hooks
+    fire there, which they do not inside dynamo's graph, and their names lose the ``_orig_mod.`` part.
 
     Example::
 
@@ -43,11 +46,36 @@ def inference_copy(model: nn.Module) -> nn.Module:
     finally:
         for m, k, v in computed:
             vars(m)[k] = v
+    out = uncompiled(out)
     from torch.nn.utils import prune
 
     for _, m, hook in torch_prune_hooks(out):
         prune.remove(m, hook._tensor_name)
     return out.eval()
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """``module`` with every ``torch.compile``'d module in it (itself included) replaced by the module it wraps.
+
+    Changes ``module`` in place (call it on a copy) and returns it, or the module it wraps when it is compiled.
+
+    Example::
+
+        >>> net = nn.Sequential(torch.compile(nn.Linear(4, 4)))
+        >>> [n for n, _ in uncompiled(net).named_modules()]
+        ['', '0']
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was ever compiled
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    if wrapper is None:
+        return module
+    while isinstance(module, wrapper):
+        module = module._orig_mod
+    for name, child in list(module.named_children()):
+        plain = uncompiled(child)
+        if plain is not child:
+            setattr(module, name, plain)
+    return module
 
 
 def fold_pruning_masks(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

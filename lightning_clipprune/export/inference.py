@@ -61,7 +61,8 @@ class LayerChoice:
 
     Attributes:
         name: the module's name in the model.
-        kind: ``"Linear"`` or ``"Conv2d"``.
+        kind: the layer's class name (``"Linear"``, ``"Conv2d"``, ...); ``"parameter"`` for a weight a recipe
+            lists that is no layer's (``MultiheadAttention``'s ``in_proj_weight``).
         sparsity: fraction of zeros in its weight.
         dense_s: median time of the dense layer at the batch size (None: not timed).
         sparse_s: median time of the CSR layer (None: not timed).
@@ -282,7 +283,9 @@ def to_inference(
 
     ``torch.jit.script`` and ``torch.jit.trace`` work on the result; ``torch.compile`` works with its default
     ``fullgraph=False`` (torch breaks the graph around the sparse products); ``fullgraph=True`` is refused by
-    torch for any model with a CSR layer (sparse tensors cannot be traced). See ``docs/inference.md``.
+    torch for any model with a CSR layer (sparse tensors cannot be traced). See ``docs/inference.md``. A
+    ``torch.compile``'d model or submodule is converted as the module it wraps (``_orig_mod``): the result is not
+    compiled, and its layer names lack ``_orig_mod.``.
 
     Args:
         model: the pruned network (an ``nn.Module``; a ``LightningModule`` is copied without its Trainer).

@@ -8,7 +8,8 @@ was compacted): replaying it times nothing and unpickles nothing.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -117,8 +118,12 @@ def load_inference(
     Raises:
         SparseFormatError: the file is not a sparse export or does not fit ``module``.
         TypeError: a keyword :func:`to_inference` does not take.
-        ValueError: the recipe names a layer that is not a ``Linear``/``Conv2d`` of ``module``, or a keyword
-            the recipe would ignore; nothing is loaded into ``module`` then.
+        ValueError: the recipe names something that is neither a module nor a parameter of ``module``, or a
+            keyword the recipe would ignore; nothing is loaded into ``module`` then.
+
+    Warns:
+        UserWarning: the recipe names a parameter, not a layer (such as ``MultiheadAttention.in_proj_weight``,
+            which earlier versions of the command line timed as a ``Linear``): it stays dense.
 
     Example::
 
@@ -148,13 +153,26 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
     x = _batch_of(example_input, None)
     out, compacted = maybe_compact(out, x, True) if recipe.get("compact") else (out, {})
     candidates, every = _candidates(out), dict(out.named_modules())
+    # the inference copy holds no torch.compile wrapper: a state dict's `_orig_mod.` is not in its names
+    plain = {n: n if n in every else _uncompiled_name(n) for n in [*names, *kernels]}
+    names, kernels = [plain[n] for n in names], {plain[n]: k for n, k in kernels.items()}
     unknown = [n for n in names if n not in every]
-    if unknown:
+    parameters = {n: t for n in unknown if (t := _own_tensor(out, n)) is not None}
+    if len(parameters) < len(unknown):
+        name = next(n for n in unknown if n not in parameters)
         raise ValueError(
-            f"{path}: the inference recipe names {unknown[0]!r}, which is not a module of {type(module).__name__}; "
+            f"{path}: the inference recipe names {name!r}, which is not a module of {type(module).__name__}; "
             "the file was written for another model (or pass prefix= to strip a wrapper's name)"
         )
-    choices = []
+    if parameters:
+        warnings.warn(
+            f"{path}: the inference recipe names {sorted(parameters)}, parameter(s) of {type(module).__name__} and"
+            " not layers (an earlier version timed them as Linear layers): they stay dense; export the checkpoint"
+            " again for a recipe without them",
+            stacklevel=3,
+        )
+        names = [n for n in names if n not in parameters]
+    choices = [LayerChoice(n, "parameter", _sparsity(t), None, None, "dense", _NOT_A_LAYER) for n, t in parameters.items()]
     for name, m in candidates.items():
         fmt = "csr" if name in names and m.weight.dtype in CSR_DTYPES else "dense"
         why = _NO_CSR.format(dtype=m.weight.dtype) if name in names and fmt == "dense" else "from the recipe"
@@ -173,6 +191,22 @@ def _replay(module: nn.Module, recipe: dict[str, Any], example_input: Tensor, pa
     return out
 
 
+def _uncompiled_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` parts a ``torch.compile`` wrapper puts in state-dict keys."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _own_tensor(model: nn.Module, name: str) -> Tensor | None:
+    """The parameter or buffer ``name`` (``"att.in_proj_weight"``) of ``model``, or None when it has none."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+    return tensors.get(attr)
+
+
 def _weight_sparsity(module: nn.Module) -> float:
     """The fraction of zeros of ``module``'s ``weight`` (0.0 when it has none)."""
     weight = getattr(module, "weight", None)
@@ -187,7 +221,10 @@ def recipe_for_state_dict(
 
     What ``python -m lightning_clipprune.export --inference-batch-size N`` stores, with no model class at hand:
     convolutions stay dense (their input size is unknown), and a 2-D weight that is not a ``Linear`` (an
-    ``Embedding``) is left dense when :func:`load_inference` replays the recipe on the real model.
+    ``Embedding``) is left dense when :func:`load_inference` replays the recipe on the real model. A 2-D
+    parameter named ``...weight`` that is not a layer's ``weight`` (``MultiheadAttention``'s ``in_proj_weight``)
+    and the layers inside a ``MultiheadAttention`` or ``TransformerEncoderLayer`` (recognised by their keys) are
+    listed dense and untimed, as :func:`to_inference` keeps them: their module's fused kernel reads the weights.
 
     Example::
 
@@ -195,16 +232,58 @@ def recipe_for_state_dict(
         >>> recipe_for_state_dict({"fc.weight": lin.weight, "fc.bias": lin.bias}, 2, rounds=1)["csr"]
         []
     """
-    choices = []
     keys = [k for k, w in state.items() if k.endswith("weight") and w.dim() == 2 and w.is_floating_point()]
+    fused = _fused_parents(state)
+    untimed = {k: _why_untimed(k, fused) for k in keys}
+    choices = {
+        k: LayerChoice(k, "parameter", _sparsity(state[k]), None, None, "dense", why) if why == _NOT_A_LAYER
+        else LayerChoice(k[: -len(".weight")], "Linear", _sparsity(state[k]), None, None, "dense", why)
+        for k, why in untimed.items() if why is not None
+    }
+    timed = [k for k in keys if k not in choices]
     from lightning_clipprune.search.plots import progress_bar  # lazy, as in to_inference
 
     with progress_bar(progress) as bar:
-        task = bar.add_task("timing dense vs CSR", total=len(keys))
-        for key in keys:
-            choices.append(_time_state_weight(state, key, batch_size, min_sparsity, margin, rounds, timer))
+        task = bar.add_task("timing dense vs CSR", total=len(timed))
+        for key in timed:
+            choices[key] = _time_state_weight(state, key, batch_size, min_sparsity, margin, rounds, timer)
             bar.advance(task)
-    return InferenceReport("cpu", batch_size, choices, {}).recipe()
+    return InferenceReport("cpu", batch_size, [choices[k] for k in keys], {}).recipe()
+
+
+#: Why a recipe leaves a parameter that is not a layer's weight dense.
+_NOT_A_LAYER = "a parameter its module's fused kernel reads, not a layer's weight: stays dense"
+#: The 2-D parameters a ``MultiheadAttention`` holds itself (``q_proj_weight`` when keys differ from queries).
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight")
+
+
+def _fused_parents(keys: Iterable[str]) -> dict[str, str]:
+    """``{module name: class name}`` of the ``MultiheadAttention`` and ``TransformerEncoderLayer`` modules whose
+    keys are in ``keys``: the fused parents :func:`to_inference` keeps dense, recognised by their parameters'
+    names (an encoder layer: ``self_attn`` an attention, ``linear1`` and ``linear2``, no ``multihead_attn``)."""
+    keys = set(keys)
+    attention = {k.rpartition(".")[0] for k in keys if k.rpartition(".")[2] in _ATTENTION_WEIGHTS}
+    fused = dict.fromkeys(attention, "MultiheadAttention")
+    for owner, _, child in (a.rpartition(".") for a in attention):
+        dot = f"{owner}." if owner else ""
+        if child == "self_attn" and {f"{dot}linear1.weight", f"{dot}linear2.weight"} <= keys and not any(
+            f"{dot}multihead_attn.{w}" in keys for w in _ATTENTION_WEIGHTS
+        ):
+            fused[owner] = "TransformerEncoderLayer"
+    return fused
+
+
+def _why_untimed(key: str, fused: Mapping[str, str]) -> str | None:
+    """Why the 2-D ``key`` is not timed as a ``Linear`` (None: it is): not a ``<layer>.weight``, or inside a
+    fused parent (``fused``: :func:`_fused_parents`)."""
+    name, _, attr = key.rpartition(".")
+    if attr != "weight" or not name:
+        return _NOT_A_LAYER
+    parts = name.split(".")
+    parent = next((p for i in range(len(parts)) if (p := ".".join(parts[:i])) in fused), None)
+    if parent is None:
+        return None
+    return f"inside {fused[parent]} {parent or '(the model)'}: its fused kernel reads the weight, stays dense"
 
 
 def _time_state_weight(
@@ -212,7 +291,7 @@ def _time_state_weight(
     timer: Timer | None,
 ) -> LayerChoice:
     weight = state[key]
-    name = key[: -len(".weight")] if key.endswith(".weight") else key
+    name = key[: -len(".weight")]
     bias = state.get(f"{name}.bias")
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None and bias.shape == weight.shape[:1])
     with torch.no_grad():
