@@ -3,6 +3,7 @@ parametrisations, lazy layers left dense, spectral norm's reasons; each failed b
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
 
 from lightning_clipprune import MagnitudePruneCallback
+from lightning_clipprune.callbacks._prune_plan import keep_norm_slices
 from lightning_clipprune.pruning import compute_masks, select_prunable_parameters
 from lightning_clipprune.pruning.coverage import dense_modules
 from lightning_clipprune.pruning.wrappers import keep_one_per_norm_slice_, weight_norm_dims
@@ -141,3 +143,26 @@ def test_an_unmatched_pattern_starting_with_a_star_gets_no_star_hint() -> None:
     messages = fit(Net(nn.Sequential(nn.Linear(16, 8))), MagnitudePruneCallback(sparsity=0.5, exclude=["*net.6.*"]), 1)
     line = next(m for m in messages if "matches no parameter name" in m)
     assert "'**net.6.*'" not in line and "comes first" not in line
+
+
+def test_regrowth_keeps_a_weight_that_is_not_a_regrown_zero_in_every_slice_of_v() -> None:
+    net = nn.Sequential(weight_norm(nn.Linear(3, 2)))
+    name = "0.parametrizations.weight.original1"
+    with torch.no_grad():
+        net[0].parametrizations.weight.original1.copy_(torch.tensor([[0.5, -2.0, 0.0], [1.0, 0.0, 3.0]]))
+    cb = types.SimpleNamespace(_params=dict(net.named_parameters()))
+    new = {name: torch.tensor([[False, False, True], [True, False, False]])}  # row 0: only the regrown entry
+    grown = {name: torch.tensor([[False, False, True], [False, False, False]])}
+    with pytest.warns(UserWarning, match="weight norm"):
+        keep_norm_slices(cb, net, new, grown)
+    assert new[name].tolist() == [[False, True, True], [True, False, False]]  # row 0 keeps its largest, -2.0
+
+
+def test_regrowth_on_a_weight_normed_layer_trains_finite() -> None:
+    torch.manual_seed(0)
+    layer = weight_norm(nn.Linear(16, 32))
+    model = Net(nn.Sequential(layer, nn.ReLU(), nn.Linear(32, 8)))
+    cb = MagnitudePruneCallback(sparsity=0.9, scope="local", start=0, end=2,
+                                regrow={"method": "set", "fraction": 0.9, "interval": 1, "start": 3, "end": 11})
+    fit(model, cb, 12)
+    assert cb._regrow.regrown_total > 0 and bool(torch.isfinite(layer.weight).all())

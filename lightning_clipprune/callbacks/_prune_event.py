@@ -18,12 +18,12 @@ from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
     check_finite,
     event_layouts,
+    keep_norm_slices,
     state_tensors,
     warn_saturated,
 )
 from lightning_clipprune.callbacks._prune_sharded import pruned_counts, sharded_event_masks
 from lightning_clipprune.pruning import Magnitude, compute_masks
-from lightning_clipprune.pruning.wrappers import keep_one_per_norm_slice_, weight_norm_dims
 from lightning_clipprune.schedules import sparsity_at
 
 if TYPE_CHECKING:
@@ -103,22 +103,6 @@ def event_masks(cb: Any, trainer: pl.Trainer, t: int) -> tuple[dict[str, Tensor]
         # scores from gradient history may differ between ranks: take rank 0's masks so every rank agrees
         new = {n: m.to(cb._params[n].device) for n, m in trainer.strategy.broadcast(new, src=0).items()}
     return new, target
-
-
-def keep_norm_slices(cb: Any, module: Any, new: dict[str, Tensor]) -> None:
-    """Weight-normed layers (``w = g * v / ||v||``): a slice of ``v`` the new masks empty would be ``0 / 0`` (NaN) in
-    the weight the layer uses, so its largest entry is kept; one warning per layer, with how many it kept."""
-    warned = vars(cb).setdefault("_norm_warned", set())
-    for name, dim in weight_norm_dims(module, new).items():
-        kept = keep_one_per_norm_slice_(new[name], cb._params[name], dim)
-        if kept and name not in warned:
-            warned.add(name)
-            slices = "the tensor" if dim == -1 else f"{kept} slice(s) along dim {dim}"
-            rank_zero_warn(
-                f"{OWNER}: {name} is the `v` of a weight norm (w = g * v / ||v||): pruning would empty {slices}, which"
-                " is 0/0 = NaN in the layer's weight, so one weight (the largest) stays in each; the layer ends"
-                f" {kept} weight(s) short of its target. exclude it, or remove the weight norm, to prune it exactly."
-            )
 
 
 def apply_event(cb: Any, trainer: pl.Trainer, t: int, target: float | None) -> None:

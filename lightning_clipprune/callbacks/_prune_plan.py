@@ -28,7 +28,11 @@ from lightning_clipprune.pruning import (
     uninitialized_names,
     weight_layouts,
 )
-from lightning_clipprune.pruning.wrappers import parametrized_zeros_reason, weight_norm_dims
+from lightning_clipprune.pruning.wrappers import (
+    keep_one_per_norm_slice_,
+    parametrized_zeros_reason,
+    weight_norm_dims,
+)
 from lightning_clipprune.schedules import resolve_position
 
 if TYPE_CHECKING:
@@ -368,6 +372,28 @@ def select_parameters(cb: Any, pl_module: pl.LightningModule, announce: bool) ->
             " `trainer.fit`, or give the layer its input size."
         )
     return params
+
+
+def keep_norm_slices(cb: Any, module: Any, new: dict[str, Tensor], grown: dict[str, Tensor] | None = None) -> None:
+    """Weight-normed layers (``w = g * v / ||v||``): a slice of ``v`` the new masks empty would be ``0 / 0`` (NaN) in
+    the weight the layer uses, so its largest entry is kept; one warning per layer, with how many it kept.
+
+    ``grown``: the entries regrown at zero (a regrowth event): a slice holding only those is empty too.
+    """
+    warned = vars(cb).setdefault("_norm_warned", set())
+    for name, dim in weight_norm_dims(module, new).items():
+        alive = new[name] if grown is None else new[name] & ~grown[name].to(new[name].device)
+        kept = keep_one_per_norm_slice_(alive, cb._params[name], dim)
+        if grown is not None:
+            new[name] |= alive
+        if kept and name not in warned:
+            warned.add(name)
+            slices = "the tensor" if dim == -1 else f"{kept} slice(s) along dim {dim}"
+            rank_zero_warn(
+                f"{OWNER}: {name} is the `v` of a weight norm (w = g * v / ||v||): pruning would empty {slices}, which"
+                " is 0/0 = NaN in the layer's weight, so one weight (the largest) stays in each; the layer ends"
+                f" {kept} weight(s) short of its target. exclude it, or remove the weight norm, to prune it exactly."
+            )
 
 
 def warn_parametrized(module: torch.nn.Module, params: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
     event_layouts,
+    keep_norm_slices,
     run_length,
     step_clock,
     steps_per_epoch,
@@ -223,6 +224,7 @@ class Regrowth:
         if trainer.world_size > 1:  # float sums of gradients may differ in the last bit between ranks
             new, grown = trainer.strategy.broadcast((new, grown), src=0)
         new = {n: m.to(masks[n].device) for n, m in new.items()}
+        keep_norm_slices(cb, trainer.lightning_module, new, grown)  # a weight-normed layer keeps a weight in every slice
         clean = [new[n] & ~grown[n].to(masks[n].device) for n in raw]  # dropped and regrown entries start at zero
         params = [cb._params[n] for n in raw]
         apply_masks_(params, clean)
