@@ -27,21 +27,31 @@ class SignalAt(L.Callback):
         epoch: the ``trainer.current_epoch`` at which to send it (None: any).
         step: the ``trainer.global_step`` at which to send it (None: any).
         signum: the signal, by name ("SIGTERM", "SIGINT").
+        batch: the ``batch_idx`` of ``on_train_batch_end`` at which to send it (None: any).
         once: a file path: the signal is sent only while no such file exists, and the file is created (one
             signal across the jobs of a sweep and the runs after it).
     """
 
     def __init__(
-        self, hook: str, epoch: int | None = None, step: int | None = None, signum: str = "SIGTERM", once: str | None = None
+        self,
+        hook: str,
+        epoch: int | None = None,
+        step: int | None = None,
+        signum: str = "SIGTERM",
+        once: str | None = None,
+        batch: int | None = None,
     ) -> None:
         if hook not in _HOOKS:
             raise ValueError(f"SignalAt: hook must be one of {_HOOKS}, got {hook!r}")
         self.hook, self.epoch, self.step, self.signum = hook, epoch, step, getattr(signal, signum)
         self.once = once  # a file: sent only while it does not exist (created when sent), across processes
+        self.batch = batch
         self.sent = False
 
-    def _maybe_send(self, hook: str, trainer: L.Trainer) -> None:
+    def _maybe_send(self, hook: str, trainer: L.Trainer, batch_idx: int | None = None) -> None:
         if hook != self.hook or self.sent or (self.epoch is not None and trainer.current_epoch != self.epoch):
+            return
+        if self.batch is not None and batch_idx != self.batch:
             return
         if self.step is not None and trainer.global_step != self.step:
             return
@@ -58,8 +68,8 @@ class SignalAt(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe_send("on_train_start", trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self._maybe_send("on_train_batch_end", trainer)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._maybe_send("on_train_batch_end", trainer, batch_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe_send("on_train_epoch_end", trainer)

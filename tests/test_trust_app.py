@@ -132,6 +132,9 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path: Path, last_ckpt: P
         (("model.optimizer._target_=torch.optim.Adam", "~model.optimizer.momentum", "~model.optimizer.nesterov"),
          "another optimizer than model.optimizer (torch.optim.Adam"),
         (("trainer.max_epochs=1",), "training is already over"),  # resuming it would skip the end of training
+        # Lightning restores the optimizer's parameter groups: a new value never took effect (results.json said it did)
+        (("model.optimizer.lr=0.01", "model.optimizer.momentum=0.5"),
+         "model.optimizer.lr=0.01 (the checkpoint's: 0.1), model.optimizer.momentum=0.5 (the checkpoint's: 0.9)"),
     ],
 )
 def test_another_runs_checkpoint_is_one_line(tmp_path: Path, last_ckpt: Path, overrides: tuple[str, ...], fragment: str) -> None:
@@ -326,3 +329,24 @@ def test_a_mid_epoch_interrupt_resumes_bit_identical_on_a_longer_epoch(tmp_path:
     assert "not resumable" not in done.stderr  # Lightning's warning no longer applies
     want, got = (torch.load(tmp_path / r / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"] for r in "uk")
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_an_interrupt_inside_an_accumulation_window_resumes_bit_identical(tmp_path: Path) -> None:
+    """accumulate_grad_batches=2: SIGTERM after batch 12, the first of optimizer step 7's two batches. The run
+    stops after batch 13 (its gradient was in no checkpoint: the resumed step took one batch), and resumes to
+    the uninterrupted run's weights and metrics rows."""
+    import torch
+
+    common = ("trainer.max_epochs=2", "trainer.accumulate_grad_batches=2", "callbacks.sparsity.inference_latency=false")
+    assert _cli(tmp_path, *common, f"hydra.run.dir={tmp_path / 'u'}").returncode == 0
+    proc = _cli(tmp_path, *common, f"hydra.run.dir={tmp_path / 'k'}", KILL, "+callbacks.kill.hook=on_train_batch_end",
+                "+callbacks.kill.batch=12")
+    assert proc.returncode == 143, proc.stderr
+    assert _results(tmp_path / "k")["steps"] == 7
+    resume = [a for a in _results(tmp_path / "k")["resume_command"].split()[3:] if "callbacks.kill" not in a]
+    done = _cli(tmp_path, *resume)
+    assert done.returncode == 0, done.stderr
+    want, got = (torch.load(tmp_path / r / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"] for r in "uk")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert _rows(tmp_path / "u") == _rows(tmp_path / "k")

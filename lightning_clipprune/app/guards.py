@@ -53,9 +53,10 @@ class SigtermRelay(L.Callback):
         if self._last_step_taken(trainer, batch_idx):
             self.deferring = True
             defer_signals(trainer)
-        elif _agreed_stop(trainer):
+        elif _agreed_stop(trainer) and not _mid_accumulation(trainer):
             # Lightning's own end-of-batch stop (its SIGTERM path: the batch counted, then SIGTERMException), on
-            # every process at the same batch; the app reports the signal it was (a Ctrl-C: exit 130)
+            # every process at the same batch; the app reports the signal it was (a Ctrl-C: exit 130). Never
+            # inside an accumulation window: its gradient is in no checkpoint, so the resumed step would miss it.
             trainer._signal_connector.received_sigterm = True
 
     def _keep_deferring(self, trainer: L.Trainer) -> None:
@@ -79,6 +80,14 @@ class SigtermRelay(L.Callback):
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         self._keep_deferring(trainer)
+
+
+def _mid_accumulation(trainer: L.Trainer) -> bool:
+    """Whether this batch's gradient waits for the next ones (``accumulate_grad_batches``: no optimizer step yet)."""
+    if trainer.accumulate_grad_batches <= 1:
+        return False
+    should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    return bool(should_accumulate()) if callable(should_accumulate) else False
 
 
 def _agreed_stop(trainer: L.Trainer) -> bool:

@@ -10,6 +10,7 @@ shapes, progress); :func:`check_resume` compares that outline with the built run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class CheckpointOutline:
         epochs_done: the epochs the checkpoint's training had finished (or processed), when recorded.
         global_step: its optimizer step, when recorded.
         optimizer_options: the option names of each optimizer's first parameter group.
+        optimizer_values: the plain values (numbers, flags, strings, tuples of numbers) of each optimizer's
+            first parameter group.
         at_epoch_end: whether it was written after the last batch of an epoch, when recorded.
     """
 
@@ -44,6 +47,7 @@ class CheckpointOutline:
     epochs_done: int | None = None
     global_step: int | None = None
     optimizer_options: list[frozenset[str]] = field(default_factory=list)
+    optimizer_values: list[dict[str, Any]] = field(default_factory=list)
     at_epoch_end: bool | None = None
 
 
@@ -102,7 +106,17 @@ def outline_checkpoint(path: Path, shown: str) -> CheckpointOutline:
         optimizer_options=[
             frozenset(k for k in g[0] if k != "params") for g in groups if isinstance(g, list) and g and isinstance(g[0], dict)
         ],
+        optimizer_values=[
+            {str(k): v for k, v in g[0].items() if _plain(v)} for g in groups if isinstance(g, list) and g and isinstance(g[0], dict)
+        ],
     )
+
+
+def _plain(value: Any) -> bool:
+    """A value an optimizer option can be compared by: a number, flag or string, or a tuple/list of numbers."""
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, (int, float)) for v in value)
+    return isinstance(value, (int, float, str))
 
 
 def _listed(names: list[str], limit: int = 3) -> str:
@@ -148,13 +162,16 @@ def check_resume(outline: CheckpointOutline, cfg: Any, model: Any) -> None:
         )
     model_name = str(_get_cfg(cfg, "model", "net", "_target_") or type(model).__name__).rsplit(".", 1)[-1]
     _check_state_dict(outline, model, model_name)
-    options = _optimizer_options(cfg)
+    group = _run_optimizer_group(cfg)
+    options = frozenset(group or ())
     if options and outline.optimizer_options and not options <= outline.optimizer_options[0]:
         target = str(_get_cfg(cfg, "model", "optimizer", "_target_"))
         raise ConfigError(
             f"ckpt_path={outline.path!r}: holds the state of another optimizer than model.optimizer ({target}; the "
             f"file has no {_listed(sorted(options - outline.optimizer_options[0]))}); resume with the optimizer it was trained with"
         )
+    if group and outline.optimizer_values:
+        _check_optimizer_values(outline, group, outline.optimizer_values[0])
     trainer = cfg.get("trainer") or {}
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     over = (max_epochs not in (None, -1) and outline.epochs_done is not None and outline.epochs_done >= max_epochs) or (
@@ -187,16 +204,49 @@ def _get_cfg(cfg: Any, *keys: str) -> Any:
     return cfg
 
 
-def _optimizer_options(cfg: Any) -> frozenset[str]:
-    """The option names of the run's optimizer (as ``optimizer.state_dict()`` lists them), or an empty set."""
+def _run_optimizer_group(cfg: Any) -> dict[str, Any] | None:
+    """The options of the run's optimizer (its first parameter group as ``optimizer.state_dict()`` lists it,
+    without ``params``), or None."""
     node = _get_cfg(cfg, "model", "optimizer")
     if node is None or _get_cfg(node, "_target_") is None:
-        return frozenset()
+        return None
     import hydra
     import torch
 
     try:
         optimizer = hydra.utils.instantiate(node, _convert_="all")([torch.nn.Parameter(torch.zeros(1))])
     except Exception:  # checks.check_config has reported a bad optimizer already: nothing to compare with
-        return frozenset()
-    return frozenset(k for k in optimizer.state_dict()["param_groups"][0] if k != "params")
+        return None
+    return {k: v for k, v in optimizer.state_dict()["param_groups"][0].items() if k != "params"}
+
+
+def _check_optimizer_values(outline: CheckpointOutline, run: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse an optimizer option whose value differs from the checkpoint's: Lightning restores the optimizer's
+    parameter groups from the checkpoint, so the run's value would never take effect (the learning rate is
+    compared with the checkpoint's ``initial_lr``, the value before the schedule, when it has one)."""
+    changed = []
+    for key, value in run.items():
+        theirs = saved.get("initial_lr", saved.get("lr")) if key == "lr" else saved.get(key)
+        if key == "initial_lr" or not _plain(value) or theirs is None or _same(value, theirs):
+            continue
+        changed.append(f"model.optimizer.{key}={_shown(value)} (the checkpoint's: {_shown(theirs)})")
+    if changed:
+        raise ConfigError(
+            f"ckpt_path={outline.path!r}: {_listed(changed)}: a resumed run keeps the optimizer settings of its "
+            "checkpoint (Lightning restores them), so the new value would never take effect; resume without it, or "
+            "start a new run from the weights (fine-tuning) to train with it"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) and all(
+            _same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _shown(value: Any) -> str:
+    return "[" + ", ".join(_shown(v) for v in value) + "]" if isinstance(value, (tuple, list)) else f"{value:g}" if (
+        isinstance(value, float)) else str(value).lower() if isinstance(value, bool) else str(value)

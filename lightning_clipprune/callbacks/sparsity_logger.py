@@ -153,6 +153,9 @@ class SparsityLogger(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's setup: the prune callback's parameter list is known by now.
         self._names = self._selected_names(pl_module)
+        # a resumed run logged its current step before the checkpoint: with accumulation, the first batch after
+        # the resume (no optimizer step yet) would log that step again
+        self._last_step = trainer.global_step
         self._log_per_layer = (
             self.per_layer if self.per_layer is not None else len(self._names) <= self.max_layers_per_layer_logging
         )
