@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -109,8 +110,10 @@ def check_real(
     allow_none: bool = False,
     allow_inf: bool = False,
 ) -> float | None:
-    """``value`` must be a real number (int or float, not bool or NaN) in the given interval.
+    """``value`` must be a real number (not bool or NaN) in the given interval.
 
+    A real number is an ``int`` or ``float``, any :class:`numbers.Real` (NumPy scalars such as
+    ``np.float32(0.5)``), or a 0-d real tensor or array (``torch.tensor(0.5)``); it is returned as a ``float``.
     Infinite values are refused unless ``allow_inf`` (a bound of ``inf`` alone is never reached by a
     finite number, so ``high=math.inf`` with ``allow_inf=False`` means "finite").
 
@@ -125,17 +128,29 @@ def check_real(
     """
     if value is None and allow_none:
         return None
+    number = _as_real(value)
     ok = (
-        _is_real(value)
-        and (allow_inf or math.isfinite(value))
-        and (low is None or (value > low if low_open else value >= low))
-        and (high is None or (value < high if high_open else value <= high))
+        number is not None
+        and (allow_inf or math.isfinite(number))
+        and (low is None or (number > low if low_open else number >= low))
+        and (high is None or (number < high if high_open else number <= high))
     )
     if not ok:
         kind = "a number" if allow_inf else "a finite number"
         what = " ".join(p for p in (kind, _interval(low, high, low_open, high_open)) if p)
         raise bad_value(owner, name, what + (" or None" if allow_none else ""), value)
-    return float(value)
+    return number
+
+
+def _as_real(value: Any) -> float | None:
+    """``value`` as a ``float`` when it is a real number (see :func:`check_real`), else None (bools and NaN too)."""
+    if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        detach = getattr(value, "detach", None)  # a tensor that requires grad converts without a warning
+        value = (detach() if callable(detach) else value).item()  # a 0-d tensor or array: its Python scalar
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
 
 
 def check_position(owner: str, name: str, value: Any) -> int | float:

@@ -36,6 +36,7 @@ from lightning_clipprune.callbacks._clip_algorithm import (
     Unset,
     resolve_clipper,
 )
+from lightning_clipprune.callbacks._clip_guards import ClipCallGuard, StepGuard, mostly_clipped_message
 from lightning_clipprune.callbacks._strategy import check_model_sharded, check_strategy
 from lightning_clipprune.callbacks.contract import GradientMasker, find_callbacks
 from lightning_clipprune.clipping import Clipper, clipper_name, total_norm
@@ -47,7 +48,9 @@ _NONFINITE = ("skip", "error")
 # Per-step norms and coefficients are folded into the summary accumulators in batches of this many steps,
 # so a step costs a list append instead of a dozen tiny kernels.
 _FOLD_EVERY = 256
-_MOSTLY_CLIPPED_MIN_STEPS = 20  # fewer steps say nothing about how often a spike clipper clips
+# A step counts as clipped when it lowered the norm by more than one part in a million: torch's c / (n + 1e-6)
+# scales a norm n >= 1 that sits right at the bound c (AutoClip's first step) by less, and leaves it unclipped.
+_CLIPPED_BELOW = 1.0 - 1e-6
 
 
 class GradientClipCallback(Callback):
@@ -85,10 +88,13 @@ class GradientClipCallback(Callback):
     Clipping happens in ``on_before_optimizer_step``: there the gradients are complete (after the last
     micro-batch of gradient accumulation, so they are clipped once per optimizer step), unscaled under
     16-bit AMP (the precision plugin unscales before calling the hook), and the hook also runs when a
-    ``LightningModule`` with manual optimization calls ``optimizer.step()``. Only the parameters of the
-    optimizer being stepped are clipped, minus those whose name matches an ``exclude`` pattern. Before
-    the norm is computed, every :class:`~lightning_clipprune.callbacks.contract.GradientMasker` on the
-    Trainer (a pruning callback) zeroes the gradients of pruned weights, whatever the order of the
+    ``LightningModule`` with manual optimization calls ``optimizer.step()`` on the ``LightningOptimizer`` that
+    ``self.optimizers()`` returns. An optimizer that evaluates its closure several times a step (LBFGS) has
+    each evaluation clipped and the step counted once, by Lightning's count of the optimizer steps it started
+    (whatever the optimizer does with torch's step hooks: a wrapper such as timm's ``Lookahead`` too). Only the
+    parameters of the optimizer being stepped are clipped, minus those whose name matches an ``exclude``
+    pattern. Before the norm is computed, every :class:`~lightning_clipprune.callbacks.contract.GradientMasker`
+    on the Trainer (a pruning callback) zeroes the gradients of pruned weights, whatever the order of the
     callback list (see :mod:`lightning_clipprune.callbacks.contract`).
 
     Sharded models (``ModelParallelStrategy``: FSDP2's ``fully_shard``, and tensor parallelism; parameters and
@@ -99,11 +105,14 @@ class GradientClipCallback(Callback):
     a weight sharded off dim 0 (``RowwiseParallel``'s ``Shard(1)``); AutoClip and ZClip are fed the global
     norm, so their state is the same on every rank, and so is the non-finite skip.
 
-    Logged through the Trainer's loggers every ``log_every_n_steps`` optimizer steps (values are read
-    from the device only then): ``grad/norm`` (global p-norm of the clipped parameters' gradients
-    before clipping), ``grad/clip_coef`` (the factor applied, ``<= 1``; for ``"value"``, ``"agc"`` and
-    per-parameter AutoClip, which do not scale uniformly, the ratio of the norms after and before
-    clipping), and ``grad/nonfinite_skipped`` (cumulative count of steps with an inf or NaN gradient).
+    Logged through the Trainer's loggers on the Trainer's own logging rows: at a batch whose logging step (the
+    Trainer's ``_batches_that_stepped``, which also counts a batch whose ``training_step`` returned None) plus
+    one is a multiple of ``log_every_n_steps``, as Lightning decides for ``self.log`` (values are read from
+    the device only then; an optimizer stepped twice in one batch logs its first step): ``grad/norm``
+    (global p-norm of the clipped parameters' gradients before clipping), ``grad/clip_coef`` (the factor
+    applied, ``<= 1``; for ``"value"``, ``"agc"`` and per-parameter AutoClip, which do not scale uniformly,
+    the ratio of the norms after and before clipping), and ``grad/nonfinite_skipped`` (cumulative count of
+    steps with an inf or NaN gradient).
     With several optimizers, the metrics of optimizer ``k > 0`` end in ``_opt{k}``.
 
     Non-finite gradients: every parameter the optimizer steps is checked, excluded ones too. Under
@@ -131,8 +140,8 @@ class GradientClipCallback(Callback):
         exclude: ``fnmatch`` patterns over parameter names (``pl_module.named_parameters()``); matching
             parameters are neither clipped nor counted in the norm (still checked for inf/NaN).
         nonfinite: ``"skip"`` or ``"error"``: what to do with a non-finite gradient without a gradient scaler.
-        log_every_n_steps: log every this many optimizer steps; None uses the Trainer's
-            ``log_every_n_steps``.
+        log_every_n_steps: log every this many of the Trainer's logging steps (batches that stepped); None
+            uses the Trainer's ``log_every_n_steps``, so ``grad/*`` share the rows of ``self.log``.
         **deprecated: the keywords of the previous release, kept for this one with a ``FutureWarning``:
             ``agc_eps``, ``autoclip_percentile``, ``history_size``, ``autoclip_per_parameter`` and
             ``zclip_<option>`` (``alpha``, ``z_thresh``, ``warmup_steps``, ``mode``, ``clip_option``,
@@ -145,6 +154,14 @@ class GradientClipCallback(Callback):
         MisconfigurationException: in ``setup()``, if the Trainer also clips (``gradient_clip_val``) or
             has a second ``GradientClipCallback``.
         RuntimeError: with ``nonfinite="error"``, at the first optimizer step whose gradient is not finite.
+
+    Warns:
+        UserWarning: once per fit, when the module clips too: at fit start if it overrides
+            ``configure_gradient_clipping`` (automatic optimization; a pass-through of the Trainer's
+            ``gradient_clip_val`` clips nothing, so this is not refused), and at the first
+            ``self.clip_gradients(opt, gradient_clip_val=...)`` with a clip value (manual optimization). Also once
+            when an optimizer is stepped around Lightning (``self.optimizers(use_pl_optimizer=False).step()``),
+            which the hook never sees.
 
     Example::
 
@@ -198,10 +215,9 @@ class GradientClipCallback(Callback):
         self._has_scaler = False  # a GradScaler (16-bit AMP) skips non-finite steps itself
         self._warned_nonfinite = False
         self._layouts: dict[int, Any] = {}  # id(parameter) -> Layout, for weights not stored (out, in, *k)
-        # id(optimizer) -> steps taken: a hook call with no step since the last is a closure's re-evaluation (LBFGS)
-        self._stepped: dict[int, int] = {}
-        self._seen: dict[int, int] = {}  # id(optimizer) -> self._stepped at its last hook call
-        self._step_hooks: list[Any] = []
+        self._step_guard = StepGuard(OWNER)  # new step or closure re-evaluation (LBFGS); steps the hook missed
+        self._clip_guard = ClipCallGuard(OWNER)  # the module clipping too
+        self._logged_at: dict[int, int] = {}  # optimizer index -> the Trainer's logging step it last logged at
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -243,7 +259,14 @@ class GradientClipCallback(Callback):
         for clipper in self._clippers.values():
             _bind_layouts(clipper, self._layouts)
         self._has_scaler = _scaler(trainer) is not None
-        self._count_steps([] if self._has_scaler else trainer.optimizers)  # a GradScaler may skip `step()`
+        self._logged_at = {}
+        # Only a fit the callback belongs to (one that forwards its hooks by hand never calls its teardown).
+        registered = any(cb is self for cb in trainer.callbacks)
+        self._step_guard.attach(trainer.optimizers if registered else [])
+        self._clip_guard.detach()
+        if registered:
+            remedy = f"`GradientClipCallback(clip_val={self.clip_val!r}, algorithm={self.algorithm!r})`"
+            self._clip_guard.attach(trainer, pl_module, remedy)
         if self._has_scaler:
             for opt in trainer.optimizers:
                 if getattr(opt, "_step_supports_amp_scaling", False):
@@ -260,15 +283,14 @@ class GradientClipCallback(Callback):
         for masker in self._maskers:
             masker.mask_gradients()
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap a LightningOptimizer
+        new_step = self._step_guard.is_new_step(trainer, pl_module, optimizer)
         plan = self._plan(trainer, optimizer)
         others = [p.grad for p in plan.others if p.grad is not None]
         if not others and all(p.grad is None for p in plan.clipped):
             return
-        stepped = self._stepped.get(id(optimizer))
-        if stepped is not None and self._seen.get(id(optimizer)) == stepped:
+        if not new_step:
             self._reclip(trainer, optimizer, plan, others)
             return
-        self._seen[id(optimizer)] = stepped if stepped is not None else -1
         # the clippers skip parameters without a gradient
         norm, coef = self._clipper(plan.index).clip(plan.clipped, self.norm_type)
         checked = self._checked(norm, others)
@@ -304,38 +326,20 @@ class GradientClipCallback(Callback):
             clipper.load_state_dict(state)
         self._skip_if_nonfinite(trainer, optimizer, plan.index, self._checked(norm, others))
 
-    def _count_steps(self, optimizers: Sequence[Optimizer]) -> None:
-        """Count each optimizer's steps with a step post-hook (replacing the previous fit's hooks)."""
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks, self._stepped, self._seen = [], {}, {}
-        for optimizer in optimizers:
-            optimizer = getattr(optimizer, "_optimizer", optimizer)
-            self._stepped[id(optimizer)] = 0
-
-            def bump(opt: Optimizer, args: Any, kwargs: Any) -> None:
-                self._stepped[id(opt)] += 1
-
-            self._step_hooks.append(optimizer.register_step_post_hook(bump))
-
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._count_steps([])
+            self._step_guard.detach()
+            self._clip_guard.detach()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # One host read per fit: a spike clipper that clipped most steps acts as a constant cap (say so).
+        # One host read per fit, for a spike clipper only: if it clipped most steps, say which of its rules did.
         if not getattr(self.clipper, "clips_spikes", False):
             return
-        summary = self.summary()
-        if summary["steps"] >= _MOSTLY_CLIPPED_MIN_STEPS and summary["clipped_fraction"] > 0.5:
-            rank_zero_warn(
-                f"GradientClipCallback: {self.algorithm!r} clipped {summary['clipped_fraction']:.0%} of"
-                f" {int(summary['steps'])} steps, not only spikes: its hard cap clip_val={self.clip_val!r} is below"
-                f" the usual gradient norm (mean {summary['mean_norm']:.3g}). Raise clip_val above it, or"
-                " clip_val=None to clip spikes only."
-            )
+        message = mostly_clipped_message(OWNER, self.algorithm, self.clipper, self.clip_val, self.summary())
+        if message:
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -373,8 +377,10 @@ class GradientClipCallback(Callback):
 
         Returns:
             ``steps`` (optimizer steps with gradients), ``clipped_fraction`` (share of steps with
-            ``clip_coef < 1``), ``clipped_steps`` (their count), ``mean_norm`` and ``max_norm`` (of the finite
-            pre-clip norms) and ``nonfinite_skipped`` (steps with an inf or NaN gradient).
+            ``clip_coef < 1 - 1e-6``: clipping that lowered the norm by more than one part in a million, for every
+            algorithm; not torch's ``c / (n + 1e-6)`` at a norm right at the bound), ``clipped_steps`` (their
+            count), ``mean_norm`` and ``max_norm`` (of the finite pre-clip norms) and ``nonfinite_skipped`` (steps
+            with an inf or NaN gradient).
         """
         self._fold()
         steps = float(sum(self._steps.values()))
@@ -443,7 +449,8 @@ class GradientClipCallback(Callback):
         )
         self._pending = []
         finite = torch.isfinite(norms)
-        counts = torch.stack((finite.sum(), (finite & (coefs < 1)).sum(), (~torch.isfinite(checked)).sum()))
+        clipped = finite & (coefs < _CLIPPED_BELOW)
+        counts = torch.stack((finite.sum(), clipped.sum(), (~torch.isfinite(checked)).sum()))
         self._acc.add_(torch.cat((torch.where(finite, norms, 0.0).sum().unsqueeze(0), counts.to(dtype))))
         torch.maximum(self._max_norm, torch.where(finite, norms, -math.inf).max(), out=self._max_norm)
 
@@ -466,9 +473,15 @@ class GradientClipCallback(Callback):
             )
 
     def _log(self, trainer: pl.Trainer, idx: int, norm: Tensor, coef: Tensor) -> None:
+        # Lightning's own cadence (`should_update_logs`): the batch's logging step, +1 as Lightning counts it before
+        # the batch ends; a batch that stepped nothing (training_step returned None) still counts, as for Lightning.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if not trainer.loggers or not every or self._steps[idx] % every != 0:  # the Trainer's 0: no step logging
+        if not trainer.loggers or not every or self._logged_at.get(idx) == step:  # the Trainer's 0: no step logging
             return
+        if (step + 1) % every != 0 and not trainer.should_stop:
+            return
+        self._logged_at[idx] = step  # once per batch: an optimizer stepped twice in one batch logs its first step
         self._fold()
         nonfinite = self._acc[3] if self._acc is not None else torch.zeros((), device=norm.device)
         suffix = f"_opt{idx}" if idx else ""
@@ -476,7 +489,6 @@ class GradientClipCallback(Callback):
         values = torch.stack((norm.float(), coef.float(), nonfinite.float())).tolist()
         metrics = {f"grad/norm{suffix}": values[0], f"grad/clip_coef{suffix}": values[1]}
         metrics["grad/nonfinite_skipped"] = values[2]
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

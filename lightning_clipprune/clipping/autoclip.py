@@ -46,6 +46,8 @@ class AutoClip(ThresholdClip):
     With ``per_parameter=True`` each parameter keeps its own history of its own gradient norm and is
     clipped to its own percentile (the per-parameter variant of the ``autoclip`` package); pass the
     same parameters, in the same order, at every step (one without a gradient records nothing).
+    Parameters appended to the list later (a param group added mid-fit, as ``BackboneFinetuning`` does)
+    start with an empty history of their own; the others keep theirs.
 
     Args:
         percentile: p in [0, 100] (the paper: 10).
@@ -84,7 +86,9 @@ class AutoClip(ThresholdClip):
 
     def _record(self, norm: Tensor) -> None:
         n = norm.detach().float()
-        if self.history is None or self.history.shape[1:] != n.shape:
+        if self.history is not None and self.history.shape[1:] != n.shape:
+            self._widen(n.shape)
+        if self.history is None:
             capacity = self.history_size or 64
             self.history = torch.full((capacity, *n.shape), math.nan, dtype=torch.float32, device=n.device)
             self.position = self.count = 0
@@ -95,6 +99,22 @@ class AutoClip(ThresholdClip):
         self.history[self.position] = torch.where(torch.isfinite(n), n, math.nan)
         self.count = self.count + 1 if self.history_size is None else min(self.count + 1, self.history_size)
         self.position = self.count if self.history_size is None else (self.position + 1) % self.history_size
+
+    def _widen(self, shape: torch.Size) -> None:
+        """Give parameters appended since the last step an empty (NaN) history column each; any other change of
+        the parameter list drops the history, with a warning (no column can be matched to a parameter)."""
+        assert self.history is not None
+        old = self.history.shape[1:]
+        if len(old) == len(shape) == 1 and shape[0] > old[0]:
+            pad = self.history.new_full((self.history.shape[0], shape[0] - old[0]), math.nan)
+            self.history = torch.cat((self.history, pad), dim=1)
+            return
+        warnings.warn(
+            f"AutoClip: the clipped parameters are not the previous ones with new ones appended ({tuple(old)} norms"
+            f" per step before, {tuple(shape)} now), so no history can be matched to a parameter: starting afresh.",
+            stacklevel=4,
+        )
+        self.history = None
 
     def threshold(self, norm: Tensor) -> Tensor:
         """Record ``norm`` (0-d, or one per parameter) and return this step's threshold (the same shape)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lightning_clipprune._validation import check_bool, check_choice, check_int, check_real
-from lightning_clipprune.clipping.base import ThresholdClip, _cap, register_clipper
+from lightning_clipprune.clipping.base import ThresholdClip, _cap, option_defaults, register_clipper
 
 __all__ = ["ZCLIP_MODES", "ZCLIP_OPTIONS", "ZClip"]
 
@@ -74,6 +75,10 @@ class ZClip(ThresholdClip):
     Raises:
         ValueError: if an argument is out of range (one line naming it).
 
+    Warns:
+        UserWarning: ``clip_option`` or ``clip_factor`` set to a value other than its default where it has no
+            effect (``clip_option`` with ``mode="percentile"``; ``clip_factor`` there or with ``clip_option="mean"``).
+
     Example::
 
         >>> clipper = ZClip(warmup_steps=2)
@@ -109,10 +114,27 @@ class ZClip(ThresholdClip):
         self.clip_option = check_choice("ZClip", "clip_option", clip_option, ZCLIP_OPTIONS)
         self.clip_factor = check_real("ZClip", "clip_factor", clip_factor, low=0, low_open=True)
         self.skip_update_on_spike = check_bool("ZClip", "skip_update_on_spike", skip_update_on_spike)
+        self._warn_unused_options()
         self.step = 0  # norms seen
         self.warmup: Tensor | None = None  # the warm-up norms, NaN where empty or non-finite
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
+
+    def _warn_unused_options(self) -> None:
+        """Warn about an option set away from its default where this mode ignores it (the default itself may be
+        passed: Hydra's preset lists every option)."""
+        defaults = option_defaults(type(self))
+        unused = []
+        if self.mode == "percentile" and self.clip_option != defaults.get("clip_option", self.clip_option):
+            unused.append(f"clip_option={self.clip_option!r} has no effect with mode='percentile' (its threshold is"
+                          " mean + z_thresh * std): drop it, or use mode='zscore'")
+        adaptive = self.mode == "zscore" and self.clip_option == "adaptive_scaling"
+        if not adaptive and self.clip_factor != defaults.get("clip_factor", self.clip_factor):
+            unused.append(f"clip_factor={self.clip_factor!r} has no effect with mode={self.mode!r}, "
+                          f"clip_option={self.clip_option!r}: only mode='zscore' with clip_option='adaptive_scaling'"
+                          " scales its threshold")
+        for message in unused:
+            warnings.warn(f"ZClip: {message}.", stacklevel=3)
 
     def _state_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(warm-up buffer, mean, var) on ``device``, created on first use."""
