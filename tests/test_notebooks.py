@@ -7,8 +7,10 @@ in a temporary working directory. Each notebook is executed once per session and
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -182,6 +184,19 @@ def test_accuracy_vs_sparsity_reads_a_results_dir(
     assert table_rows(nb) == table_rows(first)
     assert (tmp_path / "replot.png").is_file()
     assert not list((tmp_path / "tmp").glob("clipprune-sweep-*"))  # no sweep was run
+
+    # a folder holding the same sweep twice (a date folder: the day's sweeps) was averaged as more seeds
+    again = tmp_path / "again"
+    shutil.copytree(sweep_dir, again)
+    with pytest.raises(CellExecutionError, match="are the same point"):
+        execute(with_parameters(committed, RESULTS_DIR=[str(sweep_dir), str(again)], OUT="mixed.png"), tmp_path)
+    for path in again.glob("*/results.json"):  # the same points, but another experiment setting
+        run = json.loads(path.read_text())
+        run["overrides"] = [*run.get("overrides", []), "trainer.max_epochs=7"]
+        run["seed"] = (run.get("seed") or 0) + 100
+        path.write_text(json.dumps(run))
+    with pytest.raises(CellExecutionError, match="differ in more than sparsity, seed and clipping"):
+        execute(with_parameters(committed, RESULTS_DIR=[str(sweep_dir), str(again)], OUT="mixed.png"), tmp_path)
 
 
 def test_accuracy_vs_sparsity_names_an_empty_results_dir(tmp_path: Path) -> None:

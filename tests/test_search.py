@@ -100,7 +100,8 @@ def test_threshold_is_the_quantile_of_the_magnitudes() -> None:
     by_s = {round(p.sparsity, 3): p.threshold for p in result.points}
     assert by_s[0.25] == pytest.approx(0.49) and by_s[0.5] == pytest.approx(0.99)
     assert result.chosen.sparsity == 0.5  # tolerance 100 points: the largest grid point, nothing above it to bisect
-    assert result.overrides()[0] == "prune=threshold prune.threshold=0.99"
+    # once after training, as measured (the threshold rule during training pruned far more: 88 % for 64 % chosen)
+    assert result.overrides()[0] == "prune=threshold_after prune.threshold=0.99"
 
 
 def test_test_split_is_read_once_after_the_search(trained) -> None:

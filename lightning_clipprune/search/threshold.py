@@ -91,8 +91,10 @@ class SearchResult:
         return above[0] if above else None
 
     def overrides(self) -> list[str]:
-        """The app's overrides that prune to the chosen point: threshold rule (magnitude, from a start under
-        :data:`DENSE_START`) and sparsity; for "sparsegpt", the post-training "obs" criterion at that sparsity."""
+        """The app's overrides that prune to the chosen point: the threshold once after training, as the search
+        measured it (magnitude, from a start under :data:`DENSE_START`; the threshold rule during training would
+        prune from initialisation and end far sparser), and the sparsity, ramped during training; for
+        "sparsegpt", the post-training "obs" criterion at that sparsity."""
         # prune.threshold=null: a run whose prune config is the threshold rule would refuse both set
         out = [f"prune.sparsity={sparsity_text(self.chosen.sparsity)} prune.threshold=null"]
         if self.criterion == "sparsegpt":  # post-training reconstruction: the "obs" criterion, after the last step
@@ -101,7 +103,7 @@ class SearchResult:
             # a threshold read off a model pruned already cuts only what its run left: a fresh run with it lands far
             # from the chosen sparsity (90 % chosen, 35 % trained), so it is offered for a (nearly) dense start only
             if self.chosen.threshold > 0 and self.sorted_points()[0].sparsity < DENSE_START:
-                out.insert(0, f"prune=threshold prune.threshold={self.chosen.threshold:.6g}")
+                out.insert(0, f"prune=threshold_after prune.threshold={self.chosen.threshold:.6g}")
         else:
             out[0] += f" prune.criterion={self.criterion}"
         return out
