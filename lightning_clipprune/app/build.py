@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_clipprune.app.checks import ConfigError, one_line, root_cause
+from lightning_clipprune.app.checks import ConfigError, check_buildable, one_line, root_cause
 
 __all__ = ["Components", "build", "instantiate", "on_cpu"]
 
@@ -32,9 +32,11 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(node)``, with any error turned into a one-line :class:`ConfigError` naming ``key``.
 
     Raises:
-        ConfigError: the object could not be built (bad value, unknown ``_target_``...).
+        ConfigError: the object could not be built (bad value, unknown ``_target_``...), or ``node`` names nothing to
+            build (no ``_target_``: Hydra would hand it on as a plain dict).
         DataNotFoundError: a data module could not find its files (already one line naming ``data.root``).
     """
+    check_buildable(key, node)
     import hydra
     from hydra.errors import InstantiationException
 

@@ -40,7 +40,8 @@ from lightning_clipprune.app.component_checks import shown as _shown
 if TYPE_CHECKING:  # omegaconf only when a config is checked: the data modules import this file without Hydra
     from omegaconf import DictConfig
 
-__all__ = ["ConfigError", "DataNotFoundError", "check_against_model", "check_config", "check_group_values", "one_line", "root_cause"]
+__all__ = ["ConfigError", "DataNotFoundError", "check_against_model", "check_buildable", "check_config", "check_group_values",
+           "one_line", "root_cause"]
 
 
 class ConfigError(ValueError):
@@ -255,6 +256,14 @@ def check_config(cfg: DictConfig, optimizer: bool = True) -> None:
             "for a sparsity target, leave prune.threshold out"
         )
     _check_not_nan(cfg)
+    for key in _BUILT:
+        if cfg.get(key) is None and key not in _OPTIONAL:  # (a run has no use for `~data`, `~model`, `~trainer`)
+            raise ConfigError(f"{key} is missing (~{key} removes it): a run needs one; choose one of the {key} "
+                              f"group's options ({key}=NAME; --help lists them)")
+        check_buildable(key, cfg.get(key))
+    callbacks = cfg.get("callbacks")
+    for key, node in (callbacks.items() if hasattr(callbacks, "items") else ()):
+        check_buildable(f"callbacks.{key}", node)
     try:
         check_components(cfg)  # Lightning's, torch's and the networks' values, in the app's words
     except ValueError as err:
@@ -262,6 +271,50 @@ def check_config(cfg: DictConfig, optimizer: bool = True) -> None:
     check_group_values(cfg)
     if optimizer:
         _check_optimizer(cfg)  # the only check that imports torch: last, so every other bad value answers in a second
+
+
+#: The config groups the app builds with ``hydra.utils.instantiate`` (and each entry of ``callbacks``).
+_BUILT = ("data", "model", "clip", "prune", "trainer", "logger")
+#: The groups a run can do without (``~clip``, ``~prune``, ``~logger``).
+_OPTIONAL = ("clip", "prune", "logger")
+
+
+def check_buildable(key: str, node: Any) -> None:
+    """Refuse a node the app builds (``key``: ``prune``, ``callbacks.extra``, ...) that has no ``_target_``.
+
+    Hydra's ``instantiate`` returns such a node as a plain dict, which Lightning then fails on in a traceback
+    (``'dict' object has no attribute 'on_exception'``); it comes from a key added to a group that is not
+    there (``+callbacks.extra.patience=3``, or ``+prune.sparsity=0.5`` beside ``~prune``). None (a group turned
+    off) passes, and so does ``logger: false`` (Lightning's "no logger").
+
+    Raises:
+        ConfigError: one line naming the key, what it holds and the fix.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> check_buildable("callbacks.extra", OmegaConf.create({"patience": 3}))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_clipprune.app.checks.ConfigError: callbacks.extra has no _target_ (it holds patience=3), so ...
+    """
+    if node is None or (key == "logger" and isinstance(node, bool)):
+        return
+    if hasattr(node, "keys") and hasattr(node, "get"):
+        if node.get("_target_"):
+            return
+        held = ", ".join(f"{k}={_shown(node.get(k))}" if not hasattr(node.get(k), "keys") else f"{k}.*" for k in node)
+        what = f"{key} has no _target_ (it holds {held or 'nothing'}), so there is nothing to build"
+    else:
+        what = f"{key}={_shown(node)}: not a config node with a _target_, so there is nothing to build"
+    if key.startswith("callbacks."):
+        fix = (f"set +{key}._target_=<the callback's class>" if hasattr(node, "keys") else
+               f"make it a node with a _target_ ('+{key}={{_target_: <the callback's class>}}')")
+        fix += f", or remove it with ~{key}"
+    else:
+        fix = f"choose one of the {key} group's options ({key}=NAME; --help lists them)"
+        fix += f", or turn {key} off with ~{key} and no {key}.* key" if key in _OPTIONAL else ""
+    raise ConfigError(f"{what}: {fix}")
 
 
 _PRUNE_TARGET = "lightning_clipprune.MagnitudePruneCallback"

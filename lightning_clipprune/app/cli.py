@@ -6,13 +6,17 @@ those errors reach it (:func:`hydra_errors_raised`) and prints :func:`hydra_erro
 naming the override as typed and the fix (for a group option: the valid choices).
 
 :func:`check_overrides` refuses, before Hydra opens any file, what would write outside the run's folder
-(``hydra.job.name`` names the run's log file, ``<output_dir>/<job name>.log``).
+(``hydra.job.name`` names the run's log file, ``<output_dir>/<job name>.log``), and a key of a node the same
+command line removes (``~prune prune.sparsity=0.5``: Hydra would refuse the key, or, given ``+``, build a
+``prune`` holding only that key). :func:`fast_help` serves ``--help`` quickly, and ends the print-only options
+(``--help``, ``--cfg``, ``--info``) quietly when their reader has gone (``| head -1``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,11 +51,47 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def removed_node(key: str, overrides: Sequence[str]) -> str | None:
+    """The node a ``~node`` override of ``overrides`` removes and ``key`` lies under (None: no such node).
+
+    A key under the removed node that a ``..._target_`` override rebuilds (``~prune +prune._target_=...``) is no
+    key of a removed node: the command line builds a new one there.
+
+    Example::
+
+        >>> removed_node("prune.sparsity", ["~prune", "+prune.sparsity=0.5"])
+        'prune'
+        >>> removed_node("clip.clip_val", ["~prune"]) is None
+        True
+    """
+    dotted = key.replace("/", ".")
+    targets = {_key(o).replace("/", ".")[: -len("._target_")] for o in overrides if _key(o).endswith("._target_")}
+    for override in overrides:
+        if not override.startswith("~"):
+            continue
+        node = _key(override).replace("/", ".")
+        if node and dotted.startswith(node + "."):
+            parts = dotted.split(".")
+            # the nodes from the removed one down to the key's parent: one of them given a _target_ is rebuilt
+            prefixes = {".".join(parts[:i]) for i in range(node.count(".") + 1, len(parts))}
+            if not prefixes & targets:
+                return node
+    return None
+
+
+def removed_node_line(typed: str, node: str) -> str:
+    """The refusal of ``typed``, a key of ``node`` that the command line removes with ``~node``."""
+    return f"{typed}: {node} was removed by ~{node}: drop ~{node} to set {node}.*"
+
+
 def check_overrides(argv: Sequence[str]) -> None:
-    """Refuse, before Hydra runs, an override that would write outside the run's folder.
+    """Refuse, before Hydra runs, an override that would write outside the run's folder, and a key of a node that
+    the same command line removes.
 
     Raises:
-        ConfigError: ``hydra.job.name`` with a path separator or ``..`` (it names ``<output_dir>/<name>.log``).
+        ConfigError: ``hydra.job.name`` with a path separator or ``..`` (it names ``<output_dir>/<name>.log``);
+            ``prune.sparsity=0.5`` (or ``+prune.sparsity=0.5``) beside ``~prune``: Hydra would refuse the key, or,
+            given ``+``, compose a ``prune`` that holds only that key and builds nothing.
 
     Example::
 
@@ -60,7 +100,11 @@ def check_overrides(argv: Sequence[str]) -> None:
         ...
         lightning_clipprune.app.checks.ConfigError: hydra.job.name='../../x': ...
     """
-    for override in _overrides(argv):
+    overrides = _overrides(argv)
+    for override in overrides:
+        node = removed_node(_key(override), overrides) if not override.startswith("~") else None
+        if node is not None:
+            raise ConfigError(removed_node_line(override, node))
         if _key(override) != "hydra.job.name" or "=" not in override:
             continue
         name = override.split("=", 1)[1].strip().strip("'\"")
@@ -101,12 +145,68 @@ def _restore() -> None:
 
 
 _HELP_FLAGS = ("--help", "-h", "--hydra-help")
+#: Hydra's options that print something and exit, running nothing (``--cfg job``, ``--info config``).
+_PRINT_FLAGS = (*_HELP_FLAGS, "--cfg", "-c", "--info", "-i")
+#: The shell's exit status of a command ended by SIGPIPE (128 + 13), as ``cat file | head -1`` leaves ``cat``.
+SIGPIPE_STATUS = 141
 
 
 @contextmanager
 def fast_help(argv: Sequence[str]) -> Iterator[None]:
-    """With ``--help`` (or ``--hydra-help``) in ``argv``: list Hydra's config groups from one copy of its config
-    repository instead of one copy per group.
+    """Serve Hydra's print-only options: ``--help`` quickly, and all of them quietly when their reader has gone.
+
+    With ``--help``, ``--hydra-help``, ``--cfg`` or ``--info`` in ``argv``, a reader that closes the pipe early
+    (``python -m lightning_clipprune.run --help | head -1``) ends the command quietly with exit status 141, as
+    SIGPIPE ends other command-line tools (:func:`_reader_may_leave`), not with an error line and status 1.
+    With ``--help`` (or ``--hydra-help``), the config groups are listed from one copy of Hydra's config
+    repository (:func:`_one_repository_copy`). Anything else runs untouched.
+    """
+    if not any(arg in _PRINT_FLAGS or arg.startswith(("--cfg=", "--info=")) for arg in argv):
+        yield
+        return
+    with _reader_may_leave():
+        if any(arg in _HELP_FLAGS for arg in argv):
+            with _one_repository_copy():
+                yield
+        else:
+            yield
+
+
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """End with exit status 141 and no message when stdout's reader has closed the pipe.
+
+    The standard way (Python's documentation of :mod:`signal`, "Note on SIGPIPE"): stdout is pointed at
+    ``os.devnull``, so that the interpreter's last flush at exit does not fail a second time. Hydra prints
+    ``--info`` through :mod:`logging`, whose handlers report a failed write on stderr unless
+    :data:`logging.raiseExceptions` is off: it is off for the duration.
+    """
+    import logging
+
+    raise_exceptions = logging.raiseExceptions
+    logging.raiseExceptions = False
+    try:
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # what is still buffered: a reader gone is seen here, not at the interpreter's exit
+    except BrokenPipeError:
+        try:
+            fd = sys.stdout.fileno()
+        except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file (a test's)
+            fd = None
+        if fd is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        sys.exit(SIGPIPE_STATUS)
+    finally:
+        logging.raiseExceptions = raise_exceptions
+
+
+@contextmanager
+def _one_repository_copy() -> Iterator[None]:
+    """List Hydra's config groups from one copy of its config repository instead of one copy per group.
 
     Hydra 1.3's help screen asks ``ConfigLoaderImpl.get_group_options`` for every group, and each call deep-copies
     the whole repository (the search path and every config registered in the ConfigStore): about 1 s of this
@@ -115,9 +215,6 @@ def fast_help(argv: Sequence[str]) -> Iterator[None]:
     the presets (``clip: _base``), which are not choices. Anything else, or a Hydra without that method, runs
     untouched.
     """
-    if not any(arg in _HELP_FLAGS for arg in argv):
-        yield
-        return
     try:
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
         from hydra.core.object_type import ObjectType
@@ -249,6 +346,9 @@ def hydra_error_line(err: BaseException, argv: Sequence[str]) -> str:
     match = re.match(r"Could not override '([^']+)'", text)
     if match:
         typed = next((o for o in overrides if _key(o) == match.group(1)), match.group(1))
+        node = removed_node(_key(typed), overrides)
+        if node is not None:  # adding it with `+` would compose a node that builds nothing
+            return removed_node_line(typed, node)
         return (f"{typed}: no such key in the config (`--cfg job` prints every key); to add a new key, "
                 f"write +{typed.lstrip('+')}")
     match = re.match(r"Ambiguous value for argument '([^']+)'", text)

@@ -31,14 +31,16 @@ from lightning_clipprune.app.untrusted import (
     read_yaml,
 )
 
-__all__ = ["LOCK_NAME", "RUN_RECORD", "check_output_dir", "claim_output_dir", "launching_process", "read_run_overrides", "release_output_dir", "run_id",
-           "write_run_record"]
+__all__ = ["LOCK_NAME", "RUN_RECORD", "check_output_dir", "check_sweep_dir", "claim_output_dir", "launching_process", "read_run_overrides",
+           "release_output_dir", "run_id", "write_run_record"]
 
 LOCK_NAME = ".clipprune.lock"
 #: The run's own record of its command-line overrides, written once the run holds its folder.
 RUN_RECORD = "run_config.json"
 _RUN_ID = secrets.token_hex(3)
 _RUN_FILES = ("results.json", "checkpoints", "csv", "tensorboard")
+#: The most entries of a sweep folder :func:`check_sweep_dir` looks at (a folder from elsewhere is read bounded).
+_MAX_SWEEP_ENTRIES = 10_000
 
 
 def run_id() -> str:
@@ -102,10 +104,63 @@ def claim_output_dir(output_dir: Path, resume_from: Path | None = None) -> Path:
 
 
 def _holds_a_run(output_dir: Path, used: list[str]) -> str:
-    """The refusal of a folder holding a run: resume it where it has a checkpoint, else another folder."""
+    """The refusal of a folder holding a run: resume it where it has a checkpoint, else another folder; for a sweep's
+    job, the sweep folder the user chose (``hydra.sweep.dir``) and what to do with it."""
+    sweep_dir = _sweep_dir_of_job()
+    if sweep_dir is not None:
+        return _sweep_refusal(sweep_dir, [output_dir.name])
     last = output_dir / "checkpoints" / "last.ckpt"
     then = f"resume that run with ckpt_path={last}" if last.is_file() else "remove it (it holds no checkpoint to resume)"
     return f"hydra.run.dir={str(output_dir)!r} already holds a run ({', '.join(used)}); choose another folder, or {then}"
+
+
+def _sweep_dir_of_job() -> Path | None:
+    """The sweep folder when this process runs a job of a ``-m`` sweep (None: a single run, or not under Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        return Path(str(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    except Exception:  # not under Hydra's runtime (a test calling train() directly), or no sweep folder set
+        return None
+
+
+def _sweep_refusal(sweep_dir: Path, jobs: list[str]) -> str:
+    shown = ", ".join(jobs[:3]) + (", ..." if len(jobs) > 3 else "")
+    return (
+        f"hydra.sweep.dir={str(sweep_dir)!r} already holds the runs of an earlier sweep (job folders {shown}); give "
+        f"this sweep a new folder (another hydra.sweep.dir, or leave it out for a fresh one), or delete {sweep_dir} first"
+    )
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse a sweep folder that holds an earlier sweep's runs, before the sweep's first job starts.
+
+    Each job's folder is ``<hydra.sweep.dir>/<job number>``: every job of a second sweep into the same folder
+    would be refused by :func:`claim_output_dir`, one by one, in words about ``hydra.run.dir``. A sub-folder
+    holding a run's files (``results.json``, ``checkpoints/``, ``csv/``, ``tensorboard/``) is a run; links inside
+    are not followed and at most ``_MAX_SWEEP_ENTRIES`` entries are read. A folder that does not exist, or holds no
+    run (a sweep stopped before its first job), is fine. Nothing is created.
+
+    Raises:
+        ConfigError: one line naming ``hydra.sweep.dir``, the job folders found and what to do.
+    """
+    if not sweep_dir.is_dir():
+        return
+    jobs: list[str] = []
+    try:
+        with os.scandir(sweep_dir) as entries:
+            for i, entry in enumerate(entries):
+                if i >= _MAX_SWEEP_ENTRIES:
+                    break
+                folder = Path(entry.path)
+                if entry.is_dir(follow_symlinks=False) and any(os.path.lexists(folder / n) for n in _RUN_FILES):
+                    jobs.append(entry.name)
+    except OSError:  # unreadable: each job's own check says so
+        return
+    if jobs:
+        raise ConfigError(_sweep_refusal(sweep_dir, sorted(jobs, key=lambda n: (len(n), n))))
 
 
 def check_output_dir(output_dir: Path, resume_from: Path | None = None, log_name: str = "run.log") -> None:

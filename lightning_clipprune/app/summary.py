@@ -11,7 +11,7 @@ from typing import Any
 from lightning_clipprune.app.build import Components
 from lightning_clipprune.app.fit import Outcome
 
-__all__ = ["collect_results", "print_summary", "resume_command", "write_results"]
+__all__ = ["clip_record", "collect_results", "print_summary", "resume_command", "write_results"]
 
 _NOT_REPEATED = ("ckpt_path", "hydra.run.dir")  # replaced in the resume command
 
@@ -51,7 +51,7 @@ def collect_results(
     measured), ``val_acc_before_prune`` (after post-training pruning), ``sparsity`` (of the prunable
     weights), ``params_total``, ``params_nonzero``, ``prunable_total``, ``prunable_nonzero``,
     ``compressed_bytes`` (what the sparse export writes for all parameters), ``clip``
-    (the clip callback's summary), ``epochs``, ``steps``, ``seed``, ``wall_time_s``, ``overrides``,
+    (who clipped the gradients and how, see :func:`clip_record`; None: not clipped), ``epochs``, ``steps``, ``seed``, ``wall_time_s``, ``overrides``,
     ``output_dir``; ``resume_command`` for an interrupted run; ``resumed_from`` for a resumed one;
     ``inference_latency`` (CPU, dense vs :func:`~lightning_clipprune.to_inference`'s model, see
     :func:`~lightning_clipprune.export.latency.measure_inference`) when the ``SparsityLogger`` measured it.
@@ -66,7 +66,6 @@ def collect_results(
         prunable = prunable_names(model)  # what SparsityLogger reports without a prune callback
     params_total, params_nonzero = parameter_counts(model)
     prunable_total, prunable_nonzero = parameter_counts(model, prunable)
-    summary = getattr(parts.clip, "summary", None)
     results: dict[str, Any] = {
         "experiment": experiment_name(cfg),
         "status": outcome.status,
@@ -79,7 +78,7 @@ def collect_results(
         "prunable_total": prunable_total,
         "prunable_nonzero": prunable_nonzero,
         "compressed_bytes": sparsity_report(model).compressed_bytes,  # the sweep report's "compressed B"
-        "clip": summary() if callable(summary) else None,
+        "clip": clip_record(parts),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "seed": cfg.get("seed"),
@@ -100,6 +99,26 @@ def collect_results(
     if latency:
         results["inference_latency"] = dict(latency)
     return results
+
+
+def clip_record(parts: Components) -> dict[str, Any] | None:
+    """``results.json``'s ``clip``: who clipped the gradients, with which algorithm and bound; None when nothing did.
+
+    ``by`` is ``"callback"`` for the clip group's :class:`~lightning_clipprune.GradientClipCallback` (its
+    ``algorithm`` and ``clip_val``, then its statistics: ``steps``, ``clipped_fraction``, ``clipped_steps``,
+    ``mean_norm``, ``max_norm``, ``nonfinite_skipped``), and ``"trainer"`` for Lightning's own clipping
+    (``~clip trainer.gradient_clip_val=0.5``: ``algorithm`` is the Trainer's ``gradient_clip_algorithm``,
+    ``"norm"`` by default; Lightning keeps no statistics).
+    """
+    summary = getattr(parts.clip, "summary", None)
+    if callable(summary):
+        return {"by": "callback", "algorithm": getattr(parts.clip, "algorithm", None),
+                "clip_val": getattr(parts.clip, "clip_val", None), **summary()}
+    clip_val = getattr(parts.trainer, "gradient_clip_val", None)
+    if not clip_val:  # None or 0: Lightning does not clip
+        return None
+    algorithm = getattr(parts.trainer, "gradient_clip_algorithm", None)  # a GradClipAlgorithmType, None: "norm"
+    return {"by": "trainer", "algorithm": str(getattr(algorithm, "value", algorithm) or "norm"), "clip_val": float(clip_val)}
 
 
 def experiment_name(cfg: Any) -> str:
@@ -156,7 +175,9 @@ def print_summary(results: dict[str, Any], job: str | None = None) -> None:
     kept = results["params_nonzero"] / max(results["params_total"], 1)
     table.add_row("parameters kept", f"{results['params_nonzero']:,} / {results['params_total']:,} ({pct(kept)})")
     clip = results.get("clip")
-    if clip:
+    if clip and clip.get("by") == "trainer":
+        table.add_row("gradient clipping", f"Lightning's gradient_clip_val={clip['clip_val']:g} ({clip['algorithm']})")
+    elif clip:
         skipped = int(clip["nonfinite_skipped"])
         table.add_row(
             "gradient clipping",

@@ -4,7 +4,9 @@
 then report that 1.5 is not a sparsity. Each value of each comma-separated sweep is composed once (the other
 sweeps at their first value) and checked with :func:`~lightning_clipprune.app.checks.check_config`, the same
 check each job runs before torch loads; the first bad one is the usual one line, naming the swept value of its
-job when it is not the first job (``in the sweep's job with prune.sparsity=1.5: ...``).
+job when it is not the first job (``in the sweep's job with prune.sparsity=1.5: ...``). A ``hydra.sweep.dir`` that
+holds an earlier sweep's runs is refused here too, in one line naming it
+(:func:`~lightning_clipprune.app.rundir.check_sweep_dir`), instead of every job being refused in turn.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from lightning_clipprune.app.checks import ConfigError, check_config
 from lightning_clipprune.app.cli import _overrides
+from lightning_clipprune.app.rundir import check_sweep_dir, launching_process
 
 __all__ = ["check_sweep_values"]
 
@@ -32,7 +35,8 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
         config_name: its primary config.
 
     Raises:
-        ConfigError: the first bad value, in the words of the job's own check.
+        ConfigError: the first bad value, in the words of the job's own check; a ``hydra.sweep.dir`` that holds an
+            earlier sweep's runs.
 
     Example::
 
@@ -55,7 +59,9 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     values = {id(o): _values(o) for o in sweeps}
     if not sweeps or not all(values.values()):  # an empty range: Hydra says so
-        _check_ranks_draw_alike(_compose(config_dir, config_name, fixed))
+        first = _compose(config_dir, config_name, fixed)
+        _check_ranks_draw_alike(first)
+        _check_sweep_dir(first)
         return
     firsts = {id(o): f"{_key(o)}={values[id(o)][0]}" for o in sweeps}
     # every other job differs from the first in one swept value: a failure there is that value's, and says so
@@ -65,6 +71,7 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
     ]
     configs = [(label, cfg) for label, job in jobs if (cfg := _compose(config_dir, config_name, job)) is not None]
     _check_ranks_draw_alike(configs[0][1] if configs and not configs[0][0] else None)  # the first job's config
+    _check_sweep_dir(configs[0][1] if configs and not configs[0][0] else None)
     for optimizer in (False, True):  # every value's quick checks first; the optimizer's (torch) after
         for label, cfg in configs:
             try:
@@ -98,6 +105,19 @@ def _check_ranks_draw_alike(cfg: Any) -> None:
         " extra DDP process with the same command, -m included, so each process runs the sweep and an unseeded"
         " sampler draws other trials in each; set hydra.sweeper.sampler.seed=<an integer>"
     )
+
+
+def _check_sweep_dir(cfg: Any) -> None:
+    """Refuse the sweep's folder when it holds an earlier sweep's runs (``cfg``: the first job's config; None: not
+    composed). Only in the launching process: a DDP process Lightning starts runs this command again, into the
+    folder this sweep is filling."""
+    if cfg is None or not launching_process():
+        return
+    try:
+        sweep_dir = str(cfg.hydra.sweep.dir)
+    except Exception:  # refers to something only the running sweep knows: left to the jobs
+        return
+    check_sweep_dir(Path(sweep_dir))
 
 
 def _values(override: Any) -> list[str]:
