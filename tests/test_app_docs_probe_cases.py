@@ -243,3 +243,23 @@ def test_print_only_options_end_quietly_when_the_reader_has_gone(tmp_path: Path,
 def test_help_into_an_open_pipe_is_unchanged(tmp_path: Path) -> None:
     proc = _cli(tmp_path, "--help")
     assert proc.returncode == 0 and proc.stderr == "" and "== Configuration groups ==" in proc.stdout
+
+
+def test_the_search_clips_as_the_run_did_with_lightnings_own_clipping(monkeypatch) -> None:
+    """A run made with `~clip trainer.gradient_clip_val=0.5`: the search's Taylor gradients and its fine-tune clip
+    at 0.5 too (they read only the clip group before, and ran unclipped)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lightning_clipprune import GradientClipCallback
+    from lightning_clipprune.app import search_cli
+
+    cfg = OmegaConf.create({"trainer": {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
+                            "model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 2}})
+    assert search_cli._clip_settings(cfg) == (0.5, "value")
+    assert search_cli._clip_settings(OmegaConf.create({"trainer": {}})) == (None, "norm")
+    seen = []
+    monkeypatch.setattr(search_cli, "_fit_and_score", lambda model, tuned, dm, callbacks, epochs: seen.extend(callbacks) or {})
+    search_cli.finetune(cfg, torch.nn.Linear(2, 2), None, 0.5, 1, None)
+    clip = next(c for c in seen if isinstance(c, GradientClipCallback))
+    assert (clip.clip_val, clip.algorithm) == (0.5, "value")

@@ -52,6 +52,7 @@ from lightning_clipprune.app.rundir import read_run_overrides, run_status
 from lightning_clipprune.app.search_args import build_parser, check_args, error_line, run_dir_of
 from lightning_clipprune.app.targets import check_targets
 from lightning_clipprune.app.untrusted import make_output_dir
+from lightning_clipprune.callbacks.gradient_clip import GradientClipCallback
 from lightning_clipprune.callbacks.magnitude_prune import MagnitudePruneCallback
 from lightning_clipprune.checkpoint import CheckpointError, load_checkpoint
 from lightning_clipprune.export import save_sparse
@@ -166,9 +167,14 @@ def save_pruned(model: nn.Module, out_dir: Path, metadata: Mapping[str, Any]) ->
 
 
 def _clip_settings(cfg: Any) -> tuple[float | None, str]:
+    """The run's clip bound and kind ("norm" or "value"): its clip group's, else Lightning's own
+    (``~clip trainer.gradient_clip_val=0.5``), else None."""
     clip = cfg.get("clip")
     if clip is None:
-        return None, "norm"
+        trainer = cfg.get("trainer") or {}
+        value = trainer.get("gradient_clip_val")
+        kind = "value" if str(trainer.get("gradient_clip_algorithm") or "norm") == "value" else "norm"
+        return (float(value) if value else None), kind
     algorithm = clip.get("algorithm", "norm")
     # agc/autoclip/zclip have no single fixed bound on a one-off gradient; their clip_val is the cap (or None)
     return (None if clip.get("clip_val") is None else float(clip.clip_val)), ("value" if algorithm == "value" else "norm")
@@ -190,6 +196,9 @@ def finetune(cfg: Any, model: nn.Module, datamodule: Any, sparsity: float, epoch
     callbacks: list[Any] = [MagnitudePruneCallback(threshold=0.0, schedule="oneshot", start=0.0, verbose=False)]
     if cfg.get("clip") is not None:
         callbacks.insert(0, hydra.utils.instantiate(cfg.clip))
+    elif _clip_settings(cfg)[0] is not None:  # the run clipped with Lightning's gradient_clip_val: the same bound
+        clip_val, kind = _clip_settings(cfg)
+        callbacks.insert(0, GradientClipCallback(clip_val=clip_val, algorithm=kind))
     with _quiet_lightning():
         return _fit_and_score(model, tuned, datamodule, callbacks, epochs)
 
