@@ -66,8 +66,9 @@ def test_the_kept_entry_is_the_largest_of_its_slice_and_other_slices_are_untouch
         "0.parametrizations.weight.original1": -1, "1.weight_v": 1}
 
 
-def test_channel_pruning_of_a_weight_normed_layer_is_refused_at_setup() -> None:
-    model = Net(nn.Sequential(weight_norm(nn.Linear(16, 32)), nn.ReLU(), nn.Linear(32, 8)))
+@pytest.mark.parametrize("dim", [0, -2])  # -2 of a Linear's weight is its rows too (-1 is torch's "whole tensor")
+def test_channel_pruning_of_a_weight_normed_layer_is_refused_at_setup(dim: int) -> None:
+    model = Net(nn.Sequential(weight_norm(nn.Linear(16, 32), dim=dim), nn.ReLU(), nn.Linear(32, 8)))
     with pytest.raises(ValueError, match=r"pattern='channel' cannot prune net\.0\..*exclude=\['net\.0\.\*'\]"):
         fit(model, MagnitudePruneCallback(sparsity=0.5, pattern="channel", scope="local", exclude=["net.2.*"]))
 

@@ -50,6 +50,7 @@ def test_a_bad_job_other_than_the_first_names_its_swept_value() -> None:
         ["-m", "prune.sparsity=0.9", "model=no_such_model,mlp"],  # Hydra reports the missing option itself
         ["-m", "seed=range(5,2)", "prune.sparsity=0.9,1.5"],  # an empty range: Hydra's own error first
         ["-m", "hydra.sweeper.params.prune.sparsity=choice(0.5,1.5)"],  # a sweeper's search space
+        ["-m", "clip=glob(n*,a*)", "prune.sparsity=0.5,0.9"],  # a glob needs Hydra's config loader: left to Hydra
     ],
 )
 def test_nothing_else_is_refused_here(argv: list[str]) -> None:

@@ -20,10 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def multirun_yaml(root: Path, task: list[str], params: dict | None = None, target: str = BASIC) -> None:
+def multirun_yaml(root: Path, task: list[str], params: dict | None = None, target: str = BASIC,
+                  config_dir: str | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    sources = [{"path": "hydra.conf", "schema": "pkg", "provider": "hydra"}]
+    if config_dir is not None:
+        sources.append({"path": config_dir, "schema": "file", "provider": "command-line"})
     cfg = {"hydra": {"sweeper": {"_target_": target, "max_batch_size": None, "params": params},
-                     "overrides": {"task": task}}}
+                     "overrides": {"task": task}, "runtime": {"config_sources": sources},
+                     "job": {"config_name": "config"}}}
     (root / "multirun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
 
@@ -44,7 +49,7 @@ def test_the_basic_sweepers_grid_is_read_back_in_job_order(tmp_path: Path) -> No
     assert plan[-1] == ["clip.clip_val=2", "prune.sparsity=0.9", "seed=1", "trainer.max_epochs=2"]
 
 
-@pytest.mark.parametrize("case", ["optuna", "no file", "garbage", "huge", "interval", "not a list", "symlink"])
+@pytest.mark.parametrize("case", ["optuna", "no file", "garbage", "huge", "interval", "not a list", "symlink", "shuffle", "glob"])
 def test_no_plan_is_listed_when_it_cannot_be_known(tmp_path: Path, case: str) -> None:
     root = tmp_path / "sweep"
     if case == "optuna":
@@ -56,6 +61,10 @@ def test_no_plan_is_listed_when_it_cannot_be_known(tmp_path: Path, case: str) ->
         multirun_yaml(root, [f"a=range(0,{MAX_PLANNED + 1})"])
     elif case == "interval":
         multirun_yaml(root, ["a=interval(0,1)"])
+    elif case == "shuffle":  # another order at each expansion: the folders' numbers are not the plan's
+        multirun_yaml(root, ["a=shuffle(1,2,3,4,5,6)"])
+    elif case == "glob":  # expanded against the config's group options, which the report does not have
+        multirun_yaml(root, ["clip=glob(n*)"])
     elif case == "not a list":
         multirun_yaml(root, ["a=1,2"])
         (root / "multirun.yaml").write_text(f"hydra: {{sweeper: {{_target_: {BASIC}}}, overrides: {{task: 3}}}}\n")
@@ -130,3 +139,23 @@ def test_a_stopped_sweep_names_the_job_not_run_and_running_it_completes_the_repo
     assert run.returncode == 0, run.stderr
     with (sweep_dir / "summary.csv").open() as f:
         assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "ok"), ("1", "interrupted"), ("2", "ok")]
+
+
+def test_the_command_of_a_job_not_run_keeps_the_sweeps_config_dir(tmp_path: Path) -> None:
+    """A sweep composed with `--config-dir MY/conf +experiment=mine`: without the option the printed command
+    failed (`+experiment=mine: no such option`)."""
+    root = tmp_path / "sweep"
+    multirun_yaml(root, ["+experiment=mine", "seed=1,2"], config_dir=str(tmp_path / "conf"))
+    job(root, "0", ["+experiment=mine", "seed=1"])
+    (waiting,) = [j for j in collect(root) if j.not_run]
+    assert waiting.extra["command"] == (f"python -m lightning_clipprune.run --config-dir {tmp_path / 'conf'} "
+                                        f"+experiment=mine seed=2 hydra.run.dir={root / '1'}")
+
+
+def test_the_resume_command_keeps_the_runs_config_options(tmp_path: Path) -> None:
+    from lightning_clipprune.app.summary import resume_command
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    command = resume_command(["+experiment=mine"], tmp_path, ["--config-dir", "/my/conf", "--config-name", "other"])
+    assert command.split()[3:8] == ["--config-dir", "/my/conf", "--config-name", "other", "+experiment=mine"]

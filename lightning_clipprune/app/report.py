@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_clipprune._io import atomic_path, atomic_write_text
-from lightning_clipprune.app.sweep_plan import planned_jobs
+from lightning_clipprune.app.sweep_plan import planned_config_arguments, planned_jobs
 from lightning_clipprune.app.untrusted import (
     UntrustedFileError,
     read_json_object,
@@ -187,13 +187,14 @@ def _not_run(root: Path, jobs: Sequence[Job]) -> list[Job]:
             have[key] -= 1
             continue
         missing.append(Job(str(num), root / str(num), _parse_overrides(overrides), None, not_run=True,
-                           extra={"command": _run_command(overrides, root / str(num))}))
+                           extra={"command": _run_command(overrides, root / str(num), planned_config_arguments(root))}))
     return missing
 
 
-def _run_command(overrides: Sequence[str], folder: Path) -> str:
-    """The command that runs one planned job on its own, into the folder the sweep would have given it."""
-    args = [*overrides, f"hydra.run.dir={folder}"]
+def _run_command(overrides: Sequence[str], folder: Path, config: Sequence[str] = ()) -> str:
+    """The command that runs one planned job on its own, into the folder the sweep would have given it
+    (``config``: the sweep's ``--config-dir`` / ``--config-name``)."""
+    args = [*config, *overrides, f"hydra.run.dir={folder}"]
     return "python -m lightning_clipprune.run " + " ".join(shlex.quote(a) for a in args)
 
 

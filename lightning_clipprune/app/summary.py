@@ -16,10 +16,11 @@ __all__ = ["clip_record", "collect_results", "print_summary", "resume_command", 
 _NOT_REPEATED = ("ckpt_path", "hydra.run.dir")  # replaced in the resume command
 
 
-def resume_command(overrides: Sequence[str], output_dir: Path) -> str | None:
+def resume_command(overrides: Sequence[str], output_dir: Path, config: Sequence[str] = ()) -> str | None:
     """The command that resumes a run in ``output_dir`` from its ``last.ckpt``, or None when there is none yet.
 
-    The resumed run writes into the same folder, so its metrics stay in one place.
+    The resumed run writes into the same folder, so its metrics stay in one place. ``config``: the run's
+    ``--config-dir`` / ``--config-name`` options (:func:`~lightning_clipprune.app.sweep_plan.config_arguments`).
 
     Example::
 
@@ -31,8 +32,17 @@ def resume_command(overrides: Sequence[str], output_dir: Path) -> str | None:
     if not ckpt.is_file():
         return None
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in _NOT_REPEATED]
-    args = [*kept, f"hydra.run.dir={output_dir}", f"ckpt_path={ckpt}"]
+    args = [*config, *kept, f"hydra.run.dir={output_dir}", f"ckpt_path={ckpt}"]
     return "python -m lightning_clipprune.run " + " ".join(shlex.quote(a) for a in args)
+
+
+def _config_arguments() -> list[str]:
+    """This run's ``--config-dir`` / ``--config-name`` (none outside a Hydra app: ``train`` called directly)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lightning_clipprune.app.sweep_plan import config_arguments
+
+    return config_arguments(HydraConfig.get()) if HydraConfig.initialized() else []
 
 
 def collect_results(
@@ -91,7 +101,7 @@ def collect_results(
             del results[key]
     if outcome.status == "interrupted":
         results["signal"] = outcome.signal
-        results["resume_command"] = resume_command(overrides, output_dir)
+        results["resume_command"] = resume_command(overrides, output_dir, _config_arguments())
     if resumed_from is not None:
         results["resumed_from"] = str(resumed_from)
     latency = next((getattr(cb, "inference_latency", None) for cb in trainer.callbacks

@@ -45,16 +45,18 @@ def check_sweep_values(argv: Sequence[str], config_dir: Path, config_name: str =
     if not any(arg in ("-m", "--multirun") for arg in argv) or any(arg in _OTHER_CONFIG for arg in argv):
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     try:
         parsed = OverridesParser.create().parse_overrides(_overrides(argv))
     except Exception:  # Hydra reports a malformed override itself, in its own words
         return
     # a sweep of the sweeper's own settings (hydra.sweeper.params...) is its search space, not a job's value
+    # a glob(...) over a group's options needs Hydra's config loader to expand: left to Hydra and the jobs
     sweeps = [
         o for o in parsed
         if o.is_sweep_override() and (o.is_choice_sweep() or o.is_range_sweep())
-        and not o.key_or_group.startswith("hydra.")
+        and not o.key_or_group.startswith("hydra.") and o.value_type is not ValueType.GLOB_CHOICE_SWEEP
     ]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     values = {id(o): _values(o) for o in sweeps}

@@ -3,7 +3,7 @@
 A sweep stopped by Ctrl-C or SIGTERM (or still running) has fewer job folders than jobs; the sweep report lists
 the missing ones with the command that runs each into the folder the sweep would have given it. Only Hydra's
 basic sweeper (a grid: every combination of the swept values, in order) is read; another sweeper's plan is not
-known ahead, and nothing is listed for it.
+known ahead, nor a ``shuffle(...)`` sweep's order or a ``glob(...)``'s options, and nothing is listed for them.
 
 ``multirun.yaml`` is a file from somewhere else like the job folders: it is read bounded with the safe YAML
 loader and its override strings are parsed by Hydra's own grammar (no interpolation is resolved, nothing is run).
@@ -16,10 +16,11 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_clipprune.app.untrusted import UntrustedFileError, read_string_list, read_yaml
 
-__all__ = ["MAX_PLANNED", "planned_jobs"]
+__all__ = ["MAX_PLANNED", "config_arguments", "planned_config_arguments", "planned_jobs"]
 
 #: a grid with more jobs than this is not expanded (the report lists nothing missing for it)
 MAX_PLANNED = 10_000
@@ -54,6 +55,43 @@ def planned_jobs(sweep_dir: str | os.PathLike) -> list[list[str]] | None:
         return None
 
 
+def config_arguments(hydra: Any) -> list[str]:
+    """The command-line options that chose the configs of a run, from its Hydra config ``hydra`` (the ``hydra``
+    node of ``multirun.yaml``, or ``HydraConfig.get()``): ``--config-dir`` for each folder given on the command
+    line, ``--config-name`` for another primary config than the app's. A command printed without them would not
+    find ``+experiment=NAME`` from the user's folder.
+
+    Example::
+
+        >>> config_arguments({"runtime": {"config_sources": [{"path": "/my/conf", "schema": "file",
+        ...     "provider": "command-line"}]}, "job": {"config_name": "config"}})
+        ['--config-dir', '/my/conf']
+    """
+    try:
+        sources = (hydra.get("runtime") or {}).get("config_sources") or []
+        args = []
+        for source in sources:
+            if source.get("provider") == "command-line" and source.get("schema") == "file" and source.get("path"):
+                args += ["--config-dir", str(source.get("path"))]
+        name = (hydra.get("job") or {}).get("config_name")
+        if isinstance(name, str) and name and name != "config":
+            args += ["--config-name", name]
+        return args
+    except (AttributeError, TypeError):
+        return []
+
+
+def planned_config_arguments(sweep_dir: str | os.PathLike) -> list[str]:
+    """:func:`config_arguments` of the sweep in ``sweep_dir``, read from its ``multirun.yaml`` (``[]`` without one)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not os.path.lexists(path) or path.is_symlink():
+        return []
+    try:
+        return config_arguments((read_yaml(path) or {}).get("hydra") or {})
+    except (UntrustedFileError, AttributeError):
+        return []
+
+
 def _expand(overrides: Sequence[str]) -> list[list[str]] | None:
     """The basic sweeper's grid of ``overrides`` (its ``split_arguments``), or None."""
     from hydra.core.override_parser.overrides_parser import (
@@ -66,7 +104,8 @@ def _expand(overrides: Sequence[str]) -> list[list[str]] | None:
         for o in parsed:
             key = o.get_key_element()
             if o.is_sweep_override():
-                if not o.is_discrete_sweep():
+                # shuffle(...) draws another order each time: which job went to which folder is not known
+                if not o.is_discrete_sweep() or getattr(o.value(), "shuffle", False):
                     return None
                 values = list(itertools.islice(o.sweep_string_iterator(), MAX_PLANNED + 1))
                 lists[key] = [f"{key}={v}" for v in values]

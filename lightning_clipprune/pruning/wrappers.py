@@ -204,12 +204,16 @@ def weight_norm_dim(module: nn.Module) -> int | None:
         (0, None)
     """
     if stored_weight_name(module) == "parametrizations.weight.original1":
-        return int(module.parametrizations["weight"][0].dim)
-    if stored_weight_name(module) == "weight_v":
-        for hook in module._forward_pre_hooks.values():
-            if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", None) == "weight":
-                return int(hook.dim)
-    return None
+        dim, v = int(module.parametrizations["weight"][0].dim), module.parametrizations["weight"].original1
+    elif stored_weight_name(module) == "weight_v":
+        hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm" and h.name == "weight"]
+        if not hooks:
+            return None
+        dim, v = int(hooks[0].dim), module.weight_v
+    else:
+        return None
+    # torch reads -1 as "the whole tensor"; any other negative dim counts from the end (-2 of a Linear: its rows)
+    return dim + v.dim() if dim < -1 else dim
 
 
 def keep_one_per_norm_slice_(mask: Tensor, v: Tensor, dim: int) -> int:
