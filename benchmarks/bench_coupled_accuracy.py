@@ -32,6 +32,7 @@ import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_clipprune import MagnitudePruneCallback  # noqa: E402
+from lightning_clipprune._io import atomic_write_text  # noqa: E402
 from lightning_clipprune.app.data.idx import read_idx  # noqa: E402
 from lightning_clipprune.app.models.networks import resnet20  # noqa: E402
 from lightning_clipprune.export.compact import compact_channels  # noqa: E402
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arm}: test {statistics.mean(accs):.2f} % (per seed {accs}), compacted {statistics.mean(sizes):.0f} parameters")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n")
     return 0
 
 

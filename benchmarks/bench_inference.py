@@ -43,6 +43,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_clipprune._io import atomic_write_text  # noqa: E402
 from lightning_clipprune.app.models.networks import LeNet300100, SeedCNN, resnet20  # noqa: E402
 from lightning_clipprune.export import (  # noqa: E402
     compare_latency,
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpus": torch.get_num_threads(), "rounds": rounds,
                 "median_speedup": statistics.median(r["speedup"] for r in rows) if rows else None}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 

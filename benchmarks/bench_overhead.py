@@ -93,6 +93,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import Tensor, nn
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune._io import atomic_write_text
 from lightning_clipprune.app.data import DataNotFoundError, FashionMNISTDataModule, TensorBatches
 from lightning_clipprune.app.models import CifarResNet, Classifier, LeNet300100
 from lightning_clipprune.loggers import MemoryLogger
@@ -597,9 +598,7 @@ def markdown(title: str, summary: dict[str, dict[str, Any]]) -> str:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")  # never through a link, never over a device
 
 
 def fashion_data(root: str | None, batch_size: int, smoke: bool) -> tuple[Any, str]:

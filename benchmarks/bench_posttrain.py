@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_clipprune._io import atomic_write_text
 from lightning_clipprune.posttrain import reconstruct_prune
 from lightning_clipprune.pruning import apply_masks_, compute_masks, select_prunable_parameters
 
@@ -277,7 +278,7 @@ def main() -> None:
     data = load()
     results = [run_seed(seed, args, data) for seed in args.seeds]
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        atomic_write_text(args.json, json.dumps(results, indent=1))
     print(markdown(results, method_names(args)))
 
 

@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_posttrain import load, prune, sparsity_of
 
+from lightning_clipprune._io import atomic_write_text
 from lightning_clipprune.app.models.networks import SeedCNN
 
 TABLE = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97)
@@ -127,7 +128,7 @@ def main() -> None:
     for row in out["rows"]:
         row.pop("model", None)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        atomic_write_text(args.json, json.dumps(out, indent=1))
 
 
 def search(method: str, limit: float, record, grid: tuple[float, ...]) -> dict:

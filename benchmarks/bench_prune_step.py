@@ -47,6 +47,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune._io import RefusedPathError, atomic_write_text, check_destination
 from lightning_clipprune.app.models import Classifier, LeNet300100, resnet20
 
 RESULTS = Path(__file__).parent / "results"
@@ -219,6 +220,10 @@ def output_path(args: argparse.Namespace) -> Path:
                              f"--out {str(args.out)!r}")
         if args.out.is_dir():
             raise SystemExit(f"error: --out {str(args.out)!r} is a folder; give a file, e.g. {args.out / 'micro.json'}")
+        try:
+            check_destination(args.out)
+        except RefusedPathError as err:
+            raise SystemExit(f"error: --out: {err}") from None
         return args.out
     return RESULTS / f"bench_prune_step_{'micro' if args.micro else args.model}{'_' + args.tag if args.tag else ''}.json"
 
@@ -248,9 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         result: dict[str, Any] = {"micro_us": micro(), "threads": torch.get_num_threads()}
     else:
         result = macro(args)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2))  # never through a link, never over a device
     shown = {k: v for k, v in result.items() if k not in ("times", "cpu_times")}
     print(json.dumps(shown, indent=2))
 

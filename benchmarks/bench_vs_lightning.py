@@ -61,6 +61,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback
+from lightning_clipprune._io import atomic_write_text
 from lightning_clipprune.pruning import Taylor
 from lightning_clipprune.run import config_dir
 
@@ -435,10 +436,7 @@ def load_runs(paths: list[str], key: Callable[[dict[str, Any]], tuple[Any, ...]]
 
 def write_json(path: str, runs: list[dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(runs, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(runs, indent=1))  # never through a link, never over a device
 
 
 # ---------------------------------------------------------------- reporting

@@ -88,6 +88,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lightning_clipprune import GradientClipCallback, MagnitudePruneCallback, SparsityLogger
+from lightning_clipprune._io import atomic_write_text
 from lightning_clipprune.app.data import FashionMNISTDataModule, TensorBatches
 from lightning_clipprune.app.models import CifarResNet, Classifier, LeNet5
 from lightning_clipprune.export import is_n_m_sparse, to_semi_structured
@@ -196,9 +197,7 @@ class Check:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)  # never through a link, never over a device
 
 
 def _free_cuda() -> None:

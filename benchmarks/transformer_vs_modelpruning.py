@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clipprune import MagnitudePruneCallback
+from lightning_clipprune._io import atomic_write_text
 
 VOCAB, SEQ = 100, 12
 
@@ -127,9 +128,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     out = Path(__file__).with_suffix(".md")
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(f"Command: `python benchmarks/{Path(__file__).name} --steps {args.steps}`\n\n{table}\n")
-    tmp.replace(out)
+    atomic_write_text(out, f"Command: `python benchmarks/{Path(__file__).name} --steps {args.steps}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_destination",
     "file_kind",
     "max_load_bytes",
     "open_regular",
@@ -203,6 +204,16 @@ def _check_destination(path: Path) -> None:
         raise RefusedPathError(
             f"{path} is {file_kind(mode)}, not a regular file: refusing to replace it (choose a file name)", path
         )
+
+
+def check_destination(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a destination :func:`atomic_path` would refuse: a symbolic link or a non-regular
+    file (a device, a folder, a pipe); a missing file or a regular one is fine.
+
+    Raises:
+        RefusedPathError: naming the path and what it is.
+    """
+    _check_destination(Path(path))
 
 
 def _check_folder(folder: Path, within: str | os.PathLike | None) -> None:

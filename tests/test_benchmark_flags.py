@@ -7,7 +7,8 @@ and no timing runs.
 - ``bench_vs_lightning.py``: a Hydra override of a group the script does not instantiate (``trainer.*``,
   ``prune.*``, ``seed``, ...) is refused before any run; the overrides are part of the JSON cache key (a run
   recorded without an ``overrides`` field counts as ``[]``), so other overrides train instead of replaying.
-- ``bench_prune_step.py``: ``--out`` writes elsewhere than the tracked results file (still the default).
+- ``bench_prune_step.py``: ``--out`` writes elsewhere than the tracked results file (still the default); a link
+  or a non-regular file (``/dev/null``) is refused before any timing, and every script's writer refuses them.
 - ``bench_inference.py``: ``--smoke`` keeps the ``--threads`` given; an ``--only`` matching no model exits 2
   with one line naming the models it accepts.
 """
@@ -194,6 +195,33 @@ def test_prune_step_refuses_tag_with_out_and_a_folder(prune_step, tmp_path):
         prune_step.output_path(prune_step.parse_args(["--micro", "--tag", "x", "--out", str(tmp_path / "m.json")]))
     with pytest.raises(SystemExit, match="is a folder"):
         prune_step.output_path(prune_step.parse_args(["--micro", "--out", str(tmp_path)]))
+
+
+def test_prune_step_refuses_a_link_or_a_device_before_any_timing(prune_step, monkeypatch, tmp_path):
+    """`--out /dev/null` (as root) replaced the device with a regular file, and `--out LINK` wrote through it."""
+    import os
+
+    monkeypatch.setattr(prune_step, "micro", lambda: pytest.fail("timed before the destination was checked"))
+    fifo, target, link = tmp_path / "fifo", tmp_path / "target.json", tmp_path / "link.json"
+    os.mkfifo(fifo)  # a non-regular file, as a device is
+    target.write_text("{}")
+    link.symlink_to(target)
+    for out, what in ((fifo, "not a regular file"), (link, "symbolic link")):
+        with pytest.raises(SystemExit, match=f"--out: .*{what}"):
+            prune_step.main(["--micro", "--out", str(out)])
+    assert target.read_text() == "{}" and fifo.exists() and not fifo.is_file()
+
+
+def test_the_scripts_json_writers_refuse_a_non_regular_file(vsl, tmp_path):
+    import os
+
+    from lightning_clipprune._io import RefusedPathError
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RefusedPathError, match="not a regular file"):
+        vsl.write_json(str(fifo), [])
+    assert not fifo.is_file()
 
 
 def test_prune_step_help_says_the_default_is_the_recorded_file(prune_step, capsys):
