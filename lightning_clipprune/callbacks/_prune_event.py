@@ -19,6 +19,7 @@ from lightning_clipprune.callbacks._prune_plan import (
     check_finite,
     event_layouts,
     keep_norm_slices,
+    settle_at_end,
     state_tensors,
     warn_saturated,
 )
@@ -140,3 +141,50 @@ def event_line(cb: Any, t: int, target: float | None) -> str:
     total = sum(m.numel() for m in cb.masks.values())
     goal = f"target {target:.4f}" if target is not None else f"threshold {cb.threshold:g}"
     return f"{OWNER}: {cb.unit} {t}: {goal}, {pruned}/{total} prunable weights pruned ({pruned / max(total, 1):.4f})"
+
+
+def end_of_training(cb: Any, trainer: pl.Trainer, t: int) -> bool:
+    """At ``on_train_end``, position ``t``: whether the post-training event runs now. A post-training event
+    (``schedule="oneshot"``, ``start=1.0``) runs at the run's real end even when the run ended before the length
+    Lightning estimated (EarlyStopping, a Timer, an accumulation schedule, an SWA epoch added to ``max_epochs``).
+    A ramp the run ended before is named in one warning: its target was not reached."""
+    cb._positions = settle_at_end(cb._positions, t)
+    start, end, _ = cb._positions
+    if cb.schedule == "oneshot" and isinstance(cb.start, float) and cb.start >= 1.0 and t < end:
+        cb._positions = (t, t, 1)  # "after training": whenever training ended
+        end = t
+    due = t >= end and (cb._last_event is None or cb._last_event < end)
+    if not due and t < end and cb.sparsity is not None and cb._last_event is not None:
+        why = "it was stopped early (trainer.should_stop: EarlyStopping, a Timer, max_time)" if trainer.should_stop else (
+            "it took fewer steps than Lightning estimated at its start (an accumulation schedule, an epoch"
+            " added by a callback)")
+        reached = sum(int((~m).sum()) for m in cb.masks.values()) / max(sum(m.numel() for m in cb.masks.values()), 1)
+        rank_zero_warn(
+            f"{OWNER}: training ended at {cb.unit} {t}, before the prune ramp's end at {cb.unit} {end}: {why}. The"
+            f" prunable weights are {reached:.4f} sparse, not the target {cb.sparsity:g}. To reach it in such runs,"
+            " end the ramp earlier (a smaller `end`, or an int within the run), or prune after training"
+            " (schedule='oneshot', start=1.0)."
+        )
+    return due
+
+
+def remask_after_averaging(cb: Any, trainer: pl.Trainer) -> None:
+    """At ``on_fit_end``: a callback that replaced the weights after training (Lightning's
+    ``StochasticWeightAveraging`` or ``WeightAveraging`` copy an average in at ``on_train_end``) may have put
+    back pruned entries of a dense past; they are pruned again, with one warning naming the callbacks."""
+    if not cb._active or cb._sharding is not None:
+        return
+    leaked = [n for n, m in cb.masks.items() if n in cb._params and bool((cb._params[n].detach() != 0)[~m].any())]
+    if not leaked:
+        return
+    cb._build_cache()
+    cb._apply_weights()
+    averaging = sorted({type(c).__name__ for c in trainer.callbacks if "Averag" in type(c).__name__}) or ["a callback"]
+    rank_zero_warn(
+        f"{OWNER}: after training, {', '.join(averaging)} put weights back into {len(leaked)} pruned tensor(s)"
+        f" ({', '.join(leaked[:3])}{', ...' if len(leaked) > 3 else ''}): their average covers steps before the"
+        " pruning ramp's end, when those weights were live. They are pruned again, so the model keeps its"
+        " sparsity; the checkpoint written at the end of training and any validation on the averaged weights"
+        " saw them dense. Start the averaging after the ramp's `end` (swa_epoch_start, or the averaging"
+        " callback's own start) for an average of the pruned network."
+    )

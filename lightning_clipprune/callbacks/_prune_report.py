@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -76,6 +77,8 @@ def after_validation(cb: Any, trainer: pl.Trainer) -> None:
     before = cb.metrics_before_pruning
     if not before or trainer.sanity_checking or getattr(cb, "_after_reported", False):
         return  # (a later validate, of a checkpoint perhaps written before the event, is not compared)
+    if trainer.state.fn != TrainerFn.VALIDATING:  # a later fit's own validation compares retrained metrics
+        return
     cb._after_reported = True
     pairs = []
     for k, v in trainer.callback_metrics.items():

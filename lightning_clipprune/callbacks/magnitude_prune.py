@@ -29,7 +29,14 @@ from lightning_clipprune._validation import (
 )
 from lightning_clipprune.callbacks._lr_rewind import make_rewind
 from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take_example, with_followers
-from lightning_clipprune.callbacks._prune_event import apply_event, check_first_batch, event_masks, log
+from lightning_clipprune.callbacks._prune_event import (
+    apply_event,
+    check_first_batch,
+    end_of_training,
+    event_masks,
+    log,
+    remask_after_averaging,
+)
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
     OWNER,
@@ -46,7 +53,6 @@ from lightning_clipprune.callbacks._prune_plan import (
     resolve_positions,
     resume_fields,
     select_parameters,
-    settle_at_end,
 )
 from lightning_clipprune.callbacks._prune_report import (
     after_validation,
@@ -455,17 +461,12 @@ class MagnitudePruneCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # An event scheduled at or after the last step (post-training pruning) runs here, without
-        # retraining; an early-stopped run that has not reached `end` is left as it is.
-        t = position(self, trainer)
-        self._positions = settle_at_end(self._positions, t)
-        start, end, _ = self._positions
-        if t >= end and (self._last_event is None or self._last_event < end):
+        t = position(self, trainer)  # post-training pruning runs here (also after an early end), without retraining
+        if end_of_training(self, trainer, t):
             self.metrics_before_pruning = before_post_training(self, trainer)
             self._update(trainer, t)
             rank_zero_info(post_training_line(self.metrics_before_pruning))
-        # One host sync per fit: a run whose weights went NaN or inf must not end as if it had succeeded.
-        params = self._params if self._sharding is not None else dict(pl_module.named_parameters())
+        params = self._params if self._sharding is not None else dict(pl_module.named_parameters())  # one sync a fit
         check_finite(params, "training ended with weights that are not finite:", sharding=self._sharding, trainer=trainer)
 
     @override
@@ -475,6 +476,7 @@ class MagnitudePruneCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        remask_after_averaging(self, trainer)  # SWA / EMA copied an average of a denser past in
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
