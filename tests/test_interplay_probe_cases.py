@@ -104,3 +104,22 @@ def test_the_post_training_report_is_not_made_on_a_later_fits_validation(caplog:
     with caplog.at_level(logging.INFO):
         trainer.validate(model, _loader(), verbose=False)  # after the second fit's own post-training event: reported
     assert "after post-training pruning" in caplog.text
+
+
+def test_a_best_checkpoint_from_before_the_ramps_end_is_named(tmp_path) -> None:
+    """ModelCheckpoint(monitor="val_loss") kept epoch 0's checkpoint, 0.55 sparse for a 0.95 target, silently."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Rising(Net):  # val_loss rises every epoch: the first checkpoint stays the best
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", float(self.current_epoch))
+
+    torch.manual_seed(0)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[MagnitudePruneCallback(sparsity=0.95, end=0.75), best])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Rising(), _loader(), _loader())
+    assert "step=8" in best.best_model_path
+    assert any("best checkpoint" in str(w.message) and "written at step 8" in str(w.message) for w in caught)

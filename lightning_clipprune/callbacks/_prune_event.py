@@ -8,6 +8,7 @@ the callback (``cb``) and reads its attributes, never another callback's.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -188,3 +189,35 @@ def remask_after_averaging(cb: Any, trainer: pl.Trainer) -> None:
         " saw them dense. Start the averaging after the ramp's `end` (swa_epoch_start, or the averaging"
         " callback's own start) for an average of the pruned network."
     )
+
+
+def warn_best_checkpoint(cb: Any, trainer: pl.Trainer) -> None:
+    """At ``on_fit_end``: one warning when a monitoring ``ModelCheckpoint``'s best checkpoint was written before the
+    prune ramp's end (read off its file name's ``step=``/``epoch=``): that model is denser than the target, and
+    ``ckpt_path="best"`` or ``load_from_checkpoint(best_model_path)`` loads it."""
+    import re
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    end = cb._positions[1] if cb._positions is not None else None
+    if end is None or cb.sparsity is None or cb._last_event is None:
+        return
+    key = "step" if cb.unit == "step" else "epoch"
+    for ckpt in (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor and c.best_model_path):
+        found = re.search(rf"{key}=(\d+)", Path(ckpt.best_model_path).name)
+        at = int(found.group(1)) + (1 if key == "epoch" else 0) if found else None  # an epoch's checkpoint: after it
+        if at is not None and at < end:
+            rank_zero_warn(
+                f"{OWNER}: ModelCheckpoint(monitor={ckpt.monitor!r})'s best checkpoint ({ckpt.best_model_path}) was"
+                f" written at {key} {at}, before the prune ramp reached its target at {cb.unit} {end}: that model is"
+                f" denser than {cb.sparsity:g}, and ckpt_path='best' or load_from_checkpoint loads it. Monitor from the"
+                " ramp's end on (a ModelCheckpoint with monitor=None, or end the ramp earlier), or use the last"
+                " checkpoint."
+            )
+
+
+def after_fit(cb: Any, trainer: pl.Trainer) -> None:
+    """At ``on_fit_end``, after every callback's ``on_train_end``: :func:`remask_after_averaging`, then
+    :func:`warn_best_checkpoint`."""
+    remask_after_averaging(cb, trainer)
+    warn_best_checkpoint(cb, trainer)

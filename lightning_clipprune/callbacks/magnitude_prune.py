@@ -30,12 +30,12 @@ from lightning_clipprune._validation import (
 from lightning_clipprune.callbacks._lr_rewind import make_rewind
 from lightning_clipprune.callbacks._prune_coupling import resolve_coupling, take_example, with_followers
 from lightning_clipprune.callbacks._prune_event import (
+    after_fit,
     apply_event,
     check_first_batch,
     end_of_training,
     event_masks,
     log,
-    remask_after_averaging,
 )
 from lightning_clipprune.callbacks._prune_masking import MaskHotPath
 from lightning_clipprune.callbacks._prune_plan import (
@@ -476,7 +476,7 @@ class MagnitudePruneCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        remask_after_averaging(self, trainer)  # SWA / EMA copied an average of a denser past in
+        after_fit(self, trainer)  # SWA / EMA averages of a denser past; a ModelCheckpoint's best from mid-ramp
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
