@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -175,9 +176,10 @@ def remask_after_averaging(cb: Any, trainer: pl.Trainer) -> None:
     back pruned entries of a dense past; they are pruned again, with one warning naming the callbacks."""
     if not cb._active or cb._sharding is not None:
         return
-    leaked = [n for n, m in cb.masks.items() if n in cb._params and bool((cb._params[n].detach() != 0)[~m].any())]
-    if not leaked:
-        return
+    pruned = {n: cb._params[n].detach()[~m] for n, m in cb.masks.items() if n in cb._params}
+    leaked = [n for n, values in pruned.items() if bool((values != 0).any())]
+    if not leaked or not all(bool(torch.isfinite(pruned[n]).all()) for n in leaked):
+        return  # (a NaN or inf is not an average: the run's finiteness check names it)
     cb._build_cache()
     cb._apply_weights()
     averaging = sorted({type(c).__name__ for c in trainer.callbacks if "Averag" in type(c).__name__}) or ["a callback"]
