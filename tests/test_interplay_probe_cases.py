@@ -123,3 +123,11 @@ def test_a_best_checkpoint_from_before_the_ramps_end_is_named(tmp_path) -> None:
         trainer.fit(Rising(), _loader(), _loader())
     assert "step=8" in best.best_model_path
     assert any("best checkpoint" in str(w.message) and "written at step 8" in str(w.message) for w in caught)
+
+
+def test_lr_rewind_beside_swa_is_named_in_a_warning() -> None:
+    """SWA's `swa_lrs` were silently replaced by the rewind's cosine in its epochs."""
+    torch.manual_seed(0)
+    cb = MagnitudePruneCallback(sparsity=0.5, end=0.5, lr_rewind=1.0)
+    _, messages = fit(Net(), [cb, StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=3)], limit_val_batches=0)
+    assert any("`lr_rewind` sets the learning rate" in m and "swa_lrs" in m for m in messages)
