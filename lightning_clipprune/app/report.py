@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_clipprune._io import atomic_path, atomic_write_text
-from lightning_clipprune.app.sweep_plan import planned_config_arguments, planned_jobs
+from lightning_clipprune.app.sweep_plan import planned_sweep
 from lightning_clipprune.app.untrusted import (
     UntrustedFileError,
     read_json_object,
@@ -176,18 +176,19 @@ def _without_own_resume(overrides: dict[str, str], d: Path) -> dict[str, str]:
 
 def _not_run(root: Path, jobs: Sequence[Job]) -> list[Job]:
     """The jobs the sweep's ``multirun.yaml`` planned that no job folder holds (matched by their overrides)."""
-    planned = planned_jobs(root)
+    planned, config = planned_sweep(root)
     if planned is None:
         return []
     have = Counter(frozenset(j.overrides.items()) for j in jobs)
     missing = []
     for num, overrides in enumerate(planned):
-        key = frozenset(_parse_overrides(overrides).items())
+        parsed = _parse_overrides(overrides)
+        key = frozenset(parsed.items())
         if have[key]:
             have[key] -= 1
             continue
-        missing.append(Job(str(num), root / str(num), _parse_overrides(overrides), None, not_run=True,
-                           extra={"command": _run_command(overrides, root / str(num), planned_config_arguments(root))}))
+        missing.append(Job(str(num), root / str(num), parsed, None, not_run=True,
+                           extra={"command": _run_command(overrides, root / str(num), config)}))
     return missing
 
 

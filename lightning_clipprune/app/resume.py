@@ -248,5 +248,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
-    return "[" + ", ".join(_shown(v) for v in value) + "]" if isinstance(value, (tuple, list)) else f"{value:g}" if (
-        isinstance(value, float)) else str(value).lower() if isinstance(value, bool) else str(value)
+    """An optimizer option as an override would write it (``[0.9, 0.999]``, ``0.0005``, ``true``)."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -194,10 +194,10 @@ def finetune(cfg: Any, model: nn.Module, datamodule: Any, sparsity: float, epoch
     # threshold=0: the zeros the search left are the mask, entry for entry (a sparsity target would rank again,
     # and its per-row ceiling keeps one weight of a row the search emptied)
     callbacks: list[Any] = [MagnitudePruneCallback(threshold=0.0, schedule="oneshot", start=0.0, verbose=False)]
+    clip_val, kind = _clip_settings(cfg)
     if cfg.get("clip") is not None:
         callbacks.insert(0, hydra.utils.instantiate(cfg.clip))
-    elif _clip_settings(cfg)[0] is not None:  # the run clipped with Lightning's gradient_clip_val: the same bound
-        clip_val, kind = _clip_settings(cfg)
+    elif clip_val is not None:  # the run clipped with Lightning's gradient_clip_val: the same bound
         callbacks.insert(0, GradientClipCallback(clip_val=clip_val, algorithm=kind))
     with _quiet_lightning():
         return _fit_and_score(model, tuned, datamodule, callbacks, epochs)

@@ -20,7 +20,7 @@ from typing import Any
 
 from lightning_clipprune.app.untrusted import UntrustedFileError, read_string_list, read_yaml
 
-__all__ = ["MAX_PLANNED", "config_arguments", "planned_config_arguments", "planned_jobs"]
+__all__ = ["MAX_PLANNED", "config_arguments", "planned_jobs", "planned_sweep"]
 
 #: a grid with more jobs than this is not expanded (the report lists nothing missing for it)
 MAX_PLANNED = 10_000
@@ -40,19 +40,26 @@ def planned_jobs(sweep_dir: str | os.PathLike) -> list[list[str]] | None:
         >>> planned_jobs(d)
         [['a=1', 'b=x'], ['a=2', 'b=x']]
     """
+    return planned_sweep(sweep_dir)[0]
+
+
+def planned_sweep(sweep_dir: str | os.PathLike) -> tuple[list[list[str]] | None, list[str]]:
+    """:func:`planned_jobs` and the sweep's :func:`config_arguments`, from one read of its ``multirun.yaml``
+    (``(None, [])`` without a readable one)."""
     path = Path(sweep_dir) / "multirun.yaml"
     if not os.path.lexists(path) or path.is_symlink():
-        return None
+        return None, []
     try:
         hydra = (read_yaml(path) or {}).get("hydra")
+        config = config_arguments(hydra or {})
         sweeper = hydra.get("sweeper") or {}
         if sweeper.get("_target_") != _BASIC:
-            return None
+            return None, config
         params = sweeper.get("params") or {}
         task = read_string_list((hydra.get("overrides") or {}).get("task"), path)
-        return _expand([f"{k}={v}" for k, v in params.items()] + task)
+        return _expand([f"{k}={v}" for k, v in params.items()] + task), config
     except (UntrustedFileError, AttributeError, TypeError):
-        return None
+        return None, []
 
 
 def config_arguments(hydra: Any) -> list[str]:
@@ -78,17 +85,6 @@ def config_arguments(hydra: Any) -> list[str]:
             args += ["--config-name", name]
         return args
     except (AttributeError, TypeError):
-        return []
-
-
-def planned_config_arguments(sweep_dir: str | os.PathLike) -> list[str]:
-    """:func:`config_arguments` of the sweep in ``sweep_dir``, read from its ``multirun.yaml`` (``[]`` without one)."""
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not os.path.lexists(path) or path.is_symlink():
-        return []
-    try:
-        return config_arguments((read_yaml(path) or {}).get("hydra") or {})
-    except (UntrustedFileError, AttributeError):
         return []
 
 

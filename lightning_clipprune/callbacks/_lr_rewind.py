@@ -93,12 +93,12 @@ class LrRewind:
                 f"{OWNER}: `lr_rewind` has no effect: the pruning ramp ends at {cb.unit} {end}, at or after the"
                 f" last {cb.unit} ({last:g}), so no {cb.unit} trains after it."
             )
-        averaging = [type(c).__name__ for c in trainer.callbacks if type(c).__name__ == "StochasticWeightAveraging"]
-        if averaging:  # SWA sets its own learning rates with a scheduler of its own: the rewind overrides them
+        if any(type(c).__name__ == "StochasticWeightAveraging" for c in trainer.callbacks):
+            # SWA sets its own learning rates with a scheduler of its own: the rewind overrides them
             rank_zero_warn(
                 f"{OWNER}: `lr_rewind` sets the learning rate at every step after the ramp, so"
-                f" {averaging[0]}'s `swa_lrs` and its annealing never take effect (its epochs follow the rewind's"
-                " cosine): drop one of the two (lr_rewind=None, or remove the averaging callback)."
+                " StochasticWeightAveraging's `swa_lrs` and its annealing never take effect (its epochs follow the"
+                " rewind's cosine): drop one of the two (lr_rewind=None, or remove the averaging callback)."
             )
 
     def apply(self, cb: Any, trainer: pl.Trainer, t: int) -> None:

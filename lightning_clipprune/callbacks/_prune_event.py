@@ -139,10 +139,14 @@ def calibrate(cb: Any, trainer: pl.Trainer, criterion: Any, target: float | None
 
 def event_line(cb: Any, t: int, target: float | None) -> str:
     """The line of one event: position, target (or threshold) and how many prunable weights are pruned."""
-    pruned = cb._hot.pruned  # counted when the masks were cached, a moment before
-    total = sum(m.numel() for m in cb.masks.values())
+    pruned, total = pruned_counts_now(cb)
     goal = f"target {target:.4f}" if target is not None else f"threshold {cb.threshold:g}"
     return f"{OWNER}: {cb.unit} {t}: {goal}, {pruned}/{total} prunable weights pruned ({pruned / max(total, 1):.4f})"
+
+
+def pruned_counts_now(cb: Any) -> tuple[int, int]:
+    """``(pruned, total)`` prunable weights: the pruned ones counted when the masks were last cached."""
+    return cb._hot.pruned, sum(m.numel() for m in cb.masks.values())
 
 
 def end_of_training(cb: Any, trainer: pl.Trainer, t: int) -> bool:
@@ -160,7 +164,8 @@ def end_of_training(cb: Any, trainer: pl.Trainer, t: int) -> bool:
         why = "it was stopped early (trainer.should_stop: EarlyStopping, a Timer, max_time)" if trainer.should_stop else (
             "it took fewer steps than Lightning estimated at its start (an accumulation schedule, an epoch"
             " added by a callback)")
-        reached = sum(int((~m).sum()) for m in cb.masks.values()) / max(sum(m.numel() for m in cb.masks.values()), 1)
+        pruned, total = pruned_counts_now(cb)
+        reached = pruned / max(total, 1)
         rank_zero_warn(
             f"{OWNER}: training ended at {cb.unit} {t}, before the prune ramp's end at {cb.unit} {end}: {why}. The"
             f" prunable weights are {reached:.4f} sparse, not the target {cb.sparsity:g}. To reach it in such runs,"
@@ -180,7 +185,8 @@ def remask_after_averaging(cb: Any, trainer: pl.Trainer) -> None:
     leaked = [n for n, values in pruned.items() if bool((values != 0).any())]
     if not leaked or not all(bool(torch.isfinite(pruned[n]).all()) for n in leaked):
         return  # (a NaN or inf is not an average: the run's finiteness check names it)
-    cb._build_cache()
+    if not cb._hot.built:
+        cb._build_cache()
     cb._apply_weights()
     averaging = sorted({type(c).__name__ for c in trainer.callbacks if "Averag" in type(c).__name__}) or ["a callback"]
     rank_zero_warn(

@@ -21,6 +21,7 @@ from lightning_clipprune.pruning.wrappers import (
     adapter_prefixes,
     dense_wrapper_reason,
     is_hf_conv1d,
+    parametrization_types,
 )
 
 __all__ = ["LOW_SHARE", "DenseModule", "dense_modules", "prunable_share"]
@@ -59,7 +60,7 @@ def _reason(mod: nn.Module, names: list[str], tied: dict[str, str], how: dict) -
     for n in names:
         if n in tied:
             return f"tied to `{tied[n]}`, which is pruned only with include_tied=True (or by naming it in `include`)"
-    if type(mod).__name__ == "ParametrizationList" and [type(p).__name__ for p in mod] == ["_SpectralNorm"]:
+    if type(mod).__name__ == "ParametrizationList" and parametrization_types(mod) == ["_SpectralNorm"]:
         return SPECTRAL_REASON
     if type(mod).__name__ == "ParametrizationList":
         return (

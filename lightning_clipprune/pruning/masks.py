@@ -61,6 +61,7 @@ from lightning_clipprune.pruning.ranking import (
     uses_budgets,
 )
 from lightning_clipprune.pruning.selection import STANDARD_LAYOUT, Layout, output_rows, rows_to_mask
+from lightning_clipprune.pruning.wrappers import STORED_WEIGHT_NAMES
 
 __all__ = [
     "PATTERNS",
@@ -415,7 +416,7 @@ def _channel_biases(weights: Mapping[str, Tensor], layouts: Mapping[str, Layout]
         if b.dim() != 1 or not name.endswith("bias"):
             continue
         layer = name[: -len("bias")]
-        for stored in ("weight", "parametrizations.weight.original1", "weight_v"):
+        for stored in STORED_WEIGHT_NAMES:
             w = weights.get(layer + stored)
             if w is not None and w.dim() >= 2 and output_rows(w, layouts.get(layer + stored, STANDARD_LAYOUT)).shape[0] == b.numel():
                 out[name] = layer + stored

@@ -42,10 +42,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "STANDARDIZED_CONVS",
+    "STORED_WEIGHT_NAMES",
     "adapter_prefixes",
     "is_hf_conv1d",
     "is_standardized",
     "keep_one_per_norm_slice_",
+    "parametrization_types",
     "parametrized_zeros_reason",
     "stored_weight_name",
     "weight_norm_dim",
@@ -120,13 +122,38 @@ def stored_weight_name(module: nn.Module) -> str | None:
     """
     if is_standardized(module):
         return None
-    parametrizations = getattr(module, "parametrizations", None)
-    if isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations:
-        chain = list(parametrizations["weight"])
-        return "parametrizations.weight.original1" if [type(p).__name__ for p in chain] == ["_WeightNorm"] else None
+    chain = parametrization_types(module)
+    if chain is not None:
+        return WEIGHT_NORM_V if chain == ["_WeightNorm"] else None
     if isinstance(getattr(module, "weight_v", None), nn.Parameter) and isinstance(getattr(module, "weight_g", None), Tensor):
-        return "weight_v"
+        return WEIGHT_NORM_HOOK_V
     return "weight"
+
+
+#: Where a weight norm keeps ``v`` (relative to its layer): under ``nn.utils.parametrizations.weight_norm``, and
+#: under the deprecated hook.
+WEIGHT_NORM_V = "parametrizations.weight.original1"
+WEIGHT_NORM_HOOK_V = "weight_v"
+#: Every name :func:`stored_weight_name` gives a layer's weight.
+STORED_WEIGHT_NAMES = ("weight", WEIGHT_NORM_V, WEIGHT_NORM_HOOK_V)
+
+
+def parametrization_types(module: nn.Module, tensor: str = "weight") -> list[str] | None:
+    """The class names of the parametrisations of ``module.<tensor>``, in order, or None when it has none.
+
+    ``module`` may also be the ``ParametrizationList`` itself.
+
+    Example::
+
+        >>> parametrization_types(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2)))
+        ['_WeightNorm']
+    """
+    if type(module).__name__ == "ParametrizationList":
+        return [type(p).__name__ for p in module]
+    parametrizations = getattr(module, "parametrizations", None)
+    if not (isinstance(parametrizations, nn.ModuleDict) and tensor in parametrizations):
+        return None
+    return [type(p).__name__ for p in parametrizations[tensor]]
 
 
 def dense_wrapper_reason(module: nn.Module) -> str | None:
@@ -159,10 +186,7 @@ SPECTRAL_REASON = (
 
 
 def _spectral_chain(module: nn.Module) -> bool:
-    parametrizations = getattr(module, "parametrizations", None)
-    if not (isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations):
-        return False
-    return [type(p).__name__ for p in parametrizations["weight"]] == ["_SpectralNorm"]
+    return parametrization_types(module) == ["_SpectralNorm"]
 
 
 def parametrized_zeros_reason(module: nn.Module, name: str) -> str | None:
@@ -179,11 +203,9 @@ def parametrized_zeros_reason(module: nn.Module, name: str) -> str | None:
     parts = name.split(".")
     if len(parts) != 3 or parts[0] != "parametrizations" or not parts[2].startswith("original"):
         return None
-    parametrizations = getattr(module, "parametrizations", None)
-    if not isinstance(parametrizations, nn.ModuleDict) or parts[1] not in parametrizations:
+    types = parametrization_types(module, parts[1])
+    if types is None:
         return None
-    chain = parametrizations[parts[1]]
-    types = [type(p).__name__ for p in chain]
     if (types == ["_WeightNorm"] and parts[2] == "original1") or (types == ["_SpectralNorm"] and parts[2] == "original"):
         return None
     applied = parts[2]
@@ -203,9 +225,10 @@ def weight_norm_dim(module: nn.Module) -> int | None:
         >>> weight_norm_dim(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))), weight_norm_dim(nn.Linear(2, 2))
         (0, None)
     """
-    if stored_weight_name(module) == "parametrizations.weight.original1":
+    stored = stored_weight_name(module)
+    if stored == WEIGHT_NORM_V:
         dim, v = int(module.parametrizations["weight"][0].dim), module.parametrizations["weight"].original1
-    elif stored_weight_name(module) == "weight_v":
+    elif stored == WEIGHT_NORM_HOOK_V:
         hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm" and h.name == "weight"]
         if not hooks:
             return None
@@ -258,7 +281,7 @@ def weight_norm_dims(module: nn.Module, names: Iterable[str]) -> dict[str, int]:
     """
     out = {}
     for name in names:
-        for suffix in (".parametrizations.weight.original1", ".weight_v"):
+        for suffix in (f".{WEIGHT_NORM_V}", f".{WEIGHT_NORM_HOOK_V}"):
             if name.endswith(suffix):
                 try:
                     dim = weight_norm_dim(module.get_submodule(name[: -len(suffix)]))
